@@ -1,0 +1,147 @@
+"""Frontend and Backend: the configuration records, with OllamaFlow 1.2's fields and defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import attrs
+
+from ollamaflow.wire import (
+    IDENTIFIER,
+    Bool,
+    Choice,
+    Int,
+    JsonObject,
+    Str,
+    StrList,
+    StrMap,
+    Timestamp,
+    field,
+    from_wire,
+)
+
+
+class LoadBalancing(StrEnum):
+    ROUND_ROBIN = "RoundRobin"
+    RANDOM = "Random"
+
+
+class ApiFormat(StrEnum):
+    OLLAMA = "Ollama"
+    OPENAI = "OpenAI"
+
+
+class HealthCheckMethod(StrEnum):
+    GET = "GET"
+    HEAD = "HEAD"
+
+
+_TEXT = Str(allowed="a string", pattern=r"(?s).*")
+_HOSTNAME = Str(allowed="a host name or address", pattern=r"[^\s/?#]+", max_length=253)
+_URL_PATH = Str(allowed="a path starting with '/'", pattern=r"/\S*")
+_QUERY = Str(allowed="a query string such as 'a=1&b=2'", pattern=r"[^\s#]*", strip_prefix="?")
+_NAMES = StrList(item=IDENTIFIER)
+_MODELS = StrList(item=Str(allowed="a model name", pattern=r"[^\s]+", max_length=512))
+_LABELS = StrList(item=Str(allowed="a label without spaces", pattern=r"\S+", max_length=256))
+_OBJECT = JsonObject()
+_TIME = Timestamp()
+
+
+@attrs.frozen
+class Frontend:
+    """A virtual Ollama endpoint: which Host it answers, which backends serve it, and how."""
+
+    identifier: str = field(IDENTIFIER)
+    name: str | None = field(_TEXT, default=None)
+    hostname: str = field(_HOSTNAME, default="*")
+    timeout_ms: int = field(Int(0), default=60000)
+    load_balancing: LoadBalancing = field(Choice(LoadBalancing), default=LoadBalancing.ROUND_ROBIN)
+    block_http10: bool = field(Bool(), default=True)
+    max_request_body_size: int = field(Int(1, 2**53), default=536870912)
+    backends: tuple[str, ...] = field(_NAMES, default=())
+    required_models: tuple[str, ...] = field(_MODELS, default=())
+    log_request_full: bool = field(Bool(), default=False)
+    log_request_body: bool = field(Bool(), default=False)
+    log_response_body: bool = field(Bool(), default=False)
+    use_sticky_sessions: bool = field(Bool(), default=False)
+    sticky_session_expiration_ms: int = field(Int(10000, 86400000), default=1800000)
+    pinned_embeddings_properties: Mapping[str, Any] = field(_OBJECT, factory=dict)
+    pinned_completions_properties: Mapping[str, Any] = field(_OBJECT, factory=dict)
+    allow_embeddings: bool = field(Bool(), default=True)
+    allow_completions: bool = field(Bool(), default=True)
+    allow_retries: bool = field(Bool(), default=True)
+    active: bool = field(Bool(), default=True)
+    created_utc: datetime | None = field(_TIME, default=None, readonly=True)
+    last_update_utc: datetime | None = field(_TIME, default=None, readonly=True)
+
+
+@attrs.frozen
+class Backend:
+    """One Ollama (or OpenAI-compatible) server."""
+
+    identifier: str = field(IDENTIFIER)
+    name: str | None = field(_TEXT, default=None)
+    hostname: str = field(_HOSTNAME, default="localhost")
+    port: int = field(Int(1, 65535), default=11434)
+    ssl: bool = field(Bool(), default=False)
+    unhealthy_threshold: int = field(Int(1), default=2)
+    healthy_threshold: int = field(Int(1), default=2)
+    health_check_method: HealthCheckMethod = field(
+        Choice(HealthCheckMethod), default=HealthCheckMethod.GET
+    )
+    health_check_url: str = field(_URL_PATH, default="/")
+    max_parallel_requests: int = field(Int(1), default=4)
+    rate_limit_requests_threshold: int = field(Int(1), default=10)
+    log_request_full: bool = field(Bool(), default=False)
+    log_request_body: bool = field(Bool(), default=False)
+    log_response_body: bool = field(Bool(), default=False)
+    api_format: ApiFormat = field(Choice(ApiFormat), default=ApiFormat.OLLAMA)
+    labels: tuple[str, ...] = field(_LABELS, default=())
+    pinned_embeddings_properties: Mapping[str, Any] = field(_OBJECT, factory=dict)
+    pinned_completions_properties: Mapping[str, Any] = field(_OBJECT, factory=dict)
+    allow_embeddings: bool = field(Bool(), default=True)
+    allow_completions: bool = field(Bool(), default=True)
+    bearer_token: str | None = field(_TEXT, default=None)
+    querystring: str | None = field(_QUERY, default=None)
+    headers: Mapping[str, str] = field(StrMap(), factory=dict)
+    active: bool = field(Bool(), default=True)
+    created_utc: datetime | None = field(_TIME, default=None, readonly=True)
+    last_update_utc: datetime | None = field(_TIME, default=None, readonly=True)
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"{'https' if self.ssl else 'http'}://{host}:{self.port}"
+
+
+#: Keys the original serializes on backends as runtime state; accepted and ignored on input
+#: so that a record read with GET can be sent back with PUT.
+RUNTIME_KEYS = frozenset(
+    k.lower()
+    for k in (
+        "Healthy",
+        "HealthySinceUtc",
+        "UnhealthySinceUtc",
+        "Uptime",
+        "Downtime",
+        "ActiveRequests",
+        "IsSticky",
+        "LastCheckUtc",
+        "LastError",
+    )
+)
+
+Record = Frontend | Backend
+
+
+R = TypeVar("R", Frontend, Backend)
+
+
+def parse_record(cls: type[R], data: object) -> tuple[R, list[str]]:
+    """Parse admin-API input into a record; returns it and the unknown keys."""
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k.lower() not in RUNTIME_KEYS}
+    return from_wire(cls, data)

@@ -1,0 +1,106 @@
+"""The settings file: defaults written on first run, OllamaFlow 1.2 keys, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ollamaflow.settings import DEFAULT_ADMIN_TOKEN, SettingsError, load_settings
+
+
+def test_missing_file_is_written_with_1_2_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "ollamaflow.json"
+    loaded = load_settings(path)
+    assert loaded.created
+    written = json.loads(path.read_text())
+    assert written["Webserver"] == {"Hostname": "*", "Port": 43411}
+    assert written["DatabaseFilename"] == "ollamaflow.db"
+    assert written["AdminBearerTokens"] == ["ollamaflowadmin"]
+    assert written["StickyHeaders"] == ["x-conversation-id", "x-thread-id"]
+    assert written["Logging"]["ConsoleLogging"] is True
+    assert written["Logging"]["MinimumSeverity"] == 1
+    again = load_settings(path)
+    assert not again.created
+    assert again.settings == loaded.settings
+
+
+def test_relative_database_path_is_relative_to_the_settings_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    path = tmp_path / "etc" / "ollamaflow.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"DatabaseFilename": "./data/flow.db"}))
+    loaded = load_settings(path)
+    assert loaded.database_path == tmp_path / "etc" / "data" / "flow.db"
+
+
+def test_keys_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"webserver": {"port": 8080}, "ADMINBEARERTOKENS": ["secret-1"]}))
+    loaded = load_settings(path)
+    assert loaded.settings.webserver.port == 8080
+    assert loaded.settings.admin_bearer_tokens == ("secret-1",)
+    assert loaded.warnings == ()
+
+
+def test_unknown_keys_are_ignored_with_a_warning_naming_them(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(
+        json.dumps({"AdminBearerTokens": ["t0ken"], "Colour": "blue", "Webserver": {"Ssl": False}})
+    )
+    warnings = load_settings(path).warnings
+    assert "unknown setting Colour ignored" in warnings
+    assert "unknown setting Webserver.Ssl ignored" in warnings
+
+
+def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    for _ in range(2):
+        warnings = load_settings(path).warnings
+        assert any(DEFAULT_ADMIN_TOKEN in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"Webserver": {"Port": 70000}},
+            "Webserver.Port: 70000 is not allowed; expected an integer from 0 to 65535",
+        ),
+        ({"Webserver": {"Port": "80"}}, 'Webserver.Port: "80" is not allowed'),
+        ({"Logging": {"MinimumSeverity": -1}}, "Logging.MinimumSeverity: -1 is not allowed"),
+        ({"StickyHeaders": "x-id"}, 'StickyHeaders: "x-id" is not allowed; expected an array'),
+        ({"AdminBearerTokens": ["has space"]}, "AdminBearerTokens[0]:"),
+        ({"Webserver": []}, "Webserver: [] is not allowed; expected a JSON object"),
+    ],
+)
+def test_bad_values_stop_with_one_line_naming_key_value_and_allowed(
+    tmp_path: Path, data: dict[str, object], expected: str
+) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    assert expected in message
+
+
+def test_a_file_that_is_not_json_stops_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text("{ Webserver: ")
+    with pytest.raises(SettingsError, match="not valid JSON") as caught:
+        load_settings(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_top_level_must_be_an_object(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text("[1]")
+    with pytest.raises(SettingsError, match="expected a JSON object"):
+        load_settings(path)
