@@ -1,0 +1,97 @@
+"""The schema, as an ordered list of migrations; version ``n`` is ``MIGRATIONS[n - 1]``.
+
+Each migration is a sequence of statements (``{autoincrement}`` filled in by the dialect) or a
+function of ``(cursor, dialect)``. The table ``schema_version`` holds one row per applied
+migration. Record fields live in a JSON ``doc`` column, so new fields never need a migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from ollamaflow.store.dialect import Cursor, Dialect
+from ollamaflow.store.errors import SchemaTooNew
+from ollamaflow.wire import format_utc
+
+Migration = Sequence[str] | Callable[[Cursor, Dialect], None]
+
+_RECORDS: tuple[str, ...] = (
+    """CREATE TABLE frontends (
+        seq {autoincrement},
+        identifier TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL,
+        created_utc TEXT NOT NULL,
+        last_update_utc TEXT NOT NULL
+    )""",
+    """CREATE TABLE backends (
+        seq {autoincrement},
+        identifier TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL,
+        created_utc TEXT NOT NULL,
+        last_update_utc TEXT NOT NULL
+    )""",
+    # The database itself guarantees that no frontend names a missing backend.
+    """CREATE TABLE frontend_backends (
+        frontend_id TEXT NOT NULL REFERENCES frontends (identifier) ON DELETE CASCADE,
+        backend_id TEXT NOT NULL REFERENCES backends (identifier) ON DELETE RESTRICT,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (frontend_id, position),
+        UNIQUE (frontend_id, backend_id)
+    )""",
+    "CREATE INDEX frontend_backends_backend ON frontend_backends (backend_id)",
+)
+
+# Bumped by every write transaction, so readers can tell which snapshot is newer.
+_CONFIG_STATE: tuple[str, ...] = (
+    """CREATE TABLE config_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        generation INTEGER NOT NULL
+    )""",
+    "INSERT INTO config_state (id, generation) VALUES (1, 0)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_RECORDS, _CONFIG_STATE)
+LATEST = len(MIGRATIONS)
+
+_VERSION_TABLE = """CREATE TABLE schema_version (
+    version INTEGER PRIMARY KEY,
+    applied_utc TEXT NOT NULL
+)"""
+
+
+def current_version(cursor: Cursor, dialect: Dialect) -> int:
+    """The highest applied migration; 0 for a database without a ``schema_version`` table."""
+    if not dialect.table_exists(cursor, "schema_version"):
+        return 0
+    row = dialect.execute(cursor, "SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def migrate(cursor: Cursor, dialect: Dialect, *, now: datetime, target: int = LATEST) -> int:
+    """Apply the migrations after the current version up to ``target``; returns the version found.
+
+    Call inside a write transaction (``dialect.begin_write``) so that the check and the upgrade
+    are one step. Raises :class:`SchemaTooNew`, having changed nothing, when the database is
+    newer than :data:`LATEST`.
+    """
+    if not 0 <= target <= LATEST:
+        raise ValueError(f"target version {target} is not between 0 and {LATEST}")
+    found = current_version(cursor, dialect)
+    if found > LATEST:
+        raise SchemaTooNew(found, LATEST)
+    if found < target and found == 0 and not dialect.table_exists(cursor, "schema_version"):
+        dialect.execute(cursor, _VERSION_TABLE)
+    for version in range(found + 1, target + 1):
+        migration = MIGRATIONS[version - 1]
+        if callable(migration):
+            migration(cursor, dialect)
+        else:
+            for statement in migration:
+                dialect.execute(cursor, dialect.ddl(statement))
+        dialect.execute(
+            cursor,
+            "INSERT INTO schema_version (version, applied_utc) VALUES (?, ?)",
+            (version, format_utc(now)),
+        )
+    return found

@@ -1,0 +1,436 @@
+"""The configuration store: frontends and backends in a SQL database, behind adbapi.
+
+Every write is one transaction that begins with the dialect's write lock and bumps the
+configuration generation, so a failed write leaves nothing behind and readers can tell which
+snapshot is newer. All database work runs in the pool's thread, never on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+
+import attrs
+from twisted.enterprise.adbapi import ConnectionPool
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+
+from ollamaflow.records import Backend, Frontend
+from ollamaflow.store.dialect import SQLITE, Cursor, Dialect
+from ollamaflow.store.errors import (
+    BackendInUse,
+    DuplicateIdentifier,
+    InvalidStoredRecord,
+    NotFound,
+    StoreClosed,
+    UnknownBackends,
+)
+from ollamaflow.store.migrations import migrate
+from ollamaflow.wire import FieldError, format_utc, from_wire, to_wire
+
+T = TypeVar("T")
+R = TypeVar("R", Frontend, Backend)
+
+#: Wire keys kept in their own columns (or the link table) rather than in ``doc``.
+_COLUMN_KEYS = frozenset({"Identifier", "Backends", "CreatedUtc", "LastUpdateUtc"})
+
+
+@attrs.frozen
+class Snapshot:
+    """The whole configuration as of one generation; records in creation order."""
+
+    generation: int
+    frontends: tuple[Frontend, ...]
+    backends: tuple[Backend, ...]
+
+
+@attrs.define
+class Store:
+    """Frontends and backends in a database; open with :meth:`open_sqlite`, then :meth:`close`."""
+
+    _pool: ConnectionPool
+    _dialect: Dialect
+    _reactor: IReactorCore
+    _now: Callable[[], datetime]
+    _pending: set[Deferred[Any]] = attrs.field(factory=set)
+    _closed: bool = False
+
+    @classmethod
+    def prepare_sqlite(
+        cls, path: str, *, reactor: IReactorCore, now: Callable[[], datetime]
+    ) -> tuple[Store, Snapshot]:
+        """Before the reactor runs: migrate, seed and read the first snapshot, blocking.
+
+        For ``twistd``'s ``makeService``, so a bad database stops start-up in one line before
+        anything listens. No connection is left open (it must not survive a daemonizing fork);
+        the returned store's pool connects once the reactor runs.
+        """
+        if getattr(reactor, "running", False):
+            raise RuntimeError("prepare_sqlite blocks; use Store.open_sqlite in a running reactor")
+        connection = SQLITE.connect(path)
+        try:
+            _run_now(connection, _open_database, SQLITE, now().astimezone(UTC))
+            snapshot = _run_now(connection, _read_snapshot, SQLITE)
+        finally:
+            connection.close()
+        return cls(_sqlite_pool(path, reactor), SQLITE, reactor, now), snapshot
+
+    @classmethod
+    async def open_sqlite(
+        cls, path: str, *, reactor: IReactorCore, now: Callable[[], datetime]
+    ) -> Store:
+        """Open (creating if need be) the SQLite file at ``path``, migrate it, seed a new one."""
+        return await cls.open(_sqlite_pool(path, reactor), SQLITE, reactor=reactor, now=now)
+
+    @classmethod
+    async def open(
+        cls,
+        pool: ConnectionPool,
+        dialect: Dialect,
+        *,
+        reactor: IReactorCore,
+        now: Callable[[], datetime],
+    ) -> Store:
+        """Take over ``pool`` (closed again on failure), migrate, and seed a new database.
+
+        Raises :class:`SchemaTooNew` for a database written by a newer OllamaFlow.
+        """
+        store = cls(pool, dialect, reactor, now)
+        try:
+            await store._run(_open_database, dialect, store._utcnow())
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Wait for running operations, then close the connection and stop the pool's thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pending:
+            # Each pending Deferred is already awaited by its caller, who sees its result first.
+            await DeferredList(list(self._pending), consumeErrors=True)
+        pool = self._pool
+        if pool.running:
+            # Close the connection in the thread that owns it, so the final WAL checkpoint
+            # happens there; pool.close() then only joins an idle thread.
+            await deferToThreadPool(
+                cast(IReactorFromThreads, self._reactor), pool.threadpool, _disconnect, pool
+            )
+        pool.close()
+
+    async def snapshot(self) -> Snapshot:
+        """The whole configuration, read in one transaction."""
+        return await self._run(_read_snapshot, self._dialect)
+
+    async def generation(self) -> int:
+        """The current configuration generation: a cheap way to notice other writers."""
+        return await self._run(_read_generation, self._dialect)
+
+    async def create_frontend(self, fe: Frontend) -> Frontend:
+        """Store a new frontend, stamped with the current time; returns it as stored."""
+        return await self._write(_create_frontend, fe, self._utcnow())
+
+    async def replace_frontend(self, fe: Frontend) -> Frontend:
+        """Replace a frontend's fields and backends; keeps CreatedUtc, moves LastUpdateUtc."""
+        return await self._write(_replace_frontend, fe, self._utcnow())
+
+    async def delete_frontend(self, identifier: str) -> None:
+        """Delete a frontend and its list of backends."""
+        await self._write(_delete_frontend, identifier)
+
+    async def create_backend(self, be: Backend) -> Backend:
+        """Store a new backend, stamped with the current time; returns it as stored."""
+        return await self._write(_create_backend, be, self._utcnow())
+
+    async def replace_backend(self, be: Backend) -> Backend:
+        """Replace a backend's fields; keeps CreatedUtc, moves LastUpdateUtc."""
+        return await self._write(_replace_backend, be, self._utcnow())
+
+    async def delete_backend(self, identifier: str, *, force: bool = False) -> tuple[str, ...]:
+        """Delete a backend; returns the frontends it was removed from (only with ``force``).
+
+        Without ``force``, a backend that frontends list is refused with :class:`BackendInUse`;
+        with it, those frontends lose it (and get a new LastUpdateUtc) in the same transaction.
+        """
+        return await self._write(_delete_backend, identifier, force, self._utcnow())
+
+    def _utcnow(self) -> datetime:
+        return self._now().astimezone(UTC)
+
+    async def _write(self, work: Callable[..., T], *args: Any) -> T:
+        return await self._run(_in_write_transaction, self._dialect, work, *args)
+
+    async def _run(self, interaction: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise StoreClosed()
+        d: Deferred[T] = self._pool.runInteraction(interaction, *args)
+        self._pending.add(d)
+        try:
+            return await d
+        finally:
+            self._pending.discard(d)
+
+
+def _sqlite_pool(path: str, reactor: IReactorCore) -> ConnectionPool:
+    """One connection in one thread: SQLite serializes writers anyway."""
+    return ConnectionPool(
+        SQLITE.driver,
+        path,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=SQLITE.setup_connection,
+        cp_reactor=reactor,
+        **SQLITE.connect_kwargs,
+    )
+
+
+def _run_now(connection: Any, interaction: Callable[..., T], *args: Any) -> T:
+    """What ``runInteraction`` does, on the calling thread: commit on return, else roll back."""
+    cursor = connection.cursor()
+    try:
+        result = interaction(cursor, *args)
+        cursor.close()
+        connection.commit()
+        return result
+    except BaseException:
+        connection.rollback()
+        raise
+
+
+# Everything below runs in the pool's thread, inside one transaction per call: adbapi commits
+# when the function returns and rolls back when it raises.
+
+
+def _disconnect(pool: ConnectionPool) -> None:
+    connection = pool.connections.get(pool.threadID())
+    if connection is not None:
+        pool.disconnect(connection)
+
+
+def _open_database(cursor: Cursor, dialect: Dialect, now: datetime) -> None:
+    dialect.execute(cursor, dialect.begin_write)
+    if migrate(cursor, dialect, now=now) == 0:
+        _bump_generation(cursor, dialect)
+        _insert_backend(cursor, dialect, Backend(identifier="backend1"), now)
+        _insert_frontend(
+            cursor, dialect, Frontend(identifier="frontend1", backends=("backend1",)), now
+        )
+
+
+def _in_write_transaction(
+    cursor: Cursor, dialect: Dialect, work: Callable[..., T], *args: Any
+) -> T:
+    dialect.execute(cursor, dialect.begin_write)
+    _bump_generation(cursor, dialect)
+    return work(cursor, dialect, *args)
+
+
+def _bump_generation(cursor: Cursor, dialect: Dialect) -> None:
+    dialect.execute(cursor, "UPDATE config_state SET generation = generation + 1 WHERE id = 1")
+
+
+def _read_generation(cursor: Cursor, dialect: Dialect) -> int:
+    row = dialect.execute(cursor, "SELECT generation FROM config_state WHERE id = 1").fetchone()
+    return int(row[0])
+
+
+def _read_snapshot(cursor: Cursor, dialect: Dialect) -> Snapshot:
+    dialect.execute(cursor, dialect.begin_read)
+    generation = _read_generation(cursor, dialect)
+    links: dict[str, list[str]] = {}
+    for frontend_id, backend_id in dialect.execute(
+        cursor,
+        "SELECT frontend_id, backend_id FROM frontend_backends ORDER BY frontend_id, position",
+    ).fetchall():
+        links.setdefault(frontend_id, []).append(backend_id)
+    frontends = tuple(
+        _record(Frontend, row, tuple(links.get(row[0], ())))
+        for row in dialect.execute(
+            cursor,
+            "SELECT identifier, doc, created_utc, last_update_utc FROM frontends ORDER BY seq",
+        ).fetchall()
+    )
+    backends = tuple(
+        _record(Backend, row, None)
+        for row in dialect.execute(
+            cursor,
+            "SELECT identifier, doc, created_utc, last_update_utc FROM backends ORDER BY seq",
+        ).fetchall()
+    )
+    return Snapshot(generation, frontends, backends)
+
+
+def _record(cls: type[R], row: Sequence[Any], backends: tuple[str, ...] | None) -> R:
+    identifier, doc, created_utc, last_update_utc = row
+    kind = cls.__name__.lower()
+    try:
+        data = json.loads(doc)
+        if not isinstance(data, dict):
+            raise ValueError("the stored document is not a JSON object")
+        data = {k: v for k, v in data.items() if k not in _COLUMN_KEYS}
+        data["Identifier"] = identifier
+        if backends is not None:
+            data["Backends"] = list(backends)
+        record, _unknown = from_wire(cls, data)  # keys of fields since removed: dropped
+        return attrs.evolve(
+            record,
+            created_utc=_parse_utc(created_utc),
+            last_update_utc=_parse_utc(last_update_utc),
+        )
+    except (ValueError, TypeError, FieldError) as e:
+        raise InvalidStoredRecord(kind, identifier, str(e)) from e
+
+
+def _parse_utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _doc(record: Frontend | Backend) -> str:
+    wire = {k: v for k, v in to_wire(record).items() if k not in _COLUMN_KEYS}
+    return json.dumps(wire, separators=(",", ":"))
+
+
+def _insert(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: datetime) -> None:
+    kind = table[:-1]
+    try:
+        dialect.execute(
+            cursor,
+            f"INSERT INTO {table} (identifier, doc, created_utc, last_update_utc)"
+            " VALUES (?, ?, ?, ?)",
+            (record.identifier, _doc(record), format_utc(now), format_utc(now)),
+        )
+    except Exception as e:
+        if dialect.is_integrity_error(e):
+            raise DuplicateIdentifier(kind, record.identifier) from e
+        raise
+
+
+def _insert_backend(cursor: Cursor, dialect: Dialect, be: Backend, now: datetime) -> Backend:
+    _insert(cursor, dialect, "backends", be, now)
+    return attrs.evolve(be, created_utc=now, last_update_utc=now)
+
+
+def _insert_frontend(cursor: Cursor, dialect: Dialect, fe: Frontend, now: datetime) -> Frontend:
+    _insert(cursor, dialect, "frontends", fe, now)
+    _write_links(cursor, dialect, fe.identifier, fe.backends)
+    return attrs.evolve(fe, created_utc=now, last_update_utc=now)
+
+
+def _created_utc(cursor: Cursor, dialect: Dialect, table: str, identifier: str) -> datetime:
+    row = dialect.execute(
+        cursor, f"SELECT created_utc FROM {table} WHERE identifier = ?", (identifier,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(table[:-1], identifier)
+    return _parse_utc(row[0])
+
+
+def _update(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: datetime) -> datetime:
+    """Rewrite a record's document; returns its CreatedUtc."""
+    created = _created_utc(cursor, dialect, table, record.identifier)
+    dialect.execute(
+        cursor,
+        f"UPDATE {table} SET doc = ?, last_update_utc = ? WHERE identifier = ?",
+        (_doc(record), format_utc(now), record.identifier),
+    )
+    return created
+
+
+def _missing_backends(
+    cursor: Cursor, dialect: Dialect, identifiers: Iterable[str]
+) -> tuple[str, ...]:
+    missing = []
+    for identifier in identifiers:
+        row = dialect.execute(
+            cursor, "SELECT 1 FROM backends WHERE identifier = ?", (identifier,)
+        ).fetchone()
+        if row is None:
+            missing.append(identifier)
+    return tuple(missing)
+
+
+def _write_links(cursor: Cursor, dialect: Dialect, frontend: str, backends: Sequence[str]) -> None:
+    """Make ``frontend`` list exactly ``backends``, in order; refuses unknown backends."""
+    missing = _missing_backends(cursor, dialect, backends)
+    if missing:
+        raise UnknownBackends(missing)
+    dialect.execute(cursor, "DELETE FROM frontend_backends WHERE frontend_id = ?", (frontend,))
+    for position, backend in enumerate(backends):
+        try:
+            dialect.execute(
+                cursor,
+                "INSERT INTO frontend_backends (frontend_id, backend_id, position)"
+                " VALUES (?, ?, ?)",
+                (frontend, backend, position),
+            )
+        except Exception as e:
+            # Only reachable if the check above raced a writer that ignores the write lock.
+            if dialect.is_integrity_error(e):
+                raise UnknownBackends((backend,)) from e
+            raise
+
+
+def _create_frontend(cursor: Cursor, dialect: Dialect, fe: Frontend, now: datetime) -> Frontend:
+    return _insert_frontend(cursor, dialect, fe, now)
+
+
+def _replace_frontend(cursor: Cursor, dialect: Dialect, fe: Frontend, now: datetime) -> Frontend:
+    created = _update(cursor, dialect, "frontends", fe, now)
+    _write_links(cursor, dialect, fe.identifier, fe.backends)
+    return attrs.evolve(fe, created_utc=created, last_update_utc=now)
+
+
+def _delete_frontend(cursor: Cursor, dialect: Dialect, identifier: str) -> None:
+    dialect.execute(cursor, "DELETE FROM frontends WHERE identifier = ?", (identifier,))
+    if cursor.rowcount == 0:
+        raise NotFound("frontend", identifier)
+
+
+def _create_backend(cursor: Cursor, dialect: Dialect, be: Backend, now: datetime) -> Backend:
+    return _insert_backend(cursor, dialect, be, now)
+
+
+def _replace_backend(cursor: Cursor, dialect: Dialect, be: Backend, now: datetime) -> Backend:
+    created = _update(cursor, dialect, "backends", be, now)
+    return attrs.evolve(be, created_utc=created, last_update_utc=now)
+
+
+def _delete_backend(
+    cursor: Cursor, dialect: Dialect, identifier: str, force: bool, now: datetime
+) -> tuple[str, ...]:
+    _created_utc(cursor, dialect, "backends", identifier)  # NotFound before BackendInUse
+    users = tuple(
+        row[0]
+        for row in dialect.execute(
+            cursor,
+            "SELECT f.identifier FROM frontends f"
+            " JOIN frontend_backends l ON l.frontend_id = f.identifier"
+            " WHERE l.backend_id = ? ORDER BY f.seq",
+            (identifier,),
+        ).fetchall()
+    )
+    if users and not force:
+        raise BackendInUse(identifier, users)
+    for frontend in users:
+        remaining = [
+            row[0]
+            for row in dialect.execute(
+                cursor,
+                "SELECT backend_id FROM frontend_backends"
+                " WHERE frontend_id = ? AND backend_id <> ? ORDER BY position",
+                (frontend, identifier),
+            ).fetchall()
+        ]
+        _write_links(cursor, dialect, frontend, remaining)
+        dialect.execute(
+            cursor,
+            "UPDATE frontends SET last_update_utc = ? WHERE identifier = ?",
+            (format_utc(now), frontend),
+        )
+    dialect.execute(cursor, "DELETE FROM backends WHERE identifier = ?", (identifier,))
+    return users

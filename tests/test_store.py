@@ -1,0 +1,587 @@
+"""The configuration store on a real SQLite file: schema, seeding, writes and their failures."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from ollamaflow.records import Backend, Frontend, LoadBalancing
+from ollamaflow.store import (
+    SCHEMA_VERSION,
+    SQLITE,
+    BackendInUse,
+    DuplicateIdentifier,
+    InvalidStoredRecord,
+    NotFound,
+    SchemaTooNew,
+    Snapshot,
+    Store,
+    StoreClosed,
+    UnknownBackends,
+    prepare_sqlite,
+)
+from ollamaflow.store import store as store_module
+from ollamaflow.store.migrations import current_version, migrate
+
+T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+@attrs.define
+class FakeNow:
+    """A clock the test moves by hand."""
+
+    current: datetime = T0
+
+    def __call__(self) -> datetime:
+        return self.current
+
+    def advance(self, seconds: float) -> datetime:
+        self.current += timedelta(seconds=seconds)
+        return self.current
+
+
+@attrs.define
+class Opener:
+    """Opens stores on one file and remembers them, so the fixture closes every one."""
+
+    path: Path
+    now: FakeNow
+    opened: list[Store] = attrs.field(factory=list)
+
+    async def __call__(self) -> Store:
+        store = await Store.open_sqlite(str(self.path), reactor=reactor, now=self.now)
+        self.opened.append(store)
+        return store
+
+    async def reopen(self, store: Store) -> Store:
+        await store.close()
+        return await self()
+
+
+@pytest.fixture
+def now() -> FakeNow:
+    return FakeNow()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "ollamaflow.db"
+
+
+@pytest_twisted.async_yield_fixture
+async def opener(db_path: Path, now: FakeNow) -> AsyncIterator[Opener]:
+    opened = Opener(db_path, now)
+    yield opened
+    for store in opened.opened:
+        await store.close()
+
+
+@pytest_twisted.async_fixture
+async def store(opener: Opener) -> Store:
+    return await opener()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A plain connection for inspecting or preparing the file behind the store's back."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA foreign_keys = ON")
+    return connection
+
+
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    connection = raw(path)
+    try:
+        return connection.execute(sql).fetchall()
+    finally:
+        connection.close()
+
+
+def fingerprint(path: Path) -> tuple[bytes, list[str]]:
+    """The database file's bytes and the names of the files beside it."""
+    return path.read_bytes(), sorted(p.name for p in path.parent.iterdir())
+
+
+def ids(records: tuple[Frontend, ...] | tuple[Backend, ...]) -> list[str]:
+    return [r.identifier for r in records]
+
+
+async def add_backends(store: Store, *identifiers: str) -> None:
+    for identifier in identifiers:
+        await store.create_backend(Backend(identifier=identifier))
+
+
+# -- opening, seeding, connection setup ------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_database_is_seeded_once(store: Store, opener: Opener) -> None:
+    snap = await store.snapshot()
+    assert ids(snap.frontends) == ["frontend1"] and ids(snap.backends) == ["backend1"]
+    fe, be = snap.frontends[0], snap.backends[0]
+    assert (fe.hostname, fe.backends) == ("*", ("backend1",))
+    assert (be.hostname, be.port, be.base_url) == ("localhost", 11434, "http://localhost:11434")
+    assert fe.created_utc == fe.last_update_utc == be.created_utc == T0
+
+    again = await (await opener.reopen(store)).snapshot()
+    assert again == snap, "reopening neither reseeds nor duplicates"
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleted_seeds_stay_deleted_after_a_restart(store: Store, opener: Opener) -> None:
+    await store.delete_frontend("frontend1")
+    await store.delete_backend("backend1")
+    snap = await (await opener.reopen(store)).snapshot()
+    assert (snap.frontends, snap.backends) == ((), ())
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_use_wal_foreign_keys_and_a_busy_timeout(store: Store) -> None:
+    def pragmas(cursor: Any) -> tuple[Any, ...]:
+        values = []
+        for name in ("journal_mode", "foreign_keys", "busy_timeout"):
+            cursor.execute(f"PRAGMA {name}")
+            values.append(cursor.fetchone()[0])
+        return tuple(values)
+
+    assert await store._pool.runInteraction(pragmas) == ("wal", 1, 5000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_schema_is_at_the_latest_version(store: Store, db_path: Path) -> None:
+    assert SCHEMA_VERSION == 2
+    assert rows(db_path, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_store_refuses_work(store: Store) -> None:
+    await store.close()
+    await store.close()  # twice is harmless
+    with pytest.raises(StoreClosed):
+        await store.snapshot()
+
+
+# -- frontends -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_frontend_stamps_and_stores_every_field(store: Store, now: FakeNow) -> None:
+    await add_backends(store, "gpu1", "gpu2")
+    t1 = now.advance(10)
+    fe = Frontend(
+        identifier="chat",
+        name="Chat",
+        hostname="chat.example.com",
+        load_balancing=LoadBalancing.RANDOM,
+        backends=("gpu2", "gpu1"),
+        required_models=("llama3:8b",),
+        pinned_completions_properties={"options": {"num_ctx": 8192}},
+        created_utc=T0 - timedelta(days=9),  # ignored: the store stamps its own times
+    )
+    stored = await store.create_frontend(fe)
+    assert stored == attrs.evolve(fe, created_utc=t1, last_update_utc=t1)
+    snap = await store.snapshot()
+    assert ids(snap.frontends) == ["frontend1", "chat"]
+    assert snap.frontends[1] == stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_replace_frontend_keeps_created_and_moves_last_update(
+    store: Store, now: FakeNow
+) -> None:
+    await add_backends(store, "gpu1")
+    created = await store.create_frontend(Frontend(identifier="chat", backends=("backend1",)))
+    t2 = now.advance(60)
+    replaced = await store.replace_frontend(
+        Frontend(identifier="chat", hostname="chat.local", backends=("gpu1", "backend1"))
+    )
+    assert replaced.created_utc == created.created_utc and replaced.last_update_utc == t2
+    assert (replaced.hostname, replaced.backends) == ("chat.local", ("gpu1", "backend1"))
+    snap = await store.snapshot()
+    assert snap.frontends[-1] == replaced
+    assert ids(snap.frontends) == ["frontend1", "chat"], "replacing keeps creation order"
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_frontend(store: Store, db_path: Path) -> None:
+    await store.delete_frontend("frontend1")
+    snap = await store.snapshot()
+    assert snap.frontends == () and ids(snap.backends) == ["backend1"]
+    assert rows(db_path, "SELECT * FROM frontend_backends") == [], "links go with the frontend"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_duplicate_frontend_is_refused(store: Store) -> None:
+    with pytest.raises(DuplicateIdentifier) as caught:
+        await store.create_frontend(Frontend(identifier="frontend1", hostname="other"))
+    assert (caught.value.kind, caught.value.identifier) == ("frontend", "frontend1")
+    assert "frontend1" in str(caught.value) and "already exists" in str(caught.value)
+    assert (await store.snapshot()).frontends[0].hostname == "*"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_backends_are_all_named_and_nothing_is_written(
+    store: Store, db_path: Path
+) -> None:
+    before = await store.snapshot()
+    with pytest.raises(UnknownBackends) as caught:
+        await store.create_frontend(
+            Frontend(identifier="chat", backends=("nope1", "backend1", "nope2"))
+        )
+    assert caught.value.identifiers == ("nope1", "nope2")
+    assert "'nope1'" in str(caught.value) and "'nope2'" in str(caught.value)
+    with pytest.raises(UnknownBackends):
+        await store.replace_frontend(Frontend(identifier="frontend1", backends=("ghost",)))
+    assert await store.snapshot() == before
+    assert rows(db_path, "SELECT identifier FROM frontends") == [("frontend1",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_replace_or_delete_of_a_missing_record_is_not_found(store: Store) -> None:
+    before = await store.snapshot()
+    with pytest.raises(NotFound) as caught:
+        await store.replace_frontend(Frontend(identifier="ghost"))
+    assert (caught.value.kind, caught.value.identifier) == ("frontend", "ghost")
+    assert str(caught.value) == "frontend 'ghost' does not exist"
+    with pytest.raises(NotFound):
+        await store.delete_frontend("ghost")
+    with pytest.raises(NotFound) as caught:
+        await store.replace_backend(Backend(identifier="ghost"))
+    assert caught.value.kind == "backend"
+    with pytest.raises(NotFound):
+        await store.delete_backend("ghost")
+    with pytest.raises(NotFound):
+        await store.delete_backend("ghost", force=True)
+    assert await store.snapshot() == before
+
+
+# -- backends --------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_create_replace_delete(store: Store, now: FakeNow) -> None:
+    t1 = now.advance(1)
+    be = Backend(
+        identifier="gpu1",
+        hostname="10.0.0.5",
+        ssl=True,
+        labels=("a100",),
+        headers={"X-Key": "v"},
+        bearer_token="secret",
+    )
+    created = await store.create_backend(be)
+    assert created == attrs.evolve(be, created_utc=t1, last_update_utc=t1)
+    assert (await store.snapshot()).backends[-1] == created
+
+    t2 = now.advance(1)
+    replaced = await store.replace_backend(Backend(identifier="gpu1", port=8080))
+    assert (replaced.created_utc, replaced.last_update_utc, replaced.port) == (t1, t2, 8080)
+    assert replaced.bearer_token is None and replaced.hostname == "localhost", "a full replace"
+    assert (await store.snapshot()).backends[-1] == replaced
+
+    assert await store.delete_backend("gpu1") == ()
+    assert ids((await store.snapshot()).backends) == ["backend1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_duplicate_backend_is_refused(store: Store) -> None:
+    with pytest.raises(DuplicateIdentifier) as caught:
+        await store.create_backend(Backend(identifier="backend1", port=1))
+    assert caught.value.kind == "backend"
+    assert (await store.snapshot()).backends[0].port == 11434
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_backend_in_use_names_the_frontends(store: Store) -> None:
+    await store.create_frontend(Frontend(identifier="chat", backends=("backend1",)))
+    await store.create_frontend(Frontend(identifier="idle"))
+    before = await store.snapshot()
+    with pytest.raises(BackendInUse) as caught:
+        await store.delete_backend("backend1")
+    assert caught.value.identifier == "backend1"
+    assert caught.value.frontends == ("frontend1", "chat")
+    assert "'frontend1', 'chat'" in str(caught.value) and "force" in str(caught.value)
+    assert await store.snapshot() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_force_removes_the_backend_from_its_frontends(store: Store, now: FakeNow) -> None:
+    await add_backends(store, "a", "c")
+    await store.create_frontend(Frontend(identifier="chat", backends=("a", "backend1", "c")))
+    await store.create_frontend(Frontend(identifier="other", backends=("c",)))
+    t2 = now.advance(5)
+    assert await store.delete_backend("backend1", force=True) == ("frontend1", "chat")
+    snap = await store.snapshot()
+    by_id = {fe.identifier: fe for fe in snap.frontends}
+    assert by_id["frontend1"].backends == () and by_id["chat"].backends == ("a", "c")
+    assert by_id["frontend1"].last_update_utc == by_id["chat"].last_update_utc == t2
+    assert by_id["other"].last_update_utc == T0, "untouched frontends keep their time"
+    assert by_id["chat"].created_utc == T0
+    assert ids(snap.backends) == ["a", "c"]
+    assert snap.generation == (await store.generation())
+
+
+# -- generation and snapshots ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_write_bumps_the_generation_and_failures_do_not(store: Store) -> None:
+    generations = [(await store.snapshot()).generation]
+
+    async def expect_bump() -> None:
+        generations.append(await store.generation())
+        assert generations[-1] == generations[-2] + 1
+
+    async def expect_same() -> None:
+        assert await store.generation() == generations[-1]
+
+    await store.create_backend(Backend(identifier="b2"))
+    await expect_bump()
+    await store.replace_backend(Backend(identifier="b2", port=1))
+    await expect_bump()
+    await store.create_frontend(Frontend(identifier="f2", backends=("b2",)))
+    await expect_bump()
+    await store.replace_frontend(Frontend(identifier="f2"))
+    await expect_bump()
+    await store.delete_frontend("f2")
+    await expect_bump()
+    await store.delete_backend("b2")
+    await expect_bump()
+    for failing in (
+        store.create_backend(Backend(identifier="backend1")),
+        store.create_frontend(Frontend(identifier="x", backends=("ghost",))),
+        store.delete_backend("backend1"),
+        store.delete_frontend("ghost"),
+    ):
+        with pytest.raises(Exception):  # noqa: B017 - each kind is checked elsewhere
+            await failing
+        await expect_same()
+    assert (await store.snapshot()).generation == generations[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshots_list_records_in_creation_order(store: Store) -> None:
+    await add_backends(store, "zz", "aa", "mm")
+    await store.replace_backend(Backend(identifier="zz", port=2))
+    await store.delete_backend("aa")
+    await store.create_backend(Backend(identifier="aa"))
+    snap = await store.snapshot()
+    assert ids(snap.backends) == ["backend1", "zz", "mm", "aa"]
+    assert isinstance(snap, Snapshot)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_keeps_everything(store: Store, opener: Opener, now: FakeNow) -> None:
+    now.advance(3)
+    await add_backends(store, "gpu1")
+    await store.create_frontend(
+        Frontend(identifier="chat", backends=("gpu1", "backend1"), timeout_ms=5)
+    )
+    await store.replace_backend(Backend(identifier="backend1", hostname="ollama.lan"))
+    before = await store.snapshot()
+    reopened = await opener.reopen(store)
+    assert await reopened.snapshot() == before
+    await reopened.create_backend(Backend(identifier="later"))
+    assert (await reopened.snapshot()).generation == before.generation + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_on_one_file_see_and_respect_each_other(
+    store: Store, opener: Opener
+) -> None:
+    other = await opener()
+    await add_backends(store, "one")
+    with pytest.raises(DuplicateIdentifier):
+        await other.create_backend(Backend(identifier="one"))
+    await other.create_frontend(Frontend(identifier="f", backends=("one",)))
+    with pytest.raises(BackendInUse):
+        await store.delete_backend("one")
+    assert await store.snapshot() == await other.snapshot()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_documents_ignore_keys_of_removed_fields(store: Store, db_path: Path) -> None:
+    connection = raw(db_path)
+    connection.execute(
+        "UPDATE backends SET doc = json_set(doc, '$.RetiredField', 1, '$.Port', 8000)"
+    )
+    connection.close()
+    be = (await store.snapshot()).backends[0]
+    assert be.port == 8000
+
+
+# -- failures leave nothing behind ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_mid_transaction_leaves_no_rows(
+    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = await store.snapshot()
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(store_module, "_write_links", fail)
+    with pytest.raises(RuntimeError):
+        await store.create_frontend(Frontend(identifier="half", backends=("backend1",)))
+    with pytest.raises(RuntimeError):
+        await store.replace_frontend(Frontend(identifier="frontend1", hostname="half"))
+    with pytest.raises(RuntimeError):
+        await store.delete_backend("backend1", force=True)
+    monkeypatch.undo()
+
+    assert await store.snapshot() == before
+    assert rows(db_path, "SELECT identifier FROM frontends") == [("frontend1",)]
+    assert rows(db_path, "SELECT identifier FROM backends") == [("backend1",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_database_refuses_a_frontend_naming_a_missing_backend(
+    store: Store, db_path: Path
+) -> None:
+    connection = raw(db_path)
+    with pytest.raises(sqlite3.IntegrityError):
+        connection.execute(
+            "INSERT INTO frontend_backends (frontend_id, backend_id, position)"
+            " VALUES ('frontend1', 'ghost', 1)"
+        )
+    with pytest.raises(sqlite3.IntegrityError):
+        connection.execute("DELETE FROM backends WHERE identifier = 'backend1'")
+    connection.close()
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_1_database_is_migrated_with_its_rows(
+    db_path: Path, opener: Opener
+) -> None:
+    connection = raw(db_path)
+    cursor = connection.cursor()
+    cursor.execute(SQLITE.begin_write)
+    assert migrate(cursor, SQLITE, now=T0, target=1) == 0
+    stamp = "2020-01-01T00:00:00.000000Z"
+    for sql, params in (
+        (
+            "INSERT INTO backends (identifier, doc, created_utc, last_update_utc)"
+            " VALUES ('old', ?, ?, '2021-01-01T00:00:00.000000Z')",
+            ('{"Hostname":"gpu.lan","Port":1234}', stamp),
+        ),
+        (
+            "INSERT INTO frontends (identifier, doc, created_utc, last_update_utc)"
+            " VALUES ('fe', '{\"Hostname\":\"*\"}', ?, ?)",
+            (stamp, stamp),
+        ),
+        ("INSERT INTO frontend_backends VALUES ('fe', 'old', 0)", ()),
+        ("COMMIT", ()),
+    ):
+        cursor.execute(sql, params)
+    assert current_version(connection.cursor(), SQLITE) == 1
+    connection.close()
+
+    store = await opener()
+    assert rows(db_path, "SELECT MAX(version) FROM schema_version") == [(2,)]
+    snap = await store.snapshot()
+    assert snap.generation == 0 and await store.generation() == 0
+    assert ids(snap.frontends) == ["fe"] and ids(snap.backends) == ["old"], "no seeding"
+    old = snap.backends[0]
+    assert (old.hostname, old.port) == ("gpu.lan", 1234)
+    assert old.created_utc == datetime(2020, 1, 1, tzinfo=UTC)
+    assert old.last_update_utc == datetime(2021, 1, 1, tzinfo=UTC)
+    assert snap.frontends[0].backends == ("old",)
+    await store.create_backend(Backend(identifier="new"))
+    assert await store.generation() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_newer_schema_is_refused_and_left_untouched(
+    store: Store, db_path: Path, opener: Opener
+) -> None:
+    await store.close()
+    connection = raw(db_path)
+    connection.execute("INSERT INTO schema_version VALUES (7, '2030-01-01T00:00:00.000000Z')")
+    connection.close()
+    before = fingerprint(db_path)
+
+    with pytest.raises(SchemaTooNew) as caught:
+        await opener()
+    assert (caught.value.found, caught.value.supported) == (7, SCHEMA_VERSION)
+    assert str(caught.value) == (
+        "database schema version 7 is newer than this OllamaFlow supports (2);"
+        " upgrade OllamaFlow or use another DatabaseFilename"
+    )
+    assert fingerprint(db_path) == before
+
+
+def test_migrate_refuses_a_target_it_does_not_know(tmp_path: Path) -> None:
+    connection = raw(tmp_path / "x.db")
+    with pytest.raises(ValueError, match="target version 3"):
+        migrate(connection.cursor(), SQLITE, now=T0, target=SCHEMA_VERSION + 1)
+    connection.close()
+
+
+# -- opening before the reactor runs (twistd's makeService) ----------------------------------
+
+
+class NotYetRunning:
+    """The real reactor, claiming not to run yet, as during ``makeService``."""
+
+    running = False
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepare_sqlite_migrates_seeds_and_reads_before_the_reactor_runs(
+    db_path: Path, now: FakeNow
+) -> None:
+    store, snapshot = prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
+    try:
+        assert ids(snapshot.frontends) == ["frontend1"] and ids(snapshot.backends) == ["backend1"]
+        assert await store.snapshot() == snapshot
+        await store.create_backend(Backend(identifier="gpu1"))
+    finally:
+        await store.close()
+    store, again = prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
+    await store.close()
+    assert ids(again.backends) == ["backend1", "gpu1"] and again.generation == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepare_sqlite_refuses_a_newer_schema_and_a_running_reactor(
+    db_path: Path, now: FakeNow
+) -> None:
+    store, _ = prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
+    await store.close()
+    connection = raw(db_path)
+    connection.execute("INSERT INTO schema_version VALUES (3, '2030-01-01T00:00:00.000000Z')")
+    connection.close()
+    before = fingerprint(db_path)
+    with pytest.raises(SchemaTooNew):
+        prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
+    assert fingerprint(db_path) == before
+    with pytest.raises(RuntimeError, match="open_sqlite"):
+        prepare_sqlite(str(db_path), reactor=reactor, now=now)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_row_that_no_longer_parses_is_named(store: Store, db_path: Path) -> None:
+    connection = raw(db_path)
+    connection.execute("UPDATE backends SET doc = '{\"Port\": 0}'")
+    connection.close()
+    with pytest.raises(InvalidStoredRecord) as caught:
+        await store.snapshot()
+    assert "backend 'backend1'" in str(caught.value) and "Port" in str(caught.value)
