@@ -1,0 +1,113 @@
+"""The live configuration: an immutable, indexed view that the hot path reads without locking,
+and the registry through which every change is written to the store and published at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import attrs
+from twisted.logger import Logger
+
+from ollamaflow.records import Backend, Frontend
+from ollamaflow.store import Snapshot, Store
+
+CATCH_ALL = "*"
+
+
+@attrs.frozen
+class Catalog:
+    """Frontends and backends by identifier (creation order), and frontends by Host."""
+
+    generation: int
+    frontends: Mapping[str, Frontend]
+    backends: Mapping[str, Backend]
+    by_host: Mapping[str, Frontend]
+    catch_all: Frontend | None
+
+    @classmethod
+    def build(cls, snapshot: Snapshot) -> Catalog:
+        by_host: dict[str, Frontend] = {}
+        for fe in snapshot.frontends:
+            if fe.active:
+                by_host.setdefault(fe.hostname.lower(), fe)
+        return cls(
+            generation=snapshot.generation,
+            frontends={fe.identifier: fe for fe in snapshot.frontends},
+            backends={be.identifier: be for be in snapshot.backends},
+            by_host=by_host,
+            catch_all=by_host.get(CATCH_ALL),
+        )
+
+    def frontend_for_host(self, host: str) -> Frontend | None:
+        """The active frontend for a ``Host`` (port dropped, any case), else the ``*`` one."""
+        if host.startswith("["):
+            name = host[1 : host.find("]")] if "]" in host else host
+        else:
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return self.by_host.get(name.lower(), self.catch_all)
+
+    def frontends_listing(self, backend: str) -> tuple[str, ...]:
+        return tuple(fe.identifier for fe in self.frontends.values() if backend in fe.backends)
+
+
+Listener = Callable[[Catalog], None]
+
+
+@attrs.define
+class Registry:
+    """Writes go to the store, then the fresh catalog is published to every listener.
+
+    A snapshot older than the published one (two writes finishing out of order) is ignored.
+    """
+
+    store: Store
+    catalog: Catalog
+    _listeners: list[Listener] = attrs.field(factory=list)
+    _log: Logger = attrs.field(factory=Logger)
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def publish(self, catalog: Catalog) -> None:
+        if catalog.generation < self.catalog.generation:
+            return
+        self.catalog = catalog
+        for listener in self._listeners:
+            try:
+                listener(catalog)
+            except Exception:
+                self._log.failure("configuration listener {listener!r} failed", listener=listener)
+
+    async def refresh(self) -> Catalog:
+        self.publish(Catalog.build(await self.store.snapshot()))
+        return self.catalog
+
+    async def create_frontend(self, fe: Frontend) -> Frontend:
+        stored = await self.store.create_frontend(fe)
+        await self.refresh()
+        return stored
+
+    async def replace_frontend(self, fe: Frontend) -> Frontend:
+        stored = await self.store.replace_frontend(fe)
+        await self.refresh()
+        return stored
+
+    async def delete_frontend(self, identifier: str) -> None:
+        await self.store.delete_frontend(identifier)
+        await self.refresh()
+
+    async def create_backend(self, be: Backend) -> Backend:
+        stored = await self.store.create_backend(be)
+        await self.refresh()
+        return stored
+
+    async def replace_backend(self, be: Backend) -> Backend:
+        stored = await self.store.replace_backend(be)
+        await self.refresh()
+        return stored
+
+    async def delete_backend(self, identifier: str, *, force: bool = False) -> tuple[str, ...]:
+        removed_from = await self.store.delete_backend(identifier, force=force)
+        await self.refresh()
+        return removed_from

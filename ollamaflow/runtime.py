@@ -1,0 +1,112 @@
+"""Per-backend runtime state: health as the checks and the proxy see it, and requests in flight.
+
+This is state of one daemon process, never stored: each instance judges backends itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+
+import attrs
+
+from ollamaflow.wire import format_utc
+
+
+def utc_clock(seconds: Callable[[], float]) -> Callable[[], datetime]:
+    """Turn a reactor's ``seconds`` into a ``now()`` giving aware UTC datetimes."""
+    return lambda: datetime.fromtimestamp(seconds(), UTC)
+
+
+def format_timespan(span: timedelta) -> str:
+    """A duration as .NET writes a TimeSpan (``d.hh:mm:ss.fffffff``), as OllamaFlow 1.2 did."""
+    ticks = int(span.total_seconds() * 10_000_000)
+    days, rest = divmod(ticks, 86400 * 10_000_000)
+    hours, rest = divmod(rest, 3600 * 10_000_000)
+    minutes, rest = divmod(rest, 60 * 10_000_000)
+    seconds, fraction = divmod(rest, 10_000_000)
+    text = f"{hours:02}:{minutes:02}:{seconds:02}"
+    if days:
+        text = f"{days}.{text}"
+    if fraction:
+        text = f"{text}.{fraction:07}"
+    return text
+
+
+@attrs.define
+class BackendState:
+    """What this daemon knows of one backend right now; starts as not yet checked."""
+
+    healthy: bool = False
+    healthy_since: datetime | None = None
+    unhealthy_since: datetime | None = None
+    last_check: datetime | None = None
+    last_error: str | None = None
+    consecutive_successes: int = 0
+    consecutive_failures: int = 0
+    active_requests: int = 0
+
+    def succeeded(self, now: datetime, threshold: int) -> bool:
+        """Count a successful check; True when this made the backend healthy."""
+        self.last_check = now
+        self.consecutive_successes += 1
+        self.consecutive_failures = 0
+        if not self.healthy and self.consecutive_successes >= threshold:
+            self.healthy = True
+            self.healthy_since = now
+            self.unhealthy_since = None
+            return True
+        return False
+
+    def failed(self, now: datetime, threshold: int, error: str) -> bool:
+        """Count a failed check; True when this made the backend unhealthy."""
+        self.last_check = now
+        self.last_error = error
+        self.consecutive_failures += 1
+        self.consecutive_successes = 0
+        was_unknown = self.unhealthy_since is None and not self.healthy
+        if was_unknown or (self.healthy and self.consecutive_failures >= threshold):
+            changed = self.healthy
+            self.healthy = False
+            self.healthy_since = None
+            self.unhealthy_since = self.unhealthy_since or now
+            return changed
+        return False
+
+    def to_wire(self, now: datetime) -> dict[str, object]:
+        out: dict[str, object] = {
+            "Healthy": self.healthy,
+            "ActiveRequests": self.active_requests,
+            "ConsecutiveSuccesses": self.consecutive_successes,
+            "ConsecutiveFailures": self.consecutive_failures,
+        }
+        if self.healthy_since is not None:
+            out["HealthySinceUtc"] = format_utc(self.healthy_since)
+            out["Uptime"] = format_timespan(now - self.healthy_since)
+        if self.unhealthy_since is not None:
+            out["UnhealthySinceUtc"] = format_utc(self.unhealthy_since)
+            out["Downtime"] = format_timespan(now - self.unhealthy_since)
+        if self.last_check is not None:
+            out["LastCheckUtc"] = format_utc(self.last_check)
+        if self.last_error is not None:
+            out["LastError"] = self.last_error
+        return out
+
+
+@attrs.define
+class Runtime:
+    """The states of all configured backends, created on first use, dropped with the backend."""
+
+    states: dict[str, BackendState] = attrs.field(factory=dict)
+
+    def state(self, identifier: str) -> BackendState:
+        found = self.states.get(identifier)
+        if found is None:
+            found = self.states[identifier] = BackendState()
+        return found
+
+    def forget_all_but(self, identifiers: Iterable[str]) -> None:
+        """Drop the state of backends no longer configured (or re-created afresh)."""
+        keep = set(identifiers)
+        for gone in [i for i in self.states if i not in keep]:
+            del self.states[gone]
