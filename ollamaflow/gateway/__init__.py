@@ -1,0 +1,1 @@
+"""Client traffic: route each request to a healthy backend and stream the answer back."""

@@ -1,0 +1,130 @@
+"""Choosing a backend: candidates, round robin or random order, and sticky sessions."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import attrs
+
+from ollamaflow.catalog import Catalog
+from ollamaflow.gateway.classify import RequestClass
+from ollamaflow.records import Backend, Frontend, LoadBalancing
+from ollamaflow.runtime import Runtime
+
+
+@attrs.frozen
+class NoCandidate:
+    """Why a frontend has nobody to send a request to; the message names the frontend."""
+
+    message: str
+
+
+def candidates(
+    catalog: Catalog,
+    runtime: Runtime,
+    frontend: Frontend,
+    request_class: RequestClass,
+    label: str | None,
+) -> list[Backend] | NoCandidate:
+    """The frontend's backends that are active, healthy, allow the class and carry the label."""
+    found: list[Backend] = []
+    configured = healthy = allowing = 0
+    states = runtime.states
+    for identifier in frontend.backends:
+        backend = catalog.backends.get(identifier)
+        if backend is None or not backend.active:
+            continue
+        configured += 1
+        state = states.get(identifier)
+        if state is None or not state.healthy:
+            continue
+        healthy += 1
+        if (request_class is RequestClass.EMBEDDINGS and not backend.allow_embeddings) or (
+            request_class is RequestClass.COMPLETIONS and not backend.allow_completions
+        ):
+            continue
+        allowing += 1
+        if label is not None and label not in backend.labels:
+            continue
+        found.append(backend)
+    if found:
+        return found
+    name = f"frontend {frontend.identifier!r}"
+    if not configured:
+        return NoCandidate(f"{name} has no active backends")
+    if not healthy:
+        return NoCandidate(f"{name}: none of its {configured} backends is healthy")
+    if not allowing:
+        return NoCandidate(f"{name}: no healthy backend allows {request_class.value} requests")
+    return NoCandidate(f"{name}: no healthy backend has the label {label!r}")
+
+
+@attrs.define
+class StickyPins:
+    """Client → backend pins per frontend, with a sliding expiry."""
+
+    _pins: dict[tuple[str, str], tuple[str, float]] = attrs.field(factory=dict)
+
+    def lookup(self, frontend: str, client: str, now: float) -> str | None:
+        found = self._pins.get((frontend, client))
+        if found is None:
+            return None
+        if found[1] <= now:
+            del self._pins[(frontend, client)]
+            return None
+        return found[0]
+
+    def pin(self, frontend: str, client: str, backend: str, until: float) -> None:
+        self._pins[(frontend, client)] = (backend, until)
+
+    def sweep(self, now: float) -> int:
+        """Drop expired pins; returns how many went."""
+        expired = [key for key, (_, until) in self._pins.items() if until <= now]
+        for key in expired:
+            del self._pins[key]
+        return len(expired)
+
+    def prune(self, catalog: Catalog) -> None:
+        """Drop pins whose frontend or backend is gone, or no longer lists that backend."""
+        for key, (backend, _) in list(self._pins.items()):
+            frontend = catalog.frontends.get(key[0])
+            if frontend is None or backend not in frontend.backends:
+                del self._pins[key]
+
+    def __len__(self) -> int:
+        return len(self._pins)
+
+
+@attrs.define
+class Balancer:
+    """Orders candidates for one request: the chosen backend first, the rest for retries."""
+
+    rng: random.Random = attrs.field(factory=random.Random)
+    _counters: dict[str, int] = attrs.field(factory=dict)
+
+    def order(self, frontend: Frontend, found: Sequence[Backend]) -> list[Backend]:
+        count = len(found)
+        if count == 1:
+            return [found[0]]
+        if frontend.load_balancing is LoadBalancing.RANDOM:
+            start = self.rng.randrange(count)
+        else:
+            turn = self._counters.get(frontend.identifier, 0)
+            self._counters[frontend.identifier] = turn + 1
+            start = turn % count
+        return [*found[start:], *found[:start]]
+
+    def forget(self, catalog: Catalog) -> None:
+        for gone in [f for f in self._counters if f not in catalog.frontends]:
+            del self._counters[gone]
+
+
+def stick(ordered: list[Backend], pinned: str | None) -> list[Backend]:
+    """Move the pinned backend to the front when it is still a candidate."""
+    if pinned is None or ordered[0].identifier == pinned:
+        return ordered
+    for i, backend in enumerate(ordered):
+        if backend.identifier == pinned:
+            return [backend, *ordered[:i], *ordered[i + 1 :]]
+    return ordered

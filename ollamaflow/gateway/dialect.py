@@ -1,0 +1,28 @@
+"""Errors the gateway itself answers, in the dialect of the client that asked."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.web.iweb import IRequest
+
+
+def error_body(path: bytes, status: int, message: str) -> bytes:
+    """OpenAI's error shape under ``/v1/``, Ollama's ``{"error": ...}`` everywhere else."""
+    if path.startswith(b"/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return json.dumps(
+            {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        ).encode()
+    return json.dumps({"error": message}).encode()
+
+
+def refuse(
+    request: IRequest, status: int, message: str, *, retry_after: int | None = None
+) -> bytes:
+    """Set the status and headers of a gateway error on ``request`` and return its body."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    if retry_after is not None:
+        request.setHeader(b"Retry-After", b"%d" % retry_after)
+    return error_body(request.path, status, message)

@@ -1,0 +1,544 @@
+"""The streaming reverse proxy: one client request, relayed to a backend through a pooled Agent.
+
+The response is relayed as it arrives: every read from the backend is one write to the client,
+and the backend connection is the client request's producer, so a slow reader pauses the
+backend instead of growing a buffer. The hot path runs on plain Deferred callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any, BinaryIO, cast
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.gateway import headers as hdrs
+from ollamaflow.gateway.balancer import (
+    Balancer,
+    NoCandidate,
+    StickyPins,
+    candidates,
+    stick,
+)
+from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
+from ollamaflow.gateway.dialect import refuse
+from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.records import Backend, Frontend
+from ollamaflow.runtime import Runtime
+
+log = Logger()
+
+CONNECT_TIMEOUT = 5.0
+#: Pulls and pushes may sit silent for minutes while a registry answers or layers are hashed.
+MODEL_TRANSFER_IDLE = 1800.0
+#: Bodies up to this size are replayed from memory on a retry; larger ones from the spool file.
+_IN_MEMORY_BODY = 1 << 20
+_RETRY_STATUSES = frozenset({502, 503})
+_RETRYABLE = (
+    ConnectError,
+    ConnectionLost,
+    ResponseNeverReceived,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    TimeoutError,
+)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body already in memory, written in one go (replayable: make another)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Discard(Protocol):
+    """Drops a response body we will not relay: read to the end (a 502/503 we retry past,
+    so the connection can be reused) or closed at once (nobody is left to read it)."""
+
+    def __init__(self, close: bool = False) -> None:
+        self.close = close
+
+    def connectionMade(self) -> None:
+        if self.close:
+            _producer(self).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class Gateway:
+    """The resource for everything outside ``/v1.0/``: route, forward, relay, retry."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        runtime: Runtime,
+        reactor: Any,
+        sticky_headers: tuple[str, ...] = (),
+        agent: IAgent | None = None,
+        balancer: Balancer | None = None,
+        on_failure: Callable[[Backend, str], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.runtime = runtime
+        self.clock: IReactorTime = reactor
+        if agent is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 1024
+            pool.cachedConnectionTimeout = 120
+            agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
+            self.pool: HTTPConnectionPool | None = pool
+        else:
+            self.pool = None
+        self.agent = agent
+        self.balancer = balancer or Balancer()
+        self.pins = StickyPins()
+        #: Requests being proxied right now (for draining, metrics and tests).
+        self.exchanges: set[_Exchange] = set()
+        self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
+        #: Called with (backend, reason) when proxying sees a backend fail (passive health).
+        self.on_failure = on_failure
+        registry.subscribe(self._configuration_changed)
+
+    def _configuration_changed(self, catalog: Catalog) -> None:
+        self.pins.prune(catalog)
+        self.balancer.forget(catalog)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.closeCachedConnections()
+
+    def body_limit(self, host: bytes | None) -> int:
+        """The request body limit for a Host: its frontend's MaxRequestBodySize."""
+        name = host.decode("latin-1") if host else ""
+        frontend = self.registry.catalog.frontend_for_host(name)
+        return frontend.max_request_body_size if frontend else 1 << 20
+
+    def render(self, request: Request) -> bytes | int:
+        catalog = self.registry.catalog
+        host = request.getHeader(b"host")
+        host_text = host.decode("latin-1") if host else ""
+        frontend = catalog.frontend_for_host(host_text)
+        if frontend is None:
+            return refuse(request, 404, f"no frontend for host {host_text!r}")
+        if request.clientproto == b"HTTP/1.0" and frontend.block_http10:
+            return refuse(request, 505, "HTTP/1.0 is not supported; use HTTP/1.1")
+        path = request.path
+        request_class = classify(path)
+        if (request_class is RequestClass.EMBEDDINGS and not frontend.allow_embeddings) or (
+            request_class is RequestClass.COMPLETIONS and not frontend.allow_completions
+        ):
+            return refuse(
+                request,
+                403,
+                f"frontend {frontend.identifier!r} does not allow {request_class.value} requests",
+            )
+        document: dict[str, Any] | None = None
+        if request_class is not RequestClass.OTHER:
+            try:
+                document = _json_object(request.content)
+            except ValueError as e:
+                return refuse(request, 400, str(e))
+        label = request.getHeader(b"x-ollamaflow-label")
+        found = candidates(
+            catalog,
+            self.runtime,
+            frontend,
+            request_class,
+            label.decode("latin-1") if label is not None else None,
+        )
+        if isinstance(found, NoCandidate):
+            return refuse(request, 503, found.message, retry_after=1)
+        client = self._client_id(request) if frontend.use_sticky_sessions else None
+        pinned = None
+        if client is not None:
+            pinned = self.pins.lookup(frontend.identifier, client, self.clock.seconds())
+        if pinned is not None and any(b.identifier == pinned for b in found):
+            ordered = stick(found, pinned)
+        else:
+            ordered = self.balancer.order(frontend, found)
+        _Exchange(self, request, frontend, ordered, document, client).start()
+        return NOT_DONE_YET
+
+    def _client_id(self, request: Request) -> str:
+        for name in self.sticky_headers:
+            value = request.getHeader(name)
+            if value:
+                return value.decode("latin-1")
+        return str(request.getClientAddress().host)
+
+
+def _json_object(content: BinaryIO | None) -> dict[str, Any]:
+    raw = content.read() if content is not None else b""
+    if content is not None:
+        content.seek(0)
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise ValueError("the request body must be a JSON object")
+    return document
+
+
+class _Exchange:
+    """One client request's trip through one or more backends."""
+
+    __slots__ = (
+        "_active",
+        "_attempt",
+        "_timed_out",
+        "_ttfb_timer",
+        "client",
+        "client_gone",
+        "document",
+        "frontend",
+        "gateway",
+        "last_error",
+        "relay",
+        "relayed",
+        "remaining",
+        "request",
+        "request_id",
+        "tried",
+    )
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        request: Request,
+        frontend: Frontend,
+        ordered: list[Backend],
+        document: dict[str, Any] | None,
+        client: str | None,
+    ) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.frontend = frontend
+        self.remaining = ordered
+        self.document = document
+        self.client = client
+        self.request_id = str(uuid.uuid4())
+        self.client_gone = False
+        self.relay: _Relay | None = None
+        self.relayed = 0
+        self.last_error = ""
+        self.tried: list[str] = []
+        self._attempt: Deferred[IResponse] | None = None
+        self._ttfb_timer: IDelayedCall | None = None
+        self._active: Backend | None = None
+        self._timed_out = False
+
+    def start(self) -> None:
+        self.gateway.exchanges.add(self)
+        self.request.notifyFinish().addCallbacks(self._finished, self._client_lost)
+        self.request.setHeader(b"X-OllamaFlow-Request", self.request_id.encode())
+        self._next()
+
+    # -- attempts ---------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        if not self.remaining:
+            self._give_up()
+            return
+        backend = self.remaining.pop(0)
+        if not self.frontend.allow_retries:
+            self.remaining = []
+        self.tried.append(backend.identifier)
+        request = self.request
+        try:
+            producer = self._body_for(backend)
+        except ValueError as e:
+            self._answer(400, str(e))
+            return
+        query = request.uri.partition(b"?")[2]
+        if backend.querystring:
+            extra = backend.querystring.encode()
+            query = query + b"&" + extra if query else extra
+        url = backend.base_url.encode() + request.path + (b"?" + query if query else b"")
+        forwarded = hdrs.to_backend(
+            request.requestHeaders,
+            backend,
+            client_ip=str(request.getClientAddress().host),
+            host=request.getHeader(b"host"),
+            proto=b"https" if request.isSecure() else b"http",
+        )
+        self._begin(backend)
+        attempt = self.gateway.agent.request(request.method, url, forwarded, producer)
+        self._attempt = attempt
+        ttfb = self.frontend.timeout_ms / 1000
+        if ttfb:
+            self._ttfb_timer = self.gateway.clock.callLater(ttfb, self._ttfb_expired, attempt)
+        attempt.addCallbacks(
+            self._responded, self._failed, callbackArgs=(backend,), errbackArgs=(backend,)
+        )
+
+    def _body_for(self, backend: Backend) -> IBodyProducer | None:
+        request = self.request
+        document = self.document
+        if document is not None:
+            pins = (
+                (self.frontend.pinned_embeddings_properties, backend.pinned_embeddings_properties)
+                if classify(request.path) is RequestClass.EMBEDDINGS
+                else (
+                    self.frontend.pinned_completions_properties,
+                    backend.pinned_completions_properties,
+                )
+            )
+            if pins[0] or pins[1]:
+                for pinned in pins:
+                    if pinned:
+                        document = deep_merge(document, pinned)
+                return _BytesProducer(json.dumps(document).encode())
+        content = request.content
+        if content is None:
+            return None
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        if size == 0 and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+            return None
+        if size <= _IN_MEMORY_BODY:
+            return _BytesProducer(content.read())
+        return FileBodyProducer(content)
+
+    def _ttfb_expired(self, attempt: Deferred[IResponse]) -> None:
+        self._ttfb_timer = None
+        self._timed_out = True
+        attempt.cancel()
+
+    def _stop_ttfb(self) -> None:
+        if self._ttfb_timer is not None:
+            if self._ttfb_timer.active():
+                self._ttfb_timer.cancel()
+            self._ttfb_timer = None
+
+    def _begin(self, backend: Backend) -> None:
+        self._active = backend
+        self.gateway.runtime.state(backend.identifier).active_requests += 1
+
+    def end_attempt(self) -> None:
+        """Release the backend's in-flight slot, exactly once per attempt."""
+        backend, self._active = self._active, None
+        if backend is not None:
+            state = self.gateway.runtime.states.get(backend.identifier)
+            if state is not None and state.active_requests > 0:
+                state.active_requests -= 1
+
+    def _failed(self, failure: Failure, backend: Backend) -> None:
+        self._attempt = None
+        self._stop_ttfb()
+        self.end_attempt()
+        if self.client_gone:
+            return
+        timed_out, self._timed_out = self._timed_out, False
+        if timed_out:
+            self.last_error = f"no response within {self.frontend.timeout_ms} ms"
+        else:
+            self.last_error = _describe(failure)
+        log.warn(
+            "request {rid}: backend {backend} failed: {error}",
+            rid=self.request_id,
+            backend=backend.identifier,
+            error=self.last_error,
+        )
+        self._backend_failed(backend, self.last_error)
+        if timed_out or failure.check(*_RETRYABLE):
+            self._next()
+        else:
+            self._answer(502, f"backend {backend.identifier!r} failed: {self.last_error}")
+
+    def _responded(self, response: IResponse, backend: Backend) -> None:
+        self._attempt = None
+        self._stop_ttfb()
+        if self.client_gone:
+            response.deliverBody(_Discard(close=True))
+            self.end_attempt()
+            return
+        if response.code in _RETRY_STATUSES and self.remaining:
+            self.last_error = f"backend {backend.identifier!r} answered {response.code}"
+            log.warn("request {rid}: {error}; retrying", rid=self.request_id, error=self.last_error)
+            self._backend_failed(backend, self.last_error)
+            response.deliverBody(_Discard())
+            self.end_attempt()
+            self._next()
+            return
+        if response.code >= 500:
+            self._backend_failed(backend, f"answered {response.code}")
+        request = self.request
+        request.setResponseCode(response.code, response.phrase)
+        hdrs.to_client(response.headers, request.responseHeaders)
+        if response.length is not None and isinstance(response.length, int):
+            request.setHeader(b"Content-Length", b"%d" % response.length)
+        request.setHeader(b"X-OllamaFlow-Backend", backend.identifier.encode())
+        if self.client is not None:
+            expiry = self.frontend.sticky_session_expiration_ms / 1000
+            self.gateway.pins.pin(
+                self.frontend.identifier,
+                self.client,
+                backend.identifier,
+                self.gateway.clock.seconds() + expiry,
+            )
+        if request.method == b"HEAD":
+            response.deliverBody(_Discard())
+            self.end_attempt()
+            request.finish()
+            return
+        idle = self.frontend.timeout_ms / 1000
+        if request.path in MODEL_TRANSFER_PATHS:
+            idle = max(idle, MODEL_TRANSFER_IDLE)
+        self.relay = _Relay(self, backend, idle)
+        response.deliverBody(self.relay)
+
+    def _backend_failed(self, backend: Backend, reason: str) -> None:
+        if self.gateway.on_failure is not None:
+            self.gateway.on_failure(backend, reason)
+
+    # -- endings ----------------------------------------------------------------------------
+
+    def _give_up(self) -> None:
+        tried = ", ".join(self.tried)
+        if self.last_error.startswith("no response within"):
+            self._answer(504, f"{self.last_error} (tried {tried})")
+        else:
+            self._answer(502, f"no backend could answer (tried {tried}): {self.last_error}")
+
+    def _answer(self, status: int, message: str) -> None:
+        log.warn(
+            "request {rid}: {status} {message}", rid=self.request_id, status=status, message=message
+        )
+        body = refuse(self.request, status, message)
+        self.request.setHeader(b"Content-Length", b"%d" % len(body))
+        self.request.write(body)
+        self.request.finish()
+
+    def _finished(self, _: None) -> None:
+        self.gateway.exchanges.discard(self)
+
+    def _client_lost(self, reason: Failure) -> None:
+        self.gateway.exchanges.discard(self)
+        self.client_gone = True
+        self._stop_ttfb()
+        if self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            attempt.cancel()
+        if self.relay is not None:
+            self.relay.client_left()
+
+
+class _Relay(Protocol):
+    """Writes each chunk of the backend's body to the client as it arrives."""
+
+    def __init__(self, exchange: _Exchange, backend: Backend, idle: float) -> None:
+        self.exchange = exchange
+        self.backend = backend
+        self.idle = idle
+        self.timer: IDelayedCall | None = None
+        self.done = False
+
+    def connectionMade(self) -> None:
+        self.exchange.request.registerProducer(_producer(self), True)
+        if self.idle:
+            self.timer = self.exchange.gateway.clock.callLater(self.idle, self._idle_expired)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.timer is not None:
+            self.timer.reset(self.idle)
+        self.exchange.relayed += len(data)
+        self.exchange.request.write(data)
+
+    def _idle_expired(self) -> None:
+        self.timer = None
+        log.warn(
+            "request {rid}: backend {backend} sent nothing for {idle}s; aborting the stream",
+            rid=self.exchange.request_id,
+            backend=self.backend.identifier,
+            idle=self.idle,
+        )
+        _producer(self).stopProducing()
+
+    def client_left(self) -> None:
+        """The client went away: close the backend connection so Ollama stops generating."""
+        if not self.done:
+            _producer(self).stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        exchange = self.exchange
+        exchange.end_attempt()
+        if exchange.client_gone:
+            return
+        request = exchange.request
+        request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.finish()
+            return
+        log.warn(
+            "request {rid}: backend {backend} broke off the response: {error}",
+            rid=exchange.request_id,
+            backend=self.backend.identifier,
+            error=_describe(reason),
+        )
+        exchange._backend_failed(self.backend, "broke off a response")
+        # No terminating chunk: the client sees a truncated response, never a complete one.
+        cast(ITCPTransport, request.channel.transport).abortConnection()
+
+
+def _producer(protocol: Protocol) -> IPushProducer:
+    """A response body protocol's transport: the backend connection, as a push producer."""
+    return cast(IPushProducer, protocol.transport)
+
+
+def _describe(failure: Failure) -> str:
+    value = failure.value
+    reasons = getattr(value, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(r) for r in reasons)
+    text = str(value) or type(value).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,172 @@
+"""The gateway's pure parts: classes, pinned-property merge, headers, candidates and order."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.web.http_headers import Headers
+
+from ollamaflow.catalog import Catalog
+from ollamaflow.gateway import headers as hdrs
+from ollamaflow.gateway.balancer import Balancer, NoCandidate, StickyPins, candidates, stick
+from ollamaflow.gateway.classify import RequestClass, classify
+from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.records import Backend, Frontend, LoadBalancing
+from ollamaflow.runtime import Runtime
+from ollamaflow.store import Snapshot
+
+
+def test_request_classes() -> None:
+    for path in [b"/api/embed", b"/api/embeddings", b"/v1/embeddings", b"/api/embed/"]:
+        assert classify(path) is RequestClass.EMBEDDINGS
+    for path in [
+        b"/api/generate",
+        b"/api/chat",
+        b"/v1/completions",
+        b"/v1/chat/completions",
+        b"/v1/responses",
+        b"/v1/messages",
+    ]:
+        assert classify(path) is RequestClass.COMPLETIONS
+    for path in [b"/api/tags", b"/api/pull", b"/v1/models", b"/", b"/api/chatty"]:
+        assert classify(path) is RequestClass.OTHER
+
+
+def test_deep_merge_objects_recursively_arrays_replaced_pins_win() -> None:
+    body = {"model": "m", "options": {"temperature": 0.9, "stop": ["a"]}, "keep": 1}
+    pinned = {"options": {"temperature": 0.1, "stop": ["z"], "num_ctx": 8192}, "model": "pin"}
+    assert deep_merge(body, pinned) == {
+        "model": "pin",
+        "options": {"temperature": 0.1, "stop": ["z"], "num_ctx": 8192},
+        "keep": 1,
+    }
+    assert body["options"] == {"temperature": 0.9, "stop": ["a"]}, "the input is not changed"
+    assert deep_merge({"options": 3}, {"options": {"a": 1}}) == {"options": {"a": 1}}
+
+
+def test_hop_by_hop_headers_are_stripped_and_forwarding_headers_added() -> None:
+    client = Headers(
+        {
+            b"Host": [b"flow.example:43411"],
+            b"Connection": [b"keep-alive, X-Secret-Hop"],
+            b"Keep-Alive": [b"timeout=5"],
+            b"X-Secret-Hop": [b"1"],
+            b"Transfer-Encoding": [b"chunked"],
+            b"TE": [b"trailers"],
+            b"Upgrade": [b"h2c"],
+            b"Proxy-Authorization": [b"Basic x"],
+            b"Content-Length": [b"12"],
+            b"X-Forwarded-For": [b"10.1.1.1"],
+            b"Authorization": [b"Bearer client"],
+            b"X-App": [b"kept"],
+        }
+    )
+    backend = Backend(identifier="b", bearer_token="backend-secret", headers={"X-Tenant": "blue"})
+    out = hdrs.to_backend(
+        client, backend, client_ip="127.0.0.9", host=b"flow.example:43411", proto=b"http"
+    )
+    names = {name.lower() for name, _ in out.getAllRawHeaders()}
+    for gone in [
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"x-secret-hop",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"proxy-authorization",
+        b"content-length",
+    ]:
+        assert gone not in names, gone
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"10.1.1.1, 127.0.0.9"]
+    assert out.getRawHeaders(b"x-forwarded-host") == [b"flow.example:43411"]
+    assert out.getRawHeaders(b"x-forwarded-proto") == [b"http"]
+    assert out.getRawHeaders(b"authorization") == [b"Bearer backend-secret"]
+    assert out.getRawHeaders(b"x-tenant") == [b"blue"]
+    assert out.getRawHeaders(b"x-app") == [b"kept"]
+
+    response = Headers()
+    hdrs.to_client(
+        Headers(
+            {
+                b"Content-Type": [b"application/x-ndjson"],
+                b"Connection": [b"close"],
+                b"Transfer-Encoding": [b"chunked"],
+                b"Content-Length": [b"3"],
+            }
+        ),
+        response,
+    )
+    assert [n.lower() for n, _ in response.getAllRawHeaders()] == [b"content-type"]
+
+
+def _catalog(*backends: Backend, **frontend: Any) -> tuple[Catalog, Frontend]:
+    fe = Frontend(identifier="f", backends=tuple(b.identifier for b in backends), **frontend)
+    return Catalog.build(Snapshot(1, (fe,), backends)), fe
+
+
+def _healthy(runtime: Runtime, *identifiers: str) -> None:
+    for i in identifiers:
+        runtime.state(i).succeeded(_now(), threshold=1)
+
+
+def _now() -> datetime:
+    return datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_candidates_filter_and_explain_why_none() -> None:
+    a = Backend(identifier="a", labels=("gpu",))
+    b = Backend(identifier="b", allow_embeddings=False)
+    c = Backend(identifier="c", active=False)
+    catalog, fe = _catalog(a, b, c)
+    runtime = Runtime()
+    found = candidates(catalog, runtime, fe, RequestClass.OTHER, None)
+    assert isinstance(found, NoCandidate) and "none of its 2 backends is healthy" in found.message
+    _healthy(runtime, "a", "b", "c")
+    assert candidates(catalog, runtime, fe, RequestClass.OTHER, None) == [a, b]
+    assert candidates(catalog, runtime, fe, RequestClass.EMBEDDINGS, None) == [a]
+    assert candidates(catalog, runtime, fe, RequestClass.OTHER, "gpu") == [a]
+    none = candidates(catalog, runtime, fe, RequestClass.OTHER, "tpu")
+    assert isinstance(none, NoCandidate) and "label 'tpu'" in none.message
+    catalog2, fe2 = _catalog(b)
+    none = candidates(catalog2, runtime, fe2, RequestClass.EMBEDDINGS, None)
+    assert isinstance(none, NoCandidate) and "allows embeddings" in none.message
+    catalog3, fe3 = _catalog(c)
+    none = candidates(catalog3, runtime, fe3, RequestClass.OTHER, None)
+    assert isinstance(none, NoCandidate) and "no active backends" in none.message
+
+
+def test_round_robin_is_exactly_even_and_rotates_the_rest_for_retries() -> None:
+    backends = [Backend(identifier=n) for n in "abc"]
+    _, fe = _catalog(*backends)
+    balancer = Balancer()
+    firsts = [balancer.order(fe, backends)[0].identifier for _ in range(300)]
+    assert {n: firsts.count(n) for n in "abc"} == {"a": 100, "b": 100, "c": 100}
+    assert [b.identifier for b in balancer.order(fe, backends)] == ["a", "b", "c"]
+    assert [b.identifier for b in balancer.order(fe, backends)] == ["b", "c", "a"]
+
+
+def test_random_order_uses_every_backend() -> None:
+    backends = [Backend(identifier=n) for n in "abc"]
+    _, fe = _catalog(*backends, load_balancing=LoadBalancing.RANDOM)
+    balancer = Balancer(rng=random.Random(7))
+    firsts = {balancer.order(fe, backends)[0].identifier for _ in range(100)}
+    assert firsts == {"a", "b", "c"}
+
+
+def test_sticky_pins_slide_expire_and_are_pruned() -> None:
+    pins = StickyPins()
+    pins.pin("f", "client", "b", until=100.0)
+    assert pins.lookup("f", "client", now=99.0) == "b"
+    assert pins.lookup("f", "client", now=100.0) is None, "expired pins are not used"
+    pins.pin("f", "c1", "a", until=10.0)
+    pins.pin("f", "c2", "b", until=50.0)
+    assert pins.sweep(now=20.0) == 1 and len(pins) == 1
+    catalog, _ = _catalog(Backend(identifier="a"))
+    pins.prune(catalog)
+    assert len(pins) == 0, "a pin to a backend the frontend no longer lists goes"
+    backends = [Backend(identifier=n) for n in "abc"]
+    assert [b.identifier for b in stick(backends, "c")] == ["c", "a", "b"]
+    assert stick(backends, "z") == backends
