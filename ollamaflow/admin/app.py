@@ -1,0 +1,260 @@
+"""The admin routes: frontends, backends, and health, read from the live catalog."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+import attrs
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from ollamaflow import __version__
+from ollamaflow.admin.errors import ApiError, write_error
+from ollamaflow.catalog import Registry
+from ollamaflow.records import Backend, Frontend, parse_record
+from ollamaflow.runtime import Runtime, format_timespan
+from ollamaflow.store import (
+    BackendInUse,
+    DuplicateIdentifier,
+    StoreError,
+    UnknownBackends,
+)
+from ollamaflow.store import (
+    NotFound as RecordNotFound,
+)
+from ollamaflow.wire import FieldError, to_wire
+
+R = TypeVar("R", Frontend, Backend)
+
+_STORE_ERRORS: dict[type[StoreError], int] = {
+    RecordNotFound: 404,
+    DuplicateIdentifier: 409,
+    BackendInUse: 409,
+    UnknownBackends: 400,
+}
+
+
+def _json(request: IRequest, data: object, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(data).encode()
+
+
+def _read_json(request: IRequest) -> object:
+    raw = request.content.read() if request.content is not None else b""
+    if not raw.strip():
+        raise ApiError(400, "the request has no body; a JSON object is expected")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from e
+
+
+def _parse(cls: type[R], request: IRequest, identifier: str | None = None) -> R:
+    data = _read_json(request)
+    if identifier is not None and isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k.lower() != "identifier"}
+        data["Identifier"] = identifier
+    try:
+        record, unknown = parse_record(cls, data)
+    except FieldError as e:
+        raise ApiError(400, str(e)) from e
+    if unknown:
+        raise ApiError(400, f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+    return record
+
+
+def _flag(request: IRequest, name: bytes) -> bool:
+    values: Sequence[bytes] = (request.args or {}).get(name, [])
+    if not values:
+        return False
+    value = values[-1].lower()
+    if value in (b"true", b"1", b"yes"):
+        return True
+    if value in (b"false", b"0", b"no", b""):
+        return False
+    raise ApiError(400, f"query parameter {name.decode()}: expected true or false")
+
+
+@attrs.define
+class AdminApi:
+    """The ``/v1.0/`` routes; ``render`` checks the bearer token before any route runs."""
+
+    registry: Registry
+    runtime: Runtime
+    tokens: Sequence[str]
+    now: Callable[[], datetime]
+    started: datetime
+    _log: Logger = attrs.field(factory=Logger)
+
+    app = Klein()
+
+    def resource(self) -> _Authenticated:
+        return _Authenticated(self, self.app.resource())
+
+    def authorized(self, request: IRequest) -> bool:
+        header = request.getHeader(b"Authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # Compare against every token so the time taken says nothing about which one matched.
+        matched = False
+        for candidate in self.tokens:
+            matched |= hmac.compare_digest(token.strip(), candidate.encode())
+        return matched
+
+    # -- frontends ------------------------------------------------------------------------
+
+    @app.route("/v1.0/frontends", methods=["GET"])
+    def list_frontends(self, request: IRequest) -> bytes:
+        return _json(request, [to_wire(fe) for fe in self.registry.catalog.frontends.values()])
+
+    @app.route("/v1.0/frontends/<string:identifier>", methods=["GET"])
+    def get_frontend(self, request: IRequest, identifier: str) -> bytes:
+        return _json(request, to_wire(self._frontend(identifier)))
+
+    @app.route("/v1.0/frontends", methods=["PUT", "POST"])
+    async def create_frontend(self, request: IRequest) -> bytes:
+        stored = await self.registry.create_frontend(_parse(Frontend, request))
+        return _json(request, to_wire(stored), 201)
+
+    @app.route("/v1.0/frontends/<string:identifier>", methods=["PUT"])
+    async def replace_frontend(self, request: IRequest, identifier: str) -> bytes:
+        stored = await self.registry.replace_frontend(_parse(Frontend, request, identifier))
+        return _json(request, to_wire(stored))
+
+    @app.route("/v1.0/frontends/<string:identifier>", methods=["DELETE"])
+    async def delete_frontend(self, request: IRequest, identifier: str) -> bytes:
+        await self.registry.delete_frontend(identifier)
+        request.setResponseCode(204)
+        return b""
+
+    # -- backends -------------------------------------------------------------------------
+
+    @app.route("/v1.0/backends", methods=["GET"])
+    def list_backends(self, request: IRequest) -> bytes:
+        return _json(request, [to_wire(be) for be in self.registry.catalog.backends.values()])
+
+    @app.route("/v1.0/backends/health", methods=["GET"])
+    def all_health(self, request: IRequest) -> bytes:
+        return _json(request, [self._health(be) for be in self.registry.catalog.backends.values()])
+
+    @app.route("/v1.0/backends/<string:identifier>", methods=["GET"])
+    def get_backend(self, request: IRequest, identifier: str) -> bytes:
+        return _json(request, to_wire(self._backend(identifier)))
+
+    @app.route("/v1.0/backends/<string:identifier>/health", methods=["GET"])
+    def backend_health(self, request: IRequest, identifier: str) -> bytes:
+        return _json(request, self._health(self._backend(identifier)))
+
+    @app.route("/v1.0/backends", methods=["PUT", "POST"])
+    async def create_backend(self, request: IRequest) -> bytes:
+        stored = await self.registry.create_backend(_parse(Backend, request))
+        return _json(request, to_wire(stored), 201)
+
+    @app.route("/v1.0/backends/<string:identifier>", methods=["PUT"])
+    async def replace_backend(self, request: IRequest, identifier: str) -> bytes:
+        stored = await self.registry.replace_backend(_parse(Backend, request, identifier))
+        return _json(request, to_wire(stored))
+
+    @app.route("/v1.0/backends/<string:identifier>", methods=["DELETE"])
+    async def delete_backend(self, request: IRequest, identifier: str) -> bytes:
+        await self.registry.delete_backend(identifier, force=_flag(request, b"force"))
+        request.setResponseCode(204)
+        return b""
+
+    # -- the daemon -----------------------------------------------------------------------
+
+    @app.route("/v1.0/health", methods=["GET"])
+    def daemon_health(self, request: IRequest) -> bytes:
+        catalog = self.registry.catalog
+        healthy = sum(
+            1 for be in catalog.backends.values() if self.runtime.state(be.identifier).healthy
+        )
+        now = self.now()
+        return _json(
+            request,
+            {
+                "Status": "Running",
+                "Version": __version__,
+                "StartedUtc": self.started.isoformat().replace("+00:00", "Z"),
+                "Uptime": format_timespan(now - self.started),
+                "Frontends": len(catalog.frontends),
+                "Backends": len(catalog.backends),
+                "HealthyBackends": healthy,
+                "UnhealthyBackends": len(catalog.backends) - healthy,
+            },
+        )
+
+    # -- errors ---------------------------------------------------------------------------
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = cast(ApiError, failure.value)
+        return write_error(request, error.status, error.description)
+
+    @app.handle_errors(StoreError)
+    def store_error(self, request: IRequest, failure: Failure) -> bytes:
+        status = _STORE_ERRORS.get(cast(type[StoreError], type(failure.value)), 500)
+        return write_error(request, status, str(failure.value))
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return write_error(request, 404, f"no route {request.path.decode(errors='replace')}")
+
+    @app.handle_errors(MethodNotAllowed)
+    def wrong_method(self, request: IRequest, failure: Failure) -> bytes:
+        allowed: list[str] = getattr(failure.value, "valid_methods", None) or []
+        if allowed:
+            request.setHeader(b"Allow", ", ".join(allowed).encode())
+        method = request.method.decode(errors="replace")
+        return write_error(request, 405, f"{method} is not allowed on {request.path.decode()}")
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        reference = uuid.uuid4().hex
+        self._log.failure("admin request failed ({reference})", failure, reference=reference)
+        return write_error(request, 500, f"see the daemon's log, reference {reference}")
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _frontend(self, identifier: str) -> Frontend:
+        found = self.registry.catalog.frontends.get(identifier)
+        if found is None:
+            raise ApiError(404, f"frontend {identifier!r} does not exist")
+        return found
+
+    def _backend(self, identifier: str) -> Backend:
+        found = self.registry.catalog.backends.get(identifier)
+        if found is None:
+            raise ApiError(404, f"backend {identifier!r} does not exist")
+        return found
+
+    def _health(self, backend: Backend) -> dict[str, Any]:
+        out = to_wire(backend)
+        out.update(self.runtime.state(backend.identifier).to_wire(self.now()))
+        out["Frontends"] = list(self.registry.catalog.frontends_listing(backend.identifier))
+        return out
+
+
+@attrs.frozen
+class _Authenticated:
+    """Answers 401 before routing unless the request carries an admin bearer token."""
+
+    api: AdminApi
+    routes: IResource
+
+    def render(self, request: IRequest) -> Any:
+        if not self.api.authorized(request):
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="ollamaflow"')
+            return write_error(request, 401, "a valid 'Authorization: Bearer <token>' is required")
+        return self.routes.render(request)

@@ -1,0 +1,144 @@
+"""The daemon as a Twisted service: live configuration, admin API and the main listener.
+
+Built from an open store and its first snapshot, so ``twistd`` can prepare the database before
+the reactor runs and tests can build one in-process on port 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from ollamaflow.admin.app import AdminApi
+from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.gateway.proxy import Gateway
+from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, OllamaFlowSite, Root
+from ollamaflow.runtime import Runtime, utc_clock
+from ollamaflow.settings import LoadedSettings
+from ollamaflow.store import Snapshot, Store
+
+log = Logger()
+
+STICKY_SWEEP_SECONDS = 60.0
+
+
+def listen_interface(hostname: str) -> str:
+    """The address to bind for ``Webserver.Hostname``: ``*`` means every IPv4 interface."""
+    if hostname in ("*", "+", "0.0.0.0"):
+        return "0.0.0.0"
+    if hostname.lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(hostname.strip("[]")))
+    except ValueError:
+        # A host name: resolved once, at start-up, before the reactor serves anything.
+        return socket.gethostbyname(hostname)
+
+
+class Daemon(MultiService):
+    """Everything one OllamaFlow process runs; background services are its children."""
+
+    def __init__(
+        self,
+        *,
+        loaded: LoadedSettings,
+        store: Store,
+        snapshot: Snapshot,
+        reactor: Any,
+        port: int | None = None,
+        log_observer: ILogObserver | None = None,
+    ) -> None:
+        super().__init__()
+        self.loaded = loaded
+        self.store = store
+        self.reactor: IReactorTCP = reactor
+        self.reactor_time: IReactorTime = reactor
+        self.now = utc_clock(reactor.seconds)
+        self.started = self.now()
+        self.runtime = Runtime()
+        self.registry = Registry(store, Catalog.build(snapshot))
+        self.registry.subscribe(lambda catalog: self.runtime.forget_all_but(catalog.backends))
+        settings = loaded.settings
+        self.admin = AdminApi(
+            self.registry, self.runtime, settings.admin_bearer_tokens, self.now, self.started
+        )
+        self.gateway = Gateway(
+            registry=self.registry,
+            runtime=self.runtime,
+            reactor=reactor,
+            sticky_headers=settings.sticky_headers,
+        )
+        self.root = Root(self.admin.resource(), self.gateway)
+        self.site = OllamaFlowSite(self.root, self._body_limit)
+        sweeper = TimerService(STICKY_SWEEP_SECONDS, self._sweep_pins)
+        sweeper.clock = reactor
+        sweeper.setServiceParent(self)
+        self.port_number = settings.webserver.port if port is None else port
+        self.interface = listen_interface(settings.webserver.hostname)
+        self.listening: IListeningPort | None = None
+        self.log_observer = log_observer
+
+    def _body_limit(self, path: bytes, host: bytes | None) -> int:
+        if path.startswith(ADMIN_PREFIX):
+            return ADMIN_MAX_BODY
+        return self.gateway.body_limit(host)
+
+    def _sweep_pins(self) -> None:
+        self.gateway.pins.sweep(self.reactor_time.seconds())
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd, the application's log observer is ours (level, console, file)."""
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        site: Any = self.site
+        try:
+            self.listening = self.reactor.listenTCP(
+                self.port_number, site, backlog=1024, interface=self.interface
+            )
+        except CannotListenError as e:
+            raise SystemExit(
+                f"ollamaflow: cannot listen on {self.interface}:{self.port_number}: {e.socketError}"
+            ) from None
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.privilegedStartService()
+        for warning in self.loaded.warnings:
+            log.warn("settings {path}: {warning}", path=str(self.loaded.path), warning=warning)
+        address = self.address
+        log.info(
+            "OllamaFlow listening on http://{host}:{port}/ (admin API under /v1.0/), database {db}",
+            host=address.host,
+            port=address.port,
+            db=str(self.loaded.database_path),
+        )
+        super().startService()
+
+    @property
+    def address(self) -> Any:
+        assert self.listening is not None, "not listening"
+        return self.listening.getHost()
+
+    async def _stop(self) -> None:
+        if self.listening is not None:
+            await maybeDeferred(self.listening.stopListening)
+            self.listening = None
+        await super().stopService()
+        await self.gateway.close()
+        await self.store.close()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
