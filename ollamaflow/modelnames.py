@@ -1,0 +1,102 @@
+"""Ollama model names: parse, display and compare them the way Ollama does.
+
+`llama3`, `llama3:latest`, `library/llama3:latest` and `registry.ollama.ai/library/llama3:latest`
+name the same model; parts compare case-insensitively.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+
+# Ollama's part rules: letters, digits, `_`, `-`, `.`; hosts may carry a `:port`.
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[0-9]+)?\Z")
+_DIGEST = re.compile(r"sha256[:\-][0-9a-fA-F]{64}\Z")
+
+
+class InvalidModelName(ValueError):
+    """Raised for a string that is not a valid Ollama model name."""
+
+
+@attrs.frozen
+class ModelName:
+    """A parsed model name with defaults filled in; case is kept as written."""
+
+    host: str
+    namespace: str
+    model: str
+    tag: str
+    digest: str = ""
+
+    def display(self) -> str:
+        """The shortest form Ollama shows: default host and `library` namespace dropped."""
+        if self.host.lower() == DEFAULT_HOST:
+            if self.namespace.lower() == DEFAULT_NAMESPACE:
+                base = f"{self.model}:{self.tag}"
+            else:
+                base = f"{self.namespace}/{self.model}:{self.tag}"
+        else:
+            base = f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+        return f"{base}@{self.digest}" if self.digest else base
+
+    def key(self) -> str:
+        """The comparable key: the display form, lower-cased."""
+        return self.display().lower()
+
+    def full(self) -> str:
+        """The fully qualified form `host/namespace/model:tag`."""
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+
+def parse(name: str) -> ModelName:
+    """Parse `[scheme://][host/][namespace/]model[:tag][@digest]`; raise `InvalidModelName`."""
+    s = name.strip()
+    digest = ""
+    if "@" in s:
+        s, digest = s.rsplit("@", 1)
+        if not _DIGEST.match(digest):
+            raise InvalidModelName(f"invalid model name {name!r}")
+        digest = digest.lower().replace("sha256-", "sha256:")
+    if "://" in s:
+        s = s.split("://", 1)[1]
+    tag = ""
+    # A ":" before the last "/" belongs to a host:port, not to the tag.
+    if s.rfind(":") > s.rfind("/"):
+        s, tag = s.rsplit(":", 1)
+        if tag and not _PART.match(tag):
+            raise InvalidModelName(f"invalid model name {name!r}")
+    parts = s.split("/")
+    if len(parts) > 3:
+        raise InvalidModelName(f"invalid model name {name!r}")
+    model = parts[-1]
+    namespace = parts[-2] if len(parts) >= 2 else DEFAULT_NAMESPACE
+    host = parts[-3] if len(parts) == 3 else DEFAULT_HOST
+    if not (_PART.match(model) and _PART.match(namespace) and _HOST.match(host)):
+        raise InvalidModelName(f"invalid model name {name!r}")
+    return ModelName(
+        host=host, namespace=namespace, model=model, tag=tag or DEFAULT_TAG, digest=digest
+    )
+
+
+def normalize(name: str) -> str:
+    """The canonical comparable key of a model name (`LLama3` → `llama3:latest`)."""
+    return parse(name).key()
+
+
+def display(name: str) -> str:
+    """The name as Ollama displays it (`registry.ollama.ai/library/llama3` → `llama3:latest`)."""
+    return parse(name).display()
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two names refer to the same model; invalid names match nothing."""
+    try:
+        return normalize(a) == normalize(b)
+    except InvalidModelName:
+        return False

@@ -1,0 +1,60 @@
+"""What the simulator saw: request counts, concurrency and lifecycle events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+@attrs.define
+class Counters:
+    """Plain counters the request path bumps; read through `/_sim/state` or in-process."""
+
+    requests: dict[str, int] = attrs.Factory(dict)
+    """API requests per route path (unknown paths count under `other`)."""
+    statuses: dict[int, int] = attrs.Factory(dict)
+    """Finished API responses per HTTP status."""
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    client_disconnects: int = 0
+    """Requests whose client went away before the response finished."""
+    dropped_streams: int = 0
+    """Streams cut by the `drop_mid_stream_after` fault."""
+    busy_rejections: int = 0
+    """Requests answered 503 because the load queue was full."""
+    loads: int = 0
+    unloads: int = 0
+    pulls: int = 0
+    """Pulls that finished with `success`."""
+    pull_failures: int = 0
+    tokens: int = 0
+    """Tokens streamed or returned by generate, chat and the OpenAI routes."""
+
+    def started(self, path: str) -> None:
+        """Count an API request entering the server."""
+        self.requests[path] = self.requests.get(path, 0) + 1
+        self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
+
+    def finished(self, status: int | None) -> None:
+        """Count an API request leaving the server; `None` when it ended without a response."""
+        self.in_flight -= 1
+        if status is not None:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def reset(self) -> None:
+        """Zero everything except the live `in_flight` gauge."""
+        in_flight = self.in_flight
+        fresh = Counters()
+        for field in attrs.fields(Counters):
+            setattr(self, field.name, getattr(fresh, field.name))
+        self.in_flight = in_flight
+        self.peak_in_flight = in_flight
+
+    def as_json(self) -> dict[str, Any]:
+        """The counters as a JSON-able dict (status keys become strings)."""
+        data = attrs.asdict(self)
+        data["statuses"] = {str(k): v for k, v in sorted(self.statuses.items())}
+        return data
