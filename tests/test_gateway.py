@@ -585,3 +585,33 @@ async def test_pinned_properties_are_merged_frontend_then_backend(
     response = await cluster.request("POST", "/api/show", data=b"raw body, not touched")
     await response.content()
     assert recorded.seen[-1].body == b"raw body, not touched"
+
+
+# -- model management across the frontend ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_delete_reaches_every_backend_and_leaves_required_models(
+    cluster: Cluster,
+) -> None:
+    await cluster.frontend(["sim0", "sim1", "sim2"], RequiredModels=["llama3", "all-minilm"])
+    await in_thread(lambda: cluster.client(timeout=10).delete("llama3:latest"))
+    for sim in cluster.sims:
+        response = await treq.get(sim.url + "/api/tags")
+        names = [m["name"] for m in (await response.json())["models"]]
+        assert names == ["all-minilm:latest"], sim.url
+    frontend = (await cluster.http.get("/v1.0/frontends/frontend1")).json
+    assert frontend["RequiredModels"] == ["all-minilm"]
+    response = await cluster.request("DELETE", "/api/delete", json={"name": "llama3"})
+    assert response.code == 404
+    assert await response.json() == {"error": "model 'llama3' not found"}
+    response = await cluster.request("DELETE", "/api/delete", data=b"nope")
+    assert response.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delete_that_fails_somewhere_names_the_backend(cluster: Cluster) -> None:
+    await cluster.sims[1].configure(error500=True)
+    response = await cluster.request("DELETE", "/api/delete", json={"model": "llama3"})
+    assert response.code == 502
+    assert "sim1" in (await response.json())["error"]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, BinaryIO, cast
+from urllib.parse import unquote
 
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import (
@@ -38,7 +40,9 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from ollamaflow import modelnames
 from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.gateway import fanout, fleet
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.balancer import (
     Balancer,
@@ -120,7 +124,9 @@ class Gateway:
         sticky_headers: tuple[str, ...] = (),
         agent: IAgent | None = None,
         balancer: Balancer | None = None,
+        inventory: fleet.Inventory | None = None,
         on_failure: Callable[[Backend, str], None] | None = None,
+        on_models_changed: Callable[[str], object] | None = None,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
@@ -134,8 +140,12 @@ class Gateway:
         else:
             self.pool = None
         self.agent = agent
+        self.http = HTTPClient(agent)
+        #: Called with a backend id after the gateway changed its models (delete, pull).
+        self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
         self.pins = StickyPins()
+        self.inventory = inventory
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges: set[_Exchange] = set()
         self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
@@ -182,6 +192,11 @@ class Gateway:
                 document = _json_object(request.content)
             except ValueError as e:
                 return refuse(request, 400, str(e))
+        elif path in _NAMES_A_MODEL and request.method == b"POST":
+            try:
+                document = _json_object(request.content)
+            except ValueError:
+                document = None  # the backend will say what is wrong with it
         label = request.getHeader(b"x-ollamaflow-label")
         found = candidates(
             catalog,
@@ -192,6 +207,18 @@ class Gateway:
         )
         if isinstance(found, NoCandidate):
             return refuse(request, 503, found.message, retry_after=1)
+        if path == b"/api/delete" and request.method == b"DELETE":
+            return self._delete_everywhere(request, frontend, found)
+        inventory = self.inventory
+        model = _model_of(document, path) if document is not None else None
+        if inventory is not None:
+            answered = self._fleet(request, inventory, found)
+            if answered is not None:
+                return answered
+            if model is not None:
+                found = [b for b in found if inventory.has(b.identifier, model) is not False]
+                if not found:
+                    return refuse(request, 404, f"model '{model}' not found")
         client = self._client_id(request) if frontend.use_sticky_sessions else None
         pinned = None
         if client is not None:
@@ -200,8 +227,72 @@ class Gateway:
             ordered = stick(found, pinned)
         else:
             ordered = self.balancer.order(frontend, found)
+            if inventory is not None and model is not None and len(ordered) > 1:
+                ordered = warm_first(inventory, ordered, model)
         _Exchange(self, request, frontend, ordered, document, client).start()
         return NOT_DONE_YET
+
+    def _delete_everywhere(
+        self, request: Request, frontend: Frontend, found: list[Backend]
+    ) -> bytes | int:
+        """A client's delete reaches every healthy backend; the model leaves RequiredModels."""
+        try:
+            document = _json_object(request.content)
+        except ValueError as e:
+            return refuse(request, 400, str(e))
+        model = _model_of(document, b"/api/delete")
+        if model is None:
+            return refuse(request, 400, "model is required")
+        body = json.dumps(document).encode()
+
+        async def run() -> None:
+            outcomes = await fanout.delete_everywhere(
+                self.http, request, found, body, frontend.timeout_ms / 1000 or None
+            )
+            status, error = fanout.summarize_delete(model, outcomes)
+            if status == 200:
+                await fanout.with_required(self.registry, frontend, model, keep=False)
+            for outcome in outcomes:
+                if outcome.status == 200 and self.on_models_changed is not None:
+                    self.on_models_changed(outcome.backend.identifier)
+            if not request._disconnected:
+                if error is None:
+                    request.setHeader(b"Content-Length", b"0")
+                    request.finish()
+                else:
+                    _finish_json(request, status, error)
+
+        _run_detached(request, run(), "delete")
+        return NOT_DONE_YET
+
+    def _fleet(
+        self, request: Request, inventory: fleet.Inventory, found: list[Backend]
+    ) -> bytes | None:
+        """Answer the model catalog routes from the inventory of the frontend's backends."""
+        method, path = request.method, request.path
+        if method not in (b"GET", b"HEAD"):
+            return None
+        if path == b"/api/tags":
+            answer = fleet.tags
+        elif path == b"/api/ps":
+            answer = fleet.ps
+        elif path == b"/v1/models":
+            answer = fleet.openai_models
+        elif path.startswith(b"/v1/models/"):
+            readable = [b for b in found if inventory.known(b.identifier)]
+            if not readable:
+                return None
+            name = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
+            body = fleet.openai_model(inventory, readable, name)
+            if body is None:
+                return refuse(request, 404, f"model '{name}' not found")
+            return _json_answer(request, body)
+        else:
+            return None
+        readable = [b for b in found if inventory.known(b.identifier)]
+        if not readable:
+            return None
+        return _json_answer(request, answer(inventory, readable))
 
     def _client_id(self, request: Request) -> str:
         for name in self.sticky_headers:
@@ -209,6 +300,59 @@ class Gateway:
             if value:
                 return value.decode("latin-1")
         return str(request.getClientAddress().host)
+
+
+#: Non-completion requests that name a model which must exist on the chosen backend.
+_NAMES_A_MODEL = frozenset({b"/api/show", b"/api/copy", b"/api/push"})
+
+
+def _model_of(document: Mapping[str, Any], path: bytes) -> str | None:
+    """The model a request names (``model``, legacy ``name``, copy's ``source``), if valid."""
+    name = document.get("source") if path == b"/api/copy" else None
+    if name is None:
+        name = document.get("model") or document.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        modelnames.parse(name)
+    except modelnames.InvalidModelName:
+        return None
+    return name
+
+
+def warm_first(inventory: fleet.Inventory, ordered: list[Backend], model: str) -> list[Backend]:
+    """Backends with the model already loaded first (no cold load), order otherwise kept."""
+    warm = [b for b in ordered if inventory.is_loaded(b.identifier, model)]
+    if not warm or len(warm) == len(ordered):
+        return ordered
+    return warm + [b for b in ordered if b not in warm]
+
+
+def _run_detached(request: Request, work: Coroutine[Any, Any, None], what: str) -> None:
+    """Run a fan-out; a bug becomes a logged 500 in the client's dialect, never a hang."""
+
+    def failed(failure: Failure) -> None:
+        log.failure("{what} across the fleet failed", failure, what=what)
+        if not request._disconnected and not request.finished:
+            _finish_json(request, 500, {"error": f"{what} failed; see the gateway's log"})
+
+    Deferred.fromCoroutine(work).addErrback(failed)
+
+
+def _finish_json(request: Request, status: int, document: object) -> None:
+    body = json.dumps(document).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def _json_answer(request: Request, body: bytes) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.setHeader(b"X-OllamaFlow-Request", str(uuid.uuid4()).encode())
+    return body
 
 
 def _json_object(content: BinaryIO | None) -> dict[str, Any]:
