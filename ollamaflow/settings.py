@@ -68,6 +68,11 @@ class Settings:
         StrList(item=_HEADER), default=("x-conversation-id", "x-thread-id")
     )
     logging: Logging = field(Nested(Logging), factory=Logging)
+    health_check_interval_ms: int = field(Int(100, 86_400_000), default=5000)
+    health_check_timeout_ms: int = field(Int(100, 600_000), default=3000)
+    model_refresh_interval_ms: int = field(Int(1000, 86_400_000), default=30000)
+    max_concurrent_pulls: int = field(Int(1, 64), default=3)
+    pull_idle_timeout_ms: int = field(Int(1000, 86_400_000), default=600_000)
 
 
 class SettingsError(Exception):

@@ -21,6 +21,9 @@ def test_missing_file_is_written_with_1_2_defaults(tmp_path: Path) -> None:
     assert written["StickyHeaders"] == ["x-conversation-id", "x-thread-id"]
     assert written["Logging"]["ConsoleLogging"] is True
     assert written["Logging"]["MinimumSeverity"] == 1
+    assert written["HealthCheckIntervalMs"] == 5000
+    assert written["ModelRefreshIntervalMs"] == 30000
+    assert written["MaxConcurrentPulls"] == 3
     again = load_settings(path)
     assert not again.created
     assert again.settings == loaded.settings
@@ -73,6 +76,7 @@ def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
         ),
         ({"Webserver": {"Port": "80"}}, 'Webserver.Port: "80" is not allowed'),
         ({"Logging": {"MinimumSeverity": -1}}, "Logging.MinimumSeverity: -1 is not allowed"),
+        ({"HealthCheckIntervalMs": -5000}, "HealthCheckIntervalMs: -5000 is not allowed"),
         ({"StickyHeaders": "x-id"}, 'StickyHeaders: "x-id" is not allowed; expected an array'),
         ({"AdminBearerTokens": ["has space"]}, "AdminBearerTokens[0]:"),
         ({"Webserver": []}, "Webserver: [] is not allowed; expected a JSON object"),

@@ -92,4 +92,3 @@ def summarize_delete(model: str, outcomes: Sequence[Outcome]) -> tuple[int, dict
     if not any(o.status == 200 for o in outcomes):
         return 404, {"error": f"model '{model}' not found"}
     return 200, None
-
