@@ -1,0 +1,188 @@
+"""Active and passive health checks: one loop per active backend, judged by its thresholds.
+
+A backend is checked at start-up and as soon as it is created or changed, then every
+``interval``; a deleted or deactivated backend's loop stops at once (its in-flight check is
+cancelled and never written). Failures seen by the proxy count as failed checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.records import Backend
+from ollamaflow.runtime import Runtime, utc_clock
+from ollamaflow.services.common import (
+    NETWORK_ERRORS,
+    backend_headers,
+    backend_url,
+    describe,
+    drain,
+)
+
+log = Logger()
+
+TransitionCallback = Callable[[Backend, bool], None]
+
+
+@attrs.define(eq=False)
+class _Loop:
+    """The check loop of one backend, for one version of its record."""
+
+    backend: Backend
+    timer: IDelayedCall | None = None
+    running: Deferred[None] | None = None
+    stopped: bool = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.running is not None:
+            self.running.cancel()
+
+
+class HealthChecker(Service):
+    """Checks every active backend every ``interval`` seconds (``timeout`` seconds each)."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        runtime: Runtime,
+        clock: IReactorTime,
+        http: Any,
+        interval: float,
+        timeout: float,
+        on_transition: TransitionCallback | None = None,
+    ) -> None:
+        self.registry = registry
+        self.runtime = runtime
+        self.clock = clock
+        self.http = http
+        self.interval = interval
+        self.timeout = timeout
+        self.on_transition = on_transition
+        self.now = utc_clock(clock.seconds)
+        self._loops: dict[str, _Loop] = {}
+        registry.subscribe(self.configuration_changed)
+
+    def startService(self) -> None:
+        super().startService()
+        self.configuration_changed(self.registry.catalog)
+
+    def stopService(self) -> Deferred[None] | None:
+        loops, self._loops = self._loops, {}
+        for loop in loops.values():
+            loop.stop()
+        return super().stopService()
+
+    def configuration_changed(self, catalog: Catalog) -> None:
+        """Registry listener: start loops for new or changed backends, stop removed ones."""
+        if not self.running:
+            return
+        for identifier, loop in list(self._loops.items()):
+            backend = catalog.backends.get(identifier)
+            if backend is None or not backend.active or backend != loop.backend:
+                del self._loops[identifier]
+                loop.stop()
+        for backend in catalog.backends.values():
+            if backend.active and backend.identifier not in self._loops:
+                loop = self._loops[backend.identifier] = _Loop(backend)
+                self._run(loop)
+
+    def checking(self) -> frozenset[str]:
+        """The identifiers of the backends being checked."""
+        return frozenset(self._loops)
+
+    def report_failure(self, backend: Backend, reason: str) -> None:
+        """Passive health: a connection failure or 5xx seen by the proxy is a failed check."""
+        try:
+            self._record(backend.identifier, reason)
+        except Exception:
+            log.failure("recording a failure of backend {backend}", backend=backend.identifier)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _run(self, loop: _Loop) -> None:
+        loop.timer = None
+        started = self.clock.seconds()
+        checked = Deferred.fromCoroutine(self._check(loop))
+        loop.running = checked
+        checked.addBoth(self._checked, loop, started)
+
+    def _checked(self, result: object, loop: _Loop, started: float) -> None:
+        loop.running = None
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            log.failure("health check loop of {backend}", result, backend=loop.backend.identifier)
+        if not loop.stopped:
+            delay = max(0.0, started + self.interval - self.clock.seconds())
+            loop.timer = self.clock.callLater(delay, self._run, loop)
+
+    async def _check(self, loop: _Loop) -> None:
+        backend = loop.backend
+        error: str | None
+        try:
+            probe = Deferred.fromCoroutine(self._probe(backend))
+            error = await probe.addTimeout(self.timeout, self.clock)
+        except CancelledError:
+            return
+        except defer.TimeoutError:
+            error = f"no answer within {self.timeout:g}s"
+        except NETWORK_ERRORS as e:
+            error = describe(e)
+        except Exception as e:
+            log.failure("health check of {backend} raised", backend=backend.identifier)
+            error = describe(e)
+        if loop.stopped:
+            return
+        self._record(backend.identifier, error)
+
+    async def _probe(self, backend: Backend) -> str | None:
+        """One request; None if it answered 2xx, else the reason. The body is always read."""
+        response = await self.http.request(
+            backend.health_check_method.value,
+            backend_url(backend, backend.health_check_url),
+            headers=backend_headers(backend),
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        await drain(response)
+        code: int = response.code
+        return None if 200 <= code < 300 else f"HTTP {code}"
+
+    def _record(self, identifier: str, error: str | None) -> None:
+        """Count one check result against the backend's current record, if it still exists."""
+        backend = self.registry.catalog.backends.get(identifier)
+        if backend is None or not backend.active:
+            return
+        state = self.runtime.state(identifier)
+        first = state.healthy_since is None and state.unhealthy_since is None
+        now = self.now()
+        if error is None:
+            changed = state.succeeded(now, backend.healthy_threshold)
+        else:
+            changed = state.failed(now, backend.unhealthy_threshold, error)
+            if first and not changed:
+                log.warn("backend {backend} is unhealthy: {error}", backend=identifier, error=error)
+        if not changed:
+            return
+        if state.healthy:
+            log.info("backend {backend} is healthy", backend=identifier)
+        else:
+            log.warn("backend {backend} became unhealthy: {error}", backend=identifier, error=error)
+        if self.on_transition is not None:
+            try:
+                self.on_transition(backend, state.healthy)
+            except Exception:
+                log.failure("health transition listener failed for {backend}", backend=identifier)
