@@ -10,6 +10,7 @@ import ipaddress
 import socket
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -17,12 +18,14 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, OllamaFlowSite, Root
 from ollamaflow.runtime import Runtime, utc_clock
+from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.settings import LoadedSettings
 from ollamaflow.store import Snapshot, Store
 
@@ -68,14 +71,54 @@ class Daemon(MultiService):
         self.registry = Registry(store, Catalog.build(snapshot))
         self.registry.subscribe(lambda catalog: self.runtime.forget_all_but(catalog.backends))
         settings = loaded.settings
+        # Health checks, model inventory and model sync share one connection pool, apart from
+        # the gateway's so that background traffic never queues behind client requests.
+        self.services_pool = HTTPConnectionPool(reactor, persistent=True)
+        http = HTTPClient(Agent(reactor, connectTimeout=5.0, pool=self.services_pool))
+        self.inventory = ModelInventory(
+            registry=self.registry,
+            runtime=self.runtime,
+            clock=reactor,
+            http=http,
+            interval=settings.model_refresh_interval_ms / 1000,
+        )
+        self.sync = ModelSync(
+            registry=self.registry,
+            runtime=self.runtime,
+            inventory=self.inventory,
+            clock=reactor,
+            http=http,
+            max_concurrent=settings.max_concurrent_pulls,
+            idle_timeout=settings.pull_idle_timeout_ms / 1000,
+        )
+        self.health = HealthChecker(
+            registry=self.registry,
+            runtime=self.runtime,
+            clock=reactor,
+            http=http,
+            interval=settings.health_check_interval_ms / 1000,
+            timeout=settings.health_check_timeout_ms / 1000,
+            on_transition=self.inventory.health_changed,
+        )
+        for service in (self.inventory, self.sync, self.health):
+            service.setServiceParent(self)
         self.admin = AdminApi(
-            self.registry, self.runtime, settings.admin_bearer_tokens, self.now, self.started
+            self.registry,
+            self.runtime,
+            settings.admin_bearer_tokens,
+            self.now,
+            self.started,
+            models=self.sync.models,
         )
         self.gateway = Gateway(
             registry=self.registry,
             runtime=self.runtime,
             reactor=reactor,
             sticky_headers=settings.sticky_headers,
+            inventory=self.inventory,
+            sync=self.sync,
+            on_failure=self.health.report_failure,
+            on_models_changed=self.inventory.refresh_now,
         )
         self.root = Root(self.admin.resource(), self.gateway)
         self.site = OllamaFlowSite(self.root, self._body_limit)
@@ -138,6 +181,7 @@ class Daemon(MultiService):
             self.listening = None
         await super().stopService()
         await self.gateway.close()
+        await self.services_pool.closeCachedConnections()
         await self.store.close()
 
     def stopService(self) -> Deferred[None]:

@@ -47,11 +47,16 @@ class BackendState:
     active_requests: int = 0
 
     def succeeded(self, now: datetime, threshold: int) -> bool:
-        """Count a successful check; True when this made the backend healthy."""
+        """Count a successful check; True when this made the backend healthy.
+
+        A backend never judged before is healthy on its first success, so a fresh daemon (or a
+        new backend) serves within one round-trip; after a failure the threshold applies.
+        """
         self.last_check = now
         self.consecutive_successes += 1
         self.consecutive_failures = 0
-        if not self.healthy and self.consecutive_successes >= threshold:
+        never_judged = self.unhealthy_since is None
+        if not self.healthy and (never_judged or self.consecutive_successes >= threshold):
             self.healthy = True
             self.healthy_since = now
             self.unhealthy_since = None

@@ -468,7 +468,12 @@ async def test_a_refusing_backend_is_retried_on_the_next(cluster: Cluster) -> No
         assert response.code == 200
         await response.content()
         assert response.headers.getRawHeaders("x-ollamaflow-backend")[0] in {"sim1", "sim2"}
+    state = cluster.daemon.runtime.state("sim0")
+    assert not state.healthy, "passive health: refused connections took it out of rotation"
+    assert "refused" in (state.last_error or "").lower()
     await cluster.frontend(["sim0"], AllowRetries=False)
+    state.succeeded(cluster.daemon.now(), threshold=1)
+    state.succeeded(cluster.daemon.now(), threshold=1)
     response = await cluster.request("GET", "/api/version")
     assert response.code == 502
     assert "sim0" in (await response.json())["error"]

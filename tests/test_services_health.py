@@ -237,10 +237,7 @@ def test_first_check_is_immediate_then_every_interval(health: Health) -> None:
 def test_thresholds_both_ways(health: Health) -> None:
     health.world.publish(backend(healthy_threshold=2, unhealthy_threshold=3))
     health.checker.startService()
-    assert not health.state().healthy
-    assert health.state().consecutive_successes == 1
-    health.world.clock.advance(5)
-    assert health.state().healthy
+    assert health.state().healthy, "never judged before: one success serves at once"
     assert health.transitions == [("b1", True)]
 
     health.status[0] = 503
@@ -260,6 +257,19 @@ def test_thresholds_both_ways(health: Health) -> None:
     health.world.clock.advance(5)
     assert health.state().healthy
     assert health.transitions[-1] == ("b1", True)
+
+
+def test_after_a_failure_the_healthy_threshold_applies(health: Health) -> None:
+    health.status[0] = 500
+    health.world.publish(backend(healthy_threshold=2))
+    health.checker.startService()
+    assert not health.state().healthy
+    health.status[0] = 200
+    health.world.clock.advance(5)
+    assert not health.state().healthy and health.state().consecutive_successes == 1
+    health.world.clock.advance(5)
+    assert health.state().healthy
+    assert health.transitions == [("b1", True)]
 
 
 def test_unhealthy_from_the_first_failure(health: Health) -> None:

@@ -94,6 +94,8 @@ class AdminApi:
     tokens: Sequence[str]
     now: Callable[[], datetime]
     started: datetime
+    #: The models view of one backend (present, loaded, required, pulling, failed).
+    models: Callable[[str], list[dict[str, Any]]] = lambda _: []
     _log: Logger = attrs.field(factory=Logger)
 
     app = Klein()
@@ -155,6 +157,10 @@ class AdminApi:
     @app.route("/v1.0/backends/<string:identifier>/health", methods=["GET"])
     def backend_health(self, request: IRequest, identifier: str) -> bytes:
         return _json(request, self._health(self._backend(identifier)))
+
+    @app.route("/v1.0/backends/<string:identifier>/models", methods=["GET"])
+    def backend_models(self, request: IRequest, identifier: str) -> bytes:
+        return _json(request, self.models(self._backend(identifier).identifier))
 
     @app.route("/v1.0/backends", methods=["PUT", "POST"])
     async def create_backend(self, request: IRequest) -> bytes:

@@ -4,13 +4,15 @@ backend, and the frontend's RequiredModels follows, so boxes that join later agr
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -18,6 +20,7 @@ from ollamaflow import modelnames
 from ollamaflow.catalog import Registry
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.records import Backend, Frontend
+from ollamaflow.services.pull import PullProgress
 
 
 def forwarded_headers(request: Request, backend: Backend) -> Headers:
@@ -41,6 +44,98 @@ async def with_required(registry: Registry, frontend: Frontend, model: str, keep
     else:
         return
     await registry.replace_frontend(attrs.evolve(current, required_models=models))
+
+
+class Puller(Protocol):
+    """Starts (or joins) a pull of a model on a backend; fires when the backend has it."""
+
+    def ensure(
+        self,
+        backend_id: str,
+        model: str,
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Deferred[None]: ...
+
+
+@attrs.define
+class MergedPull:
+    """One pull on several backends, reported to the client as one Ollama pull: progress lines
+    with ``total``/``completed`` summed over backends, then ``success`` only if all succeeded,
+    else an ``error`` line naming the backends that failed."""
+
+    request: Request
+    model: str
+    backends: Sequence[Backend]
+    stream: bool
+    progress: dict[str, PullProgress] = attrs.field(factory=dict)
+    _last: tuple[int, int] = (-1, -1)
+
+    async def run(self, puller: Puller) -> None:
+        request = self.request
+        if self.stream:
+            request.setHeader(b"Content-Type", b"application/x-ndjson")
+            self._line({"status": "pulling manifest"})
+        pulls = []
+        for backend in self.backends:
+            self.progress[backend.identifier] = PullProgress()
+            pulls.append(
+                puller.ensure(
+                    backend.identifier,
+                    self.model,
+                    on_progress=functools.partial(self._progressed, backend.identifier),
+                )
+            )
+
+        def client_left(_: Failure) -> None:
+            for pending in pulls:
+                pending.cancel()
+
+        request.notifyFinish().addErrback(client_left)
+        results = await DeferredList(pulls, consumeErrors=True)
+        if request._disconnected or request.finished:
+            return
+        failed = [
+            f"{backend.identifier}: {_reason(result)}"
+            for backend, (ok, result) in zip(self.backends, results, strict=True)
+            if not ok
+        ]
+        if not failed:
+            self._finish({"status": "success"}, 200)
+        else:
+            self._finish({"error": f"pull of '{self.model}' failed on {'; '.join(failed)}"}, 500)
+
+    def _progressed(self, backend_id: str, message: dict[str, Any]) -> None:
+        self.progress[backend_id].update(message)
+        if not self.stream or self.request._disconnected:
+            return
+        total = sum(p.total for p in self.progress.values())
+        completed = sum(p.completed for p in self.progress.values())
+        if total and (completed, total) != self._last:
+            self._last = (completed, total)
+            line: dict[str, Any] = {"status": f"pulling {self.model}", "total": total}
+            if completed:
+                line["completed"] = completed
+            self._line(line)
+
+    def _line(self, message: dict[str, Any]) -> None:
+        self.request.write(json.dumps(message).encode() + b"\n")
+
+    def _finish(self, message: dict[str, Any], status: int) -> None:
+        if self.stream:
+            self._line(message)
+        else:
+            body = json.dumps(message).encode()
+            self.request.setResponseCode(status)
+            self.request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+            self.request.setHeader(b"Content-Length", b"%d" % len(body))
+            self.request.write(body)
+        self.request.finish()
+
+
+def _reason(failure: Any) -> str:
+    value = getattr(failure, "value", failure)
+    return str(value) or type(value).__name__
 
 
 @attrs.frozen

@@ -54,7 +54,7 @@ from ollamaflow.gateway.balancer import (
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
 from ollamaflow.gateway.dialect import refuse
 from ollamaflow.gateway.pinning import deep_merge
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import Runtime
 
 log = Logger()
@@ -125,6 +125,7 @@ class Gateway:
         agent: IAgent | None = None,
         balancer: Balancer | None = None,
         inventory: fleet.Inventory | None = None,
+        sync: fanout.Puller | None = None,
         on_failure: Callable[[Backend, str], None] | None = None,
         on_models_changed: Callable[[str], object] | None = None,
     ) -> None:
@@ -146,6 +147,7 @@ class Gateway:
         self.balancer = balancer or Balancer()
         self.pins = StickyPins()
         self.inventory = inventory
+        self.sync = sync
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges: set[_Exchange] = set()
         self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
@@ -209,6 +211,8 @@ class Gateway:
             return refuse(request, 503, found.message, retry_after=1)
         if path == b"/api/delete" and request.method == b"DELETE":
             return self._delete_everywhere(request, frontend, found)
+        if path == b"/api/pull" and request.method == b"POST" and self.sync is not None:
+            return self._pull_everywhere(request, frontend, found, self.sync)
         inventory = self.inventory
         model = _model_of(document, path) if document is not None else None
         if inventory is not None:
@@ -230,6 +234,37 @@ class Gateway:
             if inventory is not None and model is not None and len(ordered) > 1:
                 ordered = warm_first(inventory, ordered, model)
         _Exchange(self, request, frontend, ordered, document, client).start()
+        return NOT_DONE_YET
+
+    def _pull_everywhere(
+        self, request: Request, frontend: Frontend, found: list[Backend], sync: fanout.Puller
+    ) -> bytes | int:
+        """A client's pull runs on every healthy Ollama backend at once, with one merged
+        progress stream; the model joins RequiredModels so later backends get it too."""
+        try:
+            document = _json_object(request.content)
+        except ValueError as e:
+            return refuse(request, 400, str(e))
+        model = _model_of(document, b"/api/pull")
+        if model is None:
+            return refuse(request, 400, "model is required")
+        targets = [b for b in found if b.api_format is ApiFormat.OLLAMA]
+        if not targets:
+            return refuse(
+                request,
+                503,
+                f"frontend {frontend.identifier!r} has no healthy Ollama backend to pull on",
+                retry_after=1,
+            )
+        merged = fanout.MergedPull(
+            request, model, targets, stream=document.get("stream") is not False
+        )
+
+        async def run() -> None:
+            await fanout.with_required(self.registry, frontend, model, keep=True)
+            await merged.run(sync)
+
+        _run_detached(request, run(), "pull")
         return NOT_DONE_YET
 
     def _delete_everywhere(
