@@ -18,12 +18,13 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, OllamaFlowSite, Root
+from ollamaflow.pool import connection_pool
 from ollamaflow.runtime import Runtime, utc_clock
 from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.settings import LoadedSettings
@@ -73,7 +74,7 @@ class Daemon(MultiService):
         settings = loaded.settings
         # Health checks, model inventory and model sync share one connection pool, apart from
         # the gateway's so that background traffic never queues behind client requests.
-        self.services_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.services_pool = connection_pool(reactor)
         http = HTTPClient(Agent(reactor, connectTimeout=5.0, pool=self.services_pool))
         self.inventory = ModelInventory(
             registry=self.registry,

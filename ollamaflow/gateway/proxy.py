@@ -54,6 +54,7 @@ from ollamaflow.gateway.balancer import (
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
 from ollamaflow.gateway.dialect import refuse
 from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.pool import connection_pool
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import Runtime
 
@@ -133,9 +134,7 @@ class Gateway:
         self.runtime = runtime
         self.clock: IReactorTime = reactor
         if agent is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 1024
-            pool.cachedConnectionTimeout = 120
+            pool = connection_pool(reactor, max_per_host=1024)
             agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
             self.pool: HTTPConnectionPool | None = pool
         else:
