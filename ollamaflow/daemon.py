@@ -25,6 +25,7 @@ from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, OllamaFlowSite, Root
 from ollamaflow.pool import connection_pool
+from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime, utc_clock
 from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.settings import LoadedSettings
@@ -99,18 +100,10 @@ class Daemon(MultiService):
             http=http,
             interval=settings.health_check_interval_ms / 1000,
             timeout=settings.health_check_timeout_ms / 1000,
-            on_transition=self.inventory.health_changed,
+            on_transition=self._health_changed,
         )
         for service in (self.inventory, self.sync, self.health):
             service.setServiceParent(self)
-        self.admin = AdminApi(
-            self.registry,
-            self.runtime,
-            settings.admin_bearer_tokens,
-            self.now,
-            self.started,
-            models=self.sync.models,
-        )
         self.gateway = Gateway(
             registry=self.registry,
             runtime=self.runtime,
@@ -121,6 +114,15 @@ class Daemon(MultiService):
             on_failure=self.health.report_failure,
             on_models_changed=self.inventory.refresh_now,
         )
+        self.admin = AdminApi(
+            self.registry,
+            self.runtime,
+            settings.admin_bearer_tokens,
+            self.now,
+            self.started,
+            models=self.sync.models,
+            queues=self.gateway.queue_report,
+        )
         self.root = Root(self.admin.resource(), self.gateway)
         self.site = OllamaFlowSite(self.root, self._body_limit)
         sweeper = TimerService(STICKY_SWEEP_SECONDS, self._sweep_pins)
@@ -130,6 +132,10 @@ class Daemon(MultiService):
         self.interface = listen_interface(settings.webserver.hostname)
         self.listening: IListeningPort | None = None
         self.log_observer = log_observer
+
+    def _health_changed(self, backend: Backend, healthy: bool) -> None:
+        self.inventory.health_changed(backend, healthy)
+        self.gateway.backend_available(backend, healthy)
 
     def _body_limit(self, path: bytes, host: bytes | None) -> int:
         if path.startswith(ADMIN_PREFIX):

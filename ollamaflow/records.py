@@ -27,6 +27,7 @@ from ollamaflow.wire import (
 class LoadBalancing(StrEnum):
     ROUND_ROBIN = "RoundRobin"
     RANDOM = "Random"
+    LEAST_OUTSTANDING = "LeastOutstanding"
 
 
 class ApiFormat(StrEnum):
@@ -58,7 +59,10 @@ class Frontend:
     name: str | None = field(_TEXT, default=None)
     hostname: str = field(_HOSTNAME, default="*")
     timeout_ms: int = field(Int(0), default=60000)
-    load_balancing: LoadBalancing = field(Choice(LoadBalancing), default=LoadBalancing.ROUND_ROBIN)
+    #: New frontends balance by load; stored ones keep what they had (it is in their record).
+    load_balancing: LoadBalancing = field(
+        Choice(LoadBalancing), default=LoadBalancing.LEAST_OUTSTANDING
+    )
     block_http10: bool = field(Bool(), default=True)
     max_request_body_size: int = field(Int(1, 2**53), default=536870912)
     backends: tuple[str, ...] = field(_NAMES, default=())
@@ -74,6 +78,9 @@ class Frontend:
     allow_completions: bool = field(Bool(), default=True)
     allow_retries: bool = field(Bool(), default=True)
     active: bool = field(Bool(), default=True)
+    #: Requests that may wait for a free backend slot, and for how long, before a 429.
+    max_queue_depth: int = field(Int(0, 1_000_000), default=512)
+    queue_timeout_ms: int = field(Int(0), default=30000)
     created_utc: datetime | None = field(_TIME, default=None, readonly=True)
     last_update_utc: datetime | None = field(_TIME, default=None, readonly=True)
 
@@ -108,6 +115,9 @@ class Backend:
     querystring: str | None = field(_QUERY, default=None)
     headers: Mapping[str, str] = field(StrMap(), factory=dict)
     active: bool = field(Bool(), default=True)
+    #: Share of the traffic relative to the frontend's other backends (RoundRobin and
+    #: LeastOutstanding honour it).
+    weight: int = field(Int(1, 1000), default=1)
     created_utc: datetime | None = field(_TIME, default=None, readonly=True)
     last_update_utc: datetime | None = field(_TIME, default=None, readonly=True)
 

@@ -45,6 +45,23 @@ class BackendState:
     consecutive_successes: int = 0
     consecutive_failures: int = 0
     active_requests: int = 0
+    #: Requests in flight per model (by the model string the client sent).
+    active_by_model: dict[str, int] = attrs.field(factory=dict)
+
+    def begin(self, model: str | None) -> None:
+        self.active_requests += 1
+        if model is not None:
+            self.active_by_model[model] = self.active_by_model.get(model, 0) + 1
+
+    def end(self, model: str | None) -> None:
+        if self.active_requests > 0:
+            self.active_requests -= 1
+        if model is not None:
+            left = self.active_by_model.get(model, 0) - 1
+            if left > 0:
+                self.active_by_model[model] = left
+            else:
+                self.active_by_model.pop(model, None)
 
     def succeeded(self, now: datetime, threshold: int) -> bool:
         """Count a successful check; True when this made the backend healthy.
@@ -82,6 +99,7 @@ class BackendState:
         out: dict[str, object] = {
             "Healthy": self.healthy,
             "ActiveRequests": self.active_requests,
+            "ActiveRequestsByModel": dict(self.active_by_model),
             "ConsecutiveSuccesses": self.consecutive_successes,
             "ConsecutiveFailures": self.consecutive_failures,
         }

@@ -41,7 +41,7 @@ class Cluster:
     async def frontend(
         self, backends: list[str], identifier: str = "frontend1", **fields: Any
     ) -> None:
-        body = {"Backends": backends, **fields}
+        body = {"Backends": backends, "LoadBalancing": "RoundRobin", **fields}
         if identifier == "frontend1":
             reply = await self.http.put(f"/v1.0/frontends/{identifier}", body)
         else:

@@ -138,21 +138,67 @@ def test_candidates_filter_and_explain_why_none() -> None:
     assert isinstance(none, NoCandidate) and "no active backends" in none.message
 
 
+def idle(_: str) -> int:
+    return 0
+
+
 def test_round_robin_is_exactly_even_and_rotates_the_rest_for_retries() -> None:
     backends = [Backend(identifier=n) for n in "abc"]
-    _, fe = _catalog(*backends)
+    _, fe = _catalog(*backends, load_balancing=LoadBalancing.ROUND_ROBIN)
     balancer = Balancer()
-    firsts = [balancer.order(fe, backends)[0].identifier for _ in range(300)]
+    firsts = [balancer.order(fe, backends, idle)[0].identifier for _ in range(300)]
     assert {n: firsts.count(n) for n in "abc"} == {"a": 100, "b": 100, "c": 100}
-    assert [b.identifier for b in balancer.order(fe, backends)] == ["a", "b", "c"]
-    assert [b.identifier for b in balancer.order(fe, backends)] == ["b", "c", "a"]
+    assert [b.identifier for b in balancer.order(fe, backends, idle)] == ["a", "b", "c"]
+    assert [b.identifier for b in balancer.order(fe, backends, idle)] == ["b", "c", "a"]
+
+
+def test_weighted_round_robin_is_smooth_and_exact() -> None:
+    backends = [Backend(identifier="a", weight=3), Backend(identifier="b"), Backend(identifier="c")]
+    _, fe = _catalog(*backends, load_balancing=LoadBalancing.ROUND_ROBIN)
+    balancer = Balancer()
+    firsts = [balancer.order(fe, backends, idle)[0].identifier for _ in range(50)]
+    assert {n: firsts.count(n) for n in "abc"} == {"a": 30, "b": 10, "c": 10}
+    assert firsts[:5] == ["a", "b", "a", "c", "a"], "interleaved, not bunched"
+
+
+def test_least_outstanding_picks_the_least_loaded_and_breaks_ties_round_robin() -> None:
+    backends = [Backend(identifier=n) for n in "abc"]
+    _, fe = _catalog(*backends)
+    assert fe.load_balancing is LoadBalancing.LEAST_OUTSTANDING, "the default for new frontends"
+    balancer = Balancer()
+    loads = {"a": 2, "b": 0, "c": 1}
+    assert [b.identifier for b in balancer.order(fe, backends, loads.__getitem__)] == [
+        "b",
+        "c",
+        "a",
+    ]
+    firsts = [balancer.order(fe, backends, idle)[0].identifier for _ in range(30)]
+    assert {n: firsts.count(n) for n in "abc"} == {"a": 10, "b": 10, "c": 10}
+
+
+def test_least_outstanding_honours_weights() -> None:
+    backends = [Backend(identifier="big", weight=4), Backend(identifier="small")]
+    _, fe = _catalog(*backends)
+    loads = {"big": 3, "small": 1}
+    assert Balancer().order(fe, backends, loads.__getitem__)[0].identifier == "big"
+
+
+def test_least_outstanding_with_many_backends_compares_two_at_random() -> None:
+    backends = [Backend(identifier=f"b{i}") for i in range(100)]
+    _, fe = _catalog(*backends)
+    loads = {b.identifier: 5 for b in backends} | {"b42": 0}
+    balancer = Balancer(rng=random.Random(3))
+    picks = [balancer.order(fe, backends, loads.__getitem__)[0].identifier for _ in range(500)]
+    assert all(loads[p] == 5 or p == "b42" for p in picks)
+    assert picks.count("b42") > 5, "the idle one wins whenever it is drawn"
+    assert len(balancer.order(fe, backends, loads.__getitem__)) == 100, "the rest for retries"
 
 
 def test_random_order_uses_every_backend() -> None:
     backends = [Backend(identifier=n) for n in "abc"]
     _, fe = _catalog(*backends, load_balancing=LoadBalancing.RANDOM)
     balancer = Balancer(rng=random.Random(7))
-    firsts = {balancer.order(fe, backends)[0].identifier for _ in range(100)}
+    firsts = {balancer.order(fe, backends, idle)[0].identifier for _ in range(100)}
     assert firsts == {"a", "b", "c"}
 
 

@@ -15,14 +15,14 @@ from ollamaflow.records import (
 from ollamaflow.wire import FieldError, MissingField, to_wire
 
 
-def test_frontend_defaults_match_ollamaflow_1_2() -> None:
+def test_frontend_defaults_match_ollamaflow_1_2_plus_load_aware_scheduling() -> None:
     fe, unknown = parse_record(Frontend, {"Identifier": "f"})
     assert unknown == []
     assert to_wire(fe) == {
         "Identifier": "f",
         "Hostname": "*",
         "TimeoutMs": 60000,
-        "LoadBalancing": "RoundRobin",
+        "LoadBalancing": "LeastOutstanding",
         "BlockHttp10": True,
         "MaxRequestBodySize": 536870912,
         "Backends": [],
@@ -38,7 +38,16 @@ def test_frontend_defaults_match_ollamaflow_1_2() -> None:
         "AllowCompletions": True,
         "AllowRetries": True,
         "Active": True,
+        "MaxQueueDepth": 512,
+        "QueueTimeoutMs": 30000,
     }
+
+
+def test_a_stored_frontend_keeps_its_load_balancing() -> None:
+    """Records carry every field, so an old RoundRobin frontend stays RoundRobin."""
+    old, _ = parse_record(Frontend, {"Identifier": "f", "LoadBalancing": "RoundRobin"})
+    again, _ = parse_record(Frontend, to_wire(old))
+    assert again.load_balancing is LoadBalancing.ROUND_ROBIN
 
 
 def test_backend_defaults_match_ollamaflow_1_2_except_the_ollama_port() -> None:
@@ -52,6 +61,7 @@ def test_backend_defaults_match_ollamaflow_1_2_except_the_ollama_port() -> None:
     assert be.labels == () and dict(be.headers) == {}
     assert be.bearer_token is None and be.querystring is None
     assert be.active and be.allow_embeddings and be.allow_completions
+    assert be.weight == 1
     assert "BearerToken" not in to_wire(be), "null fields are omitted"
 
 

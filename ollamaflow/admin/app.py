@@ -96,6 +96,8 @@ class AdminApi:
     started: datetime
     #: The models view of one backend (present, loaded, required, pulling, failed).
     models: Callable[[str], list[dict[str, Any]]] = lambda _: []
+    #: Each frontend's request queue (depth, waits, refusals).
+    queues: Callable[[], list[dict[str, object]]] = list
     _log: Logger = attrs.field(factory=Logger)
 
     app = Klein()
@@ -198,6 +200,8 @@ class AdminApi:
                 "Backends": len(catalog.backends),
                 "HealthyBackends": healthy,
                 "UnhealthyBackends": len(catalog.backends) - healthy,
+                "ActiveRequests": sum(s.active_requests for s in self.runtime.states.values()),
+                "Queues": self.queues(),
             },
         )
 

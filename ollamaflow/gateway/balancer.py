@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -96,28 +96,64 @@ class StickyPins:
         return len(self._pins)
 
 
+#: Above this many candidates LeastOutstanding compares two random ones instead of sorting all.
+_POWER_OF_TWO_ABOVE = 8
+
+
 @attrs.define
 class Balancer:
     """Orders candidates for one request: the chosen backend first, the rest for retries."""
 
     rng: random.Random = attrs.field(factory=random.Random)
     _counters: dict[str, int] = attrs.field(factory=dict)
+    #: Smooth weighted round robin state (nginx's algorithm), per frontend and backend.
+    _current: dict[str, dict[str, int]] = attrs.field(factory=dict)
 
-    def order(self, frontend: Frontend, found: Sequence[Backend]) -> list[Backend]:
+    def order(
+        self, frontend: Frontend, found: Sequence[Backend], load: Callable[[str], int]
+    ) -> list[Backend]:
+        """``load`` gives a backend's requests in flight (LeastOutstanding weighs them)."""
         count = len(found)
         if count == 1:
             return [found[0]]
-        if frontend.load_balancing is LoadBalancing.RANDOM:
+        policy = frontend.load_balancing
+        if policy is LoadBalancing.RANDOM:
             start = self.rng.randrange(count)
+        elif any(b.weight != 1 for b in found) and policy is LoadBalancing.ROUND_ROBIN:
+            start = self._weighted_turn(frontend.identifier, found)
         else:
             turn = self._counters.get(frontend.identifier, 0)
             self._counters[frontend.identifier] = turn + 1
             start = turn % count
-        return [*found[start:], *found[:start]]
+        rotated = [*found[start:], *found[:start]]
+        if policy is not LoadBalancing.LEAST_OUTSTANDING:
+            return rotated
+        if count > _POWER_OF_TWO_ABOVE:
+            i, j = self.rng.sample(range(count), 2)
+            a, b = rotated[i], rotated[j]
+            best = a if load(a.identifier) / a.weight <= load(b.identifier) / b.weight else b
+            return [best, *(x for x in rotated if x is not best)]
+        # A stable sort keeps the rotation among equals: ties are broken round-robin.
+        return sorted(rotated, key=lambda x: load(x.identifier) / x.weight)
+
+    def _weighted_turn(self, frontend: str, found: Sequence[Backend]) -> int:
+        current = self._current.setdefault(frontend, {})
+        total = 0
+        best = 0
+        for i, backend in enumerate(found):
+            weight = current.get(backend.identifier, 0) + backend.weight
+            current[backend.identifier] = weight
+            total += backend.weight
+            if weight > current[found[best].identifier]:
+                best = i
+        current[found[best].identifier] -= total
+        return best
 
     def forget(self, catalog: Catalog) -> None:
         for gone in [f for f in self._counters if f not in catalog.frontends]:
             del self._counters[gone]
+        for gone in [f for f in self._current if f not in catalog.frontends]:
+            del self._current[gone]
 
 
 def stick(ordered: list[Backend], pinned: str | None) -> list[Backend]:

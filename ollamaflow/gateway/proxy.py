@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, cast
 from urllib.parse import unquote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import (
     IConsumer,
@@ -54,6 +54,7 @@ from ollamaflow.gateway.balancer import (
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
 from ollamaflow.gateway.dialect import refuse
 from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
 from ollamaflow.pool import connection_pool
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import Runtime
@@ -145,6 +146,7 @@ class Gateway:
         self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
         self.pins = StickyPins()
+        self.scheduler = Scheduler(reactor, runtime)
         self.inventory = inventory
         self.sync = sync
         #: Requests being proxied right now (for draining, metrics and tests).
@@ -157,6 +159,14 @@ class Gateway:
     def _configuration_changed(self, catalog: Catalog) -> None:
         self.pins.prune(catalog)
         self.balancer.forget(catalog)
+        self.scheduler.forget(lambda f: f in catalog.frontends)
+        for backend in catalog.backends.values():
+            self.scheduler.wake(backend)
+
+    def backend_available(self, backend: Backend, healthy: bool) -> None:
+        """A backend became healthy: requests queued for a slot may use it now."""
+        if healthy:
+            self.scheduler.wake(backend)
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -226,14 +236,38 @@ class Gateway:
         pinned = None
         if client is not None:
             pinned = self.pins.lookup(frontend.identifier, client, self.clock.seconds())
+        scheduler = self.scheduler
         if pinned is not None and any(b.identifier == pinned for b in found):
             ordered = stick(found, pinned)
         else:
-            ordered = self.balancer.order(frontend, found)
+            ordered = self.balancer.order(frontend, found, self._load)
             if inventory is not None and model is not None and len(ordered) > 1:
                 ordered = warm_first(inventory, ordered, model)
-        _Exchange(self, request, frontend, ordered, document, client).start()
+        if len(ordered) > 1:
+            ordered = _free_first(scheduler, ordered)
+        exchange = _Exchange(self, request, frontend, ordered, document, client, _model_key(model))
+        if scheduler.has_slot(ordered[0]):
+            exchange.start()
+            return NOT_DONE_YET
+        try:
+            waiting = scheduler.wait(frontend, ordered, exchange.model)
+        except QueueRefused as e:
+            return refuse(request, 429, str(e), retry_after=e.retry_after)
+        exchange.queue(waiting)
         return NOT_DONE_YET
+
+    def queue_report(self) -> list[dict[str, object]]:
+        """Each frontend's queue: depth now, peak, waits and refusals (for the admin API)."""
+        scheduler = self.scheduler
+        out = []
+        for identifier in self.registry.catalog.frontends:
+            stats = scheduler.stats.get(identifier) or QueueStats()
+            out.append({"Identifier": identifier, **stats.to_wire(scheduler.depth(identifier))})
+        return out
+
+    def _load(self, backend_id: str) -> int:
+        state = self.runtime.states.get(backend_id)
+        return state.active_requests if state is not None else 0
 
     def _pull_everywhere(
         self, request: Request, frontend: Frontend, found: list[Backend], sync: fanout.Puller
@@ -354,6 +388,20 @@ def _model_of(document: Mapping[str, Any], path: bytes) -> str | None:
     return name
 
 
+def _model_key(model: str | None) -> str | None:
+    """How in-flight requests per model are counted: the name as Ollama displays it."""
+    return modelnames.display(model) if model is not None else None
+
+
+def _free_first(scheduler: Scheduler, ordered: list[Backend]) -> list[Backend]:
+    """Backends with a free slot first, in the balancer's order; full ones after (retries
+    skip them unless a slot has freed by then)."""
+    free = [b for b in ordered if scheduler.has_slot(b)]
+    if len(free) in (0, len(ordered)):
+        return ordered
+    return free + [b for b in ordered if b not in free]
+
+
 def warm_first(inventory: fleet.Inventory, ordered: list[Backend], model: str) -> list[Backend]:
     """Backends with the model already loaded first (no cold load), order otherwise kept."""
     warm = [b for b in ordered if inventory.is_loaded(b.identifier, model)]
@@ -416,6 +464,7 @@ class _Exchange:
         "frontend",
         "gateway",
         "last_error",
+        "model",
         "relay",
         "relayed",
         "remaining",
@@ -432,8 +481,10 @@ class _Exchange:
         ordered: list[Backend],
         document: dict[str, Any] | None,
         client: str | None,
+        model: str | None = None,
     ) -> None:
         self.gateway = gateway
+        self.model = model
         self.request = request
         self.frontend = frontend
         self.remaining = ordered
@@ -451,25 +502,65 @@ class _Exchange:
         self._timed_out = False
 
     def start(self) -> None:
+        self._watch()
+        self._next()
+
+    def queue(self, waiting: Deferred[Backend]) -> None:
+        """Wait for a slot; the scheduler hands over a backend whose slot is already ours."""
+        self._watch()
+        self._attempt = waiting  # type: ignore[assignment]  # cancelled if the client leaves
+        waiting.addCallbacks(self._slot_granted, self._not_queued)
+
+    def _watch(self) -> None:
         self.gateway.exchanges.add(self)
         self.request.notifyFinish().addCallbacks(self._finished, self._client_lost)
         self.request.setHeader(b"X-OllamaFlow-Request", self.request_id.encode())
-        self._next()
+
+    def _slot_granted(self, backend: Backend) -> None:
+        self._attempt = None
+        self.remaining = [b for b in self.remaining if b is not backend]
+        self._send(backend)
+
+    def _not_queued(self, failure: Failure) -> None:
+        self._attempt = None
+        if self.client_gone or failure.check(CancelledError):
+            return
+        error = failure.value
+        if isinstance(error, QueueRefused):
+            body = refuse(self.request, 429, str(error), retry_after=error.retry_after)
+            self.request.setHeader(b"Content-Length", b"%d" % len(body))
+            self.request.write(body)
+            self.request.finish()
+            return
+        log.failure("request {rid}: queueing failed", failure, rid=self.request_id)
+        self._answer(500, "the request could not be scheduled; see the gateway's log")
 
     # -- attempts ---------------------------------------------------------------------------
 
     def _next(self) -> None:
-        if not self.remaining:
+        """The next candidate with a free slot, or give up."""
+        scheduler = self.gateway.scheduler
+        while self.remaining:
+            backend = self.remaining.pop(0)
+            if scheduler.has_slot(backend):
+                break
+        else:
             self._give_up()
             return
-        backend = self.remaining.pop(0)
         if not self.frontend.allow_retries:
             self.remaining = []
+        scheduler.acquire(backend, self.model)
+        self._send(backend)
+
+    def _send(self, backend: Backend) -> None:
+        """One attempt on ``backend``, whose slot this request already holds."""
+        self._active = backend
         self.tried.append(backend.identifier)
         request = self.request
         try:
             producer = self._body_for(backend)
         except ValueError as e:
+            self.end_attempt()
             self._answer(400, str(e))
             return
         query = request.uri.partition(b"?")[2]
@@ -484,7 +575,6 @@ class _Exchange:
             host=request.getHeader(b"host"),
             proto=b"https" if request.isSecure() else b"http",
         )
-        self._begin(backend)
         attempt = self.gateway.agent.request(request.method, url, forwarded, producer)
         self._attempt = attempt
         ttfb = self.frontend.timeout_ms / 1000
@@ -534,17 +624,11 @@ class _Exchange:
                 self._ttfb_timer.cancel()
             self._ttfb_timer = None
 
-    def _begin(self, backend: Backend) -> None:
-        self._active = backend
-        self.gateway.runtime.state(backend.identifier).active_requests += 1
-
     def end_attempt(self) -> None:
-        """Release the backend's in-flight slot, exactly once per attempt."""
+        """Give the backend's slot back, exactly once per attempt."""
         backend, self._active = self._active, None
         if backend is not None:
-            state = self.gateway.runtime.states.get(backend.identifier)
-            if state is not None and state.active_requests > 0:
-                state.active_requests -= 1
+            self.gateway.scheduler.release(backend, self.model)
 
     def _failed(self, failure: Failure, backend: Backend) -> None:
         self._attempt = None

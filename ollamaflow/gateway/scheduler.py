@@ -1,0 +1,187 @@
+"""Backend slots and the wait for them.
+
+Every request holds a slot on the backend serving it (``MaxParallelRequests`` per backend) from
+its first attempt to its last byte. When every candidate is full the request waits in its
+frontend's FIFO queue and takes the first slot that frees on any of its candidates — one queue
+per frontend, not one per backend, so nobody waits behind a long generation while another box
+idles. Slots are taken and given back only here, which keeps the counts exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from ollamaflow.records import Backend, Frontend
+from ollamaflow.runtime import Runtime
+
+
+class QueueRefused(Exception):
+    """The request cannot wait: the queue is full, the rate limit is reached, or it waited
+    too long. ``retry_after`` is a hint in seconds for the client."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    frontend: str
+    backends: Sequence[Backend]
+    model: str | None
+    since: float
+    deferred: Deferred[Backend]
+    timer: IDelayedCall | None = None
+
+
+@attrs.define
+class QueueStats:
+    """What an operator wants to know about one frontend's queue."""
+
+    peak_depth: int = 0
+    queued: int = 0
+    served: int = 0
+    timed_out: int = 0
+    rejected: int = 0
+    total_wait: float = 0.0
+    max_wait: float = 0.0
+
+    def to_wire(self, depth: int) -> dict[str, object]:
+        return {
+            "QueueDepth": depth,
+            "PeakQueueDepth": self.peak_depth,
+            "Queued": self.queued,
+            "ServedFromQueue": self.served,
+            "TimedOut": self.timed_out,
+            "Rejected": self.rejected,
+            "AverageQueueWaitMs": round(1000 * self.total_wait / self.served) if self.served else 0,
+            "MaxQueueWaitMs": round(1000 * self.max_wait),
+        }
+
+
+@attrs.define
+class Scheduler:
+    """Slots per backend, and the per-frontend queues of requests waiting for one."""
+
+    clock: IReactorTime
+    runtime: Runtime
+    _queues: dict[str, deque[_Waiter]] = attrs.field(factory=dict)
+    stats: dict[str, QueueStats] = attrs.field(factory=dict)
+
+    def has_slot(self, backend: Backend) -> bool:
+        state = self.runtime.states.get(backend.identifier)
+        return state is None or state.active_requests < backend.max_parallel_requests
+
+    def acquire(self, backend: Backend, model: str | None) -> None:
+        self.runtime.state(backend.identifier).begin(model)
+
+    def release(self, backend: Backend, model: str | None) -> None:
+        """Give a slot back, and hand it straight to the longest-waiting request that can use it."""
+        state = self.runtime.states.get(backend.identifier)
+        if state is not None:
+            state.end(model)
+        self.wake(backend)
+
+    def wake(self, backend: Backend) -> None:
+        """Hand free slots of ``backend`` to waiting requests, oldest first."""
+        while self._queues and self.has_slot(backend):
+            waiter = self._oldest_for(backend.identifier)
+            if waiter is None:
+                return
+            self._remove(waiter)
+            stats = self.stats[waiter.frontend]
+            waited = self.clock.seconds() - waiter.since
+            stats.served += 1
+            stats.total_wait += waited
+            stats.max_wait = max(stats.max_wait, waited)
+            chosen = next(b for b in waiter.backends if b.identifier == backend.identifier)
+            self.acquire(chosen, waiter.model)
+            waiter.deferred.callback(chosen)
+
+    def depth(self, frontend: str) -> int:
+        queue = self._queues.get(frontend)
+        return len(queue) if queue else 0
+
+    def wait(
+        self,
+        frontend: Frontend,
+        backends: Sequence[Backend],
+        model: str | None,
+    ) -> Deferred[Backend]:
+        """Queue a request whose candidates are all full; fires with a backend whose slot is
+        already taken for it, or fails with :class:`QueueRefused`. Cancel it if the client
+        leaves."""
+        stats = self.stats.setdefault(frontend.identifier, QueueStats())
+        depth = self.depth(frontend.identifier)
+        if depth >= frontend.max_queue_depth:
+            stats.rejected += 1
+            raise QueueRefused(
+                f"frontend {frontend.identifier!r}: all backends are busy and "
+                f"{depth} requests are already waiting"
+            )
+        share = (depth + 1) / len(backends)
+        if all(
+            self.runtime.state(b.identifier).active_requests + share
+            > b.rate_limit_requests_threshold
+            for b in backends
+        ):
+            stats.rejected += 1
+            raise QueueRefused(
+                f"frontend {frontend.identifier!r}: every backend is at its "
+                "RateLimitRequestsThreshold of active and queued requests"
+            )
+
+        def cancelled(_: Deferred[Backend]) -> None:
+            self._remove(waiter)
+
+        waiter = _Waiter(
+            frontend.identifier, backends, model, self.clock.seconds(), Deferred(cancelled)
+        )
+        self._queues.setdefault(frontend.identifier, deque()).append(waiter)
+        stats.queued += 1
+        stats.peak_depth = max(stats.peak_depth, depth + 1)
+        if frontend.queue_timeout_ms:
+            waiter.timer = self.clock.callLater(
+                frontend.queue_timeout_ms / 1000, self._expired, waiter, frontend.queue_timeout_ms
+            )
+        return waiter.deferred
+
+    def _expired(self, waiter: _Waiter, limit_ms: int) -> None:
+        waiter.timer = None
+        self._remove(waiter)
+        self.stats[waiter.frontend].timed_out += 1
+        waiter.deferred.errback(
+            QueueRefused(f"no backend slot freed within {limit_ms} ms", retry_after=2)
+        )
+
+    def _oldest_for(self, backend_id: str) -> _Waiter | None:
+        oldest: _Waiter | None = None
+        for queue in self._queues.values():
+            for waiter in queue:
+                if any(b.identifier == backend_id for b in waiter.backends):
+                    if oldest is None or waiter.since < oldest.since:
+                        oldest = waiter
+                    break
+        return oldest
+
+    def _remove(self, waiter: _Waiter) -> None:
+        queue = self._queues.get(waiter.frontend)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if not queue:
+                del self._queues[waiter.frontend]
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+
+    def forget(self, frontends: Callable[[str], bool]) -> None:
+        """Drop the stats of frontends that no longer exist."""
+        for name in [f for f in self.stats if not frontends(f)]:
+            del self.stats[name]

@@ -1,0 +1,345 @@
+"""Load-aware scheduling: exact in-flight counts, per-backend limits, the bounded FIFO queue,
+rate limits and LeastOutstanding — with a clock where timing matters, simulators end to end."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+import treq
+from harness import Http, start_daemon
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+
+from ollamaflow.daemon import Daemon
+from ollamaflow.gateway.scheduler import QueueRefused, Scheduler
+from ollamaflow.records import Backend, Frontend
+from ollamaflow.runtime import Runtime
+from ollamaflow.sim.config import SimConfig
+from ollamaflow.sim.service import RunningSimulator, start_simulator
+
+# -- the scheduler alone, on a clock ----------------------------------------------------------
+
+
+def make(limit: int = 1, **frontend: Any) -> tuple[Scheduler, task.Clock, list[Backend], Frontend]:
+    clock = task.Clock()
+    backends = [Backend(identifier=n, max_parallel_requests=limit) for n in "ab"]
+    fe = Frontend(identifier="f", backends=("a", "b"), **frontend)
+    return Scheduler(clock, Runtime()), clock, backends, fe
+
+
+def fired(d: Deferred[Backend]) -> list[Any]:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_slots_are_counted_per_backend_and_model() -> None:
+    scheduler, _, (a, _b), _ = make(limit=2)
+    scheduler.acquire(a, "llama3:latest")
+    scheduler.acquire(a, None)
+    assert not scheduler.has_slot(a)
+    state = scheduler.runtime.state("a")
+    assert (state.active_requests, state.active_by_model) == (2, {"llama3:latest": 1})
+    scheduler.release(a, "llama3:latest")
+    scheduler.release(a, None)
+    assert (state.active_requests, state.active_by_model) == (0, {})
+
+
+def test_waiters_take_freed_slots_in_fifo_order_on_whichever_backend_frees() -> None:
+    scheduler, clock, (a, b), fe = make()
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    first = fired(scheduler.wait(fe, [a, b], None))
+    clock.advance(1)
+    second = fired(scheduler.wait(fe, [a, b], None))
+    assert scheduler.depth("f") == 2 and first == [] and second == []
+    clock.advance(1)
+    scheduler.release(b, None)
+    assert first == [b], "the oldest waiter gets the first slot, on any backend"
+    assert second == [] and not scheduler.has_slot(b), "the slot went with it"
+    scheduler.release(a, None)
+    assert second == [a]
+    assert scheduler.depth("f") == 0
+    stats = scheduler.stats["f"]
+    assert (stats.queued, stats.served, stats.peak_depth) == (2, 2, 2)
+    assert stats.max_wait == 2.0 and stats.total_wait == 3.0
+
+
+def test_a_waiter_only_takes_backends_it_may_use() -> None:
+    scheduler, _, (a, b), fe = make()
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    only_a = fired(scheduler.wait(fe, [a], None))
+    any_one = fired(scheduler.wait(fe, [a, b], None))
+    scheduler.release(b, None)
+    assert only_a == [] and any_one == [b]
+
+
+def test_the_queue_is_bounded() -> None:
+    scheduler, _, (a, b), fe = make(max_queue_depth=1)
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    scheduler.wait(fe, [a, b], None)
+    with pytest.raises(QueueRefused, match="1 requests are already waiting"):
+        scheduler.wait(fe, [a, b], None)
+    assert scheduler.stats["f"].rejected == 1
+
+
+def test_a_waiter_gives_up_after_the_queue_timeout() -> None:
+    scheduler, clock, (a, b), fe = make(queue_timeout_ms=500)
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    outcome = fired(scheduler.wait(fe, [a, b], None))
+    clock.advance(0.499)
+    assert outcome == []
+    clock.advance(0.001)
+    assert outcome[0].check(QueueRefused) and "500 ms" in str(outcome[0].value)
+    assert scheduler.depth("f") == 0 and scheduler.stats["f"].timed_out == 1
+    scheduler.release(a, None)
+    assert scheduler.has_slot(a), "nobody took the slot for the request that left"
+
+
+def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    scheduler, clock, (a, b), fe = make(queue_timeout_ms=500)
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    waiting = scheduler.wait(fe, [a, b], None)
+    waiting.addErrback(lambda _: None)
+    waiting.cancel()
+    assert scheduler.depth("f") == 0
+    assert not clock.getDelayedCalls(), "its timer went with it"
+
+
+def test_the_rate_limit_counts_active_and_queued_requests() -> None:
+    clock = task.Clock()
+    backend = Backend(identifier="a", max_parallel_requests=2, rate_limit_requests_threshold=3)
+    fe = Frontend(identifier="f", backends=("a",))
+    scheduler = Scheduler(clock, Runtime())
+    scheduler.acquire(backend, None)
+    scheduler.acquire(backend, None)
+    scheduler.wait(fe, [backend], None)
+    with pytest.raises(QueueRefused, match="RateLimitRequestsThreshold"):
+        scheduler.wait(fe, [backend], None)
+
+
+# -- end to end -----------------------------------------------------------------------------
+
+
+async def until(check: Callable[[], Any], seconds: float = 10.0) -> None:
+    deadline = reactor.seconds() + seconds
+    while not check():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not true within {seconds}s")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+@attrs.define
+class Setup:
+    daemon: Daemon
+    http: Http
+    sims: dict[str, RunningSimulator]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.daemon.address.port}"
+
+    async def add(self, name: str, *, limit: int = 4, **config: Any) -> RunningSimulator:
+        sim = await start_simulator(reactor, config=SimConfig(num_parallel=64, **config))
+        self.sims[name] = sim
+        reply = await self.http.put(
+            "/v1.0/backends",
+            {
+                "Identifier": name,
+                "Hostname": "127.0.0.1",
+                "Port": sim.port,
+                "MaxParallelRequests": limit,
+                "RateLimitRequestsThreshold": 1000,
+            },
+        )
+        assert reply.status == 201, reply.body
+        return sim
+
+    async def serve(self, *names: str, **fields: Any) -> None:
+        reply = await self.http.put(
+            "/v1.0/frontends/frontend1", {"Backends": list(names), **fields}
+        )
+        assert reply.status == 200, reply.body
+        await until(lambda: all(self.daemon.runtime.state(n).healthy for n in names))
+
+    def in_flight(self, name: str) -> tuple[int, dict[str, int]]:
+        state = self.daemon.runtime.state(name)
+        return state.active_requests, dict(state.active_by_model)
+
+    def generate(self, prompt: str = "x", path: str = "/api/generate", **kw: Any) -> Any:
+        body = {"model": "llama3", "prompt": prompt, "stream": False}
+        return treq.post(self.url + path, json=body, persistent=False, **kw)
+
+
+@pytest_twisted.async_yield_fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    daemon = await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000})
+    made = Setup(daemon, Http.to(daemon), {})
+    yield made
+    for sim in made.sims.values():
+        await sim.stop()
+    await daemon.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_in_flight_returns_to_zero_on_every_exit_path(setup: Setup) -> None:
+    sim = await setup.add("a", limit=8, tokens=5, tokens_per_second=50)
+    await setup.add("b")
+    await setup.serve("a", TimeoutMs=400)
+
+    async def settled() -> None:
+        await until(lambda: setup.in_flight("a") == (0, {}))
+        # Passive health counts the faults below; put "a" back for the next exit path.
+        state = setup.daemon.runtime.state("a")
+        while not state.healthy:
+            state.succeeded(setup.daemon.now(), threshold=2)
+
+    # success
+    response = await setup.generate()
+    await response.content()
+    await settled()
+    # backend error
+    await sim.configure(error500=True)
+    assert (await setup.generate()).code == 500
+    await settled()
+    await sim.configure(error500=False)
+    # time-out before the first byte
+    await sim.configure(hang=True)
+    assert (await setup.generate()).code == 504
+    await settled()
+    await sim.configure(hang=False)
+    # client disconnect, before the response and in the middle of a stream
+    pending = setup.generate()
+    await until(lambda: setup.in_flight("a")[0] == 1)
+    pending.cancel()
+    await settled()
+    streaming = await treq.post(
+        setup.url + "/api/generate", json={"model": "llama3", "prompt": "x"}, unbuffered=True
+    )
+    assert setup.in_flight("a") == (1, {"llama3:latest": 1})
+    streaming.deliverBody(_Dropper())
+    await settled()
+    # the backend breaking off a stream
+    await sim.configure(drop_mid_stream_after=2)
+    torn = await treq.post(setup.url + "/api/generate", json={"model": "llama3", "prompt": "x"})
+    with pytest.raises(Exception):  # noqa: B017 - the client's error for a torn stream
+        await torn.content()
+    await settled()
+    await sim.configure(drop_mid_stream_after=None)
+    # a retry: a refusing backend, then the other one
+    await setup.serve("a", "b", LoadBalancing="RoundRobin", TimeoutMs=400)
+    await sim.configure(refuse=True)
+    for _ in range(2):
+        response = await setup.generate()
+        assert response.code == 200
+        await response.content()
+    await settled()
+    await until(lambda: setup.in_flight("b") == (0, {}))
+
+
+class _Dropper(Protocol):
+    """Reads the first chunk, then hangs up."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_parallel_requests_is_enforced_and_the_rest_wait(setup: Setup) -> None:
+    sim = await setup.add("a", limit=2, tokens=10, tokens_per_second=100)
+    await setup.serve("a")
+    responses = [setup.generate(str(i)) for i in range(6)]
+    await until(lambda: setup.daemon.gateway.scheduler.depth("frontend1") == 4)
+    health = (await setup.http.get("/v1.0/health")).json
+    queue = next(q for q in health["Queues"] if q["Identifier"] == "frontend1")
+    assert queue["QueueDepth"] == 4
+    for pending in responses:
+        response = await pending
+        assert response.code == 200
+        await response.content()
+    assert sim.counters.peak_in_flight == 2, "never more than MaxParallelRequests at once"
+    health = (await setup.http.get("/v1.0/health")).json
+    queue = next(q for q in health["Queues"] if q["Identifier"] == "frontend1")
+    assert queue["QueueDepth"] == 0 and queue["ServedFromQueue"] == 4
+    assert queue["PeakQueueDepth"] == 4 and queue["AverageQueueWaitMs"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_queue_and_a_long_wait_are_429_with_retry_after(setup: Setup) -> None:
+    await setup.add("a", limit=1, tokens=20, tokens_per_second=20)
+    await setup.serve("a", MaxQueueDepth=1, QueueTimeoutMs=300)
+    busy = setup.generate("long")
+    await until(lambda: setup.in_flight("a")[0] == 1)
+    queued = setup.generate("waits")
+    await until(lambda: setup.daemon.gateway.scheduler.depth("frontend1") == 1)
+    refused = await setup.generate("no room")
+    assert refused.code == 429 and refused.headers.getRawHeaders("retry-after") == ["1"]
+    assert "already waiting" in (await refused.json())["error"]
+    openai = await setup.generate(path="/v1/completions")
+    assert openai.code == 429
+    assert (await openai.json())["error"]["message"].startswith("frontend 'frontend1'")
+    timed_out = await queued
+    assert timed_out.code == 429 and "within 300 ms" in (await timed_out.json())["error"]
+    await (await busy).content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_the_queue_is_removed(setup: Setup) -> None:
+    sim = await setup.add("a", limit=1, tokens=20, tokens_per_second=40)
+    await setup.serve("a")
+    busy = setup.generate("long")
+    await until(lambda: setup.in_flight("a")[0] == 1)
+    queued = setup.generate("leaves")
+    await until(lambda: setup.daemon.gateway.scheduler.depth("frontend1") == 1)
+    queued.cancel()
+    await until(lambda: setup.daemon.gateway.scheduler.depth("frontend1") == 0)
+    await (await busy).content()
+    await until(lambda: setup.in_flight("a") == (0, {}))
+    assert sim.counters.requests["/api/generate"] == 1, "the one that left never got there"
+
+
+@pytest_twisted.ensureDeferred
+async def test_least_outstanding_sends_new_work_to_the_idle_backend(setup: Setup) -> None:
+    slow = await setup.add("slow", tokens=40, tokens_per_second=20)
+    await setup.add("fast")
+    await setup.serve("slow")
+    long = setup.generate("long")
+    await until(lambda: setup.in_flight("slow")[0] == 1)
+    await setup.serve("slow", "fast")  # LeastOutstanding: the default for frontend1
+    served = []
+    for _ in range(5):
+        response = await setup.generate("short")
+        await response.content()
+        served.append(response.headers.getRawHeaders("x-ollamaflow-backend")[0])
+    assert served == ["fast"] * 5, "round robin would have sent every other one to 'slow'"
+    assert slow.counters.requests["/api/generate"] == 1
+    await (await long).content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_backends_are_preferred_unless_saturated(setup: Setup) -> None:
+    warm = await setup.add("warm", limit=1, tokens=20, tokens_per_second=40)
+    await setup.add("cold", limit=1)
+    await setup.serve("warm", "cold")
+    await treq.post(warm.url + "/api/generate", json={"model": "llama3", "prompt": ""})
+    await setup.daemon.inventory.refresh_now("warm")
+    first = setup.generate("a")
+    await until(lambda: setup.in_flight("warm")[0] == 1)
+    second = await setup.generate("b")
+    await second.content()
+    assert second.headers.getRawHeaders("x-ollamaflow-backend") == ["cold"], (
+        "a saturated warm backend does not hold a request back"
+    )
+    response = await first
+    await response.content()
+    assert response.headers.getRawHeaders("x-ollamaflow-backend") == ["warm"]
