@@ -28,8 +28,9 @@ from ollamaflow.pool import connection_pool
 from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime, utc_clock
 from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
-from ollamaflow.settings import LoadedSettings
-from ollamaflow.store import Snapshot, Store
+from ollamaflow.services.follow import ConfigFollower
+from ollamaflow.settings import DatabaseDriver, LoadedSettings
+from ollamaflow.store import Snapshot, Store, describe_postgresql, postgresql_conninfo
 
 log = Logger()
 
@@ -128,6 +129,13 @@ class Daemon(MultiService):
         sweeper = TimerService(STICKY_SWEEP_SECONDS, self._sweep_pins)
         sweeper.clock = reactor
         sweeper.setServiceParent(self)
+        # Other instances (or workers) on the same database: their changes reach us too.
+        follower = ConfigFollower(
+            registry=self.registry,
+            clock=reactor,
+            interval=settings.database.reload_interval_ms / 1000,
+        )
+        follower.setServiceParent(self)
         self.port_number = settings.webserver.port if port is None else port
         self.interface = listen_interface(settings.webserver.hostname)
         self.listening: IListeningPort | None = None
@@ -173,9 +181,18 @@ class Daemon(MultiService):
             "OllamaFlow listening on http://{host}:{port}/ (admin API under /v1.0/), database {db}",
             host=address.host,
             port=address.port,
-            db=str(self.loaded.database_path),
+            db=self._database_description(),
         )
         super().startService()
+
+    def _database_description(self) -> str:
+        if self.loaded.database_driver is DatabaseDriver.POSTGRESQL:
+            return "PostgreSQL " + describe_postgresql(
+                postgresql_conninfo(
+                    self.loaded.settings.database.url, **self.loaded.postgresql_params()
+                )
+            )
+        return f"SQLite {self.loaded.database_path}"
 
     @property
     def address(self) -> Any:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from ollamaflow.wire import (
     Bool,
+    Choice,
     FieldError,
     Int,
     Nested,
@@ -31,6 +34,21 @@ _HOST = Str(allowed="a host name, an address, or '*' for all interfaces", patter
 _PATH = Str(allowed="a file or folder path", pattern=r"(?s).+")
 _TOKEN = Str(allowed="a token without spaces", pattern=r"\S+")
 _HEADER = Str(allowed="an HTTP header name", pattern=r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PG_URL = Str(
+    allowed="a postgresql:// or postgres:// URL", pattern=r"postgres(ql)?://\S*", max_length=2048
+)
+_PG_HOST = Str(allowed="a host name or address", pattern=r"[^\s*]+", max_length=256)
+_PG_NAME = Str(allowed="a name without spaces", pattern=r"\S+", max_length=256)
+_PASSWORD = Str(allowed="a string", pattern=r"(?s).*")
+_ENV_NAME = Str(allowed="an environment variable name", pattern=r"[A-Za-z_][A-Za-z0-9_]*")
+
+#: Where the fields of ``Database`` point when ``Url`` does not say otherwise.
+POSTGRESQL_DEFAULTS: dict[str, object] = {
+    "host": "localhost",
+    "port": 5432,
+    "dbname": "ollamaflow",
+    "user": "ollamaflow",
+}
 
 
 @attrs.frozen
@@ -57,10 +75,54 @@ class Logging:
     minimum_severity: int = field(Int(0, 7), default=1)
 
 
+def _secret(kind: Str) -> Any:
+    """An optional wire field left out of ``repr``, so logging the settings leaks no password."""
+    return attrs.field(default=None, repr=False, metadata=field(kind, default=None).metadata)
+
+
+class DatabaseDriver(Enum):
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+
+
+@attrs.frozen
+class Database:
+    """Where frontends and backends live: the SQLite file ``DatabaseFilename`` (one host), or a
+    PostgreSQL database that several instances share. Either ``Url`` or the separate fields;
+    the password may instead come from the environment variable named by ``PasswordEnv``."""
+
+    driver: DatabaseDriver = field(Choice(DatabaseDriver), default=DatabaseDriver.SQLITE)
+    # Url and Password are kept out of repr: they may hold the password.
+    url: str | None = _secret(_PG_URL)
+    hostname: str | None = field(_PG_HOST, default=None)
+    port: int | None = field(Int(1, 65535), default=None)
+    name: str | None = field(_PG_NAME, default=None)
+    user: str | None = field(_PG_NAME, default=None)
+    password: str | None = _secret(_PASSWORD)
+    password_env: str | None = field(_ENV_NAME, default=None)
+    #: PostgreSQL connections (and threads) for this instance's reads and writes.
+    pool_size: int = field(Int(1, 64), default=4)
+    #: How often to compare the database's generation with ours: the safety net behind
+    #: LISTEN/NOTIFY, and the only way to notice other processes' changes on SQLite.
+    reload_interval_ms: int = field(Int(100, 3_600_000), default=5000)
+
+    @property
+    def fields_given(self) -> list[str]:
+        """The connection fields set besides ``Url`` (they must not be mixed with it)."""
+        values: dict[str, object] = {
+            "Hostname": self.hostname,
+            "Port": self.port,
+            "Name": self.name,
+            "User": self.user,
+        }
+        return [key for key, value in values.items() if value is not None]
+
+
 @attrs.frozen
 class Settings:
     webserver: Webserver = field(Nested(Webserver), factory=Webserver)
     database_filename: str = field(_PATH, default="ollamaflow.db")
+    database: Database = field(Nested(Database), factory=Database)
     admin_bearer_tokens: tuple[str, ...] = field(
         StrList(item=_TOKEN), default=(DEFAULT_ADMIN_TOKEN,)
     )
@@ -87,6 +149,8 @@ class LoadedSettings:
     path: Path
     created: bool
     warnings: tuple[str, ...]
+    #: ``Database.Password``, or the value of the variable ``Database.PasswordEnv`` names.
+    database_password: str | None = attrs.field(default=None, repr=False)
 
     def resolve(self, relative: str) -> Path:
         """A path from the settings, relative to the settings file's folder."""
@@ -95,6 +159,28 @@ class LoadedSettings:
     @property
     def database_path(self) -> Path:
         return self.resolve(self.settings.database_filename)
+
+    @property
+    def database_driver(self) -> DatabaseDriver:
+        return self.settings.database.driver
+
+    def postgresql_params(self) -> dict[str, object]:
+        """libpq fields (``host``, ``port``, ``dbname``, ``user``, ``password``) to go with
+        ``Database.Url`` in :func:`ollamaflow.store.postgresql_conninfo`; ``None`` = unset.
+
+        Without a Url the fields default to :data:`POSTGRESQL_DEFAULTS`; with one, the Url says.
+        """
+        db = self.settings.database
+        params: dict[str, object] = {}
+        if db.url is None:
+            params = {
+                "host": db.hostname or POSTGRESQL_DEFAULTS["host"],
+                "port": db.port or POSTGRESQL_DEFAULTS["port"],
+                "dbname": db.name or POSTGRESQL_DEFAULTS["dbname"],
+                "user": db.user or POSTGRESQL_DEFAULTS["user"],
+            }
+        params["password"] = self.database_password
+        return params
 
     @property
     def log_file(self) -> Path | None:
@@ -131,7 +217,27 @@ def load_settings(path: Path) -> LoadedSettings:
             settings, unknown = from_wire(Settings, data)
         except FieldError as e:
             raise SettingsError(f"{path}: {e}") from e
-    return LoadedSettings(settings, path, created, tuple(_warnings(settings, unknown)))
+    password = _database_password(path, settings.database)
+    warnings = tuple(_warnings(settings, unknown))
+    return LoadedSettings(settings, path, created, warnings, password)
+
+
+def _database_password(path: Path, db: Database) -> str | None:
+    """Check what one key alone cannot, and read the password from the environment if asked."""
+    if db.url is not None and db.fields_given:
+        raise SettingsError(
+            f"{path}: Database: set either Url or {'/'.join(db.fields_given)}, not both"
+        )
+    if db.password is not None and db.password_env is not None:
+        raise SettingsError(f"{path}: Database: set either Password or PasswordEnv, not both")
+    if db.password_env is None:
+        return db.password
+    value = os.environ.get(db.password_env)
+    if value is None and db.driver is DatabaseDriver.POSTGRESQL:
+        raise SettingsError(
+            f"{path}: Database.PasswordEnv: the environment variable {db.password_env} is not set"
+        )
+    return value
 
 
 def _warnings(settings: Settings, unknown: list[str]) -> list[str]:
@@ -143,6 +249,16 @@ def _warnings(settings: Settings, unknown: list[str]) -> list[str]:
         )
     if not settings.admin_bearer_tokens:
         out.append("AdminBearerTokens is empty: the admin API will refuse every request")
+    db = settings.database
+    if db.driver is DatabaseDriver.SQLITE:
+        ignored = (["Url"] if db.url is not None else []) + db.fields_given
+        secrets = (("Password", db.password), ("PasswordEnv", db.password_env))
+        ignored += [key for key, value in secrets if value is not None]
+        if ignored:
+            out.append(
+                f"Database.{', Database.'.join(ignored)} ignored: Database.Driver is sqlite "
+                "(DatabaseFilename is used)"
+            )
     if settings.logging.servers:
         out.append(
             "Logging.Servers: syslog forwarding is not supported; logs go to the console "

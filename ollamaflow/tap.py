@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from ollamaflow.settings import SettingsError, load_settings
+from ollamaflow.settings import DatabaseDriver, LoadedSettings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from ollamaflow.store import Snapshot, Store
 
 
 class Options(usage.Options):
@@ -46,18 +51,45 @@ def makeService(options: Options) -> IService:
     from ollamaflow.daemon import Daemon
     from ollamaflow.logs import observer_for
     from ollamaflow.runtime import utc_clock
-    from ollamaflow.store import StoreError, prepare_sqlite
 
     try:
         loaded = load_settings(Path(options["config"]))
     except SettingsError as e:
         raise SystemExit(f"ollamaflow: {e}") from None
     now = utc_clock(reactor.seconds)
-    try:
-        store, snapshot = prepare_sqlite(str(loaded.database_path), reactor=reactor, now=now)
-    except StoreError as e:
-        raise SystemExit(f"ollamaflow: {loaded.database_path}: {e}") from None
+    store, snapshot = prepare_store(loaded, reactor, now)
     observer = observer_for(loaded.settings.logging, loaded.log_file, _console(options))
     return Daemon(
         loaded=loaded, store=store, snapshot=snapshot, reactor=reactor, log_observer=observer
     )
+
+
+def prepare_store(
+    loaded: LoadedSettings, reactor: Any, now: Callable[[], datetime]
+) -> tuple[Store, Snapshot]:
+    """Open the store the settings name (SQLite file or PostgreSQL), blocking, before the
+    reactor runs: migrated, seeded and read once. Any failure is one line and exit status 1."""
+    from ollamaflow.store import (
+        StoreError,
+        describe_postgresql,
+        postgresql_conninfo,
+        prepare_postgresql,
+        prepare_sqlite,
+    )
+
+    where = str(loaded.database_path)
+    try:
+        if loaded.database_driver is DatabaseDriver.POSTGRESQL:
+            where = "Database"
+            database = loaded.settings.database
+            conninfo = postgresql_conninfo(database.url, **loaded.postgresql_params())
+            where = describe_postgresql(conninfo)
+            return prepare_postgresql(
+                conninfo,
+                reactor=reactor,
+                now=now,
+                pool_size=database.pool_size,
+            )
+        return prepare_sqlite(where, reactor=reactor, now=now)
+    except StoreError as e:
+        raise SystemExit(f"ollamaflow: {where}: {e}") from None

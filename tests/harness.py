@@ -3,32 +3,44 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import treq
 from twisted.internet import reactor
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.runtime import utc_clock
-from ollamaflow.settings import load_settings
-from ollamaflow.store import Store
+from ollamaflow.settings import DatabaseDriver, load_settings
+from ollamaflow.store import Store, postgresql_conninfo
 
 TOKEN = "test-admin-token"
 
 
 async def start_daemon(folder: Path, settings: Mapping[str, Any] | None = None) -> Daemon:
-    """Write a settings file in ``folder``, open its SQLite store and serve on a free port."""
+    """Write a settings file in ``folder``, open its store (SQLite unless ``settings`` say
+    ``Database.Driver`` postgresql) and serve on a free port."""
     path = folder / "ollamaflow.json"
     data = {"AdminBearerTokens": [TOKEN], "Logging": {"ConsoleLogging": False}}
     data.update(settings or {})
     path.write_text(json.dumps(data))
     loaded = load_settings(path)
-    store = await Store.open_sqlite(
-        str(loaded.database_path), reactor=reactor, now=utc_clock(reactor.seconds)
-    )
+    now = utc_clock(reactor.seconds)
+    if loaded.database_driver is DatabaseDriver.POSTGRESQL:
+        database = loaded.settings.database
+        store = await Store.open_postgresql(
+            postgresql_conninfo(database.url, **loaded.postgresql_params()),
+            reactor=reactor,
+            now=now,
+            pool_size=database.pool_size,
+        )
+    else:
+        store = await Store.open_sqlite(str(loaded.database_path), reactor=reactor, now=now)
     snapshot = await store.snapshot()
     daemon = Daemon(loaded=loaded, store=store, snapshot=snapshot, reactor=reactor, port=0)
     daemon.interface = "127.0.0.1"
@@ -87,3 +99,46 @@ class Http:
 
     async def delete(self, path: str, **kw: Any) -> Reply:
         return await self.request("DELETE", path, **kw)
+
+
+# -- PostgreSQL: the real server on this machine, a fresh database per test ----------------------
+
+#: The server and an existing database to administer it from (``.ci/run`` makes sure it runs).
+POSTGRESQL_ADMIN_URL = os.environ.get(
+    "OLLAMAFLOW_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def postgresql_admin() -> Any:
+    """An autocommit connection to the test server; FAILS the test (never skips) if unreachable."""
+    import psycopg
+
+    try:
+        return psycopg.connect(POSTGRESQL_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRESQL_ADMIN_URL} ({' '.join(str(e).split())});"
+            " start it (.ci/run does) or set OLLAMAFLOW_TEST_POSTGRESQL",
+            pytrace=False,
+        )
+
+
+def create_postgresql_database() -> tuple[str, str]:
+    """A new, empty database on the test server: its name and its URL."""
+    import psycopg.conninfo
+
+    name = f"ollamaflow_t_{uuid.uuid4().hex[:12]}"
+    with postgresql_admin() as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    parts = psycopg.conninfo.conninfo_to_dict(POSTGRESQL_ADMIN_URL)
+    secret = f":{parts['password']}" if parts.get("password") else ""
+    user = f"{parts['user']}{secret}@" if parts.get("user") else ""
+    host, port = parts.get("host", "127.0.0.1"), parts.get("port", 5432)
+    return name, f"postgresql://{user}{host}:{port}/{name}"
+
+
+def drop_postgresql_database(name: str) -> None:
+    """Drop a database made by :func:`create_postgresql_database`, closing its connections."""
+    with postgresql_admin() as admin:
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

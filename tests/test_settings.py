@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ollamaflow.settings import DEFAULT_ADMIN_TOKEN, SettingsError, load_settings
+from ollamaflow.settings import DEFAULT_ADMIN_TOKEN, DatabaseDriver, SettingsError, load_settings
 
 
 def test_missing_file_is_written_with_1_2_defaults(tmp_path: Path) -> None:
@@ -17,6 +17,7 @@ def test_missing_file_is_written_with_1_2_defaults(tmp_path: Path) -> None:
     written = json.loads(path.read_text())
     assert written["Webserver"] == {"Hostname": "*", "Port": 43411}
     assert written["DatabaseFilename"] == "ollamaflow.db"
+    assert written["Database"] == {"Driver": "sqlite", "PoolSize": 4, "ReloadIntervalMs": 5000}
     assert written["AdminBearerTokens"] == ["ollamaflowadmin"]
     assert written["StickyHeaders"] == ["x-conversation-id", "x-thread-id"]
     assert written["Logging"]["ConsoleLogging"] is True
@@ -80,6 +81,26 @@ def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
         ({"StickyHeaders": "x-id"}, 'StickyHeaders: "x-id" is not allowed; expected an array'),
         ({"AdminBearerTokens": ["has space"]}, "AdminBearerTokens[0]:"),
         ({"Webserver": []}, "Webserver: [] is not allowed; expected a JSON object"),
+        (
+            {"Database": {"Driver": "mysql"}},
+            'Database.Driver: "mysql" is not allowed; expected one of sqlite, postgresql',
+        ),
+        ({"Database": {"Url": "mysql://x"}}, "Database.Url: "),
+        ({"Database": {"Port": 0}}, "Database.Port: 0 is not allowed"),
+        ({"Database": {"PoolSize": 0}}, "Database.PoolSize: 0 is not allowed"),
+        ({"Database": {"PasswordEnv": "1 BAD"}}, "expected an environment variable name"),
+        (
+            {"Database": {"Url": "postgresql://db/flow", "Hostname": "db", "User": "u"}},
+            "Database: set either Url or Hostname/User, not both",
+        ),
+        (
+            {"Database": {"Password": "a", "PasswordEnv": "B"}},
+            "Database: set either Password or PasswordEnv, not both",
+        ),
+        (
+            {"Database": {"Driver": "postgresql", "PasswordEnv": "OLLAMAFLOW_UNSET_VARIABLE"}},
+            "Database.PasswordEnv: the environment variable OLLAMAFLOW_UNSET_VARIABLE is not set",
+        ),
     ],
 )
 def test_bad_values_stop_with_one_line_naming_key_value_and_allowed(
@@ -108,3 +129,42 @@ def test_the_top_level_must_be_an_object(tmp_path: Path) -> None:
     path.write_text("[1]")
     with pytest.raises(SettingsError, match="expected a JSON object"):
         load_settings(path)
+
+
+def test_postgresql_from_fields_with_the_password_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.json"
+    database = {"Driver": "PostgreSQL", "Hostname": "db.lan", "PasswordEnv": "FLOW_DB_PW"}
+    path.write_text(json.dumps({"AdminBearerTokens": ["t0ken"], "Database": database}))
+    monkeypatch.setenv("FLOW_DB_PW", "pa ss")
+    loaded = load_settings(path)
+    assert loaded.database_driver is DatabaseDriver.POSTGRESQL
+    assert loaded.postgresql_params() == {
+        "host": "db.lan",
+        "port": 5432,
+        "dbname": "ollamaflow",
+        "user": "ollamaflow",
+        "password": "pa ss",
+    }
+    assert "pa ss" not in repr(loaded) and loaded.warnings == ()
+
+
+def test_postgresql_from_a_url_keeps_the_password_out_of_repr(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    url = "postgresql://flow:hunter2@db.lan:6432/config"
+    path.write_text(json.dumps({"Database": {"Driver": "postgresql", "Url": url}}))
+    loaded = load_settings(path)
+    assert loaded.postgresql_params() == {"password": None}
+    assert loaded.settings.database.url == url
+    assert "hunter2" not in repr(loaded.settings)
+
+
+def test_postgresql_keys_with_the_sqlite_driver_are_named_in_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"Database": {"Url": "postgresql://db/x", "Password": "p"}}))
+    warnings = load_settings(path).warnings
+    assert (
+        "Database.Url, Database.Password ignored: Database.Driver is sqlite"
+        " (DatabaseFilename is used)"
+    ) in warnings

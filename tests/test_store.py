@@ -1,23 +1,29 @@
-"""The configuration store on a real SQLite file: schema, seeding, writes and their failures."""
+"""The configuration store on real databases, every test on both a SQLite file and a fresh
+PostgreSQL database (the server on this machine; unreachable = failed, never skipped): schema,
+seeding, writes and their failures."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
+import psycopg
 import pytest
 import pytest_twisted
+from harness import create_postgresql_database, drop_postgresql_database
 from twisted.internet import reactor
 
 from ollamaflow.records import Backend, Frontend, LoadBalancing
 from ollamaflow.store import (
+    POSTGRESQL,
     SCHEMA_VERSION,
     SQLITE,
     BackendInUse,
+    Dialect,
     DuplicateIdentifier,
     InvalidStoredRecord,
     NotFound,
@@ -26,6 +32,8 @@ from ollamaflow.store import (
     Store,
     StoreClosed,
     UnknownBackends,
+    postgresql_conninfo,
+    prepare_postgresql,
     prepare_sqlite,
 )
 from ollamaflow.store import store as store_module
@@ -48,16 +56,133 @@ class FakeNow:
         return self.current
 
 
+class Database(Protocol):
+    """One database under test and how to reach it behind the store's back."""
+
+    kind: str
+    dialect: Dialect
+    integrity_error: type[Exception]
+
+    async def open(self, now: FakeNow) -> Store: ...
+
+    def prepare(self, reactor: Any, now: FakeNow) -> tuple[Store, Snapshot]: ...
+
+    def connect(self) -> Any:
+        """A plain autocommit DB-API connection, foreign keys enforced."""
+
+    def fingerprint(self) -> object:
+        """Everything stored, to show that something left the database untouched."""
+
+
+def rows(db: Database, sql: str) -> list[tuple[Any, ...]]:
+    connection = db.connect()
+    try:
+        return [tuple(row) for row in db.dialect.execute(connection.cursor(), sql).fetchall()]
+    finally:
+        connection.close()
+
+
+def execute(db: Database, sql: str, params: Sequence[Any] = ()) -> None:
+    connection = db.connect()
+    try:
+        db.dialect.execute(connection.cursor(), sql, params)
+    finally:
+        connection.close()
+
+
 @attrs.define
-class Opener:
-    """Opens stores on one file and remembers them, so the fixture closes every one."""
+class SqliteDatabase:
+    """A SQLite file in the test's folder."""
 
     path: Path
+    kind = "sqlite"
+    dialect = SQLITE
+    integrity_error: type[Exception] = sqlite3.IntegrityError
+
+    async def open(self, now: FakeNow) -> Store:
+        return await Store.open_sqlite(str(self.path), reactor=reactor, now=now)
+
+    def prepare(self, reactor: Any, now: FakeNow) -> tuple[Store, Snapshot]:
+        return prepare_sqlite(str(self.path), reactor=reactor, now=now)
+
+    def connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        connection.execute("PRAGMA foreign_keys = ON")
+        return connection
+
+    def fingerprint(self) -> object:
+        """The database file's bytes and the names of the files beside it."""
+        return self.path.read_bytes(), sorted(p.name for p in self.path.parent.iterdir())
+
+
+@attrs.define
+class PostgresqlDatabase:
+    """A fresh database on the test server, dropped after the test."""
+
+    name: str
+    url: str
+    kind = "postgresql"
+    dialect = POSTGRESQL
+    integrity_error: type[Exception] = psycopg.IntegrityError
+
+    @property
+    def conninfo(self) -> str:
+        return postgresql_conninfo(self.url)
+
+    async def open(self, now: FakeNow) -> Store:
+        return await Store.open_postgresql(self.conninfo, reactor=reactor, now=now)
+
+    def prepare(self, reactor: Any, now: FakeNow) -> tuple[Store, Snapshot]:
+        return prepare_postgresql(self.conninfo, reactor=reactor, now=now)
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True)
+
+    def fingerprint(self) -> object:
+        """Every table with all its rows (PostgreSQL has no file to compare)."""
+        connection = self.connect()
+        try:
+            tables = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = current_schema() ORDER BY table_name"
+                ).fetchall()
+            ]
+            return {
+                t: connection.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables
+            }
+        finally:
+            connection.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """The same suite on each database the store supports."""
+    if request.param == "sqlite":
+        yield SqliteDatabase(tmp_path / "ollamaflow.db")
+        return
+    name, url = create_postgresql_database()
+    try:
+        yield PostgresqlDatabase(name, url)
+    finally:
+        drop_postgresql_database(name)
+
+
+#: For the few tests about SQLite itself (its file, its pragmas).
+sqlite_only = pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+
+
+@attrs.define
+class Opener:
+    """Opens stores on one database and remembers them, so the fixture closes every one."""
+
+    db: Database
     now: FakeNow
     opened: list[Store] = attrs.field(factory=list)
 
     async def __call__(self) -> Store:
-        store = await Store.open_sqlite(str(self.path), reactor=reactor, now=self.now)
+        store = await self.db.open(self.now)
         self.opened.append(store)
         return store
 
@@ -71,14 +196,9 @@ def now() -> FakeNow:
     return FakeNow()
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "ollamaflow.db"
-
-
 @pytest_twisted.async_yield_fixture
-async def opener(db_path: Path, now: FakeNow) -> AsyncIterator[Opener]:
-    opened = Opener(db_path, now)
+async def opener(db: Database, now: FakeNow) -> AsyncIterator[Opener]:
+    opened = Opener(db, now)
     yield opened
     for store in opened.opened:
         await store.close()
@@ -87,26 +207,6 @@ async def opener(db_path: Path, now: FakeNow) -> AsyncIterator[Opener]:
 @pytest_twisted.async_fixture
 async def store(opener: Opener) -> Store:
     return await opener()
-
-
-def raw(path: Path) -> sqlite3.Connection:
-    """A plain connection for inspecting or preparing the file behind the store's back."""
-    connection = sqlite3.connect(path, isolation_level=None)
-    connection.execute("PRAGMA foreign_keys = ON")
-    return connection
-
-
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    connection = raw(path)
-    try:
-        return connection.execute(sql).fetchall()
-    finally:
-        connection.close()
-
-
-def fingerprint(path: Path) -> tuple[bytes, list[str]]:
-    """The database file's bytes and the names of the files beside it."""
-    return path.read_bytes(), sorted(p.name for p in path.parent.iterdir())
 
 
 def ids(records: tuple[Frontend, ...] | tuple[Backend, ...]) -> list[str]:
@@ -142,6 +242,7 @@ async def test_deleted_seeds_stay_deleted_after_a_restart(store: Store, opener: 
     assert (snap.frontends, snap.backends) == ((), ())
 
 
+@sqlite_only
 @pytest_twisted.ensureDeferred
 async def test_connections_use_wal_foreign_keys_and_a_busy_timeout(store: Store) -> None:
     def pragmas(cursor: Any) -> tuple[Any, ...]:
@@ -155,9 +256,9 @@ async def test_connections_use_wal_foreign_keys_and_a_busy_timeout(store: Store)
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_schema_is_at_the_latest_version(store: Store, db_path: Path) -> None:
+async def test_the_schema_is_at_the_latest_version(store: Store, db: Database) -> None:
     assert SCHEMA_VERSION == 2
-    assert rows(db_path, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert rows(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
 
 
 @pytest_twisted.ensureDeferred
@@ -210,11 +311,11 @@ async def test_replace_frontend_keeps_created_and_moves_last_update(
 
 
 @pytest_twisted.ensureDeferred
-async def test_delete_frontend(store: Store, db_path: Path) -> None:
+async def test_delete_frontend(store: Store, db: Database) -> None:
     await store.delete_frontend("frontend1")
     snap = await store.snapshot()
     assert snap.frontends == () and ids(snap.backends) == ["backend1"]
-    assert rows(db_path, "SELECT * FROM frontend_backends") == [], "links go with the frontend"
+    assert rows(db, "SELECT * FROM frontend_backends") == [], "links go with the frontend"
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +329,7 @@ async def test_a_duplicate_frontend_is_refused(store: Store) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_backends_are_all_named_and_nothing_is_written(
-    store: Store, db_path: Path
+    store: Store, db: Database
 ) -> None:
     before = await store.snapshot()
     with pytest.raises(UnknownBackends) as caught:
@@ -240,7 +341,7 @@ async def test_unknown_backends_are_all_named_and_nothing_is_written(
     with pytest.raises(UnknownBackends):
         await store.replace_frontend(Frontend(identifier="frontend1", backends=("ghost",)))
     assert await store.snapshot() == before
-    assert rows(db_path, "SELECT identifier FROM frontends") == [("frontend1",)]
+    assert rows(db, "SELECT identifier FROM frontends") == [("frontend1",)]
 
 
 @pytest_twisted.ensureDeferred
@@ -407,12 +508,12 @@ async def test_two_stores_on_one_file_see_and_respect_each_other(
 
 
 @pytest_twisted.ensureDeferred
-async def test_stored_documents_ignore_keys_of_removed_fields(store: Store, db_path: Path) -> None:
-    connection = raw(db_path)
-    connection.execute(
-        "UPDATE backends SET doc = json_set(doc, '$.RetiredField', 1, '$.Port', 8000)"
-    )
-    connection.close()
+async def test_stored_documents_ignore_keys_of_removed_fields(store: Store, db: Database) -> None:
+    if db.kind == "sqlite":
+        execute(db, "UPDATE backends SET doc = json_set(doc, '$.RetiredField', 1, '$.Port', 8000)")
+    else:
+        patch = '{"RetiredField": 1, "Port": 8000}'
+        execute(db, f"UPDATE backends SET doc = (doc::jsonb || '{patch}')::text")
     be = (await store.snapshot()).backends[0]
     assert be.port == 8000
 
@@ -422,7 +523,7 @@ async def test_stored_documents_ignore_keys_of_removed_fields(store: Store, db_p
 
 @pytest_twisted.ensureDeferred
 async def test_a_failure_mid_transaction_leaves_no_rows(
-    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = await store.snapshot()
 
@@ -439,36 +540,33 @@ async def test_a_failure_mid_transaction_leaves_no_rows(
     monkeypatch.undo()
 
     assert await store.snapshot() == before
-    assert rows(db_path, "SELECT identifier FROM frontends") == [("frontend1",)]
-    assert rows(db_path, "SELECT identifier FROM backends") == [("backend1",)]
+    assert rows(db, "SELECT identifier FROM frontends") == [("frontend1",)]
+    assert rows(db, "SELECT identifier FROM backends") == [("backend1",)]
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_database_refuses_a_frontend_naming_a_missing_backend(
-    store: Store, db_path: Path
+    store: Store, db: Database
 ) -> None:
-    connection = raw(db_path)
-    with pytest.raises(sqlite3.IntegrityError):
-        connection.execute(
+    with pytest.raises(db.integrity_error):
+        execute(
+            db,
             "INSERT INTO frontend_backends (frontend_id, backend_id, position)"
-            " VALUES ('frontend1', 'ghost', 1)"
+            " VALUES ('frontend1', 'ghost', 1)",
         )
-    with pytest.raises(sqlite3.IntegrityError):
-        connection.execute("DELETE FROM backends WHERE identifier = 'backend1'")
-    connection.close()
+    with pytest.raises(db.integrity_error):
+        execute(db, "DELETE FROM backends WHERE identifier = 'backend1'")
 
 
 # -- migrations ------------------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_version_1_database_is_migrated_with_its_rows(
-    db_path: Path, opener: Opener
-) -> None:
-    connection = raw(db_path)
+async def test_a_version_1_database_is_migrated_with_its_rows(db: Database, opener: Opener) -> None:
+    connection = db.connect()
     cursor = connection.cursor()
-    cursor.execute(SQLITE.begin_write)
-    assert migrate(cursor, SQLITE, now=T0, target=1) == 0
+    db.dialect.begin_writing(cursor)
+    assert migrate(cursor, db.dialect, now=T0, target=1) == 0
     stamp = "2020-01-01T00:00:00.000000Z"
     for sql, params in (
         (
@@ -484,12 +582,12 @@ async def test_a_version_1_database_is_migrated_with_its_rows(
         ("INSERT INTO frontend_backends VALUES ('fe', 'old', 0)", ()),
         ("COMMIT", ()),
     ):
-        cursor.execute(sql, params)
-    assert current_version(connection.cursor(), SQLITE) == 1
+        db.dialect.execute(cursor, sql, params)
+    assert current_version(connection.cursor(), db.dialect) == 1
     connection.close()
 
     store = await opener()
-    assert rows(db_path, "SELECT MAX(version) FROM schema_version") == [(2,)]
+    assert rows(db, "SELECT MAX(version) FROM schema_version") == [(2,)]
     snap = await store.snapshot()
     assert snap.generation == 0 and await store.generation() == 0
     assert ids(snap.frontends) == ["fe"] and ids(snap.backends) == ["old"], "no seeding"
@@ -504,28 +602,27 @@ async def test_a_version_1_database_is_migrated_with_its_rows(
 
 @pytest_twisted.ensureDeferred
 async def test_a_newer_schema_is_refused_and_left_untouched(
-    store: Store, db_path: Path, opener: Opener
+    store: Store, db: Database, opener: Opener
 ) -> None:
     await store.close()
-    connection = raw(db_path)
-    connection.execute("INSERT INTO schema_version VALUES (7, '2030-01-01T00:00:00.000000Z')")
-    connection.close()
-    before = fingerprint(db_path)
+    execute(db, "INSERT INTO schema_version VALUES (7, '2030-01-01T00:00:00.000000Z')")
+    before = db.fingerprint()
 
     with pytest.raises(SchemaTooNew) as caught:
         await opener()
     assert (caught.value.found, caught.value.supported) == (7, SCHEMA_VERSION)
+    setting = {"sqlite": "DatabaseFilename", "postgresql": "Database"}[db.kind]
     assert str(caught.value) == (
         "database schema version 7 is newer than this OllamaFlow supports (2);"
-        " upgrade OllamaFlow or use another DatabaseFilename"
+        f" upgrade OllamaFlow or use another {setting}"
     )
-    assert fingerprint(db_path) == before
+    assert db.fingerprint() == before
 
 
-def test_migrate_refuses_a_target_it_does_not_know(tmp_path: Path) -> None:
-    connection = raw(tmp_path / "x.db")
+def test_migrate_refuses_a_target_it_does_not_know(db: Database) -> None:
+    connection = db.connect()
     with pytest.raises(ValueError, match="target version 3"):
-        migrate(connection.cursor(), SQLITE, now=T0, target=SCHEMA_VERSION + 1)
+        migrate(connection.cursor(), db.dialect, now=T0, target=SCHEMA_VERSION + 1)
     connection.close()
 
 
@@ -545,43 +642,39 @@ class NotYetRunning:
 
 
 @pytest_twisted.ensureDeferred
-async def test_prepare_sqlite_migrates_seeds_and_reads_before_the_reactor_runs(
-    db_path: Path, now: FakeNow
+async def test_prepare_migrates_seeds_and_reads_before_the_reactor_runs(
+    db: Database, now: FakeNow
 ) -> None:
-    store, snapshot = prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
+    store, snapshot = db.prepare(NotYetRunning(reactor), now)
     try:
         assert ids(snapshot.frontends) == ["frontend1"] and ids(snapshot.backends) == ["backend1"]
         assert await store.snapshot() == snapshot
         await store.create_backend(Backend(identifier="gpu1"))
     finally:
         await store.close()
-    store, again = prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
+    store, again = db.prepare(NotYetRunning(reactor), now)
     await store.close()
     assert ids(again.backends) == ["backend1", "gpu1"] and again.generation == 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_prepare_sqlite_refuses_a_newer_schema_and_a_running_reactor(
-    db_path: Path, now: FakeNow
+async def test_prepare_refuses_a_newer_schema_and_a_running_reactor(
+    db: Database, now: FakeNow
 ) -> None:
-    store, _ = prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
+    store, _ = db.prepare(NotYetRunning(reactor), now)
     await store.close()
-    connection = raw(db_path)
-    connection.execute("INSERT INTO schema_version VALUES (3, '2030-01-01T00:00:00.000000Z')")
-    connection.close()
-    before = fingerprint(db_path)
+    execute(db, "INSERT INTO schema_version VALUES (3, '2030-01-01T00:00:00.000000Z')")
+    before = db.fingerprint()
     with pytest.raises(SchemaTooNew):
-        prepare_sqlite(str(db_path), reactor=NotYetRunning(reactor), now=now)
-    assert fingerprint(db_path) == before
-    with pytest.raises(RuntimeError, match="open_sqlite"):
-        prepare_sqlite(str(db_path), reactor=reactor, now=now)
+        db.prepare(NotYetRunning(reactor), now)
+    assert db.fingerprint() == before
+    with pytest.raises(RuntimeError, match=f"open_{db.kind}"):
+        db.prepare(reactor, now)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stored_row_that_no_longer_parses_is_named(store: Store, db_path: Path) -> None:
-    connection = raw(db_path)
-    connection.execute("UPDATE backends SET doc = '{\"Port\": 0}'")
-    connection.close()
+async def test_a_stored_row_that_no_longer_parses_is_named(store: Store, db: Database) -> None:
+    execute(db, "UPDATE backends SET doc = '{\"Port\": 0}'")
     with pytest.raises(InvalidStoredRecord) as caught:
         await store.snapshot()
     assert "backend 'backend1'" in str(caught.value) and "Port" in str(caught.value)

@@ -26,6 +26,7 @@ from ollamaflow.store import (
     BackendInUse,
     DuplicateIdentifier,
     StoreError,
+    StoreUnavailable,
     UnknownBackends,
 )
 from ollamaflow.store import (
@@ -40,6 +41,7 @@ _STORE_ERRORS: dict[type[StoreError], int] = {
     DuplicateIdentifier: 409,
     BackendInUse: 409,
     UnknownBackends: 400,
+    StoreUnavailable: 503,
 }
 
 

@@ -1,28 +1,40 @@
-"""The configuration store: frontends and backends in a SQL database (SQLite today)."""
+"""The configuration store: frontends and backends in SQLite (the default) or PostgreSQL."""
 
-from ollamaflow.store.dialect import SQLITE, Dialect
+from ollamaflow.store.dialect import POSTGRESQL, SQLITE, Dialect
 from ollamaflow.store.errors import (
     BackendInUse,
+    DatabaseRefused,
+    DriverMissing,
     DuplicateIdentifier,
+    InvalidConnectionSettings,
     InvalidStoredRecord,
     NotFound,
     SchemaTooNew,
     StoreClosed,
     StoreError,
+    StoreUnavailable,
     UnknownBackends,
 )
 from ollamaflow.store.migrations import LATEST as SCHEMA_VERSION
-from ollamaflow.store.store import Snapshot, Store
+from ollamaflow.store.postgresql import Subscription, describe_postgresql, postgresql_conninfo
+from ollamaflow.store.store import DEFAULT_POOL_SIZE, Snapshot, Store
 
 #: Synchronous opening for ``twistd``'s ``makeService``; see :meth:`Store.prepare_sqlite`.
 prepare_sqlite = Store.prepare_sqlite
+#: The same for PostgreSQL; see :meth:`Store.prepare_postgresql`.
+prepare_postgresql = Store.prepare_postgresql
 
 __all__ = [
+    "DEFAULT_POOL_SIZE",
+    "POSTGRESQL",
     "SCHEMA_VERSION",
     "SQLITE",
     "BackendInUse",
+    "DatabaseRefused",
     "Dialect",
+    "DriverMissing",
     "DuplicateIdentifier",
+    "InvalidConnectionSettings",
     "InvalidStoredRecord",
     "NotFound",
     "SchemaTooNew",
@@ -30,6 +42,11 @@ __all__ = [
     "Store",
     "StoreClosed",
     "StoreError",
+    "StoreUnavailable",
+    "Subscription",
     "UnknownBackends",
+    "describe_postgresql",
+    "postgresql_conninfo",
+    "prepare_postgresql",
     "prepare_sqlite",
 ]

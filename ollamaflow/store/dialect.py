@@ -2,7 +2,8 @@
 
 The store and the migrations write SQL with ``?`` placeholders and ``{autoincrement}`` in DDL;
 a :class:`Dialect` turns that into what its driver expects and knows how to begin transactions,
-set up a connection and recognise an integrity error. Drivers are imported only when used.
+serialize writers, announce a change, set up a connection and recognise an integrity error or a
+lost database. Drivers are imported only when used: SQLite always works, PostgreSQL needs psycopg.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import attrs
+from twisted.enterprise.adbapi import ConnectionLost
 
 
 class Cursor(Protocol):
@@ -57,6 +59,19 @@ class Dialect:
     autoincrement_primary_key: str
     #: A query with one placeholder (the table name) that returns a row if the table exists.
     table_exists_sql: str
+    #: The setting an operator changes to point the daemon at another database (for messages).
+    location_setting: str = "DatabaseFilename"
+    #: Run right after :attr:`begin_write` when beginning alone does not serialize writers
+    #: (PostgreSQL: a transaction-scoped advisory lock, so migrations and writes take turns).
+    write_lock: str = ""
+    #: Run in every write transaction after the generation is bumped: tells listeners, on commit
+    #: only, that a new generation exists. Empty when the database cannot announce changes.
+    notify: str = ""
+    #: The channel :attr:`notify` announces on (what a follower LISTENs to), if any.
+    notify_channel: str = ""
+    #: Names of the driver's exception classes meaning the database cannot be reached or the
+    #: connection broke (as opposed to a refused statement).
+    unavailable_errors: tuple[str, ...] = ()
     #: Statements run on every new connection, in order.
     connect_statements: tuple[str, ...] = ()
     #: Keyword arguments for the driver's ``connect``: autocommit, so we begin transactions.
@@ -86,11 +101,37 @@ class Dialect:
         module = importlib.import_module(self.driver)
         return isinstance(error, module.IntegrityError)
 
+    def begin_writing(self, cursor: Cursor) -> None:
+        """Begin a transaction that holds the database's write lock until it ends."""
+        self.execute(cursor, self.begin_write)
+        if self.write_lock:
+            self.execute(cursor, self.write_lock)
+
+    def announce(self, cursor: Cursor) -> None:
+        """Inside a write transaction: tell listeners about the new generation once it commits."""
+        if self.notify:
+            self.execute(cursor, self.notify)
+
+    def is_unavailable_error(self, error: BaseException) -> bool:
+        """Whether ``error`` means the database is unreachable or the connection was lost."""
+        if isinstance(error, ConnectionLost):
+            return True
+        if not self.unavailable_errors:
+            return False
+        module = importlib.import_module(self.driver)
+        classes = tuple(getattr(module, name) for name in self.unavailable_errors)
+        return isinstance(error, classes)
+
+    def is_driver_error(self, error: BaseException) -> bool:
+        """Whether the driver raised ``error`` (DB-API's ``Error``), not our own code."""
+        module = importlib.import_module(self.driver)
+        return isinstance(error, module.Error)
+
     def table_exists(self, cursor: Cursor, table: str) -> bool:
         return self.execute(cursor, self.table_exists_sql, (table,)).fetchone() is not None
 
     def connect(self, *args: Any) -> Any:
-        """A new, set-up driver connection (for work done before the reactor runs)."""
+        """A new, set-up driver connection (blocking: before the reactor runs, or in a thread)."""
         module = importlib.import_module(self.driver)
         connection = module.connect(*args, **self.connect_kwargs)
         try:
@@ -127,4 +168,39 @@ SQLITE = Dialect(
         "PRAGMA journal_mode = WAL",
     ),
     connect_kwargs={"check_same_thread": False, "isolation_level": None},
+)
+
+
+#: Every OllamaFlow on one PostgreSQL database takes this transaction-scoped advisory lock before
+#: it migrates or writes, so exactly one migrates while the others wait, and check-then-write is
+#: atomic as with SQLite's ``BEGIN IMMEDIATE``. The number is arbitrary: "OFlw" in ASCII.
+POSTGRESQL_LOCK_KEY = 0x4F466C77
+
+#: The LISTEN/NOTIFY channel on which every committed write announces its generation.
+POSTGRESQL_CHANNEL = "ollamaflow_config"
+
+#: PostgreSQL through psycopg 3. Writers are serialized by the advisory lock (READ COMMITTED, so
+#: each statement after the lock sees what the previous writer committed); a snapshot is read in
+#: one REPEATABLE READ transaction. Connections are in autocommit mode: we begin transactions.
+POSTGRESQL = Dialect(
+    name="postgresql",
+    driver="psycopg",
+    paramstyle="format",
+    begin_write="BEGIN ISOLATION LEVEL READ COMMITTED",
+    begin_read="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    autoincrement_primary_key="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+    table_exists_sql=(
+        "SELECT 1 FROM information_schema.tables"
+        " WHERE table_schema = current_schema() AND table_name = ?"
+    ),
+    location_setting="Database",
+    write_lock=f"SELECT pg_advisory_xact_lock({POSTGRESQL_LOCK_KEY})",
+    notify=(
+        f"SELECT pg_notify('{POSTGRESQL_CHANNEL}', generation::text) FROM config_state WHERE id = 1"
+    ),
+    notify_channel=POSTGRESQL_CHANNEL,
+    # OperationalError covers a refused or broken connection and a server shutting down;
+    # InterfaceError a connection psycopg already knows is closed.
+    unavailable_errors=("OperationalError", "InterfaceError"),
+    connect_kwargs={"autocommit": True},
 )

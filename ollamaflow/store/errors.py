@@ -65,11 +65,13 @@ class SchemaTooNew(StoreError):
 
     found: int
     supported: int
+    #: The setting that points the daemon at its database (depends on the driver).
+    setting: str = "DatabaseFilename"
 
     def __str__(self) -> str:
         return (
             f"database schema version {self.found} is newer than this OllamaFlow supports "
-            f"({self.supported}); upgrade OllamaFlow or use another DatabaseFilename"
+            f"({self.supported}); upgrade OllamaFlow or use another {self.setting}"
         )
 
 
@@ -90,3 +92,62 @@ class StoreClosed(StoreError):
 
     def __str__(self) -> str:
         return "the configuration store is closed"
+
+
+@attrs.define(auto_exc=True)
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or the connection broke; the daemon keeps running.
+
+    ``unsure`` is set when the connection broke while a write was committing, so the change may
+    or may not have been saved.
+    """
+
+    reason: str
+    unsure: bool = False
+
+    def __str__(self) -> str:
+        text = f"the configuration database is unavailable: {self.reason}"
+        if self.unsure:
+            return text + "; the change may or may not have been saved, check before retrying"
+        return text + "; nothing was changed, retry later"
+
+
+@attrs.define(auto_exc=True)
+class DatabaseRefused(StoreError):
+    """At start-up, the database answered but refused what opening needs (rights, say)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"the configuration database refused to open: {self.reason}"
+
+
+@attrs.define(auto_exc=True)
+class DriverMissing(StoreError):
+    """The database driver's Python package is not installed."""
+
+    database: str
+    package: str
+    extra: str
+
+    def __str__(self) -> str:
+        return (
+            f"the {self.database} driver is not installed: "
+            f"pip install '{self.package}' (or 'ollamaflow[{self.extra}]')"
+        )
+
+
+@attrs.define(auto_exc=True)
+class InvalidConnectionSettings(StoreError):
+    """The database URL or connection fields do not make a valid connection string."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"invalid database connection settings: {self.reason}"
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """A driver's message on one line (libpq's span several), cut to ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

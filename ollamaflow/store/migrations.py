@@ -71,15 +71,16 @@ def current_version(cursor: Cursor, dialect: Dialect) -> int:
 def migrate(cursor: Cursor, dialect: Dialect, *, now: datetime, target: int = LATEST) -> int:
     """Apply the migrations after the current version up to ``target``; returns the version found.
 
-    Call inside a write transaction (``dialect.begin_write``) so that the check and the upgrade
-    are one step. Raises :class:`SchemaTooNew`, having changed nothing, when the database is
-    newer than :data:`LATEST`.
+    Call inside a write transaction (``dialect.begin_writing``) so that the check and the upgrade
+    are one step, and (PostgreSQL) so that only one instance migrates while the others wait.
+    Raises :class:`SchemaTooNew`, having changed nothing, when the database is newer than
+    :data:`LATEST`.
     """
     if not 0 <= target <= LATEST:
         raise ValueError(f"target version {target} is not between 0 and {LATEST}")
     found = current_version(cursor, dialect)
     if found > LATEST:
-        raise SchemaTooNew(found, LATEST)
+        raise SchemaTooNew(found, LATEST, dialect.location_setting)
     if found < target and found == 0 and not dialect.table_exists(cursor, "schema_version"):
         dialect.execute(cursor, _VERSION_TABLE)
     for version in range(found + 1, target + 1):

@@ -1,8 +1,11 @@
 """The configuration store: frontends and backends in a SQL database, behind adbapi.
 
-Every write is one transaction that begins with the dialect's write lock and bumps the
-configuration generation, so a failed write leaves nothing behind and readers can tell which
-snapshot is newer. All database work runs in the pool's thread, never on the reactor thread.
+Every write is one transaction that begins with the dialect's write lock, bumps the
+configuration generation and announces it (PostgreSQL: NOTIFY, delivered on commit only), so a
+failed write leaves nothing behind and readers can tell which snapshot is newer. All database
+work runs in the pool's threads, never on the reactor thread. A database that cannot be reached
+or a connection that broke is reported as :class:`StoreUnavailable`; the pool reconnects by
+itself on the next call.
 """
 
 from __future__ import annotations
@@ -13,22 +16,33 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import attrs
+from twisted.enterprise import adbapi
 from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 
 from ollamaflow.records import Backend, Frontend
-from ollamaflow.store.dialect import SQLITE, Cursor, Dialect
+from ollamaflow.store.dialect import POSTGRESQL, SQLITE, Cursor, Dialect
 from ollamaflow.store.errors import (
     BackendInUse,
+    DatabaseRefused,
     DuplicateIdentifier,
     InvalidStoredRecord,
     NotFound,
     StoreClosed,
+    StoreUnavailable,
     UnknownBackends,
+    one_line,
 )
 from ollamaflow.store.migrations import migrate
+from ollamaflow.store.postgresql import (
+    ChangeHandler,
+    LostHandler,
+    Subscription,
+    driver_missing,
+    subscribe,
+)
 from ollamaflow.wire import FieldError, format_utc, from_wire, to_wire
 
 T = TypeVar("T")
@@ -47,14 +61,22 @@ class Snapshot:
     backends: tuple[Backend, ...]
 
 
+#: Connections in a PostgreSQL store's pool (each in its own thread) unless told otherwise.
+DEFAULT_POOL_SIZE = 4
+
+
 @attrs.define
 class Store:
-    """Frontends and backends in a database; open with :meth:`open_sqlite`, then :meth:`close`."""
+    """Frontends and backends in a database; open with :meth:`open_sqlite` or
+    :meth:`open_postgresql` (or their ``prepare_`` forms before the reactor runs), then
+    :meth:`close`."""
 
     _pool: ConnectionPool
     _dialect: Dialect
     _reactor: IReactorCore
     _now: Callable[[], datetime]
+    #: What the driver's ``connect`` takes, for a dedicated LISTEN connection (PostgreSQL).
+    _conninfo: str | None = None
     _pending: set[Deferred[Any]] = attrs.field(factory=set)
     _closed: bool = False
 
@@ -79,6 +101,63 @@ class Store:
         return cls(_sqlite_pool(path, reactor), SQLITE, reactor, now), snapshot
 
     @classmethod
+    def prepare_postgresql(
+        cls,
+        conninfo: str,
+        *,
+        reactor: IReactorCore,
+        now: Callable[[], datetime],
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ) -> tuple[Store, Snapshot]:
+        """Before the reactor runs: connect, migrate (or wait for the instance that does), seed
+        and read the first snapshot, blocking; like :meth:`prepare_sqlite`.
+
+        ``conninfo`` is a libpq connection string or URL (see :func:`postgresql_conninfo`).
+        A database that cannot be reached raises :class:`StoreUnavailable` in one line.
+        """
+        if getattr(reactor, "running", False):
+            raise RuntimeError(
+                "prepare_postgresql blocks; use Store.open_postgresql in a running reactor"
+            )
+        dialect = POSTGRESQL
+        try:
+            connection = dialect.connect(conninfo)
+        except ImportError as e:
+            raise driver_missing() from e
+        except Exception as e:
+            if dialect.is_unavailable_error(e):
+                raise StoreUnavailable(one_line(e)) from e
+            raise
+        try:
+            _run_now(connection, _open_database, dialect, now().astimezone(UTC))
+            snapshot = _run_now(connection, _read_snapshot, dialect)
+        except Exception as e:
+            if dialect.is_unavailable_error(e):
+                raise StoreUnavailable(one_line(e)) from e
+            if dialect.is_driver_error(e):  # no right to create tables, say: one line too
+                raise DatabaseRefused(one_line(e)) from e
+            raise
+        finally:
+            connection.close()
+        pool = _postgresql_pool(conninfo, reactor, pool_size)
+        return cls(pool, dialect, reactor, now, conninfo), snapshot
+
+    @classmethod
+    async def open_postgresql(
+        cls,
+        conninfo: str,
+        *,
+        reactor: IReactorCore,
+        now: Callable[[], datetime],
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ) -> Store:
+        """Connect to PostgreSQL, migrate (exactly one instance does; the others wait on the
+        advisory lock) and seed a new database. Raises :class:`StoreUnavailable` if unreachable.
+        """
+        pool = _postgresql_pool(conninfo, reactor, pool_size)
+        return await cls.open(pool, POSTGRESQL, reactor=reactor, now=now, conninfo=conninfo)
+
+    @classmethod
     async def open_sqlite(
         cls, path: str, *, reactor: IReactorCore, now: Callable[[], datetime]
     ) -> Store:
@@ -93,12 +172,14 @@ class Store:
         *,
         reactor: IReactorCore,
         now: Callable[[], datetime],
+        conninfo: str | None = None,
     ) -> Store:
         """Take over ``pool`` (closed again on failure), migrate, and seed a new database.
 
         Raises :class:`SchemaTooNew` for a database written by a newer OllamaFlow.
+        ``conninfo`` lets :meth:`listen` open its own connection (dialects with a channel).
         """
-        store = cls(pool, dialect, reactor, now)
+        store = cls(pool, dialect, reactor, now, conninfo)
         try:
             await store._run(_open_database, dialect, store._utcnow())
         except BaseException:
@@ -122,6 +203,32 @@ class Store:
                 cast(IReactorFromThreads, self._reactor), pool.threadpool, _disconnect, pool
             )
         pool.close()
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._dialect
+
+    @property
+    def can_listen(self) -> bool:
+        """Whether :meth:`listen` works: the database announces committed writes."""
+        return bool(self._dialect.notify_channel) and self._conninfo is not None
+
+    async def listen(self, on_change: ChangeHandler, on_lost: LostHandler) -> Subscription:
+        """Hear about every committed write, by any instance, as it commits.
+
+        Opens a dedicated connection (in a thread) that LISTENs on the dialect's channel; the
+        reactor then reads it without blocking. ``on_change`` gets the announced generation
+        (``None`` if unreadable); ``on_lost`` is called once, with a reason, if the connection
+        breaks. Raises :class:`StoreUnavailable` if it cannot connect.
+        """
+        if self._closed:
+            raise StoreClosed()
+        if not self.can_listen:
+            raise NotImplementedError(f"{self._dialect.name} cannot announce changes")
+        assert self._conninfo is not None
+        return await subscribe(
+            self._dialect, self._conninfo, self._reactor, on_change=on_change, on_lost=on_lost
+        )
 
     async def snapshot(self) -> Snapshot:
         """The whole configuration, read in one transaction."""
@@ -163,17 +270,90 @@ class Store:
         return self._now().astimezone(UTC)
 
     async def _write(self, work: Callable[..., T], *args: Any) -> T:
-        return await self._run(_in_write_transaction, self._dialect, work, *args)
+        return await self._run(_in_write_transaction, self._dialect, work, *args, write=True)
 
-    async def _run(self, interaction: Callable[..., T], *args: Any) -> T:
+    async def _run(self, interaction: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run ``interaction`` in one transaction; a lost connection is retried, a lost database
+        is :class:`StoreUnavailable`.
+
+        After a database restart every pooled connection is stale, and each is found out only
+        when used: an interaction that failed that way never committed, so it runs again (the
+        pool has dropped that connection and connects afresh), at most once per pooled
+        connection. A write whose commit broke off is not retried: it may have been saved.
+        """
         if self._closed:
             raise StoreClosed()
-        d: Deferred[T] = self._pool.runInteraction(interaction, *args)
-        self._pending.add(d)
+        attempts = self._pool.max + 1
+        for attempt in range(1, attempts + 1):
+            progress = _Progress()
+            d: Deferred[T] = self._pool.runInteraction(_tracked, progress, interaction, *args)
+            self._pending.add(d)
+            try:
+                return await d
+            except Exception as e:
+                if not self._dialect.is_unavailable_error(e):
+                    raise
+                unsure = write and progress.returned
+                if not progress.entered or unsure or attempt == attempts:
+                    raise StoreUnavailable(one_line(e), unsure=unsure) from e
+            finally:
+                self._pending.discard(d)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+@attrs.define
+class _Progress:
+    """How far one attempt got: connected and began, and returned (so only commit was left)."""
+
+    entered: bool = False
+    returned: bool = False
+
+
+def _tracked(cursor: Cursor, progress: _Progress, interaction: Callable[..., T], *args: Any) -> T:
+    progress.entered = True
+    result = interaction(cursor, *args)
+    progress.returned = True
+    return result
+
+
+class _DroppingConnection(adbapi.Connection):
+    """adbapi's pooled connection, but one found dead on rollback is dropped quietly.
+
+    adbapi (``cp_reconnect``) drops it too, logging two tracebacks per stale connection after
+    every database restart; the store reports the failure itself, as :class:`StoreUnavailable`.
+    """
+
+    def rollback(self) -> None:
+        connection: Any = self._connection
         try:
-            return await d
-        finally:
-            self._pending.discard(d)
+            connection.rollback()
+            if not getattr(connection, "closed", False):
+                return
+        except Exception:
+            pass
+        # The next interaction in this thread connects afresh.
+        self._pool.disconnect(connection)
+
+
+def _postgresql_pool(conninfo: str, reactor: IReactorCore, size: int) -> ConnectionPool:
+    """Up to ``size`` connections, one per pool thread, reconnecting after a lost one."""
+    try:
+        import psycopg  # noqa: F401 - fail here, in one line, rather than in every call
+    except ImportError as e:
+        raise driver_missing() from e
+    pool = ConnectionPool(
+        POSTGRESQL.driver,
+        conninfo,
+        cp_min=1,
+        cp_max=size,
+        cp_reconnect=True,
+        cp_noisy=False,
+        cp_openfun=POSTGRESQL.setup_connection,
+        cp_reactor=reactor,
+        **POSTGRESQL.connect_kwargs,
+    )
+    pool.connectionFactory = _DroppingConnection
+    return pool
 
 
 def _sqlite_pool(path: str, reactor: IReactorCore) -> ConnectionPool:
@@ -213,21 +393,26 @@ def _disconnect(pool: ConnectionPool) -> None:
 
 
 def _open_database(cursor: Cursor, dialect: Dialect, now: datetime) -> None:
-    dialect.execute(cursor, dialect.begin_write)
+    # The write lock first: on PostgreSQL the first instance migrates, the others wait here and
+    # then find the schema up to date.
+    dialect.begin_writing(cursor)
     if migrate(cursor, dialect, now=now) == 0:
         _bump_generation(cursor, dialect)
         _insert_backend(cursor, dialect, Backend(identifier="backend1"), now)
         _insert_frontend(
             cursor, dialect, Frontend(identifier="frontend1", backends=("backend1",)), now
         )
+        dialect.announce(cursor)
 
 
 def _in_write_transaction(
     cursor: Cursor, dialect: Dialect, work: Callable[..., T], *args: Any
 ) -> T:
-    dialect.execute(cursor, dialect.begin_write)
+    dialect.begin_writing(cursor)
     _bump_generation(cursor, dialect)
-    return work(cursor, dialect, *args)
+    result = work(cursor, dialect, *args)
+    dialect.announce(cursor)  # delivered on commit only; a failed write announces nothing
+    return result
 
 
 def _bump_generation(cursor: Cursor, dialect: Dialect) -> None:
