@@ -251,6 +251,8 @@ async def test_a_disconnect_before_the_response_cancels_too(cluster: Cluster) ->
     attempt = treq.post(cluster.url + "/api/generate", json={"model": "llama3", "prompt": "x"})
     await until(lambda: sim.counters.in_flight == 1)
     attempt.cancel()
+    with pytest.raises(Exception):  # noqa: B017 - treq's error for a cancelled request
+        await attempt
     await until(lambda: sim.counters.client_disconnects == 1 and sim.counters.in_flight == 0)
     await until(lambda: cluster.daemon.runtime.state("sim0").active_requests == 0)
 

@@ -222,6 +222,8 @@ async def test_in_flight_returns_to_zero_on_every_exit_path(setup: Setup) -> Non
     pending = setup.generate()
     await until(lambda: setup.in_flight("a")[0] == 1)
     pending.cancel()
+    with pytest.raises(Exception):  # noqa: B017 - treq's error for a cancelled request
+        await pending
     await settled()
     streaming = await treq.post(
         setup.url + "/api/generate", json={"model": "llama3", "prompt": "x"}, unbuffered=True
@@ -302,6 +304,8 @@ async def test_a_client_that_leaves_the_queue_is_removed(setup: Setup) -> None:
     queued = setup.generate("leaves")
     await until(lambda: setup.daemon.gateway.scheduler.depth("frontend1") == 1)
     queued.cancel()
+    with pytest.raises(Exception):  # noqa: B017 - treq's error for a cancelled request
+        await queued
     await until(lambda: setup.daemon.gateway.scheduler.depth("frontend1") == 0)
     await (await busy).content()
     await until(lambda: setup.in_flight("a") == (0, {}))

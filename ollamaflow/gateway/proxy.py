@@ -52,6 +52,7 @@ from ollamaflow.gateway.balancer import (
     stick,
 )
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
+from ollamaflow.gateway.completed import LOGGED_BODY_BYTES, TAIL_BYTES, Completed, usage
 from ollamaflow.gateway.dialect import refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
@@ -154,6 +155,8 @@ class Gateway:
         self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
         #: Called with (backend, reason) when proxying sees a backend fail (passive health).
         self.on_failure = on_failure
+        #: Told about every finished request (the access log, the metrics).
+        self.observers: list[Callable[[Completed], None]] = []
         registry.subscribe(self._configuration_changed)
 
     def _configuration_changed(self, catalog: Catalog) -> None:
@@ -184,16 +187,17 @@ class Gateway:
         host_text = host.decode("latin-1") if host else ""
         frontend = catalog.frontend_for_host(host_text)
         if frontend is None:
-            return refuse(request, 404, f"no frontend for host {host_text!r}")
+            return self._refuse(request, None, 404, f"no frontend for host {host_text!r}")
         if request.clientproto == b"HTTP/1.0" and frontend.block_http10:
-            return refuse(request, 505, "HTTP/1.0 is not supported; use HTTP/1.1")
+            return self._refuse(request, frontend, 505, "HTTP/1.0 is not supported; use HTTP/1.1")
         path = request.path
         request_class = classify(path)
         if (request_class is RequestClass.EMBEDDINGS and not frontend.allow_embeddings) or (
             request_class is RequestClass.COMPLETIONS and not frontend.allow_completions
         ):
-            return refuse(
+            return self._refuse(
                 request,
+                frontend,
                 403,
                 f"frontend {frontend.identifier!r} does not allow {request_class.value} requests",
             )
@@ -202,7 +206,7 @@ class Gateway:
             try:
                 document = _json_object(request.content)
             except ValueError as e:
-                return refuse(request, 400, str(e))
+                return self._refuse(request, frontend, 400, str(e))
         elif path in _NAMES_A_MODEL and request.method == b"POST":
             try:
                 document = _json_object(request.content)
@@ -217,7 +221,7 @@ class Gateway:
             label.decode("latin-1") if label is not None else None,
         )
         if isinstance(found, NoCandidate):
-            return refuse(request, 503, found.message, retry_after=1)
+            return self._refuse(request, frontend, 503, found.message, retry_after=1)
         if path == b"/api/delete" and request.method == b"DELETE":
             return self._delete_everywhere(request, frontend, found)
         if path == b"/api/pull" and request.method == b"POST" and self.sync is not None:
@@ -231,7 +235,7 @@ class Gateway:
             if model is not None:
                 found = [b for b in found if inventory.has(b.identifier, model) is not False]
                 if not found:
-                    return refuse(request, 404, f"model '{model}' not found")
+                    return self._refuse(request, frontend, 404, f"model '{model}' not found")
         client = self._client_id(request) if frontend.use_sticky_sessions else None
         pinned = None
         if client is not None:
@@ -252,9 +256,54 @@ class Gateway:
         try:
             waiting = scheduler.wait(frontend, ordered, exchange.model)
         except QueueRefused as e:
-            return refuse(request, 429, str(e), retry_after=e.retry_after)
+            return self._refuse(request, frontend, 429, str(e), retry_after=e.retry_after)
         exchange.queue(waiting)
         return NOT_DONE_YET
+
+    def _refuse(
+        self,
+        request: Request,
+        frontend: Frontend | None,
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+    ) -> bytes:
+        """Answer a request the gateway will not forward; logged and reported like any other."""
+        request_id = str(uuid.uuid4())
+        request.setHeader(b"X-OllamaFlow-Request", request_id.encode())
+        body = refuse(request, status, message, retry_after=retry_after)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        (log.warn if status >= 500 else log.info)(
+            "request {rid}: {status} {message}", rid=request_id, status=status, message=message
+        )
+        if self.observers:
+            self._report(
+                Completed(
+                    request_id=request_id,
+                    client=str(request.getClientAddress().host),
+                    frontend=frontend.identifier if frontend else "",
+                    backend=None,
+                    method=request.method.decode("latin-1"),
+                    path=request.path.decode("latin-1"),
+                    model=None,
+                    status=status,
+                    outcome="refused",
+                    bytes=len(body),
+                    queued=0.0,
+                    ttfb=None,
+                    duration=0.0,
+                    retries=0,
+                )
+            )
+        return body
+
+    def _report(self, completed: Completed) -> None:
+        for observer in self.observers:
+            try:
+                observer(completed)
+            except Exception:
+                log.failure("request observer {observer!r} failed", observer=observer)
 
     def queue_report(self) -> list[dict[str, object]]:
         """Each frontend's queue: depth now, peak, waits and refusals (for the admin API)."""
@@ -456,21 +505,30 @@ class _Exchange:
     __slots__ = (
         "_active",
         "_attempt",
+        "_reported",
         "_timed_out",
         "_ttfb_timer",
+        "captured",
         "client",
         "client_gone",
         "document",
+        "first_byte",
         "frontend",
         "gateway",
+        "keep_tail",
         "last_error",
         "model",
+        "outcome",
         "relay",
         "relayed",
         "remaining",
         "request",
         "request_id",
+        "started",
+        "status",
+        "tail",
         "tried",
+        "waited",
     )
 
     def __init__(
@@ -500,6 +558,17 @@ class _Exchange:
         self._ttfb_timer: IDelayedCall | None = None
         self._active: Backend | None = None
         self._timed_out = False
+        self._reported = False
+        self.started = gateway.clock.seconds()
+        self.waited = 0.0
+        self.first_byte: float | None = None
+        self.status = 0
+        self.outcome = "ok"
+        self.keep_tail = (
+            bool(gateway.observers) and classify(request.path) is not RequestClass.OTHER
+        )
+        self.tail = b""
+        self.captured: bytearray | None = None
 
     def start(self) -> None:
         self._watch()
@@ -518,6 +587,7 @@ class _Exchange:
 
     def _slot_granted(self, backend: Backend) -> None:
         self._attempt = None
+        self.waited = self.gateway.clock.seconds() - self.started
         self.remaining = [b for b in self.remaining if b is not backend]
         self._send(backend)
 
@@ -527,6 +597,8 @@ class _Exchange:
             return
         error = failure.value
         if isinstance(error, QueueRefused):
+            self.status, self.outcome = 429, "refused"
+            self.waited = self.gateway.clock.seconds() - self.started
             body = refuse(self.request, 429, str(error), retry_after=error.retry_after)
             self.request.setHeader(b"Content-Length", b"%d" % len(body))
             self.request.write(body)
@@ -671,6 +743,10 @@ class _Exchange:
         if response.code >= 500:
             self._backend_failed(backend, f"answered {response.code}")
         request = self.request
+        self.first_byte = self.gateway.clock.seconds()
+        self.status = response.code
+        if self.frontend.log_response_body or backend.log_response_body:
+            self.captured = bytearray()
         request.setResponseCode(response.code, response.phrase)
         hdrs.to_client(response.headers, request.responseHeaders)
         if response.length is not None and isinstance(response.length, int):
@@ -695,6 +771,43 @@ class _Exchange:
         self.relay = _Relay(self, backend, idle)
         response.deliverBody(self.relay)
 
+    def _report(self) -> None:
+        """Tell the observers how this request went, once."""
+        if self._reported or not self.gateway.observers:
+            return
+        self._reported = True
+        gateway = self.gateway
+        now = gateway.clock.seconds()
+        count, duration = usage(self.tail) if self.tail else (None, None)
+        request = self.request
+        backend = self.tried[-1] if self.tried else None
+        configured = gateway.registry.catalog.backends.get(backend) if backend else None
+        logs_request = self.frontend.log_request_body or (
+            configured is not None and configured.log_request_body
+        )
+        gateway._report(
+            Completed(
+                request_id=self.request_id,
+                client=str(request.getClientAddress().host),
+                frontend=self.frontend.identifier,
+                backend=backend,
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                model=self.model,
+                status=self.status,
+                outcome=self.outcome,
+                bytes=self.relayed,
+                queued=self.waited,
+                ttfb=None if self.first_byte is None else self.first_byte - self.started,
+                duration=now - self.started,
+                retries=max(0, len(self.tried) - 1),
+                eval_count=count,
+                eval_duration_ns=duration,
+                request_body=_body_text(request) if logs_request else None,
+                response_body=None if self.captured is None else _text(bytes(self.captured)),
+            )
+        )
+
     def _backend_failed(self, backend: Backend, reason: str) -> None:
         if self.gateway.on_failure is not None:
             self.gateway.on_failure(backend, reason)
@@ -712,6 +825,7 @@ class _Exchange:
         log.warn(
             "request {rid}: {status} {message}", rid=self.request_id, status=status, message=message
         )
+        self.status, self.outcome = status, "refused"
         body = refuse(self.request, status, message)
         self.request.setHeader(b"Content-Length", b"%d" % len(body))
         self.request.write(body)
@@ -719,9 +833,13 @@ class _Exchange:
 
     def _finished(self, _: None) -> None:
         self.gateway.exchanges.discard(self)
+        self._report()
 
     def _client_lost(self, reason: Failure) -> None:
         self.gateway.exchanges.discard(self)
+        if self.outcome == "ok":
+            self.outcome = "client_gone"
+        self._report()
         self.client_gone = True
         self._stop_ttfb()
         if self._attempt is not None:
@@ -749,8 +867,14 @@ class _Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.timer is not None:
             self.timer.reset(self.idle)
-        self.exchange.relayed += len(data)
-        self.exchange.request.write(data)
+        exchange = self.exchange
+        exchange.relayed += len(data)
+        if exchange.keep_tail:
+            exchange.tail = (exchange.tail + data)[-TAIL_BYTES:]
+        captured = exchange.captured
+        if captured is not None and len(captured) < LOGGED_BODY_BYTES:
+            captured += data[: LOGGED_BODY_BYTES - len(captured)]
+        exchange.request.write(data)
 
     def _idle_expired(self) -> None:
         self.timer = None
@@ -788,8 +912,23 @@ class _Relay(Protocol):
             error=_describe(reason),
         )
         exchange._backend_failed(self.backend, "broke off a response")
+        exchange.outcome = "aborted"
         # No terminating chunk: the client sees a truncated response, never a complete one.
         cast(ITCPTransport, request.channel.transport).abortConnection()
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _body_text(request: Request) -> str | None:
+    content = request.content
+    if content is None:
+        return None
+    content.seek(0)
+    raw = content.read(LOGGED_BODY_BYTES)
+    content.seek(0)
+    return _text(raw)
 
 
 def _producer(protocol: Protocol) -> IPushProducer:
