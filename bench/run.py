@@ -1,0 +1,619 @@
+"""OllamaFlow benchmark: one command starts backends, nginx, the daemon and a load generator.
+
+    python bench/run.py            # the full run (about 4 minutes on 2 cores)
+    python bench/run.py --smoke    # every scenario, tiny: ~10 s (~25 s with wrk), for CI
+
+Prints a table and the targets of issue 7, and writes bench/results/latest.json. See
+bench/README.md for what each scenario measures. Everything listens on 127.0.0.1 only; every
+child process runs in its own process group and is killed at the end, also on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import nginx
+import report
+from flow import BackendSpec, Daemon, supports_workers
+from load import LoadTool, Request, find_wrk
+from procs import (
+    BenchError,
+    Child,
+    Children,
+    cpu_seconds,
+    free_ports,
+    peak_rss_kb,
+    process_tree,
+    raise_nofile_limit,
+    rss_kb,
+)
+from report import Check, Row
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CHAT = Request(
+    "POST",
+    "/api/chat",
+    json.dumps(
+        {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    ),
+)
+TAGS = Request("GET", "/api/tags")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of every scenario; ``--smoke`` shrinks them all."""
+
+    smoke: bool
+    scenarios: frozenset[str]
+    duration: float
+    connections: int
+    workers: tuple[int, ...]
+    stream_count: int
+    stream_concurrency: int
+    stream_tokens: int
+    stream_tps: float
+    hold_streams: int
+    hold_seconds: float
+    hold_tps: float
+    hold_ramp: float
+    scale: tuple[int, ...]
+    health_timeout: float
+
+
+@dataclass
+class Backends:
+    """The backends of the run: simulators always, the static nginx when nginx is installed."""
+
+    fast_sim: int
+    stream_sim: int
+    hold_sim: int
+    hold_sim_child: Child
+    static_ports: list[int]
+    chosen: int = 0  # port of the faster of the static nginx and the fast simulator
+    chosen_name: str = ""
+
+
+class Bench:
+    def __init__(self, plan: Plan, children: Children, tools: Tools) -> None:
+        self.plan = plan
+        self.children = children
+        self.tools = tools
+        self.rows: list[Row] = []
+
+    # --- backends -------------------------------------------------------------------------
+
+    def start_backends(self) -> Backends:
+        p = self.plan
+        fast, stream, hold = free_ports(3)
+        zero = ["--ttft", "0", "--load-time", "0", "--no-host-check", "--models", "llama3"]
+        parallel = str(max(4096, p.hold_streams * 2))
+        sims = [
+            ("sim-fast", fast, ["--tokens", "20", "--tokens-per-second", "0"]),
+            ("sim-stream", stream, ["--tokens", str(p.stream_tokens),
+                                    "--tokens-per-second", str(p.stream_tps)]),
+            ("sim-hold", hold, ["--tokens", str(round(p.hold_seconds * p.hold_tps)),
+                                "--tokens-per-second", str(p.hold_tps)]),
+        ]  # fmt: skip
+        common = ["--num-parallel", parallel, "--max-queue", parallel, *zero]
+        started = [
+            self.children.start(name, self._sim_argv(port, [*common, *extra]), cwd=REPO)
+            for name, port, extra in sims
+        ]
+        static_ports: list[int] = []
+        if self.tools.nginx:
+            static_ports = free_ports(max(self.plan.scale, default=1))
+            prefix = self.children.workdir / "nginx-static"
+            config = nginx.write_config(prefix, nginx.static_config(prefix, static_ports))
+            child = self.children.start(
+                "nginx-static", nginx.command(self.tools.nginx, prefix, config)
+            )
+            child.wait_port(static_ports[0])
+        for child, (_, port, _) in zip(started, sims, strict=True):
+            child.wait_port(port)
+        return Backends(fast, stream, hold, started[2], static_ports)
+
+    def _sim_argv(self, port: int, options: list[str]) -> list[str]:
+        return [self.tools.twistd, "-n", "--pidfile=", "ollamaflow-sim", "--port", str(port),
+                *options]  # fmt: skip
+
+    def choose_backend(self, backends: Backends) -> None:
+        """Measure both candidate backends directly; the faster one backs the proxies."""
+        candidates = [("sim", backends.fast_sim)]
+        if backends.static_ports:
+            candidates.insert(0, ("static nginx", backends.static_ports[0]))
+        best = -1.0
+        for name, port in candidates:
+            rows = self.small_rows(f"direct: {name}", port)
+            rps = next((r.rps for r in rows if r.scenario == self._chat_many), None) or 0.0
+            if rps > best:
+                best, backends.chosen, backends.chosen_name = rps, port, name
+        for row in self.rows:
+            if row.target == f"direct: {backends.chosen_name}":
+                row.notes.append("backend used")
+
+    # --- scenario 1: small requests -------------------------------------------------------
+
+    @property
+    def _chat_many(self) -> str:
+        return f"chat c={self.plan.connections}"
+
+    def small_rows(self, target: str, port: int, label: str = "") -> list[Row]:
+        cases = [
+            ("chat c=1", CHAT, 1),
+            (self._chat_many, CHAT, self.plan.connections),
+            ("tags c=1", TAGS, 1),
+            (f"tags c={self.plan.connections}", TAGS, self.plan.connections),
+        ]
+        out = []
+        for scenario, request, connections in cases:
+            row = Row(scenario, target)
+            self._measure(row, port, request, connections, label)
+            out.append(row)
+            self.rows.append(row)
+        return out
+
+    def _measure(
+        self, row: Row, port: int, request: Request, connections: int, label: str = ""
+    ) -> None:
+        try:
+            if not self.plan.smoke:  # fills connection pools, loads the model
+                self.tools.load.run(port, request, connections, 1.0)
+            result = self.tools.load.run(port, request, connections, self.plan.duration)
+        except BenchError as e:
+            row.error = str(e)
+            return
+        row.rps, row.p50_ms, row.p99_ms = result["rps"], result["p50_ms"], result["p99_ms"]
+        row.data = result
+        bad = result["errors"] + result["non_2xx"]
+        if bad:
+            row.error = f"{result['errors']} errors, {result['non_2xx']} non-2xx"
+        if label:
+            row.notes.append(label)
+
+    def nginx_proxy(self, name: str, upstream_port: int) -> int:
+        """Start the reference nginx proxy in front of ``upstream_port``; returns its port."""
+        assert self.tools.nginx
+        port = free_ports(1)[0]
+        prefix = self.children.workdir / name
+        config = nginx.write_config(prefix, nginx.proxy_config(prefix, port, [upstream_port]))
+        self.children.start(name, nginx.command(self.tools.nginx, prefix, config)).wait_port(port)
+        return port
+
+    def scenario_small(self, backends: Backends) -> None:
+        if self.tools.nginx:
+            port = self.nginx_proxy("nginx-proxy", backends.chosen)
+            self.small_rows("nginx proxy", port)
+        else:
+            self.rows.append(Row("chat/tags", "nginx proxy", notes=["nginx: not installed"]))
+        for workers in self.plan.workers:
+            target = f"ollamaflow w={workers}"
+            if workers != 1 and not self.tools.workers_supported:
+                note = "daemon has no Workers setting yet"
+                self.rows.append(Row("chat/tags", target, error=note))
+                continue
+            try:
+                self._small_flow(target, workers, backends.chosen)
+            except BenchError as e:
+                self.rows.append(Row("chat/tags", target, error=str(e)))
+
+    def _small_flow(self, target: str, workers: int, backend_port: int) -> None:
+        with self.daemon(f"ollamaflow-w{workers}", workers) as daemon:
+            if not self._ready(daemon, [BackendSpec("b1", backend_port)], "chat/tags", target):
+                return
+            label = "" if daemon.wait_models(10) else "inventory empty: tags lists none"
+            self.small_rows(target, daemon.port, label)
+            pids = process_tree(daemon.pid)
+            self.rows[-1].notes.append(f"{len(pids)} daemon process(es)")
+
+    # --- scenario 2: streaming latency ----------------------------------------------------
+
+    def scenario_stream(self, backends: Backends) -> None:
+        targets: list[tuple[str, Callable[[], AbstractContextManager[int]]]] = [
+            ("direct: sim", lambda: nullcontext(backends.stream_sim)),
+        ]
+        if self.tools.nginx:
+            port = self.nginx_proxy("nginx-stream", backends.stream_sim)
+            targets.append(("nginx proxy", lambda: nullcontext(port)))
+        targets.append(("ollamaflow w=1", lambda: self._flow_port(backends.stream_sim)))
+        direct: dict[str, float | None] = {}
+        for target, serving in targets:
+            ttfb, gap = Row("stream TTFB", target), Row("stream chunk gap", target)
+            self.rows += [ttfb, gap]
+            try:
+                with serving() as port:
+                    result = self._stream_latency(port)
+            except BenchError as e:
+                ttfb.error = gap.error = str(e)
+                continue
+            self._stream_rows(result, ttfb, gap, direct)
+
+    @contextmanager
+    def _flow_port(self, backend_port: int) -> Iterator[int]:
+        """A daemon in front of one healthy backend, for the duration of the ``with``."""
+        with self.daemon("ollamaflow-stream", 1) as daemon:
+            daemon.configure([BackendSpec("b1", backend_port)])
+            daemon.wait_healthy(["b1"], self.plan.health_timeout)
+            yield daemon.port
+
+    def _stream_latency(self, port: int) -> dict:
+        p = self.plan
+        argv = [sys.executable, str(HERE / "streams.py"), "latency", "--port", str(port),
+                "--streams", str(p.stream_count), "--concurrency", str(p.stream_concurrency),
+                "--tokens", str(p.stream_tokens), "--timeout", "30"]  # fmt: skip
+        rounds = -(-p.stream_count // p.stream_concurrency)
+        result = _run_json(argv, rounds * (p.stream_tokens / p.stream_tps + 30) + 30)
+        if result["errors"]:
+            raise BenchError(f"{result['errors']} failed streams: {result['problems']}")
+        return result
+
+    @staticmethod
+    def _stream_rows(result: dict, ttfb: Row, gap: Row, direct: dict[str, float | None]) -> None:
+        ttfb.p50_ms, ttfb.p99_ms = result["ttfb_p50_ms"], result["ttfb_p99_ms"]
+        gap.p50_ms, gap.p99_ms = result["gap_p50_ms"], result["gap_p99_ms"]
+        ttfb.data = gap.data = result
+        ttfb.notes.append(f"{result['streams']} streams")
+        gap.notes.append(f"{result['gaps']} gaps")
+        if not direct:
+            direct.update(ttfb=ttfb.p50_ms, gap=gap.p50_ms)
+            return
+        for row, key in ((ttfb, "ttfb"), (gap, "gap")):
+            base = direct.get(key)
+            if base is not None and row.p50_ms is not None:
+                row.data = {**result, "p50_added_ms": row.p50_ms - base}
+                row.notes.append(f"{row.p50_ms - base:+.3f} ms p50 vs direct")
+
+    # --- scenario 3: many streams held ----------------------------------------------------
+
+    def scenario_hold(self, backends: Backends) -> None:
+        p = self.plan
+        row = Row(f"{p.hold_streams} streams {p.hold_seconds:g} s", "ollamaflow w=1")
+        self.rows.append(row)
+        try:
+            with self.daemon("ollamaflow-hold", 1) as daemon:
+                if self._ready_row(daemon, [BackendSpec("b1", backends.hold_sim)], row):
+                    self._hold(daemon, backends, row)
+        except BenchError as e:
+            row.error = str(e)
+
+    def _hold(self, daemon: Daemon, backends: Backends, row: Row) -> None:
+        p = self.plan
+        argv = [sys.executable, str(HERE / "streams.py"), "hold", "--port", str(daemon.port),
+                "--streams", str(p.hold_streams), "--ramp", str(p.hold_ramp),
+                "--timeout", str(p.hold_seconds + 60)]  # fmt: skip
+        out = self.children.workdir / "hold.json"
+        daemon_cpu = cpu_seconds(process_tree(daemon.pid))
+        sim_cpu = cpu_seconds([backends.hold_sim_child.pid])
+        rss_before = rss_kb(process_tree(daemon.pid))
+        peak = rss_before
+        deadline = time.monotonic() + p.hold_ramp + p.hold_seconds + 120
+        with out.open("w") as sink:
+            client = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
+                                      start_new_session=True)  # fmt: skip
+            try:
+                while client.poll() is None and time.monotonic() < deadline:
+                    peak = max(peak, rss_kb(process_tree(daemon.pid)))
+                    time.sleep(0.1)
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                    client.wait()
+        if client.returncode != 0:
+            raise BenchError(
+                f"streams.py hold exited {client.returncode}: {out.read_text()[-300:]}"
+            )
+        result = json.loads(out.read_text().strip().splitlines()[-1])
+        used = cpu_seconds(process_tree(daemon.pid)) - daemon_cpu
+        peak_mb = max(peak, peak_rss_kb(daemon.pid)) / 1024
+        row.data = {
+            **result,
+            "daemon_peak_rss_mb": round(peak_mb, 1),
+            "daemon_rss_before_mb": round(rss_before / 1024, 1),
+            "daemon_cpu_seconds": round(used, 2),
+            "sim_cpu_seconds": round(cpu_seconds([backends.hold_sim_child.pid]) - sim_cpu, 2),
+        }
+        row.notes += [
+            f"errors {result['errors']}",
+            f"peak RSS {peak_mb:.0f} MB",
+            f"CPU {used:.1f} s",
+            f"{result['peak_open']} open at once",
+        ]
+        if result["errors"]:
+            row.error = f"{result['errors']} failed streams: {result['problems']}"
+
+    # --- scenario 4: control-plane scale --------------------------------------------------
+
+    def scenario_scale(self, backends: Backends) -> None:
+        ports = backends.static_ports or [backends.fast_sim]
+        shared = "" if backends.static_ports else "all records share one simulator port"
+        with self.daemon("ollamaflow-scale", 1) as daemon:
+            for count in self.plan.scale:
+                row = Row(f"chat c={self.plan.connections} {count} backends", "ollamaflow w=1")
+                self.rows.append(row)
+                specs = [BackendSpec(f"b{i + 1}", ports[i % len(ports)]) for i in range(count)]
+                if self._ready_row(daemon, specs, row):
+                    self._measure(row, daemon.port, CHAT, self.plan.connections, shared)
+
+    # --- the daemon -----------------------------------------------------------------------
+
+    @contextmanager
+    def daemon(self, name: str, workers: int) -> Iterator[Daemon]:
+        started = Daemon(self.children, self.tools.twistd, REPO, name, workers)
+        try:
+            yield started
+        finally:
+            started.stop()
+
+    def _ready(self, daemon: Daemon, specs: list[BackendSpec], scenario: str, target: str) -> bool:
+        row = Row(scenario, target)
+        if self._ready_row(daemon, specs, row):
+            return True
+        self.rows.append(row)
+        return False
+
+    def _ready_row(self, daemon: Daemon, specs: list[BackendSpec], row: Row) -> bool:
+        """Configure ``specs`` and wait until all are healthy; on failure the row says why."""
+        try:
+            daemon.configure(specs)
+            daemon.wait_healthy([s.identifier for s in specs], self.plan.health_timeout)
+        except BenchError as e:
+            row.error = str(e)
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Tools:
+    twistd: str
+    nginx: str | None
+    load: LoadTool
+    workers_supported: bool
+
+
+def _run_json(argv: list[str], timeout: float) -> dict:
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, start_new_session=True
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{Path(argv[1]).name} did not finish within {timeout:.0f} s") from e
+    if done.returncode != 0:
+        raise BenchError(f"{Path(argv[1]).name} exited {done.returncode}: {done.stderr[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def checks(rows: list[Row], plan: Plan) -> list[Check]:
+    """The targets of issue 7 against this run's rows."""
+
+    def find(scenario: str, target: str) -> Row | None:
+        for r in rows:
+            if r.scenario == scenario and r.target == target and r.error is None:
+                return r
+        return None
+
+    direct = next((r.target for r in rows if "backend used" in r.notes), "direct: sim")
+    c = plan.connections
+    out: list[Check] = []
+    for kind in ("chat", "tags"):
+        flow, ref = find(f"{kind} c={c}", "ollamaflow w=1"), find(f"{kind} c={c}", "nginx proxy")
+        if flow and ref and flow.rps and ref.rps:
+            share = flow.rps / ref.rps
+            text = f"{share:.1%} ({flow.rps:,.0f} vs {ref.rps:,.0f} req/s)"
+            out.append(Check(f"{kind} c={c} throughput >= 10% of nginx", text, share >= 0.10))
+        else:
+            out.append(Check(f"{kind} c={c} throughput >= 10% of nginx", "not measured", None))
+    for kind in ("chat", "tags"):
+        flow, base = find(f"{kind} c=1", "ollamaflow w=1"), find(f"{kind} c=1", direct)
+        name = f"{kind} c=1 latency added <= 0.3 ms p50"
+        if flow and base and flow.p50_ms is not None and base.p50_ms is not None:
+            added = flow.p50_ms - base.p50_ms
+            out.append(Check(name, f"{added:+.3f} ms", added <= 0.3))
+        else:
+            out.append(Check(name, "not measured", None))
+    for scenario, label in (("stream TTFB", "TTFB"), ("stream chunk gap", "chunk gap")):
+        row = find(scenario, "ollamaflow w=1")
+        added = row.data.get("p50_added_ms") if row else None
+        name = f"streaming adds <= 1 ms to {label} p50"
+        measured = "not measured" if added is None else f"{added:+.3f} ms"
+        out.append(Check(name, measured, None if added is None else added <= 1.0))
+    hold = next((r for r in rows if r.scenario.endswith(f"streams {plan.hold_seconds:g} s")), None)
+    data = hold.data if hold else {}
+    name = f"{plan.hold_streams} streams: 0 errors, < 250 MB RSS"
+    if "daemon_peak_rss_mb" in data:
+        ok = data["errors"] == 0 and data["daemon_peak_rss_mb"] < 250
+        out.append(Check(name, f"{data['errors']} errors, {data['daemon_peak_rss_mb']} MB", ok))
+    else:
+        out.append(Check(name, "not measured", None))
+    if len(plan.scale) > 1:
+        low, high = plan.scale[0], plan.scale[-1]
+        one = find(f"chat c={c} {low} backends", "ollamaflow w=1")
+        many = find(f"chat c={c} {high} backends", "ollamaflow w=1")
+        name = f"{high} backends within 10% of {low}"
+        if one and many and one.rps and many.rps:
+            share = many.rps / one.rps
+            out.append(Check(name, f"{share:.1%} of the throughput", share >= 0.90))
+        else:
+            out.append(Check(name, "not measured", None))
+    return out
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+SCENARIOS = ("small", "stream", "hold", "scale")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
+    parser = argparse.ArgumentParser(
+        description="OllamaFlow benchmark (issue 7): see bench/README.md",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--smoke", action="store_true", help="every scenario, tiny (a few seconds; for CI)")
+    add("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
+    add("--duration", type=float, help="seconds per small-request measurement [8; smoke 0.5]")
+    add("--connections", type=int, help="connections of the loaded small-request rows [64; 8]")
+    add("--workers", type=_ints, help="daemon Workers values to measure [1,2; smoke 1]")
+    add("--stream-count", type=int, help="streams measured per target [60; smoke 4]")
+    add("--stream-concurrency", type=int, default=10, help="streams at once")
+    add("--hold-streams", type=int, help="concurrent streams held [2000; smoke 20]")
+    add("--hold-seconds", type=float, help="how long each held stream lasts [20; smoke 1]")
+    add("--hold-tps", type=float, default=2.0, help="tokens/s of each held stream")
+    add("--scale", type=_ints, help="backend counts of the scale scenario [1,10,100; smoke 1,10]")
+    add("--loadgen", choices=["auto", "wrk", "python"], default="auto", help="load generator")
+    add("--no-nginx", action="store_true", help="leave nginx out even if installed")
+    add("--twistd", help="twistd to run the daemon and simulators [next to this python]")
+    add("--json", type=Path, default=HERE / "results" / "latest.json", help="results file")
+    add("--keep-tmp", action="store_true", help="keep the temporary folder (logs, configs)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    scenarios = frozenset(s.strip() for s in args.scenarios.split(",") if s.strip())
+    if not scenarios or not scenarios <= set(SCENARIOS):
+        parser.error(f"--scenarios: choose from {', '.join(SCENARIOS)}")
+
+    def pick(value: object, full: object, tiny: object) -> object:
+        return value if value is not None else (tiny if smoke else full)
+
+    plan = Plan(
+        smoke=smoke,
+        scenarios=scenarios,
+        duration=pick(args.duration, 8.0, 0.5),  # type: ignore[arg-type]
+        connections=pick(args.connections, 64, 8),  # type: ignore[arg-type]
+        workers=pick(args.workers, (1, 2), (1,)),  # type: ignore[arg-type]
+        stream_count=pick(args.stream_count, 60, 4),  # type: ignore[arg-type]
+        stream_concurrency=args.stream_concurrency,
+        stream_tokens=10 if smoke else 100,
+        stream_tps=50.0,
+        hold_streams=pick(args.hold_streams, 2000, 20),  # type: ignore[arg-type]
+        hold_seconds=pick(args.hold_seconds, 20.0, 1.0),  # type: ignore[arg-type]
+        hold_tps=args.hold_tps,
+        hold_ramp=0.2 if smoke else 2.0,
+        scale=pick(args.scale, (1, 10, 100), (1, 10)),  # type: ignore[arg-type]
+        health_timeout=10.0 if smoke else 30.0,
+    )
+    if not (0 < plan.duration <= 600 and 1 <= plan.connections <= 10000):
+        parser.error("--duration must be 0..600 s and --connections 1..10000")
+    if not (1 <= plan.hold_streams <= 10000 and 0 < plan.hold_seconds <= 600):
+        parser.error("--hold-streams must be 1..10000 and --hold-seconds 0..600")
+    if not 0 < plan.hold_tps <= 1000 or not 1 <= plan.stream_count <= 10000:
+        parser.error("--hold-tps must be 0..1000 and --stream-count 1..10000")
+    return args, plan
+
+
+def find_twistd(explicit: str | None) -> str:
+    candidates = [explicit] if explicit else [str(Path(sys.executable).parent / "twistd")]
+    candidates.append(shutil.which("twistd") or "")
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise SystemExit("bench: twistd not found; install OllamaFlow (pip install -e .) or --twistd")
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that kill the children
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, plan = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    began = time.monotonic()
+    twistd = find_twistd(args.twistd)
+    nginx_binary = None if args.no_nginx else nginx.find_nginx()
+    wrk = None if args.loadgen == "python" else find_wrk()
+    if args.loadgen == "wrk" and not wrk:
+        raise SystemExit("bench: --loadgen wrk but wrk is not installed")
+    nginx_note = "skipped (--no-nginx)" if args.no_nginx else "not installed, skipped"
+    print("nginx:", nginx_binary or nginx_note, flush=True)
+    print("wrk:", wrk or "not installed, using bench/loadgen.py", flush=True)
+    nofile = raise_nofile_limit()
+    python = Path(twistd).parent / "python"
+    workers_ok = supports_workers(str(python if python.exists() else sys.executable), REPO)
+    workdir = Path(tempfile.mkdtemp(prefix="ollamaflow-bench-"))
+    tools = Tools(twistd, nginx_binary, LoadTool(wrk, workdir), workers_ok)
+    machine = report.machine_info(twistd, nginx_binary, wrk)
+    print("machine:", report.machine_line(machine), flush=True)
+    children = Children(workdir)
+    bench = Bench(plan, children, tools)
+    failed = True
+    try:
+        run_scenarios(bench)
+        failed = False
+    finally:
+        children.stop_all()
+        result_checks = checks(bench.rows, plan)
+        print()
+        print(f"Machine: {report.machine_line(machine)}; load generator: {tools.load.name}")
+        print()
+        print(report.table(bench.rows))
+        print()
+        print("Targets (issue 7):")
+        print(report.checks_table(result_checks))
+        document = {
+            "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - began, 1),
+            "command": "python bench/run.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+            "machine": machine,
+            "load_generator": tools.load.name,
+            "nofile_limit": nofile,
+            "plan": {k: sorted(v) if isinstance(v, frozenset) else v
+                     for k, v in plan.__dict__.items()},
+        }  # fmt: skip
+        report.write_json(args.json, document, bench.rows, result_checks)
+        print(f"\nwrote {args.json} in {time.monotonic() - began:.1f} s")
+        if failed or args.keep_tmp or any(r.error for r in bench.rows):
+            print(f"logs and configs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if any(r.error for r in bench.rows) else 0
+
+
+def run_scenarios(bench: Bench) -> None:
+    print("starting backends ...", flush=True)
+    backends = bench.start_backends()
+    wanted = bench.plan.scenarios
+    if "small" in wanted:
+        print("small requests: choosing the backend ...", flush=True)
+        bench.choose_backend(backends)
+    elif backends.static_ports:  # not measured in this run: nginx is the faster one
+        backends.chosen, backends.chosen_name = backends.static_ports[0], "static nginx"
+    else:
+        backends.chosen, backends.chosen_name = backends.fast_sim, "sim"
+    steps = [
+        ("small", "small requests", bench.scenario_small),
+        ("stream", "streaming latency", bench.scenario_stream),
+        ("hold", "concurrent streams", bench.scenario_hold),
+        ("scale", "control-plane scale", bench.scenario_scale),
+    ]
+    for key, title, step in steps:
+        if key in wanted:
+            print(f"{title} ...", flush=True)
+            try:
+                step(backends)
+            except BenchError as e:  # a step that could not go on; the others still run
+                bench.rows.append(Row(title, "-", error=str(e)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
