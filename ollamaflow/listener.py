@@ -110,7 +110,9 @@ class OllamaFlowSite(server.Site):
     displayTracebacks = False
 
     def __init__(self, root: Resource, body_limit: BodyLimit) -> None:
-        super().__init__(root)
+        # Neither the admin API nor the gateway reads form submissions; parsing them would
+        # also parse the Content-Type of every POST with the email package.
+        super().__init__(root, parsePOSTFormSubmission=False)
         self.body_limit = body_limit
 
     def log(self, request: http.Request) -> None:

@@ -6,6 +6,7 @@ name the same model; parts compare case-insensitively.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import attrs
@@ -54,6 +55,7 @@ class ModelName:
         return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse(name: str) -> ModelName:
     """Parse `[scheme://][host/][namespace/]model[:tag][@digest]`; raise `InvalidModelName`."""
     s = name.strip()

@@ -29,14 +29,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     FileBodyProducer,
-    HTTPConnectionPool,
     PotentialDataLoss,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseNeverReceived,
 )
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
@@ -56,6 +55,7 @@ from ollamaflow.gateway.completed import LOGGED_BODY_BYTES, TAIL_BYTES, Complete
 from ollamaflow.gateway.dialect import refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
+from ollamaflow.gateway.transport import BackendClient, host_header
 from ollamaflow.pool import connection_pool
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import Runtime
@@ -125,7 +125,6 @@ class Gateway:
         runtime: Runtime,
         reactor: Any,
         sticky_headers: tuple[str, ...] = (),
-        agent: IAgent | None = None,
         balancer: Balancer | None = None,
         inventory: fleet.Inventory | None = None,
         sync: fanout.Puller | None = None,
@@ -135,14 +134,10 @@ class Gateway:
         self.registry = registry
         self.runtime = runtime
         self.clock: IReactorTime = reactor
-        if agent is None:
-            pool = connection_pool(reactor, max_per_host=1024)
-            agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
-            self.pool: HTTPConnectionPool | None = pool
-        else:
-            self.pool = None
-        self.agent = agent
-        self.http = HTTPClient(agent)
+        self.pool = connection_pool(reactor, max_per_host=1024)
+        self.backends = BackendClient(reactor, self.pool, CONNECT_TIMEOUT)
+        #: For the fan-out requests (delete on every backend), off the hot path.
+        self.http = HTTPClient(Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=self.pool))
         #: Called with a backend id after the gateway changed its models (delete, pull).
         self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
@@ -160,6 +155,7 @@ class Gateway:
         registry.subscribe(self._configuration_changed)
 
     def _configuration_changed(self, catalog: Catalog) -> None:
+        self.backends.forget({(b.hostname, b.port, b.ssl) for b in catalog.backends.values()})
         self.pins.prune(catalog)
         self.balancer.forget(catalog)
         self.scheduler.forget(lambda f: f in catalog.frontends)
@@ -172,8 +168,7 @@ class Gateway:
             self.scheduler.wake(backend)
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.closeCachedConnections()
+        await self.pool.closeCachedConnections()
 
     def body_limit(self, host: bytes | None) -> int:
         """The request body limit for a Host: its frontend's MaxRequestBodySize."""
@@ -639,7 +634,7 @@ class _Exchange:
         if backend.querystring:
             extra = backend.querystring.encode()
             query = query + b"&" + extra if query else extra
-        url = backend.base_url.encode() + request.path + (b"?" + query if query else b"")
+        target = request.path + b"?" + query if query else request.path
         forwarded = hdrs.to_backend(
             request.requestHeaders,
             backend,
@@ -647,7 +642,10 @@ class _Exchange:
             host=request.getHeader(b"host"),
             proto=b"https" if request.isSecure() else b"http",
         )
-        attempt = self.gateway.agent.request(request.method, url, forwarded, producer)
+        forwarded.setRawHeaders(b"Host", [host_header(backend)])
+        attempt = self.gateway.backends.request(
+            backend, request.method, target, forwarded, producer
+        )
         self._attempt = attempt
         ttfb = self.frontend.timeout_ms / 1000
         if ttfb:
