@@ -20,10 +20,13 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.web.client import Agent
 
+from ollamaflow.accesslog import AccessLog
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, OllamaFlowSite, Root
+from ollamaflow.logs import logs_info
+from ollamaflow.metrics import Fleet, KnownModels, Metrics, MetricsPage
 from ollamaflow.pool import connection_pool
 from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime, utc_clock
@@ -115,6 +118,21 @@ class Daemon(MultiService):
             on_failure=self.health.report_failure,
             on_models_changed=self.inventory.refresh_now,
         )
+        # -- access log and metrics: gateway observers, health and pull hooks ---------------
+        if logs_info(settings.logging):
+            self.gateway.observers.append(AccessLog())
+        self.metrics: Metrics | None = None
+        metrics_page: MetricsPage | None = None
+        if settings.metrics.enabled:
+            self.metrics = Metrics(
+                known_model=KnownModels(self.registry, self.inventory),
+                fleet=Fleet(self.registry, self.runtime, self.gateway.scheduler.depth),
+            )
+            self.gateway.observers.append(self.metrics)
+            self.health.on_check = self.metrics.health_checked
+            self.sync.on_pull_done = self.metrics.pull_done
+            metrics_page = MetricsPage(self.metrics, settings.metrics.bearer_token)
+        # -- end of access log and metrics ------------------------------------------------------
         self.admin = AdminApi(
             self.registry,
             self.runtime,
@@ -124,7 +142,7 @@ class Daemon(MultiService):
             models=self.sync.models,
             queues=self.gateway.queue_report,
         )
-        self.root = Root(self.admin.resource(), self.gateway)
+        self.root = Root(self.admin.resource(), self.gateway, metrics=metrics_page)
         self.site = OllamaFlowSite(self.root, self._body_limit)
         sweeper = TimerService(STICKY_SWEEP_SECONDS, self._sweep_pins)
         sweeper.clock = reactor

@@ -6,10 +6,13 @@ The root is a leaf resource that dispatches on the path prefix, so a proxied req
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
@@ -21,20 +24,27 @@ ADMIN_PREFIX = b"/v1.0/"
 ADMIN_MAX_BODY = 1 << 20
 OLLAMA_IS_RUNNING = b"Ollama is running"
 
+log = Logger()
+METRICS_PATH = b"/metrics"
+
 
 class Renderer(Protocol):
     def render(self, request: server.Request) -> Any: ...
 
 
 class Root(Resource):
-    """Dispatch: ``/v1.0/`` to the admin API, ``GET|HEAD /`` answered here, the rest proxied."""
+    """Dispatch: ``/v1.0/`` to the admin API, ``GET|HEAD /`` answered here, ``GET /metrics`` to
+    ``metrics`` (if given), the rest proxied."""
 
     isLeaf = True
 
-    def __init__(self, admin: Renderer, gateway: Renderer) -> None:
+    def __init__(
+        self, admin: Renderer, gateway: Renderer, *, metrics: Renderer | None = None
+    ) -> None:
         super().__init__()
         self.admin = admin
         self.gateway = gateway
+        self.metrics = metrics
 
     def render(self, request: server.Request) -> Any:
         path = request.path
@@ -43,6 +53,12 @@ class Root(Resource):
         if path == b"/" and request.method in (b"GET", b"HEAD"):
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
             return OLLAMA_IS_RUNNING
+        if (
+            path == METRICS_PATH
+            and self.metrics is not None
+            and request.method in (b"GET", b"HEAD")
+        ):
+            return self.metrics.render(request)
         return self.gateway.render(request)
 
 
@@ -83,6 +99,27 @@ class LimitedRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
             super().requestReceived(command, path, version)
+
+    def processingFailed(self, reason: Failure) -> None:
+        """A bug below us: log it with a reference, answer a JSON 500, never an HTML page."""
+        reference = uuid.uuid4().hex
+        log.failure("request failed ({reference})", reason, reference=reference)
+        if self.finished or self._disconnected:
+            return
+        description = f"internal error; see the log, reference {reference}"
+        if self.path.startswith(ADMIN_PREFIX):
+            body = error_body(500, description)
+        else:
+            body = gateway_error_body(self.path, 500, description)
+        if self.startedWriting:
+            # Too late for a status: cut the response off so it cannot look complete.
+            cast(ITCPTransport, self.channel.transport).abortConnection()
+            return
+        self.setResponseCode(500)
+        self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
 
     def _refuse(self) -> None:
         """Answer 413 on the raw transport and close: the rest of the body is never read."""

@@ -63,6 +63,14 @@ class SyslogServer:
     port: int = field(Int(1, 65535), default=514)
 
 
+class LogFormat(Enum):
+    """How log lines are written: ``auto`` is text on a terminal, JSON lines otherwise."""
+
+    AUTO = "auto"
+    TEXT = "text"
+    JSON = "json"
+
+
 @attrs.frozen
 class Logging:
     """Where log lines go and how many: severity 0 (debug) to 7, as in OllamaFlow 1.2."""
@@ -73,11 +81,21 @@ class Logging:
     console_logging: bool = field(Bool(), default=True)
     enable_colors: bool = field(Bool(), default=False)
     minimum_severity: int = field(Int(0, 7), default=1)
+    format: LogFormat = field(Choice(LogFormat), default=LogFormat.AUTO)
 
 
 def _secret(kind: Str) -> Any:
     """An optional wire field left out of ``repr``, so logging the settings leaks no password."""
     return attrs.field(default=None, repr=False, metadata=field(kind, default=None).metadata)
+
+
+@attrs.frozen
+class Metrics:
+    """``GET /metrics`` (Prometheus text format); open unless ``BearerToken`` is set."""
+
+    enabled: bool = field(Bool(), default=True)
+    # Kept out of repr: logging the settings must not show it.
+    bearer_token: str | None = _secret(_TOKEN)
 
 
 class DatabaseDriver(Enum):
@@ -130,6 +148,7 @@ class Settings:
         StrList(item=_HEADER), default=("x-conversation-id", "x-thread-id")
     )
     logging: Logging = field(Nested(Logging), factory=Logging)
+    metrics: Metrics = field(Nested(Metrics), factory=Metrics)
     health_check_interval_ms: int = field(Int(100, 86_400_000), default=5000)
     health_check_timeout_ms: int = field(Int(100, 600_000), default=3000)
     model_refresh_interval_ms: int = field(Int(1000, 86_400_000), default=30000)

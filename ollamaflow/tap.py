@@ -10,12 +10,18 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from ollamaflow.settings import DatabaseDriver, LoadedSettings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from ollamaflow.store import Snapshot, Store
+
+log = Logger()
+
+#: Where the soft open-files limit is raised to when the hard limit is unlimited.
+NOFILE_CEILING = 1 << 20
 
 
 class Options(usage.Options):
@@ -56,6 +62,7 @@ def makeService(options: Options) -> IService:
         loaded = load_settings(Path(options["config"]))
     except SettingsError as e:
         raise SystemExit(f"ollamaflow: {e}") from None
+    raise_open_files_limit()
     now = utc_clock(reactor.seconds)
     store, snapshot = prepare_store(loaded, reactor, now)
     observer = observer_for(loaded.settings.logging, loaded.log_file, _console(options))
@@ -93,3 +100,39 @@ def prepare_store(
         return prepare_sqlite(where, reactor=reactor, now=now)
     except StoreError as e:
         raise SystemExit(f"ollamaflow: {where}: {e}") from None
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, where allowed: every client request
+    holds a socket, and so does its backend connection. Returns (before, after), or None when
+    the platform has no such limit; never raises."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError) as e:
+        log.warn("cannot read the open files limit: {error}", error=e)
+        return None
+    unlimited = resource.RLIM_INFINITY
+    target = NOFILE_CEILING if hard == unlimited else hard
+    if soft == unlimited or soft >= target:
+        log.info("open files limit {soft} (hard limit {hard})", soft=soft, hard=hard)
+        return soft, soft
+    # Some kernels refuse more than their own ceiling (macOS: 10240) below an unlimited hard one.
+    for attempt in (target, 10240):
+        if attempt <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (attempt, hard))
+        except (OSError, ValueError):
+            continue
+        log.info("open files limit raised from {soft} to {new}", soft=soft, new=attempt)
+        return soft, attempt
+    log.warn(
+        "open files limit stays at {soft}: raising it to {target} was refused",
+        soft=soft,
+        target=target,
+    )
+    return soft, soft

@@ -622,3 +622,22 @@ async def test_a_delete_that_fails_somewhere_names_the_backend(cluster: Cluster)
     response = await cluster.request("DELETE", "/api/delete", json={"model": "llama3"})
     assert response.code == 502
     assert "sim1" in (await response.json())["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_in_the_gateway_is_a_json_500_not_an_html_page(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ollamaflow.gateway.proxy import Gateway
+
+    def broken(self: Gateway, request: Any) -> bytes:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Gateway, "render", broken)
+    response = await cluster.request("POST", "/api/chat", json={"model": "llama3"})
+    assert response.code == 500
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    body = await response.json()
+    assert body["error"].startswith("internal error; see the log, reference ")
+    response = await cluster.request("GET", "/v1/models")
+    assert (await response.json())["error"]["type"] == "server_error"

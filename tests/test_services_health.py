@@ -342,6 +342,29 @@ def test_connection_refused_is_a_failure(health: Health) -> None:
     assert "refused" in health.state().last_error
 
 
+def test_each_check_reports_its_result_and_latency(health: Health) -> None:
+    checks: list[tuple[str, bool, float]] = []
+    health.checker.on_check = lambda be, ok, seconds: checks.append((be.identifier, ok, seconds))
+    health.world.http.handler = None  # answered by hand below
+    health.world.publish(backend())
+    health.checker.startService()
+    health.world.clock.advance(0.25)
+    health.calls[0].respond(FakeResponse(200))
+    health.world.clock.advance(4.75)
+    health.calls[1].respond(FakeResponse(503))
+    health.world.clock.advance(5)  # the third gets no answer: a timeout, 3 s
+    health.world.clock.advance(3)
+    assert checks == [("b1", True, 0.25), ("b1", False, 0.0), ("b1", False, 3.0)]
+
+    def explode(be: Backend, ok: bool, seconds: float) -> None:
+        raise RuntimeError("listener bug")
+
+    health.checker.on_check = explode
+    health.world.clock.advance(2)
+    health.calls[3].respond(FakeResponse(200))
+    assert health.state().consecutive_successes == 1, "a failing listener changes nothing"
+
+
 def test_transition_listener_that_raises_is_contained(health: Health) -> None:
     def explode(be: Backend, healthy: bool) -> None:
         raise RuntimeError("listener bug")

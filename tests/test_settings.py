@@ -22,6 +22,8 @@ def test_missing_file_is_written_with_1_2_defaults(tmp_path: Path) -> None:
     assert written["StickyHeaders"] == ["x-conversation-id", "x-thread-id"]
     assert written["Logging"]["ConsoleLogging"] is True
     assert written["Logging"]["MinimumSeverity"] == 1
+    assert written["Logging"]["Format"] == "auto"
+    assert written["Metrics"] == {"Enabled": True}  # BearerToken null: /metrics is open
     assert written["HealthCheckIntervalMs"] == 5000
     assert written["ModelRefreshIntervalMs"] == 30000
     assert written["MaxConcurrentPulls"] == 3
@@ -77,6 +79,11 @@ def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
         ),
         ({"Webserver": {"Port": "80"}}, 'Webserver.Port: "80" is not allowed'),
         ({"Logging": {"MinimumSeverity": -1}}, "Logging.MinimumSeverity: -1 is not allowed"),
+        (
+            {"Logging": {"Format": "xml"}},
+            'Logging.Format: "xml" is not allowed; expected one of auto, text, json',
+        ),
+        ({"Metrics": {"BearerToken": "has space"}}, "Metrics.BearerToken:"),
         ({"HealthCheckIntervalMs": -5000}, "HealthCheckIntervalMs: -5000 is not allowed"),
         ({"StickyHeaders": "x-id"}, 'StickyHeaders: "x-id" is not allowed; expected an array'),
         ({"AdminBearerTokens": ["has space"]}, "AdminBearerTokens[0]:"),

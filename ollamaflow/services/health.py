@@ -32,6 +32,8 @@ from ollamaflow.services.common import (
 log = Logger()
 
 TransitionCallback = Callable[[Backend, bool], None]
+#: Told after each active check: the backend, whether it passed, and its latency in seconds.
+CheckCallback = Callable[[Backend, bool, float], None]
 
 
 @attrs.define(eq=False)
@@ -65,6 +67,7 @@ class HealthChecker(Service):
         interval: float,
         timeout: float,
         on_transition: TransitionCallback | None = None,
+        on_check: CheckCallback | None = None,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
@@ -73,6 +76,7 @@ class HealthChecker(Service):
         self.interval = interval
         self.timeout = timeout
         self.on_transition = on_transition
+        self.on_check = on_check
         self.now = utc_clock(clock.seconds)
         self._loops: dict[str, _Loop] = {}
         registry.subscribe(self.configuration_changed)
@@ -131,6 +135,7 @@ class HealthChecker(Service):
 
     async def _check(self, loop: _Loop) -> None:
         backend = loop.backend
+        started = self.clock.seconds()
         error: str | None
         try:
             probe = Deferred.fromCoroutine(self._probe(backend))
@@ -146,6 +151,13 @@ class HealthChecker(Service):
             error = describe(e)
         if loop.stopped:
             return
+        if self.on_check is not None:
+            try:
+                self.on_check(backend, error is None, self.clock.seconds() - started)
+            except Exception:
+                log.failure(
+                    "health check listener failed for {backend}", backend=backend.identifier
+                )
         self._record(backend.identifier, error)
 
     async def _probe(self, backend: Backend) -> str | None:

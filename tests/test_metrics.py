@@ -1,0 +1,285 @@
+"""``GET /metrics``: scraped after real traffic through a daemon with simulated backends; the
+token; the label rules; and the open-files limit raised at start-up."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from harness import TOKEN, Http, start_daemon
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor, task
+from twisted.internet.defer import CancelledError
+from twisted.web.client import ResponseNeverReceived
+
+from ollamaflow import tap
+from ollamaflow.daemon import Daemon
+from ollamaflow.gateway.completed import Completed
+from ollamaflow.metrics import Metrics
+from ollamaflow.sim import SimConfig
+
+
+async def until(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = reactor.seconds() + seconds
+    while not check():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not true within {seconds}s")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class Scrape:
+    """One scrape, parsed: ``value(name, **labels)`` sums the samples whose labels match."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = [
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def labels(self, name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in self.samples if s.name == name}
+
+
+async def scrape(daemon: Daemon, token: str | None = None) -> Scrape:
+    reply = await Http.to(daemon, token=token).get("/metrics")
+    assert reply.status == 200, reply.body
+    content_type = reply.headers.getRawHeaders(b"content-type")[0]
+    assert content_type.startswith(b"text/plain; version=")
+    return Scrape(reply.body.decode())
+
+
+@pytest_twisted.async_yield_fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    running = await start_daemon(tmp_path)
+    yield running
+    await running.stopService()
+
+
+async def add_backends(daemon: Daemon, ports: list[int], **fields: Any) -> list[str]:
+    admin = Http.to(daemon)
+    names = [f"sim{i}" for i in range(len(ports))]
+    for name, port in zip(names, ports, strict=True):
+        body = {"Identifier": name, "Hostname": "127.0.0.1", "Port": port, **fields}
+        assert (await admin.put("/v1.0/backends", body)).status == 201
+    body = {"Backends": names, "LoadBalancing": "RoundRobin"}
+    assert (await admin.put("/v1.0/frontends/frontend1", body)).status == 200
+    await until(lambda: all(daemon.runtime.state(n).healthy for n in names))
+    await until(lambda: all(daemon.inventory.known(n) for n in names))
+    return names
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_after_traffic(daemon: Daemon, simulators: Any) -> None:
+    sims = [await simulators(config=SimConfig(tokens_per_second=500)) for _ in range(2)]
+    await add_backends(daemon, [s.port for s in sims])
+    dead = {"Identifier": "dead", "Hostname": "127.0.0.1", "Port": 1}  # in no frontend
+    assert (await Http.to(daemon).put("/v1.0/backends", dead)).status == 201
+    client = Http.to(daemon, token=None)
+    generate = {"model": "llama3", "prompt": "hi", "stream": False}
+    for _ in range(4):
+        assert (await client.request("POST", "/api/generate", generate)).status == 200
+    chat = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.request("POST", "/api/chat", chat)).status == 200
+    assert (await client.get("/api/version")).status == 200
+    missing = {"model": "nosuchmodel", "prompt": "hi"}
+    assert (await client.request("POST", "/api/generate", missing)).status == 404
+    pull = {"model": "no-such-model-anywhere", "stream": False}
+    await client.request("POST", "/api/pull", pull)
+    await until(lambda: daemon.runtime.state("dead").last_check is not None)
+
+    m = await scrape(daemon)
+    ok = {"frontend": "frontend1", "model": "llama3:latest", "status": "200"}
+    assert m.value("ollamaflow_requests_total", **ok) == 5
+    assert m.labels("ollamaflow_requests_total", "backend") >= {"sim0", "sim1"}
+    assert m.value("ollamaflow_requests_total", backend="sim0", **ok) == 3  # round robin
+    assert m.value("ollamaflow_requests_total", backend="sim1", **ok) == 2
+    assert m.value("ollamaflow_requests_total", model="none", status="200") == 1  # /api/version
+    refused = {"backend": "none", "model": "none", "status": "404"}
+    assert m.value("ollamaflow_requests_total", **refused) == 1
+    assert m.value("ollamaflow_ttfb_seconds_count", frontend="frontend1") >= 6
+    assert m.value("ollamaflow_request_duration_seconds_count", frontend="frontend1") >= 7
+    assert m.value("ollamaflow_request_duration_seconds_bucket", backend="sim0", le="+Inf") >= 3
+    assert m.value("ollamaflow_queue_wait_seconds_count", frontend="frontend1") >= 6
+    assert m.value("ollamaflow_tokens_generated_total", model="llama3:latest") == 50
+    assert m.value("ollamaflow_tokens_per_second_count", model="llama3:latest") == 5
+    assert m.value("ollamaflow_tokens_per_second_sum", model="llama3:latest") > 0
+    assert m.value("ollamaflow_backend_healthy", backend="sim0") == 1
+    assert m.value("ollamaflow_backend_healthy", backend="dead") == 0
+    assert m.value("ollamaflow_in_flight_requests", backend="sim0") == 0
+    assert m.value("ollamaflow_queue_depth", frontend="frontend1") == 0
+    assert m.value("ollamaflow_health_check_seconds_count", backend="sim0", result="ok") >= 1
+    assert m.value("ollamaflow_health_check_seconds_count", backend="dead", result="failure") == 1
+    assert m.value("ollamaflow_health_check_seconds_count", backend="dead", result="ok") == 0
+    assert m.value("ollamaflow_pulls_total", result="failure") >= 1
+    assert m.value("ollamaflow_pulls_total", result="success") == 0
+    assert m.value("ollamaflow_retries_total") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_in_flight_queue_depth_and_client_disconnects(
+    daemon: Daemon, simulators: Any
+) -> None:
+    sim = await simulators()
+    await add_backends(daemon, [sim.port], MaxParallelRequests=1)
+    await sim.configure(hang=True)
+    url = f"http://127.0.0.1:{daemon.address.port}/api/generate"
+    body = b'{"model": "llama3", "prompt": "hi"}'
+    first = treq.post(url, data=body, persistent=False)
+    await until(lambda: daemon.runtime.state("sim0").active_requests == 1)
+    second = treq.post(url, data=body, persistent=False)
+    await until(lambda: daemon.gateway.scheduler.depth("frontend1") == 1)
+
+    m = await scrape(daemon)
+    assert m.value("ollamaflow_in_flight_requests", backend="sim0") == 1
+    assert m.value("ollamaflow_queue_depth", frontend="frontend1") == 1
+
+    for request in (second, first):
+        request.cancel()
+        with pytest.raises((CancelledError, ResponseNeverReceived)):
+            await request
+    await until(lambda: daemon.runtime.state("sim0").active_requests == 0)
+    await sim.configure(hang=False)
+    m = await scrape(daemon)
+    assert m.value("ollamaflow_client_disconnects_total", frontend="frontend1") == 2
+    assert m.value("ollamaflow_in_flight_requests", backend="sim0") == 0
+    assert m.value("ollamaflow_queue_depth", frontend="frontend1") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_protects_metrics(tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, {"Metrics": {"BearerToken": "metrics-secret"}})
+    try:
+        for token in (None, "wrong", TOKEN):
+            reply = await Http.to(daemon, token=token).get("/metrics")
+            assert reply.status == 401
+            assert reply.json["StatusCode"] == 401
+            assert reply.headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="metrics"']
+        m = await scrape(daemon, token="metrics-secret")
+        assert m.value("ollamaflow_backend_healthy", backend="backend1") == 0
+    finally:
+        await daemon.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disabled_metrics_leave_the_path_to_the_gateway(tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, {"Metrics": {"Enabled": False}})
+    try:
+        assert daemon.metrics is None
+        reply = await Http.to(daemon, token=None).get("/metrics")
+        assert reply.status == 503  # proxied: the seeded backend1 is not there
+    finally:
+        await daemon.stopService()
+
+
+def completed(**kw: Any) -> Completed:
+    fields: dict[str, Any] = {
+        "request_id": "r",
+        "client": "c",
+        "frontend": "f",
+        "backend": "b",
+        "method": "POST",
+        "path": "/api/chat",
+        "model": "llama3:latest",
+        "status": 200,
+        "outcome": "ok",
+        "bytes": 1,
+        "queued": 0.0,
+        "ttfb": 0.1,
+        "duration": 0.2,
+        "retries": 0,
+        **kw,
+    }
+    return Completed(**fields)
+
+
+def test_unknown_models_are_other_and_the_registry_is_private() -> None:
+    known = {"llama3:latest": "llama3:latest"}
+    metrics = Metrics(known_model=known.get)
+    metrics(completed())
+    metrics(completed(model="random-1:latest"))
+    metrics(completed(model="random-2:latest", retries=2, outcome="client_gone"))
+    metrics(completed(model=None, backend=None, ttfb=None, status=429, outcome="refused"))
+    m = Scrape(metrics.exposition().decode())
+    assert m.labels("ollamaflow_requests_total", "model") == {"llama3:latest", "other", "none"}
+    assert m.value("ollamaflow_requests_total", model="other") == 2
+    assert m.value("ollamaflow_retries_total", frontend="f") == 2
+    assert m.value("ollamaflow_client_disconnects_total", frontend="f") == 1
+    assert m.value("ollamaflow_ttfb_seconds_count") == 3
+    assert m.value("ollamaflow_queue_wait_seconds_count") == 3  # not the refused one
+    assert Scrape(Metrics().exposition().decode()).value("ollamaflow_requests_total") == 0
+
+
+# -- the open-files limit -------------------------------------------------------------------------
+
+
+class FakeLimits:
+    def __init__(self, soft: int, hard: int, refuse_above: int | None = None) -> None:
+        self.limits = (soft, hard)
+        self.refuse_above = refuse_above
+        self.calls: list[tuple[int, int]] = []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE
+        self.calls.append(limits)
+        if self.refuse_above is not None and limits[0] > self.refuse_above:
+            raise ValueError("not allowed to raise maximum limit")
+        self.limits = limits
+
+
+def use(monkeypatch: pytest.MonkeyPatch, fake: FakeLimits) -> None:
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeLimits(1024, 524288)
+    use(monkeypatch, fake)
+    assert tap.raise_open_files_limit() == (1024, 524288)
+    assert fake.limits == (524288, 524288)
+
+
+def test_an_unlimited_hard_limit_raises_to_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeLimits(1024, resource.RLIM_INFINITY)
+    use(monkeypatch, fake)
+    assert tap.raise_open_files_limit() == (1024, tap.NOFILE_CEILING)
+    assert fake.limits == (tap.NOFILE_CEILING, resource.RLIM_INFINITY)
+
+
+def test_a_refused_raise_falls_back_and_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeLimits(256, resource.RLIM_INFINITY, refuse_above=10240)
+    use(monkeypatch, fake)
+    assert tap.raise_open_files_limit() == (256, 10240)
+    fake = FakeLimits(256, 4096, refuse_above=256)
+    use(monkeypatch, fake)
+    assert tap.raise_open_files_limit() == (256, 256)
+    assert fake.limits == (256, 4096)
+
+
+def test_nothing_to_do_at_the_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeLimits(4096, 4096)
+    use(monkeypatch, fake)
+    assert tap.raise_open_files_limit() == (4096, 4096)
+    assert fake.calls == []
+
+    def broken(which: int) -> tuple[int, int]:
+        raise OSError("no")
+
+    monkeypatch.setattr(resource, "getrlimit", broken)
+    assert tap.raise_open_files_limit() is None
