@@ -244,6 +244,18 @@ def test_missing_required_models_are_pulled_at_most_n_at_once(s: Sync) -> None:
     assert len(s.ollama.pulls) == 3
 
 
+def test_a_sync_that_is_not_automatic_only_pulls_on_request(s: Sync) -> None:
+    """The mode of all but one worker process: RequiredModels is another worker's job."""
+    s.sync.automatic = False
+    s.start(backend("b1"), frontend("f1", ("b1",), "mistral"))
+    s.world.clock.advance(30)
+    assert s.ollama.pulls == []
+    joined = s.sync.ensure("b1", "phi3")
+    assert [p.model for p in s.ollama.pulls] == ["phi3"]
+    s.ollama.succeed(s.ollama.pulls[0])
+    assert joined.called
+
+
 def test_one_pull_per_model_per_backend(s: Sync) -> None:
     s.start(backend("b1"), frontend("f1", ("b1",), "mistral"))
     assert len(s.ollama.pulls) == 1
@@ -294,6 +306,27 @@ def test_success_without_the_model_in_tags_is_not_retried_at_once(s: Sync) -> No
     assert len(s.ollama.pulls) == 1
     s.world.clock.advance(5)
     assert len(s.ollama.pulls) == 2
+
+
+def test_each_finished_pull_is_reported(s: Sync) -> None:
+    done: list[tuple[str, str, bool]] = []
+    s.sync.on_pull_done = lambda backend_id, model, ok: done.append((backend_id, model, ok))
+    s.start(backend("b1"), frontend("f1", ("b1",), "nosuchmodel", "mistral", "phi3"))
+    nosuchmodel, mistral = s.ollama.pulls
+    s.ollama.fail(nosuchmodel)
+    s.ollama.succeed(mistral, "mistral:latest")
+    lying = s.ollama.pulls[2]  # phi3, started when a slot freed
+    lying.response.send({"status": "success"})
+    lying.response.finish()
+    assert done == [("b1", "nosuchmodel", False), ("b1", "mistral", True), ("b1", "phi3", False)]
+
+    def explode(backend_id: str, model: str, ok: bool) -> None:
+        raise RuntimeError("listener bug")
+
+    s.sync.on_pull_done = explode
+    s.world.clock.advance(5)  # the retries run; a failing listener changes nothing
+    s.ollama.succeed(s.ollama.running()[0], "nosuchmodel:latest")
+    assert s.model("nosuchmodel:latest")["Present"]
 
 
 def test_http_errors_and_broken_streams_are_failures(s: Sync) -> None:

@@ -8,6 +8,7 @@ which starts a pull or joins the one already running.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +37,9 @@ from ollamaflow.services.pull import (
 from ollamaflow.wire import format_utc
 
 log = Logger()
+
+#: Told when a pull ends: the backend, the model (as asked for), and whether it succeeded.
+PullDoneCallback = Callable[[str, str, bool], None]
 
 
 @attrs.define(eq=False)
@@ -125,6 +129,8 @@ class ModelSync(Service):
         idle_timeout: float,
         backoff_base: float = 5.0,
         backoff_max: float = 600.0,
+        on_pull_done: PullDoneCallback | None = None,
+        automatic: bool = True,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
@@ -135,6 +141,10 @@ class ModelSync(Service):
         self.idle_timeout = idle_timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.on_pull_done = on_pull_done
+        #: False in all but one of several worker processes: one of them keeps RequiredModels
+        #: in step, the others only run the pulls clients ask for.
+        self.automatic = automatic
         self._backends: dict[str, _BackendPulls] = {}
         inventory.add_listener(self._reconcile)
         registry.subscribe(self.configuration_changed)
@@ -302,7 +312,9 @@ class ModelSync(Service):
                 if key not in required and key not in pulls.pulls:
                     pulls.drop_failure(key)
         state = self.runtime.states.get(identifier)
-        if state is None or not state.healthy or not self.inventory.known(identifier):
+        if not self.automatic or state is None or not state.healthy:
+            return
+        if not self.inventory.known(identifier):
             return
         present = self.inventory.entries(identifier)
         now = self.clock.seconds()
@@ -378,6 +390,7 @@ class ModelSync(Service):
                 )
             error = PullStreamBroken(describe(result))
         self._note_failure(identifier, pulls, p.key, p.name, str(error))
+        self._done(identifier, p, False)
         for watcher in p.watchers:
             if not watcher.done.called:
                 watcher.done.errback(error)
@@ -405,6 +418,14 @@ class ModelSync(Service):
             delay=delay,
         )
 
+    def _done(self, identifier: str, p: _Pull, ok: bool) -> None:
+        if self.on_pull_done is None:
+            return
+        try:
+            self.on_pull_done(identifier, p.name, ok)
+        except Exception:
+            log.failure("pull listener failed for {backend}", backend=identifier)
+
     def _retry(self, identifier: str, failure: _Failure) -> None:
         failure.timer = None
         self._reconcile(identifier)
@@ -425,6 +446,9 @@ class ModelSync(Service):
             # Believe /api/tags over the stream, but do not pull again in a tight loop.
             error = "the pull reported success but /api/tags does not list the model"
             self._note_failure(identifier, pulls, p.key, p.name, error)
+            self._done(identifier, p, False)
+        else:
+            self._done(identifier, p, True)
         watchers, p.watchers = p.watchers, []
         for watcher in watchers:
             if not watcher.done.called:
