@@ -13,6 +13,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
+from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
@@ -34,6 +35,7 @@ from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.services.follow import ConfigFollower
 from ollamaflow.settings import DatabaseDriver, LoadedSettings
 from ollamaflow.store import Snapshot, Store, describe_postgresql, postgresql_conninfo
+from ollamaflow.workers import listen_shared
 
 log = Logger()
 
@@ -65,9 +67,14 @@ class Daemon(MultiService):
         reactor: Any,
         port: int | None = None,
         log_observer: ILogObserver | None = None,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this process is worker N of a daemon with ``Workers`` > 1."""
         super().__init__()
         self.loaded = loaded
+        self.worker = worker
+        #: Several processes on one port: each binds it with SO_REUSEPORT.
+        self.shared_port = loaded.settings.workers > 1
         self.store = store
         self.reactor: IReactorTCP = reactor
         self.reactor_time: IReactorTime = reactor
@@ -96,6 +103,7 @@ class Daemon(MultiService):
             http=http,
             max_concurrent=settings.max_concurrent_pulls,
             idle_timeout=settings.pull_idle_timeout_ms / 1000,
+            automatic=worker is None,
         )
         self.health = HealthChecker(
             registry=self.registry,
@@ -141,6 +149,7 @@ class Daemon(MultiService):
             self.started,
             models=self.sync.models,
             queues=self.gateway.queue_report,
+            worker=worker or 0,
         )
         self.root = Root(self.admin.resource(), self.gateway, metrics=metrics_page)
         self.site = OllamaFlowSite(self.root, self._body_limit)
@@ -148,11 +157,11 @@ class Daemon(MultiService):
         sweeper.clock = reactor
         sweeper.setServiceParent(self)
         # Other instances (or workers) on the same database: their changes reach us too.
-        follower = ConfigFollower(
-            registry=self.registry,
-            clock=reactor,
-            interval=settings.database.reload_interval_ms / 1000,
-        )
+        reload_interval = settings.database.reload_interval_ms / 1000
+        if self.shared_port:
+            # Sibling workers write to the same database; follow them within a second.
+            reload_interval = min(reload_interval, 1.0)
+        follower = ConfigFollower(registry=self.registry, clock=reactor, interval=reload_interval)
         follower.setServiceParent(self)
         self.port_number = settings.webserver.port if port is None else port
         self.interface = listen_interface(settings.webserver.hostname)
@@ -180,12 +189,16 @@ class Daemon(MultiService):
     def privilegedStartService(self) -> None:
         site: Any = self.site
         try:
-            self.listening = self.reactor.listenTCP(
-                self.port_number, site, backlog=1024, interface=self.interface
-            )
-        except CannotListenError as e:
+            if self.shared_port:
+                self.listening = listen_shared(self.reactor, self.port_number, self.interface, site)
+            else:
+                self.listening = self.reactor.listenTCP(
+                    self.port_number, site, backlog=1024, interface=self.interface
+                )
+        except (CannotListenError, OSError) as e:
+            reason = e.socketError if isinstance(e, CannotListenError) else e.strerror
             raise SystemExit(
-                f"ollamaflow: cannot listen on {self.interface}:{self.port_number}: {e.socketError}"
+                f"ollamaflow: cannot listen on {self.interface}:{self.port_number}: {reason}"
             ) from None
         super().privilegedStartService()
 
@@ -218,13 +231,34 @@ class Daemon(MultiService):
         return self.listening.getHost()
 
     async def _stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to DrainTimeoutMs), then stop."""
         if self.listening is not None:
             await maybeDeferred(self.listening.stopListening)
             self.listening = None
+        await self.drain(self.loaded.settings.drain_timeout_ms / 1000)
         await super().stopService()
         await self.gateway.close()
         await self.services_pool.closeCachedConnections()
         await self.store.close()
+
+    async def drain(self, seconds: float) -> None:
+        """Refuse new requests on open connections and wait for those in flight."""
+        gateway = self.gateway
+        gateway.draining = True
+        clock = self.reactor_time
+        deadline = clock.seconds() + seconds
+        if gateway.exchanges:
+            log.info("draining {count} requests in flight", count=len(gateway.exchanges))
+        while gateway.exchanges and clock.seconds() < deadline:
+            await task.deferLater(clock, 0.05, lambda: None)
+        if gateway.exchanges:
+            log.warn(
+                "{count} requests still in flight after {seconds}s; cutting them off",
+                count=len(gateway.exchanges),
+                seconds=seconds,
+            )
+            for exchange in list(gateway.exchanges):
+                exchange.abort()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

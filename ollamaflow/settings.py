@@ -154,6 +154,10 @@ class Settings:
     model_refresh_interval_ms: int = field(Int(1000, 86_400_000), default=30000)
     max_concurrent_pulls: int = field(Int(1, 64), default=3)
     pull_idle_timeout_ms: int = field(Int(1000, 86_400_000), default=600_000)
+    #: Daemon processes sharing the port (SO_REUSEPORT), for more than one core.
+    workers: int = field(Int(1, 64), default=1)
+    #: On SIGTERM: how long requests in flight may take to finish before they are cut off.
+    drain_timeout_ms: int = field(Int(0, 3_600_000), default=30000)
 
 
 class SettingsError(Exception):

@@ -32,6 +32,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "ollamaflow.json", "Settings file (created with defaults if missing)."],
+        ["worker", None, None, "Internal: run as worker N of a daemon with Workers > 1.", int],
     ]
 
     def parseArgs(self, *args: str) -> None:
@@ -66,9 +67,25 @@ def makeService(options: Options) -> IService:
     now = utc_clock(reactor.seconds)
     store, snapshot = prepare_store(loaded, reactor, now)
     observer = observer_for(loaded.settings.logging, loaded.log_file, _console(options))
-    return Daemon(
-        loaded=loaded, store=store, snapshot=snapshot, reactor=reactor, log_observer=observer
+    worker: int | None = options["worker"]
+    workers = loaded.settings.workers
+    daemon = Daemon(
+        loaded=loaded,
+        store=store,
+        snapshot=snapshot,
+        reactor=reactor,
+        log_observer=observer,
+        worker=worker,
     )
+    if worker is None and workers > 1:
+        from ollamaflow.workers import WorkerPool
+
+        WorkerPool(reactor, str(loaded.path), workers - 1).setServiceParent(daemon)
+    if worker is not None:
+        from ollamaflow.workers import exit_with_parent
+
+        exit_with_parent(reactor)
+    return daemon
 
 
 def prepare_store(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -100,6 +101,8 @@ class AdminApi:
     models: Callable[[str], list[dict[str, Any]]] = lambda _: []
     #: Each frontend's request queue (depth, waits, refusals).
     queues: Callable[[], list[dict[str, object]]] = list
+    #: Which worker process this is, when the daemon runs several (0 = the main one).
+    worker: int = 0
     _log: Logger = attrs.field(factory=Logger)
 
     app = Klein()
@@ -166,6 +169,25 @@ class AdminApi:
     def backend_models(self, request: IRequest, identifier: str) -> bytes:
         return _json(request, self.models(self._backend(identifier).identifier))
 
+    @app.route("/v1.0/backends/<string:identifier>/drain", methods=["POST", "PUT"])
+    async def drain_backend(self, request: IRequest, identifier: str) -> bytes:
+        """Stop sending the backend new requests, on every instance, and let the running ones
+        finish: it is deactivated in the configuration. Poll its health until ActiveRequests
+        is 0, then delete it."""
+        backend = self._backend(identifier)
+        if backend.active:
+            backend = await self.registry.replace_backend(attrs.evolve(backend, active=False))
+        state = self.runtime.state(identifier)
+        return _json(
+            request,
+            {
+                "Identifier": identifier,
+                "Active": backend.active,
+                "ActiveRequests": state.active_requests,
+                "Drained": state.active_requests == 0,
+            },
+        )
+
     @app.route("/v1.0/backends", methods=["PUT", "POST"])
     async def create_backend(self, request: IRequest) -> bytes:
         stored = await self.registry.create_backend(_parse(Backend, request))
@@ -196,6 +218,8 @@ class AdminApi:
             {
                 "Status": "Running",
                 "Version": __version__,
+                "Pid": os.getpid(),
+                "Worker": self.worker,
                 "StartedUtc": self.started.isoformat().replace("+00:00", "Z"),
                 "Uptime": format_timespan(now - self.started),
                 "Frontends": len(catalog.frontends),

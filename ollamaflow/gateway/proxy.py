@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any, BinaryIO, cast
 from urllib.parse import unquote
 
@@ -152,6 +153,8 @@ class Gateway:
         self.on_failure = on_failure
         #: Told about every finished request (the access log, the metrics).
         self.observers: list[Callable[[Completed], None]] = []
+        #: Set while the daemon shuts down: requests in flight finish, new ones are refused.
+        self.draining = False
         registry.subscribe(self._configuration_changed)
 
     def _configuration_changed(self, catalog: Catalog) -> None:
@@ -177,6 +180,10 @@ class Gateway:
         return frontend.max_request_body_size if frontend else 1 << 20
 
     def render(self, request: Request) -> bytes | int:
+        if self.draining:
+            request.setHeader(b"Connection", b"close")
+            request.channel.persistent = False
+            return self._refuse(request, None, 503, "OllamaFlow is shutting down", retry_after=1)
         catalog = self.registry.catalog
         host = request.getHeader(b"host")
         host_text = host.decode("latin-1") if host else ""
@@ -236,15 +243,17 @@ class Gateway:
         if client is not None:
             pinned = self.pins.lookup(frontend.identifier, client, self.clock.seconds())
         scheduler = self.scheduler
+        model_key = _model_key(model)
         if pinned is not None and any(b.identifier == pinned for b in found):
             ordered = stick(found, pinned)
         else:
-            ordered = self.balancer.order(frontend, found, self._load)
+            load = self._load if model_key is None else partial(self._model_load, model_key)
+            ordered = self.balancer.order(frontend, found, load)
             if inventory is not None and model is not None and len(ordered) > 1:
                 ordered = warm_first(inventory, ordered, model)
         if len(ordered) > 1:
             ordered = _free_first(scheduler, ordered)
-        exchange = _Exchange(self, request, frontend, ordered, document, client, _model_key(model))
+        exchange = _Exchange(self, request, frontend, ordered, document, client, model_key)
         if scheduler.has_slot(ordered[0]):
             exchange.start()
             return NOT_DONE_YET
@@ -312,6 +321,14 @@ class Gateway:
     def _load(self, backend_id: str) -> int:
         state = self.runtime.states.get(backend_id)
         return state.active_requests if state is not None else 0
+
+    def _model_load(self, model: str, backend_id: str) -> int:
+        """Requests in flight for this model first (Ollama gives each model its own slots),
+        then in all."""
+        state = self.runtime.states.get(backend_id)
+        if state is None:
+            return 0
+        return state.active_by_model.get(model, 0) * 1_000_000 + state.active_requests
 
     def _pull_everywhere(
         self, request: Request, frontend: Frontend, found: list[Backend], sync: fanout.Puller
@@ -512,6 +529,7 @@ class _Exchange:
         "gateway",
         "keep_tail",
         "last_error",
+        "logged_body",
         "model",
         "outcome",
         "relay",
@@ -564,6 +582,7 @@ class _Exchange:
         )
         self.tail = b""
         self.captured: bytearray | None = None
+        self.logged_body: str | None = None
 
     def start(self) -> None:
         self._watch()
@@ -624,6 +643,11 @@ class _Exchange:
         self._active = backend
         self.tried.append(backend.identifier)
         request = self.request
+        if self.logged_body is None and (
+            self.frontend.log_request_body or backend.log_request_body
+        ):
+            # Read now: Twisted drops the body once the response is finished.
+            self.logged_body = _body_text(request)
         try:
             producer = self._body_for(backend)
         except ValueError as e:
@@ -779,10 +803,6 @@ class _Exchange:
         count, duration = usage(self.tail) if self.tail else (None, None)
         request = self.request
         backend = self.tried[-1] if self.tried else None
-        configured = gateway.registry.catalog.backends.get(backend) if backend else None
-        logs_request = self.frontend.log_request_body or (
-            configured is not None and configured.log_request_body
-        )
         gateway._report(
             Completed(
                 request_id=self.request_id,
@@ -801,7 +821,7 @@ class _Exchange:
                 retries=max(0, len(self.tried) - 1),
                 eval_count=count,
                 eval_duration_ns=duration,
-                request_body=_body_text(request) if logs_request else None,
+                request_body=self.logged_body,
                 response_body=None if self.captured is None else _text(bytes(self.captured)),
             )
         )
@@ -828,6 +848,16 @@ class _Exchange:
         self.request.setHeader(b"Content-Length", b"%d" % len(body))
         self.request.write(body)
         self.request.finish()
+
+    def abort(self) -> None:
+        """Give up on this request now (the daemon's drain ran out of time)."""
+        self.outcome = "aborted"
+        if self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            attempt.cancel()
+        channel = self.request.channel
+        if channel is not None and channel.transport is not None:
+            cast(ITCPTransport, channel.transport).abortConnection()
 
     def _finished(self, _: None) -> None:
         self.gateway.exchanges.discard(self)

@@ -1,0 +1,171 @@
+"""Graceful drain: of the whole daemon on shutdown, and of one backend through the admin API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from harness import Http, start_daemon
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.web.client import ResponseFailed
+
+from ollamaflow.daemon import Daemon
+from ollamaflow.sim.config import SimConfig
+from ollamaflow.sim.service import RunningSimulator, start_simulator
+
+
+async def until(check: Callable[[], Any], seconds: float = 10.0) -> None:
+    deadline = reactor.seconds() + seconds
+    while not check():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not true within {seconds}s")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class Lines(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred[Any] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+
+async def serving(
+    tmp_path: Path, settings: dict[str, Any], **sim: Any
+) -> tuple[Daemon, RunningSimulator]:
+    daemon = await start_daemon(tmp_path, settings)
+    simulator = await start_simulator(reactor, config=SimConfig(**sim))
+    http = Http.to(daemon)
+    await http.put(
+        "/v1.0/backends", {"Identifier": "s", "Hostname": "127.0.0.1", "Port": simulator.port}
+    )
+    await http.put("/v1.0/frontends/frontend1", {"Backends": ["s"]})
+    await until(lambda: daemon.runtime.state("s").healthy)
+    return daemon, simulator
+
+
+async def stream(daemon: Daemon) -> tuple[Any, Lines]:
+    url = f"http://127.0.0.1:{daemon.address.port}/api/generate"
+    response = await treq.post(url, json={"model": "llama3", "prompt": "x"}, unbuffered=True)
+    lines = Lines()
+    response.deliverBody(lines)
+    return response, lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_lets_a_running_stream_finish_and_refuses_new_work(tmp_path: Path) -> None:
+    daemon, sim = await serving(tmp_path, {}, tokens=20, tokens_per_second=40)
+    port = daemon.address.port
+    try:
+        _, lines = await stream(daemon)
+        await until(lambda: lines.data.count(b"\n") >= 2)
+        stopping = daemon.stopService()
+        await task.deferLater(reactor, 0.05, lambda: None)
+        with pytest.raises(ConnectionRefusedError):
+            await treq.get(f"http://127.0.0.1:{port}/api/version", persistent=False)
+        assert not stopping.called, "the stream is still running"
+        await lines.done
+        assert lines.reason.check(ResponseFailed) is None, "the stream ended normally"
+        last = json.loads(lines.data.splitlines()[-1])
+        assert last["done"] is True and len(lines.data.splitlines()) == 21
+        await stopping
+    finally:
+        await sim.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_cuts_off_what_outlives_the_drain_timeout(tmp_path: Path) -> None:
+    daemon, sim = await serving(tmp_path, {"DrainTimeoutMs": 200}, tokens=200, tokens_per_second=20)
+    try:
+        _, lines = await stream(daemon)
+        await until(lambda: lines.data.count(b"\n") >= 1)
+        started = reactor.seconds()
+        await daemon.stopService()
+        assert reactor.seconds() - started < 2
+        await lines.done
+        assert lines.reason.check(ResponseFailed) is not None, (
+            "cut off, never made to look complete"
+        )
+    finally:
+        await sim.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_request_on_an_open_connection_during_drain_is_503_and_closed(
+    tmp_path: Path,
+) -> None:
+    daemon, sim = await serving(tmp_path, {}, tokens=20, tokens_per_second=40)
+    try:
+        daemon.gateway.draining = True
+        raw = Lines()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.address.port), raw)
+        raw.transport.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[union-attr]
+        await raw.done  # the daemon closed the connection after answering
+        head, _, body = raw.data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        assert b"Connection: close" in head
+        assert "shutting down" in json.loads(body)["error"]
+    finally:
+        daemon.gateway.draining = False
+        await sim.stop()
+        await daemon.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_a_backend_stops_new_requests_and_lets_running_ones_finish(
+    tmp_path: Path,
+) -> None:
+    daemon, sim = await serving(tmp_path, {}, tokens=20, tokens_per_second=40)
+    other = await start_simulator(reactor)
+    http = Http.to(daemon)
+    try:
+        await http.put(
+            "/v1.0/backends", {"Identifier": "o", "Hostname": "127.0.0.1", "Port": other.port}
+        )
+        await http.put(
+            "/v1.0/frontends/frontend1", {"Backends": ["s", "o"], "LoadBalancing": "RoundRobin"}
+        )
+        await until(lambda: daemon.runtime.state("o").healthy)
+        await http.put("/v1.0/frontends/frontend1", {"Backends": ["s"]})
+        _, lines = await stream(daemon)
+        await until(lambda: lines.data.count(b"\n") >= 1)
+        await http.put("/v1.0/frontends/frontend1", {"Backends": ["s", "o"]})
+        reply = await http.request("POST", "/v1.0/backends/s/drain")
+        assert reply.status == 200
+        assert reply.json == {
+            "Identifier": "s",
+            "Active": False,
+            "ActiveRequests": 1,
+            "Drained": False,
+        }
+        for _ in range(4):
+            response = await treq.get(f"http://127.0.0.1:{daemon.address.port}/api/version")
+            await response.content()
+            assert response.headers.getRawHeaders("x-ollamaflow-backend") == ["o"]
+        await lines.done
+        assert lines.reason.check(ResponseFailed) is None
+        assert json.loads(lines.data.splitlines()[-1])["done"] is True
+        health = (await http.get("/v1.0/backends/s/health")).json
+        assert health["ActiveRequests"] == 0
+        drained = (await http.request("POST", "/v1.0/backends/s/drain")).json
+        assert drained["Drained"] is True
+        assert (await http.delete("/v1.0/backends/s?force=true")).status == 204
+        assert (await http.request("POST", "/v1.0/backends/nope/drain")).status == 404
+    finally:
+        await other.stop()
+        await sim.stop()
+        await daemon.stopService()
