@@ -67,3 +67,9 @@ def to_client(backend_headers: Headers, response_headers: Headers) -> None:
     """Copy a backend's response headers onto the client's response, minus hop-by-hop."""
     for name, values in _copy(backend_headers, _NOT_RETURNED).getAllRawHeaders():
         response_headers.setRawHeaders(name, list(values))
+
+
+def host_header(backend: Backend) -> bytes:
+    """The ``Host`` a backend expects: its own host and port (Ollama refuses foreign ones)."""
+    host = f"[{backend.hostname}]" if ":" in backend.hostname else backend.hostname
+    return f"{host}:{backend.port}".encode("idna")

@@ -15,10 +15,9 @@ from typing import Any, BinaryIO, cast
 from urllib.parse import unquote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import (
-    IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
@@ -38,12 +37,12 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
 from ollamaflow import modelnames
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.gateway import fanout, fleet
 from ollamaflow.gateway import headers as hdrs
+from ollamaflow.gateway.backendhttp import BackendClient
 from ollamaflow.gateway.balancer import (
     Balancer,
     NoCandidate,
@@ -56,7 +55,6 @@ from ollamaflow.gateway.completed import LOGGED_BODY_BYTES, TAIL_BYTES, Complete
 from ollamaflow.gateway.dialect import refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
-from ollamaflow.gateway.transport import BackendClient, host_header
 from ollamaflow.pool import connection_pool
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import Runtime
@@ -77,28 +75,6 @@ _RETRYABLE = (
     RequestTransmissionFailed,
     TimeoutError,
 )
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body already in memory, written in one go (replayable: make another)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Discard(Protocol):
@@ -136,7 +112,7 @@ class Gateway:
         self.runtime = runtime
         self.clock: IReactorTime = reactor
         self.pool = connection_pool(reactor, max_per_host=1024)
-        self.backends = BackendClient(reactor, self.pool, CONNECT_TIMEOUT)
+        self.backends = BackendClient(reactor, CONNECT_TIMEOUT)
         #: For the fan-out requests (delete on every backend), off the hot path.
         self.http = HTTPClient(Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=self.pool))
         #: Called with a backend id after the gateway changed its models (delete, pull).
@@ -171,6 +147,7 @@ class Gateway:
             self.scheduler.wake(backend)
 
     async def close(self) -> None:
+        await self.backends.close()
         await self.pool.closeCachedConnections()
 
     def body_limit(self, host: bytes | None) -> int:
@@ -252,9 +229,9 @@ class Gateway:
             if inventory is not None and model is not None and len(ordered) > 1:
                 ordered = warm_first(inventory, ordered, model)
         if len(ordered) > 1:
-            ordered = _free_first(scheduler, ordered)
+            ordered = _free_first(scheduler, ordered, model_key)
         exchange = _Exchange(self, request, frontend, ordered, document, client, model_key)
-        if scheduler.has_slot(ordered[0]):
+        if scheduler.has_slot(ordered[0], model_key):
             exchange.start()
             return NOT_DONE_YET
         try:
@@ -454,10 +431,10 @@ def _model_key(model: str | None) -> str | None:
     return modelnames.display(model) if model is not None else None
 
 
-def _free_first(scheduler: Scheduler, ordered: list[Backend]) -> list[Backend]:
+def _free_first(scheduler: Scheduler, ordered: list[Backend], model: str | None) -> list[Backend]:
     """Backends with a free slot first, in the balancer's order; full ones after (retries
     skip them unless a slot has freed by then)."""
-    free = [b for b in ordered if scheduler.has_slot(b)]
+    free = [b for b in ordered if scheduler.has_slot(b, model)]
     if len(free) in (0, len(ordered)):
         return ordered
     return free + [b for b in ordered if b not in free]
@@ -628,7 +605,7 @@ class _Exchange:
         scheduler = self.gateway.scheduler
         while self.remaining:
             backend = self.remaining.pop(0)
-            if scheduler.has_slot(backend):
+            if scheduler.has_slot(backend, self.model):
                 break
         else:
             self._give_up()
@@ -666,7 +643,7 @@ class _Exchange:
             host=request.getHeader(b"host"),
             proto=b"https" if request.isSecure() else b"http",
         )
-        forwarded.setRawHeaders(b"Host", [host_header(backend)])
+        forwarded.setRawHeaders(b"Host", [hdrs.host_header(backend)])
         attempt = self.gateway.backends.request(
             backend, request.method, target, forwarded, producer
         )
@@ -678,7 +655,8 @@ class _Exchange:
             self._responded, self._failed, callbackArgs=(backend,), errbackArgs=(backend,)
         )
 
-    def _body_for(self, backend: Backend) -> IBodyProducer | None:
+    def _body_for(self, backend: Backend) -> bytes | IBodyProducer | None:
+        """The body to send: bytes when it is in memory (sent with the head in one write)."""
         request = self.request
         document = self.document
         if document is not None:
@@ -694,7 +672,7 @@ class _Exchange:
                 for pinned in pins:
                     if pinned:
                         document = deep_merge(document, pinned)
-                return _BytesProducer(json.dumps(document).encode())
+                return json.dumps(document).encode()
         content = request.content
         if content is None:
             return None
@@ -704,7 +682,7 @@ class _Exchange:
         if size == 0 and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             return None
         if size <= _IN_MEMORY_BODY:
-            return _BytesProducer(content.read())
+            return content.read()
         return FileBodyProducer(content)
 
     def _ttfb_expired(self, attempt: Deferred[IResponse]) -> None:

@@ -74,9 +74,15 @@ class Scheduler:
     _queues: dict[str, deque[_Waiter]] = attrs.field(factory=dict)
     stats: dict[str, QueueStats] = attrs.field(factory=dict)
 
-    def has_slot(self, backend: Backend) -> bool:
+    def has_slot(self, backend: Backend, model: str | None = None) -> bool:
+        """Whether the backend may take one more request (for ``model``, if it limits those)."""
         state = self.runtime.states.get(backend.identifier)
-        return state is None or state.active_requests < backend.max_parallel_requests
+        if state is None:
+            return True
+        if state.active_requests >= backend.max_parallel_requests:
+            return False
+        per_model = backend.model_parallel_requests
+        return not (per_model and model and state.active_by_model.get(model, 0) >= per_model)
 
     def acquire(self, backend: Backend, model: str | None) -> None:
         self.runtime.state(backend.identifier).begin(model)
@@ -91,7 +97,7 @@ class Scheduler:
     def wake(self, backend: Backend) -> None:
         """Hand free slots of ``backend`` to waiting requests, oldest first."""
         while self._queues and self.has_slot(backend):
-            waiter = self._oldest_for(backend.identifier)
+            waiter = self._oldest_for(backend)
             if waiter is None:
                 return
             self._remove(waiter)
@@ -160,11 +166,15 @@ class Scheduler:
             QueueRefused(f"no backend slot freed within {limit_ms} ms", retry_after=2)
         )
 
-    def _oldest_for(self, backend_id: str) -> _Waiter | None:
+    def _oldest_for(self, backend: Backend) -> _Waiter | None:
+        """The longest-waiting request that may use a free slot of ``backend`` now."""
         oldest: _Waiter | None = None
+        identifier = backend.identifier
         for queue in self._queues.values():
             for waiter in queue:
-                if any(b.identifier == backend_id for b in waiter.backends):
+                if any(b.identifier == identifier for b in waiter.backends) and self.has_slot(
+                    backend, waiter.model
+                ):
                     if oldest is None or waiter.since < oldest.since:
                         oldest = waiter
                     break
