@@ -101,6 +101,10 @@ class Backend:
     )
     health_check_url: str = field(_URL_PATH, default="/")
     max_parallel_requests: int = field(Int(1), default=4)
+    #: Requests at once per model, like Ollama's OLLAMA_NUM_PARALLEL (0: no limit of its own).
+    #: Set it to match the server and requests wait in OllamaFlow's queue for the first slot
+    #: that frees anywhere, instead of inside one server behind one generation.
+    model_parallel_requests: int = field(Int(0), default=0)
     rate_limit_requests_threshold: int = field(Int(1), default=10)
     log_request_full: bool = field(Bool(), default=False)
     log_request_body: bool = field(Bool(), default=False)

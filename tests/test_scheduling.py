@@ -71,6 +71,23 @@ def test_waiters_take_freed_slots_in_fifo_order_on_whichever_backend_frees() -> 
     assert stats.max_wait == 2.0 and stats.total_wait == 3.0
 
 
+def test_per_model_slots_hold_a_request_for_the_first_backend_with_that_model_free() -> None:
+    clock = task.Clock()
+    a, b = (Backend(identifier=n, model_parallel_requests=1) for n in "ab")
+    fe = Frontend(identifier="f", backends=("a", "b"))
+    scheduler = Scheduler(clock, Runtime())
+    scheduler.acquire(a, "llama3:latest")
+    scheduler.acquire(b, "llama3:latest")
+    assert scheduler.has_slot(a, "all-minilm:latest"), "other models still fit"
+    assert not scheduler.has_slot(a, "llama3:latest")
+    llama = fired(scheduler.wait(fe, [a, b], "llama3:latest"))
+    scheduler.acquire(a, "all-minilm:latest")
+    scheduler.release(a, "all-minilm:latest")
+    assert llama == [], "a freed embedding slot is not a llama3 slot"
+    scheduler.release(b, "llama3:latest")
+    assert llama == [b]
+
+
 def test_a_waiter_only_takes_backends_it_may_use() -> None:
     scheduler, _, (a, b), fe = make()
     scheduler.acquire(a, None)
