@@ -592,6 +592,9 @@ async def test_pinned_properties_are_merged_frontend_then_backend(
     response = await cluster.request("POST", "/api/show", data=b"raw body, not touched")
     await response.content()
     assert recorded.seen[-1].body == b"raw body, not touched"
+    response = await cluster.request("POST", "/api/show", data=b'{"model": "llama3"}')
+    await response.content()
+    assert recorded.seen[-1].body == b'{"model": "llama3"}', "pins are for completions only"
 
 
 # -- model management across the frontend ---------------------------------------------------

@@ -230,7 +230,9 @@ class Gateway:
                 ordered = warm_first(inventory, ordered, model)
         if len(ordered) > 1:
             ordered = _free_first(scheduler, ordered, model_key)
-        exchange = _Exchange(self, request, frontend, ordered, document, client, model_key)
+        exchange = _Exchange(
+            self, request, frontend, ordered, document, client, model_key, request_class
+        )
         if scheduler.has_slot(ordered[0], model_key):
             exchange.start()
             return NOT_DONE_YET
@@ -513,6 +515,7 @@ class _Exchange:
         "relayed",
         "remaining",
         "request",
+        "request_class",
         "request_id",
         "started",
         "status",
@@ -529,10 +532,12 @@ class _Exchange:
         ordered: list[Backend],
         document: dict[str, Any] | None,
         client: str | None,
-        model: str | None = None,
+        model: str | None,
+        request_class: RequestClass,
     ) -> None:
         self.gateway = gateway
         self.model = model
+        self.request_class = request_class
         self.request = request
         self.frontend = frontend
         self.remaining = ordered
@@ -554,9 +559,7 @@ class _Exchange:
         self.first_byte: float | None = None
         self.status = 0
         self.outcome = "ok"
-        self.keep_tail = (
-            bool(gateway.observers) and classify(request.path) is not RequestClass.OTHER
-        )
+        self.keep_tail = bool(gateway.observers) and request_class is not RequestClass.OTHER
         self.tail = b""
         self.captured: bytearray | None = None
         self.logged_body: str | None = None
@@ -659,10 +662,11 @@ class _Exchange:
         """The body to send: bytes when it is in memory (sent with the head in one write)."""
         request = self.request
         document = self.document
-        if document is not None:
+        request_class = self.request_class
+        if document is not None and request_class is not RequestClass.OTHER:
             pins = (
                 (self.frontend.pinned_embeddings_properties, backend.pinned_embeddings_properties)
-                if classify(request.path) is RequestClass.EMBEDDINGS
+                if request_class is RequestClass.EMBEDDINGS
                 else (
                     self.frontend.pinned_completions_properties,
                     backend.pinned_completions_properties,
