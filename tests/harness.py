@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import treq
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.runtime import utc_clock
@@ -20,6 +21,30 @@ from ollamaflow.settings import DatabaseDriver, load_settings
 from ollamaflow.store import Store, postgresql_conninfo
 
 TOKEN = "test-admin-token"
+
+
+async def until(
+    check: Callable[[], Any],
+    seconds: float = 10.0,
+    *,
+    ignoring: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Poll ``check`` (a predicate, or one returning an awaitable) on the reactor every 10 ms
+    until it gives something truthy, and return that; fail after ``seconds``. Exceptions in
+    ``ignoring`` count as "not yet" (a server still starting refuses connections)."""
+    deadline = reactor.seconds() + seconds
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+        except ignoring:
+            result = None
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not true within {seconds}s: {check}")
+        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 async def start_daemon(folder: Path, settings: Mapping[str, Any] | None = None) -> Daemon:

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from harness import until
 from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionDone
@@ -255,14 +256,6 @@ async def read(response: IResponse) -> tuple[bytes, Failure]:
     response.deliverBody(collect)
     reason = await collect.ended()
     return collect.body, reason
-
-
-async def until(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds  # type: ignore[attr-defined]
-    while not check():
-        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 async def get(
@@ -715,7 +708,7 @@ async def test_forget_and_close_close_idle_connections(env: Env) -> None:
     await until(lambda: first.lost == 1)
     assert len(env.idle(second.backend)) == 1
     await env.client.close()
-    assert second.lost == 1 or await until(lambda: second.lost == 1) is None
+    await until(lambda: second.lost == 1)
     assert env.client.idle == {}
 
 

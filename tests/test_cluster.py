@@ -4,7 +4,7 @@ sync, in front of simulators that fail, recover, lack models and pull them."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import ollama
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon
+from harness import Http, start_daemon, until
 from twisted.internet import reactor, task, threads
 
 from ollamaflow.daemon import Daemon
@@ -21,14 +21,6 @@ from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.service import RunningSimulator, start_simulator
 
 FAST = {"HealthCheckIntervalMs": 100, "ModelRefreshIntervalMs": 1000, "HealthCheckTimeoutMs": 500}
-
-
-async def until(check: Callable[[], Any], seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 @attrs.define

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon
+from harness import Http, start_daemon, until
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -21,14 +20,6 @@ from twisted.web.client import ResponseFailed
 from ollamaflow.daemon import Daemon
 from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.service import RunningSimulator, start_simulator
-
-
-async def until(check: Callable[[], Any], seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 class Lines(Protocol):

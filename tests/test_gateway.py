@@ -13,7 +13,7 @@ import openai
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon
+from harness import Http, start_daemon, until
 from recorder import Recorder, start_recorder
 from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred
@@ -63,14 +63,6 @@ class Cluster:
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
         return await treq.request(method, self.url + path, persistent=False, **kw)
-
-
-async def until(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.async_yield_fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon
-from twisted.internet import reactor, task
+from harness import Http, start_daemon, until
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from ollamaflow.accesslog import NAMESPACE, AccessLog
@@ -197,14 +196,6 @@ def test_a_disabled_access_log_emits_nothing() -> None:
 
 
 # -- end to end ----------------------------------------------------------------------------------
-
-
-async def until(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 @attrs.define

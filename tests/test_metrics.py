@@ -4,16 +4,15 @@ token; the label rules; and the open-files limit raised at start-up."""
 from __future__ import annotations
 
 import resource
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from harness import TOKEN, Http, start_daemon
+from harness import TOKEN, Http, start_daemon, until
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError
 from twisted.web.client import ResponseNeverReceived
 
@@ -22,14 +21,6 @@ from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.completed import Completed
 from ollamaflow.metrics import Metrics
 from ollamaflow.sim import SimConfig
-
-
-async def until(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 class Scrape:

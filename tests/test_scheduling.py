@@ -3,7 +3,7 @@ rate limits and LeastOutstanding — with a clock where timing matters, simulato
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon
+from harness import Http, start_daemon, until
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -146,14 +146,6 @@ def test_the_rate_limit_counts_active_and_queued_requests() -> None:
 
 
 # -- end to end -----------------------------------------------------------------------------
-
-
-async def until(check: Callable[[], Any], seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 @attrs.define

@@ -16,8 +16,7 @@ import ollama
 import openai
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from harness import until
 from twisted.internet.threads import deferToThread
 
 from ollamaflow.sim import RunningSimulator, SimConfig
@@ -34,13 +33,6 @@ async def in_thread(fn: Callable[[], T]) -> T:
 
 def client(sim: RunningSimulator, timeout: float = 10) -> ollama.Client:
     return ollama.Client(host=sim.url, timeout=timeout)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        assert reactor.seconds() < deadline, "condition not met in time"
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest_twisted
 import treq
+from harness import until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from ollamaflow.sim import RunningSimulator, SimConfig
@@ -67,14 +67,6 @@ async def raw_head(sim: RunningSimulator, method: str, path: str, body: Any = No
     proto.transport.write(request)
     response = await proto.done
     return response.split(b"\r\n\r\n", 1)[0].lower()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll on the reactor until `predicate()` holds."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        assert reactor.seconds() < deadline, "condition not met in time"
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

@@ -9,13 +9,12 @@ import socket
 import subprocess
 import sys
 import venv
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor, task
+from harness import until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,20 +45,6 @@ def free_port() -> int:
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=60)
-
-
-async def until(check: Callable[[], object], seconds: float = 30.0) -> None:
-    """Poll ``check`` on the reactor until it returns truthy or the deadline passes."""
-    deadline = reactor.seconds() + seconds
-    while True:
-        try:
-            if await check():  # type: ignore[misc]
-                return
-        except Exception:
-            pass
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s: {check}")
-        await task.deferLater(reactor, 0.1, lambda: None)
 
 
 def test_the_plugin_is_listed(twistd: Path, tmp_path: Path) -> None:
@@ -112,7 +97,7 @@ async def test_foreground_daemon_in_an_empty_folder(twistd: Path, tmp_path: Path
             await response.content()
             return bool(response.code == 200)
 
-        await until(answers)
+        await until(answers, 30, ignoring=(Exception,))
         assert sorted(
             p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))
         ) == [
@@ -153,12 +138,12 @@ async def test_daemonized_with_a_pidfile(twistd: Path, tmp_path: Path) -> None:
             body = await response.json()
             return bool(body["Status"] == "Running")
 
-        await until(answers)
+        await until(answers, 30, ignoring=(Exception,))
     finally:
         os.kill(pid, signal.SIGTERM)
 
     async def gone() -> bool:
         return not pidfile.exists()
 
-    await until(gone)
+    await until(gone, 30, ignoring=(Exception,))
     assert "OllamaFlow listening on" in (tmp_path / "flow.log").read_text()

@@ -8,13 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 import treq
-from twisted.internet import reactor, task
+from harness import until
+from twisted.internet import reactor
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TOKEN = {"Authorization": "Bearer workers-token"}
@@ -25,20 +25,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-async def until(check: Callable[[], Awaitable[Any]], seconds: float = 20.0) -> Any:
-    deadline = reactor.seconds() + seconds
-    while True:
-        try:
-            found = await check()
-            if found:
-                return found
-        except Exception:
-            pass
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s")
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 def alive(pid: int) -> bool:
@@ -84,7 +70,7 @@ async def test_two_workers_share_the_port_and_the_configuration(tmp_path: Path) 
             seen[body["Worker"]] = body["Pid"]
             return len(seen) == 2
 
-        await until(both_answered)
+        await until(both_answered, 30, ignoring=(Exception,))
         assert seen[0] == main.pid and seen[1] != main.pid
 
         # A change made through whichever worker answers reaches the other within a second.
@@ -107,7 +93,7 @@ async def test_two_workers_share_the_port_and_the_configuration(tmp_path: Path) 
                 knows.add((await health())["Worker"])
             return len(knows) == 2
 
-        await until(everyone_knows)
+        await until(everyone_knows, 30, ignoring=(Exception,))
         assert reactor.seconds() - changed_at < 5
 
         # A worker that dies is started again.
@@ -117,7 +103,7 @@ async def test_two_workers_share_the_port_and_the_configuration(tmp_path: Path) 
             body = await health()
             return body["Worker"] == 1 and body["Pid"] != seen[1]
 
-        await until(replaced, seconds=30)
+        await until(replaced, 30, ignoring=(Exception,))
         workers_now = {seen[0]}
 
         async def both_again() -> bool:
@@ -125,7 +111,7 @@ async def test_two_workers_share_the_port_and_the_configuration(tmp_path: Path) 
             workers_now.add(body["Pid"])
             return len(workers_now) == 2
 
-        await until(both_again)
+        await until(both_again, 30, ignoring=(Exception,))
     finally:
         main.send_signal(signal.SIGTERM)
         output, _ = main.communicate(timeout=30)

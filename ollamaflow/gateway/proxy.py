@@ -434,20 +434,21 @@ def _model_key(model: str | None) -> str | None:
 
 
 def _free_first(scheduler: Scheduler, ordered: list[Backend], model: str | None) -> list[Backend]:
-    """Backends with a free slot first, in the balancer's order; full ones after (retries
-    skip them unless a slot has freed by then)."""
-    free = [b for b in ordered if scheduler.has_slot(b, model)]
-    if len(free) in (0, len(ordered)):
-        return ordered
-    return free + [b for b in ordered if b not in free]
+    """The balancer's choice if it has a free slot, else the next one that has; the rest keep
+    their order for retries (which skip full backends when they come to them)."""
+    for i, backend in enumerate(ordered):
+        if scheduler.has_slot(backend, model):
+            return ordered if i == 0 else [backend, *ordered[:i], *ordered[i + 1 :]]
+    return ordered
 
 
 def warm_first(inventory: fleet.Inventory, ordered: list[Backend], model: str) -> list[Backend]:
     """Backends with the model already loaded first (no cold load), order otherwise kept."""
-    warm = [b for b in ordered if inventory.is_loaded(b.identifier, model)]
-    if not warm or len(warm) == len(ordered):
-        return ordered
-    return warm + [b for b in ordered if b not in warm]
+    warm: list[Backend] = []
+    cold: list[Backend] = []
+    for backend in ordered:
+        (warm if inventory.is_loaded(backend.identifier, model) else cold).append(backend)
+    return warm + cold if warm and cold else ordered
 
 
 def _run_detached(request: Request, work: Coroutine[Any, Any, None], what: str) -> None:
