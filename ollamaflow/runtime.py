@@ -34,10 +34,17 @@ def format_timespan(span: timedelta) -> str:
 
 
 @attrs.define
+class HealthEpoch:
+    """Counts changes of any backend's health, so views derived from it know when to rebuild."""
+
+    value: int = 0
+
+
+@attrs.define
 class BackendState:
     """What this daemon knows of one backend right now; starts as not yet checked."""
 
-    healthy: bool = False
+    _healthy: bool = attrs.field(default=False, alias="healthy")
     healthy_since: datetime | None = None
     unhealthy_since: datetime | None = None
     last_check: datetime | None = None
@@ -47,6 +54,17 @@ class BackendState:
     active_requests: int = 0
     #: Requests in flight per model (by the model string the client sent).
     active_by_model: dict[str, int] = attrs.field(factory=dict)
+    _epoch: HealthEpoch = attrs.field(factory=HealthEpoch, alias="epoch", repr=False, eq=False)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        if value != self._healthy:
+            self._healthy = value
+            self._epoch.value += 1
 
     def begin(self, model: str | None) -> None:
         self.active_requests += 1
@@ -121,11 +139,13 @@ class Runtime:
     """The states of all configured backends, created on first use, dropped with the backend."""
 
     states: dict[str, BackendState] = attrs.field(factory=dict)
+    #: Bumped whenever a backend turns healthy or unhealthy.
+    epoch: HealthEpoch = attrs.field(factory=HealthEpoch)
 
     def state(self, identifier: str) -> BackendState:
         found = self.states.get(identifier)
         if found is None:
-            found = self.states[identifier] = BackendState()
+            found = self.states[identifier] = BackendState(epoch=self.epoch)
         return found
 
     def forget_all_but(self, identifiers: Iterable[str]) -> None:

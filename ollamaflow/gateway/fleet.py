@@ -6,7 +6,7 @@ inventory, so every client sees one stable list whichever box it would have land
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -26,6 +26,8 @@ class Inventory(Protocol):
     def entries(self, backend_id: str) -> Mapping[str, dict[str, Any]]: ...
 
     def loaded_entries(self, backend_id: str) -> Mapping[str, dict[str, Any]]: ...
+
+    def add_listener(self, listener: Callable[[str], None]) -> None: ...
 
 
 def _union(sources: Iterable[Mapping[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -62,6 +62,8 @@ from ollamaflow.runtime import Runtime
 log = Logger()
 
 CONNECT_TIMEOUT = 5.0
+#: At most this many remembered candidate lists (labels come from clients: keep it bounded).
+_REMEMBERED = 1024
 #: Pulls and pushes may sit silent for minutes while a registry answers or layers are hashed.
 MODEL_TRANSFER_IDLE = 1800.0
 #: Bodies up to this size are replayed from memory on a retry; larger ones from the spool file.
@@ -119,8 +121,18 @@ class Gateway:
         self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
         self.pins = StickyPins()
+        self._remembered: dict[
+            tuple[str, RequestClass, str | None],
+            tuple[Catalog, int, list[Backend] | NoCandidate],
+        ] = {}
         self.scheduler = Scheduler(reactor, runtime)
         self.inventory = inventory
+        self._inventory_version = 0
+        self._remembered_models: dict[
+            tuple[int, str], tuple[list[Backend], int, list[Backend], frozenset[str]]
+        ] = {}
+        if inventory is not None:
+            inventory.add_listener(self._inventory_changed)
         self.sync = sync
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges: set[_Exchange] = set()
@@ -192,12 +204,8 @@ class Gateway:
             except ValueError:
                 document = None  # the backend will say what is wrong with it
         label = request.getHeader(b"x-ollamaflow-label")
-        found = candidates(
-            catalog,
-            self.runtime,
-            frontend,
-            request_class,
-            label.decode("latin-1") if label is not None else None,
+        found = self._candidates(
+            catalog, frontend, request_class, label.decode("latin-1") if label else None
         )
         if isinstance(found, NoCandidate):
             return self._refuse(request, frontend, 503, found.message, retry_after=1)
@@ -207,12 +215,13 @@ class Gateway:
             return self._pull_everywhere(request, frontend, found, self.sync)
         inventory = self.inventory
         model = _model_of(document, path) if document is not None else None
+        warm: frozenset[str] = frozenset()
         if inventory is not None:
             answered = self._fleet(request, inventory, found)
             if answered is not None:
                 return answered
             if model is not None:
-                found = [b for b in found if inventory.has(b.identifier, model) is not False]
+                found, warm = self._with_model(inventory, found, model)
                 if not found:
                     return self._refuse(request, frontend, 404, f"model '{model}' not found")
         client = self._client_id(request) if frontend.use_sticky_sessions else None
@@ -226,8 +235,8 @@ class Gateway:
         else:
             load = self._load if model_key is None else partial(self._model_load, model_key)
             ordered = self.balancer.order(frontend, found, load)
-            if inventory is not None and model is not None and len(ordered) > 1:
-                ordered = warm_first(inventory, ordered, model)
+            if warm and len(ordered) > 1:
+                ordered = warm_first(ordered, warm)
         if len(ordered) > 1:
             ordered = _free_first(scheduler, ordered, model_key)
         exchange = _Exchange(
@@ -296,6 +305,49 @@ class Gateway:
             stats = scheduler.stats.get(identifier) or QueueStats()
             out.append({"Identifier": identifier, **stats.to_wire(scheduler.depth(identifier))})
         return out
+
+    def _candidates(
+        self,
+        catalog: Catalog,
+        frontend: Frontend,
+        request_class: RequestClass,
+        label: str | None,
+    ) -> list[Backend] | NoCandidate:
+        """The candidates, remembered until the configuration or some backend's health changes
+        (so a frontend of a hundred backends is not walked on every request). Never mutate."""
+        key = (frontend.identifier, request_class, label)
+        epoch = self.runtime.epoch.value
+        remembered = self._remembered.get(key)
+        if remembered is not None and remembered[0] is catalog and remembered[1] == epoch:
+            return remembered[2]
+        found = candidates(catalog, self.runtime, frontend, request_class, label)
+        if len(self._remembered) >= _REMEMBERED:
+            self._remembered.clear()
+        self._remembered[key] = (catalog, epoch, found)
+        return found
+
+    def _with_model(
+        self, inventory: fleet.Inventory, found: list[Backend], model: str
+    ) -> tuple[list[Backend], frozenset[str]]:
+        """The candidates that have the model (or whose inventory is not read yet), and which
+        of them have it loaded; remembered until the candidates or any inventory change."""
+        key = (id(found), model)
+        remembered = self._remembered_models.get(key)
+        if (
+            remembered is not None
+            and remembered[0] is found
+            and remembered[1] == self._inventory_version
+        ):
+            return remembered[2], remembered[3]
+        having = [b for b in found if inventory.has(b.identifier, model) is not False]
+        warm = frozenset(b.identifier for b in having if inventory.is_loaded(b.identifier, model))
+        if len(self._remembered_models) >= _REMEMBERED:
+            self._remembered_models.clear()
+        self._remembered_models[key] = (found, self._inventory_version, having, warm)
+        return having, warm
+
+    def _inventory_changed(self, backend_id: str) -> None:
+        self._inventory_version += 1
 
     def _load(self, backend_id: str) -> int:
         state = self.runtime.states.get(backend_id)
@@ -442,12 +494,12 @@ def _free_first(scheduler: Scheduler, ordered: list[Backend], model: str | None)
     return ordered
 
 
-def warm_first(inventory: fleet.Inventory, ordered: list[Backend], model: str) -> list[Backend]:
+def warm_first(ordered: list[Backend], loaded: frozenset[str]) -> list[Backend]:
     """Backends with the model already loaded first (no cold load), order otherwise kept."""
     warm: list[Backend] = []
     cold: list[Backend] = []
     for backend in ordered:
-        (warm if inventory.is_loaded(backend.identifier, model) else cold).append(backend)
+        (warm if backend.identifier in loaded else cold).append(backend)
     return warm + cold if warm and cold else ordered
 
 
@@ -541,7 +593,7 @@ class _Exchange:
         self.request_class = request_class
         self.request = request
         self.frontend = frontend
-        self.remaining = ordered
+        self.remaining = list(ordered)  # ours to pop from; ``ordered`` may be shared
         self.document = document
         self.client = client
         self.request_id = str(uuid.uuid4())
