@@ -216,3 +216,26 @@ def test_sticky_pins_slide_expire_and_are_pruned() -> None:
     backends = [Backend(identifier=n) for n in "abc"]
     assert [b.identifier for b in stick(backends, "c")] == ["c", "a", "b"]
     assert stick(backends, "z") == backends
+
+
+def test_usage_is_read_from_the_end_of_a_completion() -> None:
+    from ollamaflow.gateway.completed import Completed, usage
+
+    stream = (
+        b'{"model":"m","response":"a","done":false}\n'
+        b'{"model":"m","response":"","done":true,"eval_count":42,"eval_duration":2000000000}\n'
+    )
+    assert usage(stream) == (42, 2_000_000_000)
+    assert usage(b'{"done":true, "eval_count": 7, "eval_duration": 7000}') == (7, 7000)
+    sse = (
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":11}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert usage(sse) == (11, None)
+    assert usage(b'{"embeddings": [[0.1]]}') == (None, None)
+    record = Completed(
+        request_id="r", client="c", frontend="f", backend="b", method="POST", path="/api/chat",
+        model="m", status=200, outcome="ok", bytes=1, queued=0.0, ttfb=0.1, duration=1.0,
+        retries=0, eval_count=42, eval_duration_ns=2_000_000_000,
+    )  # fmt: skip
+    assert record.tokens_per_second == 21.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 
 import attrs
 
@@ -44,33 +44,25 @@ class Completed:
         return self.eval_count / (self.eval_duration_ns / 1e9)
 
 
+_EVAL_COUNT = re.compile(rb'"eval_count"\s*:\s*(\d+)')
+_EVAL_DURATION = re.compile(rb'"eval_duration"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+def _last(pattern: re.Pattern[bytes], text: bytes) -> int | None:
+    found = pattern.findall(text)
+    return int(found[-1]) if found else None
+
+
 def usage(tail: bytes) -> tuple[int | None, int | None]:
     """Tokens generated and their duration (ns) from the end of a completion's response.
 
     Ollama's final message carries ``eval_count``/``eval_duration``; OpenAI-style answers carry
-    ``usage.completion_tokens`` (no duration). Only the last line or SSE event is parsed.
+    ``usage.completion_tokens`` (no duration). The numbers are picked out of the last bytes
+    with a pattern: parsing the JSON of every answer would cost more than the rest of the
+    bookkeeping together.
     """
-    if b"eval_count" not in tail and b"completion_tokens" not in tail:
-        return None, None
-    for line in reversed(tail.splitlines()):
-        line = line.strip()
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
-        if not line.startswith(b"{"):
-            continue
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(message, dict):
-            continue
-        if "eval_count" in message:
-            count, duration = message.get("eval_count"), message.get("eval_duration")
-            return (
-                count if isinstance(count, int) else None,
-                duration if isinstance(duration, int) else None,
-            )
-        used = message.get("usage")
-        if isinstance(used, dict) and isinstance(used.get("completion_tokens"), int):
-            return used["completion_tokens"], None
-    return None, None
+    count = _last(_EVAL_COUNT, tail)
+    if count is not None:
+        return count, _last(_EVAL_DURATION, tail)
+    return _last(_COMPLETION_TOKENS, tail), None
