@@ -301,12 +301,7 @@ class _Call:
         elif isinstance(body, bytes):
             payload = body
         else:
-            # An in-memory producer (the gateway's _BytesProducer) is sent as bytes too.
-            inner = getattr(body, "_body", None)
-            if isinstance(inner, bytes) and body.length == len(inner):
-                payload = inner
-            else:
-                producer = body
+            producer = body
         if payload is not None:
             framing = b"Content-Length: %d\r\n" % len(payload)
         elif producer is not None:
