@@ -366,17 +366,15 @@ class Gateway:
     ) -> bytes | int:
         """A client's pull runs on every healthy Ollama backend at once, with one merged
         progress stream; the model joins RequiredModels so later backends get it too."""
-        try:
-            document = _json_object(request.content)
-        except ValueError as e:
-            return refuse(request, 400, str(e))
-        model = _model_of(document, b"/api/pull")
-        if model is None:
-            return refuse(request, 400, "model is required")
+        parsed = self._model_document(request, frontend)
+        if isinstance(parsed, bytes):
+            return parsed
+        document, model = parsed
         targets = [b for b in found if b.api_format is ApiFormat.OLLAMA]
         if not targets:
-            return refuse(
+            return self._refuse(
                 request,
+                frontend,
                 503,
                 f"frontend {frontend.identifier!r} has no healthy Ollama backend to pull on",
                 retry_after=1,
@@ -396,13 +394,10 @@ class Gateway:
         self, request: Request, frontend: Frontend, found: list[Backend]
     ) -> bytes | int:
         """A client's delete reaches every healthy backend; the model leaves RequiredModels."""
-        try:
-            document = _json_object(request.content)
-        except ValueError as e:
-            return refuse(request, 400, str(e))
-        model = _model_of(document, b"/api/delete")
-        if model is None:
-            return refuse(request, 400, "model is required")
+        parsed = self._model_document(request, frontend)
+        if isinstance(parsed, bytes):
+            return parsed
+        document, model = parsed
         body = json.dumps(document).encode()
 
         async def run() -> None:
@@ -424,6 +419,19 @@ class Gateway:
 
         _run_detached(request, run(), "delete")
         return NOT_DONE_YET
+
+    def _model_document(
+        self, request: Request, frontend: Frontend
+    ) -> tuple[dict[str, Any], str] | bytes:
+        """The JSON body of a pull or delete and the model it names, or the 400 answer."""
+        try:
+            document = _json_object(request.content)
+        except ValueError as e:
+            return self._refuse(request, frontend, 400, str(e))
+        model = _model_of(document, request.path)
+        if model is None:
+            return self._refuse(request, frontend, 400, "model is required")
+        return document, model
 
     def _fleet(
         self, request: Request, inventory: fleet.Inventory, found: list[Backend]
