@@ -120,6 +120,7 @@ class Daemon(MultiService):
             registry=self.registry,
             runtime=self.runtime,
             reactor=reactor,
+            http=http,
             sticky_headers=settings.sticky_headers,
             inventory=self.inventory,
             sync=self.sync,

@@ -148,8 +148,6 @@ RUNTIME_KEYS = frozenset(
     )
 )
 
-Record = Frontend | Backend
-
 
 R = TypeVar("R", Frontend, Backend)
 

@@ -26,3 +26,13 @@ def refuse(
     if retry_after is not None:
         request.setHeader(b"Retry-After", b"%d" % retry_after)
     return error_body(request.path, status, message)
+
+
+def finish_json(request: IRequest, status: int, document: object) -> None:
+    """Answer ``document`` as JSON with ``status`` and finish the request."""
+    body = json.dumps(document).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()

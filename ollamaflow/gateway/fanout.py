@@ -13,24 +13,14 @@ import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from ollamaflow import modelnames
 from ollamaflow.catalog import Registry
 from ollamaflow.gateway import headers as hdrs
+from ollamaflow.gateway.dialect import finish_json
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.services.pull import PullProgress
-
-
-def forwarded_headers(request: Request, backend: Backend) -> Headers:
-    return hdrs.to_backend(
-        request.requestHeaders,
-        backend,
-        client_ip=str(request.getClientAddress().host),
-        host=request.getHeader(b"host"),
-        proto=b"https" if request.isSecure() else b"http",
-    )
 
 
 async def with_required(registry: Registry, frontend: Frontend, model: str, keep: bool) -> None:
@@ -124,13 +114,9 @@ class MergedPull:
     def _finish(self, message: dict[str, Any], status: int) -> None:
         if self.stream:
             self._line(message)
+            self.request.finish()
         else:
-            body = json.dumps(message).encode()
-            self.request.setResponseCode(status)
-            self.request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-            self.request.setHeader(b"Content-Length", b"%d" % len(body))
-            self.request.write(body)
-        self.request.finish()
+            finish_json(self.request, status, message)
 
 
 def _reason(failure: Any) -> str:
@@ -160,7 +146,7 @@ async def delete_everywhere(
             response = await http.request(
                 "DELETE",
                 backend.base_url + "/api/delete",
-                headers=forwarded_headers(request, backend),
+                headers=hdrs.forwarded(request, backend),
                 data=body,
                 timeout=seconds,
             )

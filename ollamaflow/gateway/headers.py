@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from twisted.web.http_headers import Headers
+from twisted.web.server import Request
 
 from ollamaflow.records import Backend
 
@@ -60,6 +61,19 @@ def to_backend(
         out.setRawHeaders(b"Authorization", [b"Bearer " + backend.bearer_token.encode()])
     for name, value in backend.headers.items():
         out.setRawHeaders(name.encode(), [value.encode()])
+    return out
+
+
+def forwarded(request: Request, backend: Backend) -> Headers:
+    """The headers a backend sees for a client request, its own ``Host`` included."""
+    out = to_backend(
+        request.requestHeaders,
+        backend,
+        client_ip=str(request.getClientAddress().host),
+        host=request.getHeader(b"host"),
+        proto=b"https" if request.isSecure() else b"http",
+    )
+    out.setRawHeaders(b"Host", [host_header(backend)])
     return out
 
 

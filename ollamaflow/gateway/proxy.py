@@ -1,4 +1,4 @@
-"""The streaming reverse proxy: one client request, relayed to a backend through a pooled Agent.
+"""The streaming reverse proxy: one client request, relayed to a backend over a pooled connection.
 
 The response is relayed as it arrives: every read from the backend is one write to the client,
 and the backend connection is the client request's producer, so a slow reader pauses the
@@ -27,7 +27,6 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    Agent,
     FileBodyProducer,
     PotentialDataLoss,
     RequestNotSent,
@@ -52,10 +51,9 @@ from ollamaflow.gateway.balancer import (
 )
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
 from ollamaflow.gateway.completed import LOGGED_BODY_BYTES, TAIL_BYTES, Completed, usage
-from ollamaflow.gateway.dialect import refuse
+from ollamaflow.gateway.dialect import finish_json, refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
-from ollamaflow.pool import connection_pool
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import Runtime
 
@@ -103,6 +101,7 @@ class Gateway:
         registry: Registry,
         runtime: Runtime,
         reactor: Any,
+        http: HTTPClient,
         sticky_headers: tuple[str, ...] = (),
         balancer: Balancer | None = None,
         inventory: fleet.Inventory | None = None,
@@ -113,10 +112,9 @@ class Gateway:
         self.registry = registry
         self.runtime = runtime
         self.clock: IReactorTime = reactor
-        self.pool = connection_pool(reactor, max_per_host=1024)
         self.backends = BackendClient(reactor, CONNECT_TIMEOUT)
         #: For the fan-out requests (delete on every backend), off the hot path.
-        self.http = HTTPClient(Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=self.pool))
+        self.http = http
         #: Called with a backend id after the gateway changed its models (delete, pull).
         self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
@@ -160,7 +158,6 @@ class Gateway:
 
     async def close(self) -> None:
         await self.backends.close()
-        await self.pool.closeCachedConnections()
 
     def body_limit(self, host: bytes | None) -> int:
         """The request body limit for a Host: its frontend's MaxRequestBodySize."""
@@ -415,7 +412,7 @@ class Gateway:
                     request.setHeader(b"Content-Length", b"0")
                     request.finish()
                 else:
-                    _finish_json(request, status, error)
+                    finish_json(request, status, error)
 
         _run_detached(request, run(), "delete")
         return NOT_DONE_YET
@@ -438,29 +435,20 @@ class Gateway:
     ) -> bytes | None:
         """Answer the model catalog routes from the inventory of the frontend's backends."""
         method, path = request.method, request.path
-        if method not in (b"GET", b"HEAD"):
-            return None
-        if path == b"/api/tags":
-            answer = fleet.tags
-        elif path == b"/api/ps":
-            answer = fleet.ps
-        elif path == b"/v1/models":
-            answer = fleet.openai_models
-        elif path.startswith(b"/v1/models/"):
-            readable = [b for b in found if inventory.known(b.identifier)]
-            if not readable:
-                return None
-            name = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
-            body = fleet.openai_model(inventory, readable, name)
-            if body is None:
-                return refuse(request, 404, f"model '{name}' not found")
-            return _json_answer(request, body)
-        else:
+        if method not in (b"GET", b"HEAD") or not (
+            path in _CATALOG_ROUTES or path.startswith(b"/v1/models/")
+        ):
             return None
         readable = [b for b in found if inventory.known(b.identifier)]
         if not readable:
-            return None
-        return _json_answer(request, answer(inventory, readable))
+            return None  # nothing read yet: let a backend answer
+        if path in _CATALOG_ROUTES:
+            return _json_answer(request, _CATALOG_ROUTES[path](inventory, readable))
+        name = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
+        body = fleet.openai_model(inventory, readable, name)
+        if body is None:
+            return self._refuse(request, None, 404, f"model '{name}' not found")
+        return _json_answer(request, body)
 
     def _client_id(self, request: Request) -> str:
         for name in self.sticky_headers:
@@ -469,6 +457,13 @@ class Gateway:
                 return value.decode("latin-1")
         return str(request.getClientAddress().host)
 
+
+#: The model catalog, answered for the whole frontend from the inventory.
+_CATALOG_ROUTES = {
+    b"/api/tags": fleet.tags,
+    b"/api/ps": fleet.ps,
+    b"/v1/models": fleet.openai_models,
+}
 
 #: Non-completion requests that name a model which must exist on the chosen backend.
 _NAMES_A_MODEL = frozenset({b"/api/show", b"/api/copy", b"/api/push"})
@@ -517,18 +512,9 @@ def _run_detached(request: Request, work: Coroutine[Any, Any, None], what: str) 
     def failed(failure: Failure) -> None:
         log.failure("{what} across the fleet failed", failure, what=what)
         if not request._disconnected and not request.finished:
-            _finish_json(request, 500, {"error": f"{what} failed; see the gateway's log"})
+            finish_json(request, 500, {"error": f"{what} failed; see the gateway's log"})
 
     Deferred.fromCoroutine(work).addErrback(failed)
-
-
-def _finish_json(request: Request, status: int, document: object) -> None:
-    body = json.dumps(document).encode()
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-    request.setHeader(b"Content-Length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
 
 
 def _json_answer(request: Request, body: bytes) -> bytes:
@@ -613,7 +599,7 @@ class _Exchange:
         self._attempt: Deferred[IResponse] | None = None
         self._ttfb_timer: IDelayedCall | None = None
         self._active: Backend | None = None
-        self._timed_out = False
+        self._timed_out = False  # the latest attempt ran out of time (504, not 502)
         self._reported = False
         self.started = gateway.clock.seconds()
         self.waited = 0.0
@@ -652,12 +638,8 @@ class _Exchange:
             return
         error = failure.value
         if isinstance(error, QueueRefused):
-            self.status, self.outcome = 429, "refused"
             self.waited = self.gateway.clock.seconds() - self.started
-            body = refuse(self.request, 429, str(error), retry_after=error.retry_after)
-            self.request.setHeader(b"Content-Length", b"%d" % len(body))
-            self.request.write(body)
-            self.request.finish()
+            self._answer(429, str(error), retry_after=error.retry_after)
             return
         log.failure("request {rid}: queueing failed", failure, rid=self.request_id)
         self._answer(500, "the request could not be scheduled; see the gateway's log")
@@ -682,6 +664,7 @@ class _Exchange:
     def _send(self, backend: Backend) -> None:
         """One attempt on ``backend``, whose slot this request already holds."""
         self._active = backend
+        self._timed_out = False
         self.tried.append(backend.identifier)
         request = self.request
         if self.logged_body is None and (
@@ -700,16 +683,8 @@ class _Exchange:
             extra = backend.querystring.encode()
             query = query + b"&" + extra if query else extra
         target = request.path + b"?" + query if query else request.path
-        forwarded = hdrs.to_backend(
-            request.requestHeaders,
-            backend,
-            client_ip=str(request.getClientAddress().host),
-            host=request.getHeader(b"host"),
-            proto=b"https" if request.isSecure() else b"http",
-        )
-        forwarded.setRawHeaders(b"Host", [hdrs.host_header(backend)])
         attempt = self.gateway.backends.request(
-            backend, request.method, target, forwarded, producer
+            backend, request.method, target, hdrs.forwarded(request, backend), producer
         )
         self._attempt = attempt
         ttfb = self.frontend.timeout_ms / 1000
@@ -773,7 +748,7 @@ class _Exchange:
         self.end_attempt()
         if self.client_gone:
             return
-        timed_out, self._timed_out = self._timed_out, False
+        timed_out = self._timed_out
         if timed_out:
             self.last_error = f"no response within {self.frontend.timeout_ms} ms"
         else:
@@ -877,17 +852,17 @@ class _Exchange:
 
     def _give_up(self) -> None:
         tried = ", ".join(self.tried)
-        if self.last_error.startswith("no response within"):
+        if self._timed_out:
             self._answer(504, f"{self.last_error} (tried {tried})")
         else:
             self._answer(502, f"no backend could answer (tried {tried}): {self.last_error}")
 
-    def _answer(self, status: int, message: str) -> None:
-        log.warn(
+    def _answer(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        (log.warn if status >= 500 else log.info)(
             "request {rid}: {status} {message}", rid=self.request_id, status=status, message=message
         )
         self.status, self.outcome = status, "refused"
-        body = refuse(self.request, status, message)
+        body = refuse(self.request, status, message, retry_after=retry_after)
         self.request.setHeader(b"Content-Length", b"%d" % len(body))
         self.request.write(body)
         self.request.finish()
