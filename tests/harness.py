@@ -18,6 +18,8 @@ from twisted.internet import reactor, task
 from ollamaflow.daemon import Daemon
 from ollamaflow.runtime import utc_clock
 from ollamaflow.settings import DatabaseDriver, load_settings
+from ollamaflow.sim.config import SimConfig
+from ollamaflow.sim.service import RunningSimulator, start_simulator
 from ollamaflow.store import Store, postgresql_conninfo
 
 TOKEN = "test-admin-token"
@@ -71,6 +73,53 @@ async def start_daemon(folder: Path, settings: Mapping[str, Any] | None = None) 
     daemon.interface = "127.0.0.1"
     daemon.startService()
     return daemon
+
+
+@attrs.define
+class Fleet:
+    """A daemon and the simulators behind it, for end-to-end tests; ``stop()`` ends them all."""
+
+    daemon: Daemon
+    sims: dict[str, RunningSimulator] = attrs.field(factory=dict)
+
+    @property
+    def http(self) -> Http:
+        return Http.to(self.daemon)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.daemon.address.port}"
+
+    async def add(
+        self,
+        name: str,
+        *,
+        models: tuple[str, ...] = ("llama3", "all-minilm"),
+        backend: Mapping[str, Any] | None = None,
+        **config: Any,
+    ) -> RunningSimulator:
+        """Start a simulator (``config`` are its knobs) and register it as backend ``name``."""
+        sim = await start_simulator(reactor, config=SimConfig(**config), models=models)
+        self.sims[name] = sim
+        record = {"Identifier": name, "Hostname": "127.0.0.1", "Port": sim.port, **(backend or {})}
+        reply = await self.http.put("/v1.0/backends", record)
+        assert reply.status == 201, reply.body
+        return sim
+
+    async def serve(self, *names: str, **fields: Any) -> None:
+        """Make frontend1 serve ``names``; wait until they are healthy and their models read."""
+        reply = await self.http.put(
+            "/v1.0/frontends/frontend1", {"Backends": list(names), **fields}
+        )
+        assert reply.status == 200, reply.body
+        runtime, inventory = self.daemon.runtime, self.daemon.inventory
+        await until(lambda: all(runtime.state(n).healthy for n in names))
+        await until(lambda: all(inventory.known(n) for n in names))
+
+    async def stop(self) -> None:
+        for sim in self.sims.values():
+            await sim.stop()
+        await self.daemon.stopService()
 
 
 @attrs.frozen

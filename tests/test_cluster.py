@@ -8,52 +8,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import ollama
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon, until
+from harness import Fleet, Http, start_daemon, until
 from twisted.internet import reactor, task, threads
 
-from ollamaflow.daemon import Daemon
-from ollamaflow.sim.config import SimConfig
-from ollamaflow.sim.service import RunningSimulator, start_simulator
+from ollamaflow.sim.service import start_simulator
 
 FAST = {"HealthCheckIntervalMs": 100, "ModelRefreshIntervalMs": 1000, "HealthCheckTimeoutMs": 500}
 
 
-@attrs.define
-class Fleet:
-    daemon: Daemon
-    http: Http
-    sims: dict[str, RunningSimulator]
+class Cluster(Fleet):
+    """A fleet balanced round robin, so spreads are predictable."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.daemon.address.port}"
+    async def serve(self, *names: str, **fields: Any) -> None:
+        await super().serve(*names, **{"LoadBalancing": "RoundRobin", **fields})
 
     def healthy(self, name: str) -> bool:
         return self.daemon.runtime.state(name).healthy
-
-    async def add(self, name: str, **config: Any) -> RunningSimulator:
-        models = config.pop("models", ("llama3", "all-minilm"))
-        sim = await start_simulator(reactor, config=SimConfig(**config), models=models)
-        self.sims[name] = sim
-        reply = await self.http.put(
-            "/v1.0/backends", {"Identifier": name, "Hostname": "127.0.0.1", "Port": sim.port}
-        )
-        assert reply.status == 201, reply.body
-        return sim
-
-    async def serve(self, *names: str, **fields: Any) -> None:
-        reply = await self.http.put(
-            "/v1.0/frontends/frontend1",
-            {"Backends": list(names), "LoadBalancing": "RoundRobin", **fields},
-        )
-        assert reply.status == 200, reply.body
-        await until(lambda: all(self.healthy(n) for n in names))
-        await until(lambda: all(self.daemon.inventory.known(n) for n in names))
 
     async def get(self, path: str, **kw: Any) -> Any:
         return await treq.get(self.url + path, persistent=False, **kw)
@@ -66,13 +40,10 @@ class Fleet:
 
 
 @pytest_twisted.async_yield_fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    daemon = await start_daemon(tmp_path, FAST)
-    made = Fleet(daemon, Http.to(daemon), {})
+async def fleet(tmp_path: Path) -> AsyncIterator[Cluster]:
+    made = Cluster(await start_daemon(tmp_path, FAST))
     yield made
-    for sim in made.sims.values():
-        await sim.stop()
-    await daemon.stopService()
+    await made.stop()
 
 
 # -- health ---------------------------------------------------------------------------------
@@ -100,7 +71,7 @@ async def test_a_new_backend_serves_within_one_round_trip(tmp_path: Path) -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_dead_backend_leaves_and_a_recovered_one_rejoins(fleet: Fleet) -> None:
+async def test_a_dead_backend_leaves_and_a_recovered_one_rejoins(fleet: Cluster) -> None:
     a = await fleet.add("a")
     await fleet.add("b")
     await fleet.serve("a", "b")
@@ -130,7 +101,7 @@ async def test_a_dead_backend_leaves_and_a_recovered_one_rejoins(fleet: Fleet) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_required_model_appears_on_a_backend_that_lacked_it(fleet: Fleet) -> None:
+async def test_a_required_model_appears_on_a_backend_that_lacked_it(fleet: Cluster) -> None:
     await fleet.add("full")
     lacking = await fleet.add("lacking", models=("all-minilm",), pull_time=0.2)
     await fleet.serve("full", "lacking", RequiredModels=["llama3"])
@@ -151,7 +122,7 @@ async def test_a_required_model_appears_on_a_backend_that_lacked_it(fleet: Fleet
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_model_on_one_backend_only_routes_there(fleet: Fleet) -> None:
+async def test_a_model_on_one_backend_only_routes_there(fleet: Cluster) -> None:
     await fleet.add("both")
     await fleet.add("embed-only", models=("all-minilm",))
     await fleet.serve("both", "embed-only")
@@ -171,7 +142,7 @@ async def test_a_model_on_one_backend_only_routes_there(fleet: Fleet) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_loaded_models_are_preferred(fleet: Fleet) -> None:
+async def test_loaded_models_are_preferred(fleet: Cluster) -> None:
     await fleet.add("cold")
     warm = await fleet.add("warm")
     await fleet.serve("cold", "warm")
@@ -187,7 +158,7 @@ async def test_loaded_models_are_preferred(fleet: Fleet) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_catalog_is_the_union_over_healthy_backends(fleet: Fleet) -> None:
+async def test_the_catalog_is_the_union_over_healthy_backends(fleet: Cluster) -> None:
     await fleet.add("a", models=("llama3", "all-minilm"))
     await fleet.add("b", models=("LLAMA3:latest", "mistral"))
     await fleet.serve("a", "b")
@@ -213,7 +184,7 @@ async def test_the_catalog_is_the_union_over_healthy_backends(fleet: Fleet) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_pull_fans_out_with_one_merged_progress(fleet: Fleet) -> None:
+async def test_a_client_pull_fans_out_with_one_merged_progress(fleet: Cluster) -> None:
     for name in ("a", "b", "c"):
         await fleet.add(name, models=("all-minilm",), pull_time=0.3, pull_tick=0.05)
     await fleet.serve("a", "b", "c")
@@ -237,7 +208,7 @@ async def test_a_client_pull_fans_out_with_one_merged_progress(fleet: Fleet) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_a_failed_pull_names_the_backends_and_the_client_sees_an_error(
-    fleet: Fleet,
+    fleet: Cluster,
 ) -> None:
     await fleet.add("a")
     await fleet.add("b", pullable=("llama3",))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon, until
+from harness import Fleet, Http, start_daemon, until
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -18,7 +18,6 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed
 
 from ollamaflow.daemon import Daemon
-from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.service import RunningSimulator, start_simulator
 
 
@@ -38,15 +37,10 @@ class Lines(Protocol):
 async def serving(
     tmp_path: Path, settings: dict[str, Any], **sim: Any
 ) -> tuple[Daemon, RunningSimulator]:
-    daemon = await start_daemon(tmp_path, settings)
-    simulator = await start_simulator(reactor, config=SimConfig(**sim))
-    http = Http.to(daemon)
-    await http.put(
-        "/v1.0/backends", {"Identifier": "s", "Hostname": "127.0.0.1", "Port": simulator.port}
-    )
-    await http.put("/v1.0/frontends/frontend1", {"Backends": ["s"]})
-    await until(lambda: daemon.runtime.state("s").healthy)
-    return daemon, simulator
+    fleet = Fleet(await start_daemon(tmp_path, settings))
+    simulator = await fleet.add("s", **sim)
+    await fleet.serve("s")
+    return fleet.daemon, simulator
 
 
 async def stream(daemon: Daemon) -> tuple[Any, Lines]:

@@ -7,21 +7,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon, until
-from twisted.internet import reactor, task
+from harness import Fleet, start_daemon, until
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
-from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.scheduler import QueueRefused, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import Runtime
-from ollamaflow.sim.config import SimConfig
-from ollamaflow.sim.service import RunningSimulator, start_simulator
+from ollamaflow.sim.service import RunningSimulator
 
 # -- the scheduler alone, on a clock ----------------------------------------------------------
 
@@ -148,38 +145,12 @@ def test_the_rate_limit_counts_active_and_queued_requests() -> None:
 # -- end to end -----------------------------------------------------------------------------
 
 
-@attrs.define
-class Setup:
-    daemon: Daemon
-    http: Http
-    sims: dict[str, RunningSimulator]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.daemon.address.port}"
+class Setup(Fleet):
+    """A fleet whose backends have slot limits and simulators with room to spare."""
 
     async def add(self, name: str, *, limit: int = 4, **config: Any) -> RunningSimulator:
-        sim = await start_simulator(reactor, config=SimConfig(num_parallel=64, **config))
-        self.sims[name] = sim
-        reply = await self.http.put(
-            "/v1.0/backends",
-            {
-                "Identifier": name,
-                "Hostname": "127.0.0.1",
-                "Port": sim.port,
-                "MaxParallelRequests": limit,
-                "RateLimitRequestsThreshold": 1000,
-            },
-        )
-        assert reply.status == 201, reply.body
-        return sim
-
-    async def serve(self, *names: str, **fields: Any) -> None:
-        reply = await self.http.put(
-            "/v1.0/frontends/frontend1", {"Backends": list(names), **fields}
-        )
-        assert reply.status == 200, reply.body
-        await until(lambda: all(self.daemon.runtime.state(n).healthy for n in names))
+        limits = {"MaxParallelRequests": limit, "RateLimitRequestsThreshold": 1000}
+        return await super().add(name, backend=limits, num_parallel=64, **config)
 
     def in_flight(self, name: str) -> tuple[int, dict[str, int]]:
         state = self.daemon.runtime.state(name)
@@ -192,12 +163,9 @@ class Setup:
 
 @pytest_twisted.async_yield_fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    daemon = await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000})
-    made = Setup(daemon, Http.to(daemon), {})
+    made = Setup(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
     yield made
-    for sim in made.sims.values():
-        await sim.stop()
-    await daemon.stopService()
+    await made.stop()
 
 
 @pytest_twisted.ensureDeferred
