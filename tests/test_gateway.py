@@ -636,3 +636,40 @@ async def test_a_bug_in_the_gateway_is_a_json_500_not_an_html_page(
     assert body["error"].startswith("internal error; see the log, reference ")
     response = await cluster.request("GET", "/v1/models")
     assert (await response.json())["error"]["type"] == "server_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_backends_content_length_is_kept(cluster: Cluster) -> None:
+    await cluster.frontend(["sim0"])
+    body = b'{"model": "llama3", "prompt": "x", "stream": false}'
+    answer = await _raw(
+        cluster.daemon.address.port,
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    lengths = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    ]
+    assert lengths == [b"%d" % len(payload)], head
+    assert b"transfer-encoding" not in head.lower()
+    assert json.loads(payload)["done"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_that_goes_quiet_mid_stream_is_cut_off_after_the_idle_timeout(
+    cluster: Cluster,
+) -> None:
+    await cluster.frontend(["sim0"], TimeoutMs=300)
+    await cluster.sims[0].configure(tokens=10, stall_after=2, stall_seconds=30)
+    started = reactor.seconds()
+    response = await cluster.request(
+        "POST", "/api/generate", json={"model": "llama3", "prompt": "x"}
+    )
+    assert response.code == 200
+    with pytest.raises(ResponseFailed):
+        await response.content()
+    assert reactor.seconds() - started < 5, "not left hanging for the backend's 30 s stall"
+    await until(lambda: cluster.daemon.runtime.state("sim0").active_requests == 0)
