@@ -7,8 +7,14 @@ frontend balancing RoundRobin without gateway limits (OllamaFlow 1.2's behaviour
 balancing LeastOutstanding with per-backend slots and the queue. Prints p50/p99 latency,
 throughput, failures and the peak queue depth of each:
 
-    python bench/scheduling.py            # about a minute
-    python bench/scheduling.py --smoke    # a few seconds (CI)
+    python bench/scheduling.py                  # eight backends, about three minutes
+    python bench/scheduling.py --backends 3     # the same load per backend on three
+    python bench/scheduling.py --smoke          # a few seconds (CI)
+
+The arrival rate follows the fleet: ``--load`` is the share of the generation slots busy on
+average, so every fleet size sees the same load per backend. The gain grows with the fleet:
+round robin leaves each box to queue its own arrivals, while the shared queue pools every
+box's slots.
 """
 
 from __future__ import annotations
@@ -39,6 +45,20 @@ class Arrival:
     kind: str
 
 
+#: The share of arrivals that are generations (the rest are embeddings), and their models.
+GENERATION_SHARE = 0.3
+CHAT_MODELS = ("llama3", "mistral")
+TOKENS = (40, 120)
+TTFT = 0.02
+
+
+def rate_for(load: float, backends: int, tps: float) -> float:
+    """Arrivals per second that keep ``load`` of the generation slots (one per chat model per
+    backend) busy on average."""
+    service = TTFT + sum(TOKENS) / 2 / tps
+    return load * backends * len(CHAT_MODELS) / (GENERATION_SHARE * service)
+
+
 def workload(seed: int, seconds: float, rate: float, tokens: tuple[int, int]) -> list[Arrival]:
     """Poisson arrivals: 70% embeddings, 30% generations of 40-120 tokens on two models."""
     rng = random.Random(seed)
@@ -48,11 +68,11 @@ def workload(seed: int, seconds: float, rate: float, tokens: tuple[int, int]) ->
         now += rng.expovariate(rate)
         if now >= seconds:
             return out
-        if rng.random() < 0.7:
+        if rng.random() >= GENERATION_SHARE:
             body = {"model": "all-minilm", "input": f"text {len(out)}"}
             out.append(Arrival(now, "/api/embed", json.dumps(body).encode(), "embed"))
         else:
-            model = rng.choice(["llama3", "mistral"])
+            model = rng.choice(CHAT_MODELS)
             body = {
                 "model": model,
                 "prompt": f"story {len(out)}",
@@ -121,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 twistd, "-n", "--pidfile=", "ollamaflow-sim", "--port", str(port),
                 "--models", SIM_MODELS, "--tokens", "120", "--num-parallel", "1",
                 "--max-queue", "4096",
-                "--tokens-per-second", str(args.tps), "--ttft", "0.02", "--load-time", "0",
+                "--tokens-per-second", str(args.tps), "--ttft", str(TTFT), "--load-time", "0",
                 "--keep-alive=-1", "--no-host-check",
             ]  # fmt: skip
             children.start(f"sim{i}", argv).wait_port(port)
@@ -130,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         daemon.configure(specs)
         daemon.wait_healthy([s.identifier for s in specs], timeout=20)
         daemon.wait_models(timeout=20)
-        arrivals = workload(args.seed, args.seconds, args.rate, (40, 120))
+        arrivals = workload(args.seed, args.seconds, args.rate, TOKENS)
         policies = {
             "RoundRobin (1.2)": {
                 "LoadBalancing": "RoundRobin",
@@ -174,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"{len(arrivals)} requests over {args.seconds:.0f} s on {args.backends} simulated "
-        f"backends (seed {args.seed}; 1 slot per model; generations at {args.tps} tokens/s)"
+        f"backends (seed {args.seed}; {args.rate:.1f} requests/s, {args.load:.0%} of the "
+        f"generation slots busy; 1 slot per model; generations at {args.tps} tokens/s)"
     )
     header = (
         f"{'policy':26} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'embed p99':>10} "
@@ -199,16 +220,22 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for CI")
-    parser.add_argument("--seconds", type=float, default=40.0)
-    parser.add_argument("--rate", type=float, default=9.0, help="requests per second")
-    parser.add_argument("--backends", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--backends", type=int, default=8)
+    parser.add_argument(
+        "--load", type=float, default=0.7, help="share of generation slots busy on average"
+    )
+    parser.add_argument("--rate", type=float, help="requests per second [from --load]")
     parser.add_argument("--slots", type=int, default=3, help="MaxParallelRequests per backend")
     parser.add_argument("--tps", type=float, default=60.0, help="tokens/s of a generation")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seconds, args.rate, args.tps = 3.0, 6.0, 400.0
+        args.seconds, args.backends, args.tps = 3.0, 3, 400.0
+        args.rate = 6.0
+    if args.rate is None:
+        args.rate = rate_for(args.load, args.backends, args.tps)
     return run(args)
 
 
