@@ -10,6 +10,7 @@ throughput, failures and the peak queue depth of each:
     python bench/scheduling.py                  # eight backends, about three minutes
     python bench/scheduling.py --backends 3     # the same load per backend on three
     python bench/scheduling.py --smoke          # a few seconds (CI)
+    python bench/scheduling.py --ideal 20       # no processes: the ideal of both, 20 seeds
 
 The arrival rate follows the fleet: ``--load`` is the share of the generation slots busy on
 average, so every fleet size sees the same load per backend. The gain grows with the fleet:
@@ -43,6 +44,9 @@ class Arrival:
     path: str
     body: bytes
     kind: str
+    model: str
+    #: What the request costs its model's slot on a simulator.
+    service: float
 
 
 #: The share of arrivals that are generations (the rest are embeddings), and their models.
@@ -59,7 +63,9 @@ def rate_for(load: float, backends: int, tps: float) -> float:
     return load * backends * len(CHAT_MODELS) / (GENERATION_SHARE * service)
 
 
-def workload(seed: int, seconds: float, rate: float, tokens: tuple[int, int]) -> list[Arrival]:
+def workload(
+    seed: int, seconds: float, rate: float, tokens: tuple[int, int], tps: float
+) -> list[Arrival]:
     """Poisson arrivals: 70% embeddings, 30% generations of 40-120 tokens on two models."""
     rng = random.Random(seed)
     out: list[Arrival] = []
@@ -70,16 +76,55 @@ def workload(seed: int, seconds: float, rate: float, tokens: tuple[int, int]) ->
             return out
         if rng.random() >= GENERATION_SHARE:
             body = {"model": "all-minilm", "input": f"text {len(out)}"}
-            out.append(Arrival(now, "/api/embed", json.dumps(body).encode(), "embed"))
+            encoded = json.dumps(body).encode()
+            out.append(Arrival(now, "/api/embed", encoded, "embed", "all-minilm", TTFT))
         else:
             model = rng.choice(CHAT_MODELS)
+            count = rng.randint(*tokens)
             body = {
                 "model": model,
                 "prompt": f"story {len(out)}",
                 "stream": False,
-                "options": {"num_predict": rng.randint(*tokens)},
+                "options": {"num_predict": count},
             }
-            out.append(Arrival(now, "/api/generate", json.dumps(body).encode(), "generate"))
+            encoded = json.dumps(body).encode()
+            service = TTFT + count / tps
+            out.append(Arrival(now, "/api/generate", encoded, "generate", model, service))
+
+
+def ideal(arrivals: list[Arrival], backends: int, pooled: bool) -> list[float]:
+    """Latencies with no overhead at all: round robin (each box queues its own share behind
+    each model's slot) or one pooled FIFO queue (the first slot of the model to free)."""
+    free: dict[tuple[int, str], float] = {}
+    out = []
+    for i, a in enumerate(arrivals):
+        if pooled:
+            box = min(range(backends), key=lambda b: free.get((b, a.model), 0.0))
+        else:
+            box = i % backends
+        done = max(a.at, free.get((box, a.model), 0.0)) + a.service
+        free[(box, a.model)] = done
+        out.append(done - a.at)
+    return out
+
+
+def ideal_report(args: argparse.Namespace) -> int:
+    """The p99 gain of the pooled queue over round robin, with no process at all, over seeds."""
+    gains = []
+    for seed in range(args.seed, args.seed + args.ideal):
+        arrivals = workload(seed, args.seconds, args.rate, TOKENS, args.tps)
+        p99 = [
+            percentile(sorted(ideal(arrivals, args.backends, pooled)), 0.99) or 1.0
+            for pooled in (False, True)
+        ]
+        gains.append(p99[0] / p99[1])
+    gains.sort()
+    print(
+        f"ideal p99 gain of one pooled queue over round robin, {args.backends} backends, "
+        f"{args.rate:.1f} requests/s, {args.seconds:.0f} s, seeds {args.seed}..{seed}: "
+        f"median {percentile(gains, 0.5):.2f}x, lowest {gains[0]:.2f}x, highest {gains[-1]:.2f}x"
+    )
+    return 0
 
 
 async def post(port: int, arrival: Arrival, limit: float) -> tuple[str, float, int]:
@@ -150,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         daemon.configure(specs)
         daemon.wait_healthy([s.identifier for s in specs], timeout=20)
         daemon.wait_models(timeout=20)
-        arrivals = workload(args.seed, args.seconds, args.rate, TOKENS)
+        arrivals = workload(args.seed, args.seconds, args.rate, TOKENS, args.tps)
         policies = {
             "RoundRobin (1.2)": {
                 "LoadBalancing": "RoundRobin",
@@ -230,13 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tps", type=float, default=60.0, help="tokens/s of a generation")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--ideal", type=int, metavar="SEEDS", help="print the ideal gain over SEEDS seeds only"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.backends, args.tps = 3.0, 3, 400.0
         args.rate = 6.0
     if args.rate is None:
         args.rate = rate_for(args.load, args.backends, args.tps)
-    return run(args)
+    return ideal_report(args) if args.ideal else run(args)
 
 
 if __name__ == "__main__":
