@@ -25,7 +25,7 @@ from ollamaflow.accesslog import AccessLog
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.gateway.proxy import Gateway
-from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, OllamaFlowSite, Root
+from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, Listener, Root
 from ollamaflow.logs import logs_info
 from ollamaflow.metrics import Fleet, KnownModels, Metrics, MetricsPage
 from ollamaflow.pool import connection_pool
@@ -152,8 +152,8 @@ class Daemon(MultiService):
             queues=self.gateway.queue_report,
             worker=worker or 0,
         )
-        self.root = Root(self.admin.resource(), self.gateway, metrics=metrics_page)
-        self.site = OllamaFlowSite(self.root, self._body_limit)
+        self.root = Root(self.admin.resource(), metrics=metrics_page)
+        self.listener = Listener(self.gateway, self.root, self._body_limit, reactor)
         sweeper = TimerService(STICKY_SWEEP_SECONDS, self._sweep_pins)
         sweeper.clock = reactor
         sweeper.setServiceParent(self)
@@ -188,13 +188,15 @@ class Daemon(MultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
-        site: Any = self.site
+        factory: Any = self.listener
         try:
             if self.shared_port:
-                self.listening = listen_shared(self.reactor, self.port_number, self.interface, site)
+                self.listening = listen_shared(
+                    self.reactor, self.port_number, self.interface, factory
+                )
             else:
                 self.listening = self.reactor.listenTCP(
-                    self.port_number, site, backlog=1024, interface=self.interface
+                    self.port_number, factory, backlog=1024, interface=self.interface
                 )
         except (CannotListenError, OSError) as e:
             reason = e.socketError if isinstance(e, CannotListenError) else e.strerror
@@ -246,6 +248,7 @@ class Daemon(MultiService):
         """Refuse new requests on open connections and wait for those in flight."""
         gateway = self.gateway
         gateway.draining = True
+        self.listener.drain()
         clock = self.reactor_time
         deadline = clock.seconds() + seconds
         if gateway.exchanges:

@@ -1,156 +1,232 @@
-"""The main listener: one HTTP site serving the admin API under ``/v1.0/`` and client traffic.
+"""The main listener: which requests go where, and the connections it keeps.
 
-The root is a leaf resource that dispatches on the path prefix, so a proxied request costs one
-``startswith`` before it reaches the gateway.
+Everything outside ``/v1.0/`` is client traffic for the gateway, served on the lean path of
+:mod:`ollamaflow.server`. The admin API (``/v1.0/``), ``GET /metrics`` and ``GET /`` are
+twisted.web resources under :class:`Root`, carried over the same connections.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
-from ollamaflow.admin.errors import error_body
+from ollamaflow.admin.errors import error_body as admin_error_body
 from ollamaflow.gateway.dialect import error_body as gateway_error_body
+from ollamaflow.server.connection import GatewayExchange, HTTPConnection
+from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.web import WebStream
 
 ADMIN_PREFIX = b"/v1.0/"
 #: The admin API's records are small; anything larger is a mistake or an attack.
 ADMIN_MAX_BODY = 1 << 20
 OLLAMA_IS_RUNNING = b"Ollama is running"
+METRICS_PATH = b"/metrics"
+#: A keep-alive connection with no request for this long is closed.
+IDLE_TIMEOUT = 75.0
+#: A request whose head or body stops arriving for this long is answered 408 and closed.
+READ_TIMEOUT = 60.0
 
 log = Logger()
-METRICS_PATH = b"/metrics"
 
 
 class Renderer(Protocol):
     def render(self, request: server.Request) -> Any: ...
 
 
+class GatewayLike(Protocol):
+    def render(self, request: ClientRequest) -> bytes | int: ...
+
+
+def is_web(method: bytes, path: bytes, metrics: bool) -> bool:
+    """Whether a request is for the admin API or a page of ours, not for the gateway."""
+    if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX[:-1]:
+        return True
+    if method not in (b"GET", b"HEAD"):
+        return False
+    return path == b"/" or (metrics and path == METRICS_PATH)
+
+
 class Root(Resource):
-    """Dispatch: ``/v1.0/`` to the admin API, ``GET|HEAD /`` answered here, ``GET /metrics`` to
-    ``metrics`` (if given), the rest proxied."""
+    """The twisted.web side: ``/v1.0/`` to the admin API, ``/`` answered here, ``/metrics``."""
 
     isLeaf = True
 
-    def __init__(
-        self, admin: Renderer, gateway: Renderer, *, metrics: Renderer | None = None
-    ) -> None:
+    def __init__(self, admin: Renderer, *, metrics: Renderer | None = None) -> None:
         super().__init__()
         self.admin = admin
-        self.gateway = gateway
         self.metrics = metrics
 
     def render(self, request: server.Request) -> Any:
         path = request.path
         if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX[:-1]:
             return self.admin.render(request)
-        if path == b"/" and request.method in (b"GET", b"HEAD"):
-            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-            return OLLAMA_IS_RUNNING
-        if (
-            path == METRICS_PATH
-            and self.metrics is not None
-            and request.method in (b"GET", b"HEAD")
-        ):
+        if path == METRICS_PATH and self.metrics is not None:
             return self.metrics.render(request)
-        return self.gateway.render(request)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return OLLAMA_IS_RUNNING
 
 
-#: The body size limit for a request, from its path and Host header.
-BodyLimit = Callable[[bytes, bytes | None], int]
-
-
-class LimitedRequest(server.Request):
-    """A request that refuses an oversized body with 413 as soon as it is known to be too big,
-    without reading the rest: by ``Content-Length`` before the body, or while a chunked body
-    arrives.
-    """
-
-    _limit: int = 0
-    _received: int = 0
-    _refused: bool = False
-
-    def gotLength(self, length: int | None) -> None:
-        site: OllamaFlowSite = self.channel.site  # type: ignore[attr-defined]
-        target: bytes = getattr(self.channel, "_path", b"/")
-        self._target = target.split(b"?", 1)[0]
-        host = self.requestHeaders.getRawHeaders(b"host", [None])[0]
-        self._limit = site.body_limit(self._target, host)
-        if length is not None and length > self._limit:
-            self._refuse()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self._limit:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused:
-            super().requestReceived(command, path, version)
+class WebRequest(server.Request):
+    """A twisted.web request that answers a bug below it with a JSON 500, never an HTML page."""
 
     def processingFailed(self, reason: Failure) -> None:
-        """A bug below us: log it with a reference, answer a JSON 500, never an HTML page."""
         reference = uuid.uuid4().hex
         log.failure("request failed ({reference})", reason, reference=reference)
         if self.finished or self._disconnected:
             return
-        description = f"internal error; see the log, reference {reference}"
-        if self.path.startswith(ADMIN_PREFIX):
-            body = error_body(500, description)
-        else:
-            body = gateway_error_body(self.path, 500, description)
         if self.startedWriting:
             # Too late for a status: cut the response off so it cannot look complete.
-            cast(ITCPTransport, self.channel.transport).abortConnection()
+            self.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
+        body = error_body(self.path, 500, f"internal error; see the log, reference {reference}")
         self.setResponseCode(500)
         self.setHeader(b"Content-Type", b"application/json")
         self.setHeader(b"Content-Length", b"%d" % len(body))
         self.write(body)
         self.finish()
 
-    def _refuse(self) -> None:
-        """Answer 413 on the raw transport and close: the rest of the body is never read."""
-        self._refused = True
-        self.requestHeaders.removeHeader(b"expect")
-        description = f"the request body is larger than {self._limit} bytes"
-        if self._target.startswith(ADMIN_PREFIX):
-            body = error_body(413, description)
-        else:
-            body = gateway_error_body(self._target, 413, description)
-        transport = cast(ITCPTransport, self.channel.transport)
-        transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        transport.loseConnection()
 
+class WebSite(server.Site):
+    """The site of the twisted.web side; it never logs a line per request (the gateway's
+    access log covers client traffic)."""
 
-class OllamaFlowSite(server.Site):
-    """The site for the main listener; ``body_limit`` chooses the size limit for a request."""
-
-    requestFactory = LimitedRequest
+    requestFactory = WebRequest
     noisy = False
     displayTracebacks = False
 
-    def __init__(self, root: Resource, body_limit: BodyLimit) -> None:
-        # Neither the admin API nor the gateway reads form submissions; parsing them would
-        # also parse the Content-Type of every POST with the email package.
+    def __init__(self, root: Resource) -> None:
+        # Neither the admin API nor the pages read form submissions; parsing them would also
+        # parse the Content-Type of every POST with the email package.
         super().__init__(root, parsePOSTFormSubmission=False)
-        self.body_limit = body_limit
 
     def log(self, request: http.Request) -> None:
-        """No combined-log line per request: the access log comes from the gateway."""
+        pass
+
+
+def error_body(path: bytes, status: int, message: str) -> bytes:
+    """An error in the dialect of the path: the admin API's, OpenAI's or Ollama's."""
+    if path.startswith(ADMIN_PREFIX):
+        return admin_error_body(status, message)
+    return gateway_error_body(path, status, message)
+
+
+#: The body size limit for a request, from its path and Host header.
+BodyLimit = Callable[[bytes, bytes | None], int]
+
+
+class Listener(ServerFactory):
+    """Builds a :class:`HTTPConnection` per client; routes each request it parses."""
+
+    protocol = HTTPConnection  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        gateway: GatewayLike,
+        root: Root,
+        body_limit: BodyLimit,
+        clock: IReactorTime,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.gateway = gateway
+        self.site = WebSite(root)
+        self.metrics = root.metrics is not None
+        self.body_limit = body_limit
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.read_timeout = read_timeout
+        self.connections: set[HTTPConnection] = set()
+        #: Header field names seen and found valid, with their lower-case form.
+        self.header_names: dict[bytes, bytes] = {}
+        self._date = (0, b"")
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+
+    def startFactory(self) -> None:
+        self._sweeper.start(min(self.idle_timeout, self.read_timeout) / 4, now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def exchange(
+        self,
+        connection: HTTPConnection,
+        method: bytes,
+        uri: bytes,
+        version: bytes,
+        headers: list[tuple[bytes, bytes]],
+        fields: dict[bytes, bytes],
+        persistent: bool,
+        length: int | None,
+    ) -> GatewayExchange | WebStream:
+        """Where a request whose head just arrived goes: the gateway or twisted.web."""
+        path = uri.partition(b"?")[0]
+        if is_web(method, path, self.metrics):
+            site = self.site
+            return WebStream(connection, site, method, uri, version, headers, persistent, length)
+        request = ClientRequest(connection, method, uri, version, headers, fields, persistent)
+        return GatewayExchange(self, request)
+
+    def serve(self, request: ClientRequest) -> None:
+        """Hand a complete client request to the gateway; a bug there is a JSON 500."""
+        try:
+            answer = self.gateway.render(request)
+        except Exception:
+            reference = uuid.uuid4().hex
+            log.failure("request failed ({reference})", reference=reference)
+            if request.finished or request.disconnected:
+                return
+            if request.started:
+                request.abort_connection()
+                return
+            body = error_body(
+                request.path, 500, f"internal error; see the log, reference {reference}"
+            )
+            request.setResponseCode(500)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            answer = body
+        if answer is not NOT_DONE_YET:
+            assert isinstance(answer, bytes)
+            request.write(answer)
+            request.finish()
+
+    def error_body(self, path: bytes, status: int, message: str) -> bytes:
+        return error_body(path, status, message)
+
+    def date(self) -> bytes:
+        """The ``Date`` header's value, formatted once a second."""
+        now = int(self.clock.seconds())
+        if self._date[0] != now:
+            self._date = (now, http.datetimeToString(now))
+        return self._date[1]
+
+    def sweep(self) -> None:
+        """Close keep-alive connections idle too long; answer 408 to requests stuck halfway."""
+        now = self.clock.seconds()
+        for connection in list(self.connections):
+            if connection.idle():
+                if now - connection.since > self.idle_timeout:
+                    connection.transport.loseConnection()  # type: ignore[union-attr]
+            elif connection.receiving() and now - connection.since > self.read_timeout:
+                connection.reject(408, f"no bytes of the request for {self.read_timeout:.0f} s")
+
+    def drain(self) -> None:
+        """Stop reusing connections: idle ones close now, the others after their response."""
+        for connection in list(self.connections):
+            connection.closing = True
+            if connection.idle():
+                connection.transport.loseConnection()  # type: ignore[union-attr]

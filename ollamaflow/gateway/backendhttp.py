@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, TypeAlias, cast
 
 from twisted.internet.defer import Deferred, fail, gatherResults
@@ -50,6 +51,8 @@ log = Logger()
 
 _Where = tuple[str, int, bool]
 _Body: TypeAlias = "bytes | IBodyProducer | None"
+#: Request header fields: a ``Headers``, or (name, value) pairs as the gateway builds them.
+_Fields: TypeAlias = "Headers | Sequence[tuple[bytes, bytes]]"
 
 #: Status line plus header fields of one response; larger is refused.
 MAX_HEAD = 64 * 1024
@@ -72,7 +75,7 @@ _CONNECTION_CONTROL = frozenset(
     }
 )
 #: Request fields this client writes itself from the body it is given.
-_FRAMING = frozenset({b"Content-Length", b"Transfer-Encoding"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _NO_BODY_CODES = frozenset({204, 304})
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
@@ -136,7 +139,7 @@ class BackendClient:
         backend: Backend,
         method: bytes,
         target: bytes,
-        headers: Headers,
+        headers: _Fields,
         body: _Body,
     ) -> Deferred[IResponse]:
         """``target`` is the path and query; ``headers`` must carry ``Host``. ``body`` is the
@@ -283,7 +286,7 @@ class _Call:
         where: _Where,
         method: bytes,
         target: bytes,
-        headers: Headers,
+        headers: _Fields,
         body: _Body,
     ) -> None:
         if not _TOKEN.match(method):
@@ -311,13 +314,15 @@ class _Call:
             else:
                 framing = b"Content-Length: %d\r\n" % length
         lines = [method, b" ", target, b" HTTP/1.1\r\n", framing]
-        for name, values in headers.getAllRawHeaders():
-            if name in _FRAMING:
+        if isinstance(headers, Headers):
+            headers = [(n, v) for n, values in headers.getAllRawHeaders() for v in values]
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _FRAMING:
                 continue
-            if name == b"Connection" and any(b"close" in v.lower() for v in values):
+            if lower == b"connection" and b"close" in value.lower():
                 self.keep = False
-            for value in values:
-                lines += (name, b": ", value, b"\r\n")
+            lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
         self.head = b"".join(lines)
         self.payload = payload

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.web.iweb import IRequest
+from ollamaflow.server.request import ClientRequest
 
 
 def error_body(path: bytes, status: int, message: str) -> bytes:
@@ -18,7 +18,7 @@ def error_body(path: bytes, status: int, message: str) -> bytes:
 
 
 def refuse(
-    request: IRequest, status: int, message: str, *, retry_after: int | None = None
+    request: ClientRequest, status: int, message: str, *, retry_after: int | None = None
 ) -> bytes:
     """Set the status and headers of a gateway error on ``request`` and return its body."""
     request.setResponseCode(status)
@@ -28,7 +28,7 @@ def refuse(
     return error_body(request.path, status, message)
 
 
-def finish_json(request: IRequest, status: int, document: object) -> None:
+def finish_json(request: ClientRequest, status: int, document: object) -> None:
     """Answer ``document`` as JSON with ``status`` and finish the request."""
     body = json.dumps(document).encode()
     request.setResponseCode(status)

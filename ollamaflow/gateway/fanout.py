@@ -13,13 +13,13 @@ import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.python.failure import Failure
-from twisted.web.server import Request
 
 from ollamaflow import modelnames
 from ollamaflow.catalog import Registry
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.dialect import finish_json
 from ollamaflow.records import Backend, Frontend
+from ollamaflow.server.request import ClientRequest
 from ollamaflow.services.pull import PullProgress
 
 
@@ -54,7 +54,7 @@ class MergedPull:
     with ``total``/``completed`` summed over backends, then ``success`` only if all succeeded,
     else an ``error`` line naming the backends that failed."""
 
-    request: Request
+    request: ClientRequest
     model: str
     backends: Sequence[Backend]
     stream: bool
@@ -83,7 +83,7 @@ class MergedPull:
 
         request.notifyFinish().addErrback(client_left)
         results = await DeferredList(pulls, consumeErrors=True)
-        if request._disconnected or request.finished:
+        if request.disconnected or request.finished:
             return
         failed = [
             f"{backend.identifier}: {_reason(result)}"
@@ -97,7 +97,7 @@ class MergedPull:
 
     def _progressed(self, backend_id: str, message: dict[str, Any]) -> None:
         self.progress[backend_id].update(message)
-        if not self.stream or self.request._disconnected:
+        if not self.stream or self.request.disconnected:
             return
         total = sum(p.total for p in self.progress.values())
         completed = sum(p.completed for p in self.progress.values())
@@ -133,7 +133,7 @@ class Outcome:
 
 async def delete_everywhere(
     http: HTTPClient,
-    request: Request,
+    request: ClientRequest,
     backends: Sequence[Backend],
     body: bytes,
     seconds: float | None,
@@ -146,7 +146,7 @@ async def delete_everywhere(
             response = await http.request(
                 "DELETE",
                 backend.base_url + "/api/delete",
-                headers=hdrs.forwarded(request, backend),
+                headers=hdrs.as_headers(hdrs.forwarded(request, backend)),
                 data=body,
                 timeout=seconds,
             )

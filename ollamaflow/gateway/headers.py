@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request
 
 from ollamaflow.records import Backend
+from ollamaflow.server.request import ClientRequest
 
 HOP_BY_HOP = frozenset(
     {
@@ -27,60 +29,88 @@ _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
 _NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
 
 
-def _connection_named(headers: Headers) -> set[bytes]:
+Fields = list[tuple[bytes, bytes]]
+
+
+def _connection_named(values: Iterable[bytes]) -> set[bytes]:
     named: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", ()):
+    for value in values:
         named.update(token.strip().lower() for token in value.split(b","))
     return named
 
 
-def _copy(source: Headers, drop: frozenset[bytes] | set[bytes]) -> Headers:
-    if source.hasHeader(b"connection"):
-        drop = drop | _connection_named(source)
-    out = Headers()
-    for name, values in source.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, list(values))
-    return out
+def _clean(value: str) -> bytes:
+    """An operator's header value, with line breaks that would end the field made spaces."""
+    return value.encode().replace(b"\r", b" ").replace(b"\n", b" ")
 
 
 def to_backend(
-    client: Headers, backend: Backend, *, client_ip: str, host: bytes | None, proto: bytes
-) -> Headers:
-    """The headers a backend sees: the client's, minus hop-by-hop, plus X-Forwarded-*."""
-    out = _copy(client, _NOT_FORWARDED)
-    previous = client.getRawHeaders(b"x-forwarded-for")
-    forwarded_for = client_ip.encode()
-    if previous:
-        forwarded_for = b", ".join([*previous, forwarded_for])
-    out.setRawHeaders(b"X-Forwarded-For", [forwarded_for])
+    client: Fields, backend: Backend, *, client_ip: str, host: bytes | None, proto: bytes
+) -> Fields:
+    """The header fields a backend sees: the client's (as parsed, in order), minus hop-by-hop,
+    plus X-Forwarded-*."""
+    drop: frozenset[bytes] | set[bytes] = _NOT_FORWARDED
+    connection = [v for n, v in client if n.lower() == b"connection"]
+    if connection:
+        drop = drop | _connection_named(connection)
+    out: Fields = []
+    previous: list[bytes] = []
+    for name, value in client:
+        lower = name.lower()
+        if lower == b"x-forwarded-for":
+            previous.append(value)
+        elif lower not in drop and not (
+            lower == b"x-forwarded-proto" or (host is not None and lower == b"x-forwarded-host")
+        ):
+            out.append((name, value))
+    forwarded_for = b", ".join([*previous, client_ip.encode()])
+    out.append((b"X-Forwarded-For", forwarded_for))
     if host is not None:
-        out.setRawHeaders(b"X-Forwarded-Host", [host])
-    out.setRawHeaders(b"X-Forwarded-Proto", [proto])
+        out.append((b"X-Forwarded-Host", host))
+    out.append((b"X-Forwarded-Proto", proto))
+    replaced = set()
     if backend.bearer_token:
-        out.setRawHeaders(b"Authorization", [b"Bearer " + backend.bearer_token.encode()])
-    for name, value in backend.headers.items():
-        out.setRawHeaders(name.encode(), [value.encode()])
+        replaced.add(b"authorization")
+    replaced.update(name.lower().encode() for name in backend.headers)
+    if replaced:
+        out = [(n, v) for n, v in out if n.lower() not in replaced]
+    if backend.bearer_token:
+        out.append((b"Authorization", b"Bearer " + _clean(backend.bearer_token)))
+    for field, text in backend.headers.items():
+        out.append((field.encode(), _clean(text)))
     return out
 
 
-def forwarded(request: Request, backend: Backend) -> Headers:
-    """The headers a backend sees for a client request, its own ``Host`` included."""
+def forwarded(request: ClientRequest, backend: Backend) -> Fields:
+    """The header fields a backend sees for a client request, its own ``Host`` included."""
     out = to_backend(
-        request.requestHeaders,
+        request.headers,
         backend,
-        client_ip=str(request.getClientAddress().host),
+        client_ip=request.client_host,
         host=request.getHeader(b"host"),
-        proto=b"https" if request.isSecure() else b"http",
+        proto=b"https" if request.secure else b"http",
     )
-    out.setRawHeaders(b"Host", [host_header(backend)])
+    out.append((b"Host", host_header(backend)))
     return out
 
 
-def to_client(backend_headers: Headers, response_headers: Headers) -> None:
-    """Copy a backend's response headers onto the client's response, minus hop-by-hop."""
-    for name, values in _copy(backend_headers, _NOT_RETURNED).getAllRawHeaders():
-        response_headers.setRawHeaders(name, list(values))
+def as_headers(fields: Fields) -> Headers:
+    """The same fields as a twisted.web ``Headers`` (for treq)."""
+    headers = Headers()
+    for name, value in fields:
+        headers.addRawHeader(name, value)
+    return headers
+
+
+def to_client(backend_headers: Headers, request: ClientRequest) -> None:
+    """Copy a backend's response header fields onto the client's response, minus hop-by-hop."""
+    drop: frozenset[bytes] | set[bytes] = _NOT_RETURNED
+    if backend_headers.hasHeader(b"connection"):
+        drop = drop | _connection_named(backend_headers.getRawHeaders(b"connection", []))
+    for name, values in backend_headers.getAllRawHeaders():
+        if name.lower() not in drop:
+            for value in values:
+                request.addHeader(name, value)
 
 
 def host_header(backend: Backend) -> bytes:

@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
-from typing import Any, BinaryIO, cast
+from typing import IO, Any, cast
 from urllib.parse import unquote
 
 from treq.client import HTTPClient
@@ -21,7 +21,6 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
     IReactorTime,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -35,7 +34,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.iweb import IBodyProducer, IResponse
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 
 from ollamaflow import modelnames
 from ollamaflow.catalog import Catalog, Registry
@@ -56,6 +55,7 @@ from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import Runtime
+from ollamaflow.server.request import ClientRequest
 
 log = Logger()
 
@@ -165,10 +165,9 @@ class Gateway:
         frontend = self.registry.catalog.frontend_for_host(name)
         return frontend.max_request_body_size if frontend else 1 << 20
 
-    def render(self, request: Request) -> bytes | int:
+    def render(self, request: ClientRequest) -> bytes | int:
         if self.draining:
-            request.setHeader(b"Connection", b"close")
-            request.channel.persistent = False
+            request.persistent = False
             return self._refuse(request, None, 503, "OllamaFlow is shutting down", retry_after=1)
         catalog = self.registry.catalog
         host = request.getHeader(b"host")
@@ -251,7 +250,7 @@ class Gateway:
 
     def _refuse(
         self,
-        request: Request,
+        request: ClientRequest,
         frontend: Frontend | None,
         status: int,
         message: str,
@@ -270,7 +269,7 @@ class Gateway:
             self._report(
                 Completed(
                     request_id=request_id,
-                    client=str(request.getClientAddress().host),
+                    client=request.client_host,
                     frontend=frontend.identifier if frontend else "",
                     backend=None,
                     method=request.method.decode("latin-1"),
@@ -359,7 +358,7 @@ class Gateway:
         return state.active_by_model.get(model, 0) * 1_000_000 + state.active_requests
 
     def _pull_everywhere(
-        self, request: Request, frontend: Frontend, found: list[Backend], sync: fanout.Puller
+        self, request: ClientRequest, frontend: Frontend, found: list[Backend], sync: fanout.Puller
     ) -> bytes | int:
         """A client's pull runs on every healthy Ollama backend at once, with one merged
         progress stream; the model joins RequiredModels so later backends get it too."""
@@ -388,7 +387,7 @@ class Gateway:
         return NOT_DONE_YET
 
     def _delete_everywhere(
-        self, request: Request, frontend: Frontend, found: list[Backend]
+        self, request: ClientRequest, frontend: Frontend, found: list[Backend]
     ) -> bytes | int:
         """A client's delete reaches every healthy backend; the model leaves RequiredModels."""
         parsed = self._model_document(request, frontend)
@@ -407,7 +406,7 @@ class Gateway:
             for outcome in outcomes:
                 if outcome.status == 200 and self.on_models_changed is not None:
                     self.on_models_changed(outcome.backend.identifier)
-            if not request._disconnected:
+            if not request.disconnected:
                 if error is None:
                     request.setHeader(b"Content-Length", b"0")
                     request.finish()
@@ -418,7 +417,7 @@ class Gateway:
         return NOT_DONE_YET
 
     def _model_document(
-        self, request: Request, frontend: Frontend
+        self, request: ClientRequest, frontend: Frontend
     ) -> tuple[dict[str, Any], str] | bytes:
         """The JSON body of a pull or delete and the model it names, or the 400 answer."""
         try:
@@ -431,7 +430,7 @@ class Gateway:
         return document, model
 
     def _fleet(
-        self, request: Request, inventory: fleet.Inventory, found: list[Backend]
+        self, request: ClientRequest, inventory: fleet.Inventory, found: list[Backend]
     ) -> bytes | None:
         """Answer the model catalog routes from the inventory of the frontend's backends."""
         method, path = request.method, request.path
@@ -450,12 +449,12 @@ class Gateway:
             return self._refuse(request, None, 404, f"model '{name}' not found")
         return _json_answer(request, body)
 
-    def _client_id(self, request: Request) -> str:
+    def _client_id(self, request: ClientRequest) -> str:
         for name in self.sticky_headers:
             value = request.getHeader(name)
             if value:
                 return value.decode("latin-1")
-        return str(request.getClientAddress().host)
+        return request.client_host
 
 
 #: The model catalog, answered for the whole frontend from the inventory.
@@ -506,25 +505,25 @@ def warm_first(ordered: list[Backend], loaded: frozenset[str]) -> list[Backend]:
     return warm + cold if warm and cold else ordered
 
 
-def _run_detached(request: Request, work: Coroutine[Any, Any, None], what: str) -> None:
+def _run_detached(request: ClientRequest, work: Coroutine[Any, Any, None], what: str) -> None:
     """Run a fan-out; a bug becomes a logged 500 in the client's dialect, never a hang."""
 
     def failed(failure: Failure) -> None:
         log.failure("{what} across the fleet failed", failure, what=what)
-        if not request._disconnected and not request.finished:
+        if not request.disconnected and not request.finished:
             finish_json(request, 500, {"error": f"{what} failed; see the gateway's log"})
 
     Deferred.fromCoroutine(work).addErrback(failed)
 
 
-def _json_answer(request: Request, body: bytes) -> bytes:
+def _json_answer(request: ClientRequest, body: bytes) -> bytes:
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Content-Length", b"%d" % len(body))
     request.setHeader(b"X-OllamaFlow-Request", str(uuid.uuid4()).encode())
     return body
 
 
-def _json_object(content: BinaryIO | None) -> dict[str, Any]:
+def _json_object(content: IO[bytes] | None) -> dict[str, Any]:
     raw = content.read() if content is not None else b""
     if content is not None:
         content.seek(0)
@@ -574,7 +573,7 @@ class _Exchange:
     def __init__(
         self,
         gateway: Gateway,
-        request: Request,
+        request: ClientRequest,
         frontend: Frontend,
         ordered: list[Backend],
         document: dict[str, Any] | None,
@@ -788,7 +787,7 @@ class _Exchange:
         if self.frontend.log_response_body or backend.log_response_body:
             self.captured = bytearray()
         request.setResponseCode(response.code, response.phrase)
-        hdrs.to_client(response.headers, request.responseHeaders)
+        hdrs.to_client(response.headers, request)
         if response.length is not None and isinstance(response.length, int):
             request.setHeader(b"Content-Length", b"%d" % response.length)
         request.setHeader(b"X-OllamaFlow-Backend", backend.identifier.encode())
@@ -824,7 +823,7 @@ class _Exchange:
         gateway._report(
             Completed(
                 request_id=self.request_id,
-                client=str(request.getClientAddress().host),
+                client=request.client_host,
                 frontend=self.frontend.identifier,
                 backend=backend,
                 method=request.method.decode("latin-1"),
@@ -873,9 +872,7 @@ class _Exchange:
         if self._attempt is not None:
             attempt, self._attempt = self._attempt, None
             attempt.cancel()
-        channel = self.request.channel
-        if channel is not None and channel.transport is not None:
-            cast(ITCPTransport, channel.transport).abortConnection()
+        self.request.abort_connection()
 
     def _finished(self, _: None) -> None:
         self.gateway.exchanges.discard(self)
@@ -960,14 +957,14 @@ class _Relay(Protocol):
         exchange._backend_failed(self.backend, "broke off a response")
         exchange.outcome = "aborted"
         # No terminating chunk: the client sees a truncated response, never a complete one.
-        cast(ITCPTransport, request.channel.transport).abortConnection()
+        request.abort_connection()
 
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _body_text(request: Request) -> str | None:
+def _body_text(request: ClientRequest) -> str | None:
     content = request.content
     if content is None:
         return None

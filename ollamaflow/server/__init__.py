@@ -1,0 +1,4 @@
+"""The main listener's HTTP/1.1 server: a lean connection for client traffic (``connection``,
+``request``), with the admin API's twisted.web requests carried over the same connection
+(``web``).
+"""

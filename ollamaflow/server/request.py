@@ -1,0 +1,212 @@
+"""One client request as the gateway sees it, and its response.
+
+The methods the gateway calls keep twisted.web's names and meaning (``setResponseCode``,
+``setHeader``, ``write``, ``finish``, ``notifyFinish``, ``registerProducer``), but there is no
+``Headers`` object per direction and no per-request machinery the proxy does not use: the
+request's fields are the raw pairs the connection parsed, the response's are written once.
+"""
+
+from __future__ import annotations
+
+from typing import IO, TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+
+if TYPE_CHECKING:
+    from ollamaflow.server.connection import HTTPConnection
+
+#: Status codes whose responses never have a body.
+_NO_BODY = frozenset({204, 304})
+
+
+class ClientRequest:
+    """A parsed request (method, target, header fields, body) and the response being written."""
+
+    __slots__ = (
+        "_chunked",
+        "_connection",
+        "_fields",
+        "_headers",
+        "_no_body",
+        "_notifications",
+        "clientproto",
+        "code",
+        "content",
+        "disconnected",
+        "finished",
+        "headers",
+        "method",
+        "path",
+        "persistent",
+        "phrase",
+        "started",
+        "uri",
+    )
+
+    def __init__(
+        self,
+        connection: HTTPConnection,
+        method: bytes,
+        uri: bytes,
+        clientproto: bytes,
+        headers: list[tuple[bytes, bytes]],
+        fields: dict[bytes, bytes],
+        persistent: bool,
+    ) -> None:
+        self._connection = connection
+        self.method = method
+        #: The request target as received (path and query).
+        self.uri = uri
+        self.path = uri.partition(b"?")[0]
+        self.clientproto = clientproto
+        #: The header fields as received, in order: (name, value) with the name as sent.
+        self.headers = headers
+        self._fields = fields
+        #: The body, complete, once the gateway sees the request; None when there is none.
+        self.content: IO[bytes] | None = None
+        #: Whether the connection stays open after this response.
+        self.persistent = persistent
+        self.code = 200
+        self.phrase: bytes | None = None
+        self._headers: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        self.started = False
+        self.finished = False
+        self.disconnected = False
+        self._chunked = False
+        self._no_body = False
+        self._notifications: list[Deferred[None]] = []
+
+    # -- the request ------------------------------------------------------------------------
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        """The last value of a request header field; ``name`` in lower case."""
+        return self._fields.get(name)
+
+    @property
+    def client_host(self) -> str:
+        """The client's IP address."""
+        return self._connection.peer_host
+
+    @property
+    def secure(self) -> bool:
+        return self._connection.secure
+
+    # -- the response -----------------------------------------------------------------------
+
+    def setResponseCode(self, code: int, phrase: bytes | None = None) -> None:
+        self.code = code
+        self.phrase = phrase
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        """Set a response header field, replacing any value it had."""
+        self._headers[name.lower()] = (name, [value])
+
+    def addHeader(self, name: bytes, value: bytes) -> None:
+        """Add a value to a response header field (``Set-Cookie`` may come several times)."""
+        lower = name.lower()
+        found = self._headers.get(lower)
+        if found is None:
+            self._headers[lower] = (name, [value])
+        else:
+            found[1].append(value)
+
+    def responseHeader(self, name: bytes) -> bytes | None:
+        """The last value of a response header field set so far; ``name`` in lower case."""
+        found = self._headers.get(name)
+        return found[1][-1] if found else None
+
+    def write(self, data: bytes) -> None:
+        """Send part of the body (the status and header fields go first, once)."""
+        if self.finished:
+            raise RuntimeError("write() after finish()")
+        if self.disconnected:
+            return
+        if not self.started:
+            self._send_head(final=False)
+        if not data or self._no_body:
+            return
+        transport = self._connection.transport
+        if self._chunked:
+            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+        else:
+            transport.write(data)  # type: ignore[union-attr]
+
+    def finish(self) -> None:
+        """The response is complete. After the client left this does nothing: the gateway
+        learns of that from :meth:`notifyFinish`."""
+        if self.finished or self.disconnected:
+            return
+        if not self.started:
+            self._send_head(final=True)
+        elif self._chunked:
+            self._connection.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        self.finished = True
+        notifications, self._notifications = self._notifications, []
+        for notification in notifications:
+            notification.callback(None)
+        self._connection.request_done(self.persistent)
+
+    def notifyFinish(self) -> Deferred[None]:
+        """Fires when the response is complete, or fails when the client leaves first."""
+        notification: Deferred[None] = Deferred()
+        self._notifications.append(notification)
+        return notification
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        """The client's connection paces ``producer``: paused while the client reads slowly."""
+        self._connection.register_producer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._connection.unregister_producer()
+
+    def abort_connection(self) -> None:
+        """Drop the client's connection at once: a response cut short must not look whole."""
+        transport = self._connection.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _send_head(self, final: bool) -> None:
+        """Write the status line and header fields, choosing the framing of the body.
+
+        ``final``: nothing more will be written, so a body of unknown length is empty."""
+        self.started = True
+        code = self.code
+        headers = self._headers
+        if self.method == b"HEAD" or code in _NO_BODY or code < 200:
+            self._no_body = True
+        elif b"content-length" not in headers:
+            if final:
+                headers[b"content-length"] = (b"Content-Length", [b"0"])
+            elif self.clientproto == b"HTTP/1.1":
+                headers[b"transfer-encoding"] = (b"Transfer-Encoding", [b"chunked"])
+                self._chunked = True
+            else:
+                self.persistent = False  # an HTTP/1.0 body of unknown length ends at close
+        connection = self._connection
+        if connection.closing:
+            self.persistent = False
+        if not self.persistent:
+            headers[b"connection"] = (b"Connection", [b"close"])
+        elif self.clientproto != b"HTTP/1.1":
+            headers[b"connection"] = (b"Connection", [b"keep-alive"])
+        if b"date" not in headers:
+            headers[b"date"] = (b"Date", [connection.factory.date()])
+        phrase = self.phrase or RESPONSES.get(code, b"Unknown")
+        lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
+        for name, values in headers.values():
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        connection.transport.writeSequence(lines)  # type: ignore[union-attr]
+
+    # -- from the connection ----------------------------------------------------------------
+
+    def connection_lost(self, reason: Failure) -> None:
+        """The client went away before the response was complete."""
+        self.disconnected = True
+        notifications, self._notifications = self._notifications, []
+        for notification in notifications:
+            notification.errback(reason)
