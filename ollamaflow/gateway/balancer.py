@@ -117,9 +117,11 @@ class Balancer:
         if count == 1:
             return [found[0]]
         policy = frontend.load_balancing
+        if policy is LoadBalancing.LEAST_OUTSTANDING and count > _POWER_OF_TWO_ABOVE:
+            return self._two_choices(found, load)
         if policy is LoadBalancing.RANDOM:
             start = self.rng.randrange(count)
-        elif any(b.weight != 1 for b in found) and policy is LoadBalancing.ROUND_ROBIN:
+        elif policy is LoadBalancing.ROUND_ROBIN and any(b.weight != 1 for b in found):
             start = self._weighted_turn(frontend.identifier, found)
         else:
             turn = self._counters.get(frontend.identifier, 0)
@@ -128,13 +130,20 @@ class Balancer:
         rotated = [*found[start:], *found[:start]]
         if policy is not LoadBalancing.LEAST_OUTSTANDING:
             return rotated
-        if count > _POWER_OF_TWO_ABOVE:
-            i, j = self.rng.sample(range(count), 2)
-            a, b = rotated[i], rotated[j]
-            best = a if load(a.identifier) / a.weight <= load(b.identifier) / b.weight else b
-            return [best, *(x for x in rotated if x is not best)]
         # A stable sort keeps the rotation among equals: ties are broken round-robin.
         return sorted(rotated, key=lambda x: load(x.identifier) / x.weight)
+
+    def _two_choices(self, found: Sequence[Backend], load: Callable[[str], int]) -> list[Backend]:
+        """The less loaded of two random candidates, then the ones after it (for retries):
+        constant work per request however large the frontend."""
+        count = len(found)
+        draw = self.rng.random
+        i = int(draw() * count)
+        j = int(draw() * (count - 1))
+        j += j >= i
+        a, b = found[i], found[j]
+        k = i if load(a.identifier) / a.weight <= load(b.identifier) / b.weight else j
+        return [found[k], *found[k + 1 :], *found[:k]]
 
     def _weighted_turn(self, frontend: str, found: Sequence[Backend]) -> int:
         current = self._current.setdefault(frontend, {})

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from twisted.web.http_headers import Headers
@@ -115,5 +116,10 @@ def to_client(backend_headers: Headers, request: ClientRequest) -> None:
 
 def host_header(backend: Backend) -> bytes:
     """The ``Host`` a backend expects: its own host and port (Ollama refuses foreign ones)."""
-    host = f"[{backend.hostname}]" if ":" in backend.hostname else backend.hostname
-    return f"{host}:{backend.port}".encode("idna")
+    return _host_header(backend.hostname, backend.port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_header(hostname: str, port: int) -> bytes:
+    host = f"[{hostname}]" if ":" in hostname else hostname
+    return f"{host}:{port}".encode("idna")

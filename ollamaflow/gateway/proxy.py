@@ -231,7 +231,7 @@ class Gateway:
         else:
             load = self._load if model_key is None else partial(self._model_load, model_key)
             ordered = self.balancer.order(frontend, found, load)
-            if warm and len(ordered) > 1:
+            if warm and len(warm) < len(ordered):  # all warm (or all cold): nothing to move
                 ordered = warm_first(ordered, warm)
         if len(ordered) > 1:
             ordered = _free_first(scheduler, ordered, model_key)
@@ -807,8 +807,9 @@ class _Exchange:
         idle = self.frontend.timeout_ms / 1000
         if request.path in MODEL_TRANSFER_PATHS:
             idle = max(idle, MODEL_TRANSFER_IDLE)
-        self.relay = _Relay(self, backend, idle)
-        response.deliverBody(self.relay)
+        self.relay = relay = _Relay(self, backend, idle)
+        response.deliverBody(relay)
+        relay.watch()  # after the bytes that came with the head: a small answer is done already
 
     def _report(self) -> None:
         """Tell the observers how this request went, once."""
@@ -904,7 +905,10 @@ class _Relay(Protocol):
 
     def connectionMade(self) -> None:
         self.exchange.request.registerProducer(_producer(self), True)
-        if self.idle:
+
+    def watch(self) -> None:
+        """Cut the stream off if the backend goes quiet for ``idle`` seconds."""
+        if self.idle and not self.done:
             self.timer = self.exchange.gateway.clock.callLater(self.idle, self._idle_expired)
 
     def dataReceived(self, data: bytes) -> None:
