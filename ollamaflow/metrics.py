@@ -1,21 +1,30 @@
 """Prometheus metrics on their own registry, and the ``GET /metrics`` page.
 
 Counters and histograms are fed by the gateway (one :class:`Completed` per request), the health
-checker and model sync; in-flight requests, queue depths and backend health are read from live
-state at scrape time. Label children are cached per label tuple so a request costs a few dict
-lookups and the increments themselves.
+checker and model sync, and aggregated in plain Python (see :class:`_Family`) so a request costs
+a few dict lookups and float additions; in-flight requests, queue depths and backend health are
+read from live state at scrape time.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterator
-from typing import Any
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client import metrics as client_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
 from twisted.web.server import Request
 
 from ollamaflow import modelnames
@@ -121,6 +130,85 @@ class _LiveCollector:
         yield from (in_flight, depth, healthy)
 
 
+def _created_series() -> bool:
+    """Whether ``_created`` series are exported: prometheus_client's own switch (the
+    ``PROMETHEUS_DISABLE_CREATED_SERIES`` environment variable), on if it ever goes away."""
+    return bool(getattr(client_metrics, "_use_created", True))
+
+
+class _Family:
+    """One counter or histogram family, aggregated in plain Python and exported at scrape time.
+
+    ``series`` maps a tuple of label values (``str`` or ``int``, exported with ``str``) to a
+    list of floats; its insertion order is the exposition order, as for prometheus_client's
+    label children. Every update runs on the reactor thread and a scrape does too, so there is
+    no lock: prometheus_client's per-child ``inc``/``observe`` each take one, and cost several
+    percent of a proxied request.
+    """
+
+    #: How many floats one series holds.
+    width = 1
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.series: dict[tuple[str | int, ...], list[float]] = {}
+        self.created: dict[tuple[str | int, ...], float] = {}
+
+    def new(self, key: tuple[str | int, ...]) -> list[float]:
+        """The zeroed values of a label tuple seen for the first time."""
+        values = self.series[key] = [0.0] * self.width
+        self.created[key] = time.time()
+        return values
+
+
+class _Counter(_Family):
+    """A counter: per label tuple, ``[total]``."""
+
+    def inc(self, key: tuple[str | int, ...], amount: float = 1.0) -> None:
+        (self.series.get(key) or self.new(key))[0] += amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        # prometheus_client's switch for ``_created`` series (PROMETHEUS_DISABLE_CREATED_SERIES).
+        created = self.created if _created_series() else {}
+        for key, (total,) in self.series.items():
+            family.add_metric([str(value) for value in key], total, created.get(key))
+        yield family
+
+
+class _Histogram(_Family):
+    """A histogram: per label tuple, the count of each bucket (not cumulative), then ``+Inf``,
+    then the sum. An observation goes to the first bucket whose bound is >= it (``le``)."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], bounds: Sequence[float]
+    ) -> None:
+        super().__init__(name, documentation, labelnames)
+        self.bounds = tuple(float(bound) for bound in bounds)
+        self.le = [*map(floatToGoString, self.bounds), "+Inf"]
+        self.width = len(self.bounds) + 2
+
+    def observe(self, key: tuple[str | int, ...], value: float) -> None:
+        values = self.series.get(key) or self.new(key)
+        values[bisect_left(self.bounds, value)] += 1.0
+        values[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        use_created = _created_series()
+        for key, values in self.series.items():
+            labels = [str(value) for value in key]
+            family.add_metric(
+                labels, [*zip(self.le, accumulate(values[:-1]), strict=True)], values[-1]
+            )
+            if use_created:
+                named = dict(zip(self.labelnames, labels, strict=True))
+                family.add_sample(self.name + "_created", named, self.created[key])
+        yield family
+
+
 class Metrics:
     """Every OllamaFlow metric, on its own :class:`CollectorRegistry`; a gateway observer."""
 
@@ -132,116 +220,127 @@ class Metrics:
     ) -> None:
         self.known_model = known_model
         self.registry = registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter(
+        self.requests = _Counter(
             "ollamaflow_requests_total",
             "Client requests finished, by frontend, backend, model and status.",
             ["frontend", "backend", "model", "status"],
-            registry=registry,
         )
-        self.retries = Counter(
+        self.retries = _Counter(
             "ollamaflow_retries_total",
             "Attempts retried on another backend.",
             ["frontend"],
-            registry=registry,
         )
-        self.disconnects = Counter(
+        self.disconnects = _Counter(
             "ollamaflow_client_disconnects_total",
             "Requests whose client went away before the answer was complete.",
             ["frontend"],
-            registry=registry,
         )
-        self.ttfb = Histogram(
+        self.ttfb = _Histogram(
             "ollamaflow_ttfb_seconds",
             "Seconds from the request's arrival to the first byte of the backend's answer.",
             ["frontend", "backend"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
-        self.duration = Histogram(
+        self.duration = _Histogram(
             "ollamaflow_request_duration_seconds",
             "Seconds from the request's arrival to its last byte.",
             ["frontend", "backend"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = _Histogram(
             "ollamaflow_queue_wait_seconds",
             "Seconds a request waited in its frontend's queue for a backend slot.",
             ["frontend"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
-        self.tokens = Counter(
+        self.tokens = _Counter(
             "ollamaflow_tokens_generated_total",
             "Tokens generated, from the final message of completions (eval_count).",
             ["backend", "model"],
-            registry=registry,
         )
-        self.rate = Histogram(
+        self.rate = _Histogram(
             "ollamaflow_tokens_per_second",
             "Generation speed of completions (eval_count / eval_duration).",
             ["backend", "model"],
-            buckets=RATE_BUCKETS,
-            registry=registry,
+            RATE_BUCKETS,
         )
-        self.checks = Histogram(
+        self.checks = _Histogram(
             "ollamaflow_health_check_seconds",
             "Health check latency, by backend and result (ok or failure).",
             ["backend", "result"],
-            buckets=CHECK_BUCKETS,
-            registry=registry,
+            CHECK_BUCKETS,
         )
-        self.pulls = Counter(
+        self.pulls = _Counter(
             "ollamaflow_pulls_total",
             "Model pulls finished, by backend and result (success or failure).",
             ["backend", "result"],
-            registry=registry,
         )
+        for family in (
+            self.requests,
+            self.retries,
+            self.disconnects,
+            self.ttfb,
+            self.duration,
+            self.queue_wait,
+            self.tokens,
+            self.rate,
+            self.checks,
+            self.pulls,
+        ):
+            registry.register(family)
         if fleet is not None:
             registry.register(_LiveCollector(fleet))
-        self._children: dict[tuple[object, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def _model(self, model: str | None) -> str:
-        if model is None:
-            return NONE
-        return self.known_model(model) or OTHER
 
     def __call__(self, c: Completed) -> None:
-        """Count one finished client request."""
-        child = self._child
+        """Count one finished client request.
+
+        The hot path: the common updates are written out (a dict lookup, then list arithmetic)
+        instead of calling ``inc``/``observe``, which would cost about 15% more.
+        """
         frontend = c.frontend
         backend = c.backend or NONE
-        model = self._model(c.model)
-        child(self.requests, frontend, backend, model, str(c.status)).inc()
+        model = NONE if c.model is None else self.known_model(c.model) or OTHER
+        key: tuple[str | int, ...] = (frontend, backend, model, c.status)  # str(status) at scrape
+        counter = self.requests
+        (counter.series.get(key) or counter.new(key))[0] += 1.0
         if c.retries:
-            child(self.retries, frontend).inc(c.retries)
+            self.retries.inc((frontend,), c.retries)
         if c.outcome == "client_gone":
-            child(self.disconnects, frontend).inc()
+            self.disconnects.inc((frontend,))
         if c.backend is not None or c.queued:
-            child(self.queue_wait, frontend).observe(c.queued)
+            key = (frontend,)
+            histogram = self.queue_wait
+            values = histogram.series.get(key) or histogram.new(key)
+            values[bisect_left(histogram.bounds, c.queued)] += 1.0
+            values[-1] += c.queued
+        key = (frontend, backend)
         if c.ttfb is not None:
-            child(self.ttfb, frontend, backend).observe(c.ttfb)
-        child(self.duration, frontend, backend).observe(c.duration)
+            histogram = self.ttfb
+            values = histogram.series.get(key) or histogram.new(key)
+            values[bisect_left(histogram.bounds, c.ttfb)] += 1.0
+            values[-1] += c.ttfb
+        histogram = self.duration
+        values = histogram.series.get(key) or histogram.new(key)
+        values[bisect_left(histogram.bounds, c.duration)] += 1.0
+        values[-1] += c.duration
         if c.eval_count:
-            child(self.tokens, backend, model).inc(c.eval_count)
+            key = (backend, model)
+            counter = self.tokens
+            (counter.series.get(key) or counter.new(key))[0] += c.eval_count
             rate = c.tokens_per_second
             if rate is not None:
-                child(self.rate, backend, model).observe(rate)
+                histogram = self.rate
+                values = histogram.series.get(key) or histogram.new(key)
+                values[bisect_left(histogram.bounds, rate)] += 1.0
+                values[-1] += rate
 
     def health_checked(self, backend: Backend, ok: bool, seconds: float) -> None:
         """A health check finished (the health checker's ``on_check`` hook)."""
-        self._child(self.checks, backend.identifier, "ok" if ok else "failure").observe(seconds)
+        self.checks.observe((backend.identifier, "ok" if ok else "failure"), seconds)
 
     def pull_done(self, backend_id: str, model: str, ok: bool) -> None:
         """A model pull finished (model sync's ``on_pull_done`` hook)."""
-        self._child(self.pulls, backend_id, "success" if ok else "failure").inc()
+        self.pulls.inc((backend_id, "success" if ok else "failure"))
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

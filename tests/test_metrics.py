@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 import treq
 from harness import TOKEN, Http, start_daemon, until
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import CancelledError
 from twisted.web.client import ResponseNeverReceived
@@ -19,7 +20,8 @@ from twisted.web.client import ResponseNeverReceived
 from ollamaflow import tap
 from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.completed import Completed
-from ollamaflow.metrics import Metrics
+from ollamaflow.metrics import LATENCY_BUCKETS, Metrics
+from ollamaflow.records import Backend
 from ollamaflow.sim import SimConfig
 
 
@@ -209,6 +211,178 @@ def test_unknown_models_are_other_and_the_registry_is_private() -> None:
     assert m.value("ollamaflow_ttfb_seconds_count") == 3
     assert m.value("ollamaflow_queue_wait_seconds_count") == 3  # not the refused one
     assert Scrape(Metrics().exposition().decode()).value("ollamaflow_requests_total") == 0
+
+
+LATENCY_LE = ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0"]
+LATENCY_LE += ["10.0", "20.0", "30.0", "60.0", "120.0", "+Inf"]
+
+
+def series(m: Scrape, name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """``label values → value`` of the samples called ``name``."""
+    return {tuple(s.labels[k] for k in labels): s.value for s in m.samples if s.name == name}
+
+
+def buckets(m: Scrape, name: str, **labels: str) -> dict[str, float]:
+    """``le → cumulative count`` of one histogram series, in exposition order."""
+    wanted = series(m, f"{name}_bucket", *labels, "le")
+    return {key[-1]: n for key, n in wanted.items() if key[:-1] == tuple(labels.values())}
+
+
+def test_an_observation_on_a_bound_lands_in_that_bucket() -> None:
+    metrics = Metrics()
+    durations = (0.005, 0.0050001, 1.0, 120.0, 121.0, 0.0)
+    for seconds in durations:
+        metrics(completed(duration=seconds, ttfb=None))
+    m = Scrape(metrics.exposition().decode())
+    cumulative = buckets(m, "ollamaflow_request_duration_seconds", frontend="f", backend="b")
+    assert list(cumulative) == LATENCY_LE
+    expected = [2, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 5, 6]
+    assert list(cumulative.values()) == expected
+    assert m.value("ollamaflow_request_duration_seconds_count") == 6 == cumulative["+Inf"]
+    assert m.value("ollamaflow_request_duration_seconds_sum") == sum(durations)
+    assert not [s for s in m.samples if s.name.startswith("ollamaflow_ttfb_seconds")]
+    queued = buckets(m, "ollamaflow_queue_wait_seconds", frontend="f")
+    assert queued["0.005"] == 6 == queued["+Inf"]  # waits of 0.0
+
+
+def test_counts_by_label_combination() -> None:
+    metrics = Metrics(known_model={"llama3:latest": "llama3:latest"}.get)
+    metrics(completed())
+    metrics(completed(eval_count=30, eval_duration_ns=2 * 10**9))  # 15 tokens/s
+    metrics(completed(frontend="g", retries=1))
+    metrics(completed(backend="c", status=502, outcome="aborted", retries=2))
+    metrics(completed(backend="c", eval_count=10, eval_duration_ns=10**9))  # 10/s: on a bound
+    metrics(completed(backend="c", eval_count=7))  # no duration: tokens but no rate
+    m = Scrape(metrics.exposition().decode())
+    by = ("frontend", "backend", "model", "status")
+    assert series(m, "ollamaflow_requests_total", *by) == {
+        ("f", "b", "llama3:latest", "200"): 2,
+        ("g", "b", "llama3:latest", "200"): 1,
+        ("f", "c", "llama3:latest", "502"): 1,
+        ("f", "c", "llama3:latest", "200"): 2,
+    }
+    assert series(m, "ollamaflow_retries_total", "frontend") == {("g",): 1, ("f",): 2}
+    durations = series(m, "ollamaflow_request_duration_seconds_count", "frontend", "backend")
+    assert durations == {("f", "b"): 2, ("g", "b"): 1, ("f", "c"): 3}
+    for frontend, backend in durations:
+        inf = buckets(m, "ollamaflow_ttfb_seconds", frontend=frontend, backend=backend)["+Inf"]
+        assert inf == durations[frontend, backend]
+    created = series(m, "ollamaflow_request_duration_seconds_created", "frontend", "backend")
+    assert created.keys() == durations.keys()
+    assert all(when > 1.6e9 for when in created.values())
+    tokens = series(m, "ollamaflow_tokens_generated_total", "backend", "model")
+    assert tokens == {("b", "llama3:latest"): 30, ("c", "llama3:latest"): 17}
+    rate = buckets(m, "ollamaflow_tokens_per_second", backend="c", model="llama3:latest")
+    assert list(rate.items())[2:4] == [("5.0", 0), ("10.0", 1)]
+    assert m.value("ollamaflow_tokens_per_second_count", backend="c") == 1 == rate["+Inf"]
+    assert m.value("ollamaflow_tokens_per_second_sum", backend="b") == 15.0
+    assert buckets(m, "ollamaflow_tokens_per_second", backend="b")["20.0"] == 1
+
+
+def test_health_checks_and_pulls() -> None:
+    metrics = Metrics()
+    b1 = Backend(identifier="b1")
+    for ok, seconds in ((True, 0.001), (False, 10.0), (False, 11.0)):
+        metrics.health_checked(b1, ok, seconds)
+    for ok in (True, False, False):
+        metrics.pull_done("b1", "llama3", ok)
+    metrics.pull_done("b2", "llama3", True)
+    m = Scrape(metrics.exposition().decode())
+    passed = buckets(m, "ollamaflow_health_check_seconds", backend="b1", result="ok")
+    assert list(passed) == [
+        *("0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0"),
+        *("2.5", "5.0", "10.0", "+Inf"),
+    ]
+    assert set(passed.values()) == {1}
+    failed = buckets(m, "ollamaflow_health_check_seconds", backend="b1", result="failure")
+    assert list(failed.values())[-3:] == [0, 1, 2]
+    assert m.value("ollamaflow_health_check_seconds_sum", result="failure") == 21.0
+    assert series(m, "ollamaflow_pulls_total", "backend", "result") == {
+        ("b1", "success"): 1,
+        ("b1", "failure"): 2,
+        ("b2", "success"): 1,
+    }
+
+
+def test_the_families_keep_their_names_types_and_help() -> None:
+    families = {
+        f.name: (f.type, f.documentation)
+        for f in text_string_to_metric_families(Metrics().exposition().decode())
+    }
+    assert families == {
+        "ollamaflow_requests": (
+            "counter",
+            "Client requests finished, by frontend, backend, model and status.",
+        ),
+        "ollamaflow_retries": ("counter", "Attempts retried on another backend."),
+        "ollamaflow_client_disconnects": (
+            "counter",
+            "Requests whose client went away before the answer was complete.",
+        ),
+        "ollamaflow_ttfb_seconds": (
+            "histogram",
+            "Seconds from the request's arrival to the first byte of the backend's answer.",
+        ),
+        "ollamaflow_request_duration_seconds": (
+            "histogram",
+            "Seconds from the request's arrival to its last byte.",
+        ),
+        "ollamaflow_queue_wait_seconds": (
+            "histogram",
+            "Seconds a request waited in its frontend's queue for a backend slot.",
+        ),
+        "ollamaflow_tokens_generated": (
+            "counter",
+            "Tokens generated, from the final message of completions (eval_count).",
+        ),
+        "ollamaflow_tokens_per_second": (
+            "histogram",
+            "Generation speed of completions (eval_count / eval_duration).",
+        ),
+        "ollamaflow_health_check_seconds": (
+            "histogram",
+            "Health check latency, by backend and result (ok or failure).",
+        ),
+        "ollamaflow_pulls": (
+            "counter",
+            "Model pulls finished, by backend and result (success or failure).",
+        ),
+    }
+
+
+def test_the_export_matches_prometheus_clients_own_metrics() -> None:
+    """The same observations through prometheus_client's Counter and Histogram scrape the same
+    (apart from the ``_created`` timestamps)."""
+    metrics = Metrics()
+    reference = CollectorRegistry()
+    requests = Counter(
+        "ollamaflow_requests_total",
+        "Client requests finished, by frontend, backend, model and status.",
+        ["frontend", "backend", "model", "status"],
+        registry=reference,
+    )
+    duration = Histogram(
+        "ollamaflow_request_duration_seconds",
+        "Seconds from the request's arrival to its last byte.",
+        ["frontend", "backend"],
+        buckets=LATENCY_BUCKETS,
+        registry=reference,
+    )
+    for i, seconds in enumerate((0.3, 0.01, 7.0, 0.0, 500.0, 2.5, 0.011, 0.01)):
+        status, backend = (200, 404)[i % 2], ("b", "c", None)[i % 3]
+        metrics(completed(duration=seconds, status=status, backend=backend, model=None))
+        labels = ("f", backend or "none")
+        requests.labels(*labels, "none", str(status)).inc()
+        duration.labels(*labels).observe(seconds)
+
+    def scraped(text: bytes) -> dict[str, Any]:
+        return {
+            f.name: (f.type, f.documentation, [s for s in f.samples if "_created" not in s.name])
+            for f in text_string_to_metric_families(text.decode())
+            if f.name in {"ollamaflow_requests", "ollamaflow_request_duration_seconds"}
+        }
+
+    assert scraped(metrics.exposition()) == scraped(generate_latest(reference))
 
 
 # -- the open-files limit -------------------------------------------------------------------------
