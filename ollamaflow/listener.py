@@ -201,6 +201,8 @@ class Listener(ServerFactory):
             answer = body
         if answer is not NOT_DONE_YET:
             assert isinstance(answer, bytes)
+            if request.responseHeader(b"content-length") is None:
+                request.setHeader(b"Content-Length", b"%d" % len(answer))
             request.write(answer)
             request.finish()
 

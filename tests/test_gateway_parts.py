@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from ollamaflow.catalog import Catalog
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.balancer import Balancer, NoCandidate, StickyPins, candidates, stick
 from ollamaflow.gateway.classify import RequestClass, classify
+from ollamaflow.gateway.completed import RequestIds
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.records import Backend, Frontend, LoadBalancing
 from ollamaflow.runtime import Runtime
@@ -234,3 +236,13 @@ def test_usage_is_read_from_the_end_of_a_completion() -> None:
         retries=0, eval_count=42, eval_duration_ns=2_000_000_000,
     )  # fmt: skip
     assert record.tokens_per_second == 21.0
+
+
+def test_request_ids_are_distinct_version_4_uuids() -> None:
+    ids = RequestIds()
+    made = [ids() for _ in range(600)]  # more than one pool of random bytes
+    assert len(set(made)) == 600
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122

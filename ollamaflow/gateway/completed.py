@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import attrs
@@ -66,3 +67,21 @@ def usage(tail: bytes) -> tuple[int | None, int | None]:
     if count is not None:
         return count, _last(_EVAL_DURATION, tail)
     return _last(_COMPLETION_TOKENS, tail), None
+
+
+class RequestIds:
+    """Random UUIDs (version 4) as strings, from one ``urandom`` call per 256 of them: a UUID
+    object and a system call per request would cost more than routing it."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(16 * 256), 0
+        self._at = at + 16
+        h = self._pool[at : at + 16].hex()
+        variant = "89ab"[int(h[16], 16) & 3]
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"

@@ -46,14 +46,21 @@ def _clean(value: str) -> bytes:
 
 
 def to_backend(
-    client: Fields, backend: Backend, *, client_ip: str, host: bytes | None, proto: bytes
+    client: Fields,
+    backend: Backend,
+    *,
+    client_ip: str,
+    host: bytes | None,
+    proto: bytes,
+    connection: bytes | None = None,
 ) -> Fields:
     """The header fields a backend sees: the client's (as parsed, in order), minus hop-by-hop,
-    plus X-Forwarded-*."""
+    plus X-Forwarded-*. ``connection``: the client's Connection fields, if already known."""
     drop: frozenset[bytes] | set[bytes] = _NOT_FORWARDED
-    connection = [v for n, v in client if n.lower() == b"connection"]
+    if connection is None:
+        connection = b",".join(v for n, v in client if n.lower() == b"connection")
     if connection:
-        drop = drop | _connection_named(connection)
+        drop = drop | _connection_named((connection,))
     out: Fields = []
     previous: list[bytes] = []
     for name, value in client:
@@ -90,6 +97,7 @@ def forwarded(request: ClientRequest, backend: Backend) -> Fields:
         client_ip=request.client_host,
         host=request.getHeader(b"host"),
         proto=b"https" if request.secure else b"http",
+        connection=request.getHeader(b"connection") or b"",
     )
     out.append((b"Host", host_header(backend)))
     return out

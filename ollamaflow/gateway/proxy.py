@@ -8,7 +8,6 @@ backend instead of growing a buffer. The hot path runs on plain Deferred callbac
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from typing import IO, Any, cast
@@ -49,7 +48,13 @@ from ollamaflow.gateway.balancer import (
     stick,
 )
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
-from ollamaflow.gateway.completed import LOGGED_BODY_BYTES, TAIL_BYTES, Completed, usage
+from ollamaflow.gateway.completed import (
+    LOGGED_BODY_BYTES,
+    TAIL_BYTES,
+    Completed,
+    RequestIds,
+    usage,
+)
 from ollamaflow.gateway.dialect import finish_json, refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
@@ -118,6 +123,7 @@ class Gateway:
         #: Called with a backend id after the gateway changed its models (delete, pull).
         self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
+        self.new_id = RequestIds()
         self.pins = StickyPins()
         self._remembered: dict[
             tuple[str, RequestClass, str | None],
@@ -258,7 +264,7 @@ class Gateway:
         retry_after: int | None = None,
     ) -> bytes:
         """Answer a request the gateway will not forward; logged and reported like any other."""
-        request_id = str(uuid.uuid4())
+        request_id = self.new_id()
         request.setHeader(b"X-OllamaFlow-Request", request_id.encode())
         body = refuse(request, status, message, retry_after=retry_after)
         request.setHeader(b"Content-Length", b"%d" % len(body))
@@ -442,12 +448,12 @@ class Gateway:
         if not readable:
             return None  # nothing read yet: let a backend answer
         if path in _CATALOG_ROUTES:
-            return _json_answer(request, _CATALOG_ROUTES[path](inventory, readable))
+            return _json_answer(request, _CATALOG_ROUTES[path](inventory, readable), self.new_id())
         name = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
         body = fleet.openai_model(inventory, readable, name)
         if body is None:
             return self._refuse(request, None, 404, f"model '{name}' not found")
-        return _json_answer(request, body)
+        return _json_answer(request, body, self.new_id())
 
     def _client_id(self, request: ClientRequest) -> str:
         for name in self.sticky_headers:
@@ -516,10 +522,10 @@ def _run_detached(request: ClientRequest, work: Coroutine[Any, Any, None], what:
     Deferred.fromCoroutine(work).addErrback(failed)
 
 
-def _json_answer(request: ClientRequest, body: bytes) -> bytes:
+def _json_answer(request: ClientRequest, body: bytes, request_id: str) -> bytes:
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Content-Length", b"%d" % len(body))
-    request.setHeader(b"X-OllamaFlow-Request", str(uuid.uuid4()).encode())
+    request.setHeader(b"X-OllamaFlow-Request", request_id.encode())
     return body
 
 
@@ -528,7 +534,7 @@ def _json_object(content: IO[bytes] | None) -> dict[str, Any]:
     if content is not None:
         content.seek(0)
     try:
-        document = json.loads(raw)
+        document = json.loads(raw.decode())  # JSON on the wire is UTF-8 (RFC 8259)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(document, dict):
@@ -589,7 +595,7 @@ class _Exchange:
         self.remaining = list(ordered)  # ours to pop from; ``ordered`` may be shared
         self.document = document
         self.client = client
-        self.request_id = str(uuid.uuid4())
+        self.request_id = gateway.new_id()
         self.client_gone = False
         self.relay: _Relay | None = None
         self.relayed = 0

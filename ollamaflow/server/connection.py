@@ -257,16 +257,18 @@ class HTTPConnection(TwistedProtocol):
             buf = self._buf = buf.lstrip(b"\r\n")  # empty lines before a request are allowed
             if not buf:
                 return False
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            block, rest = buf[:end], buf[end + 4 :]
-        else:
-            lf = buf.find(b"\n\n")
-            if lf < 0:
-                if len(buf) > MAX_HEAD:
-                    raise BadRequest(431, f"the request head is larger than {MAX_HEAD} bytes")
-                return False
+        self._path = b"/"  # for the dialect of an error, until the request line is read
+        crlf = buf.find(b"\n\r\n")
+        lf = buf.find(b"\n\n")
+        if crlf < 0 and lf < 0:
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(431, f"the request head is larger than {MAX_HEAD} bytes")
+            return False
+        # The head ends at the first empty line, with or without its CR.
+        if lf >= 0 and (crlf < 0 or lf < crlf):
             block, rest = buf[:lf], buf[lf + 2 :]
+        else:
+            block, rest = buf[:crlf].removesuffix(b"\r"), buf[crlf + 3 :]
         if len(block) > MAX_HEAD:
             raise BadRequest(431, f"the request head is larger than {MAX_HEAD} bytes")
         block = block.replace(b"\r\n", b"\n")
@@ -294,6 +296,8 @@ class HTTPConnection(TwistedProtocol):
             if absolute is None:
                 raise BadRequest(400, "invalid request target")
             authority, target = absolute.group(1), absolute.group(2) or b"/"
+            if target.startswith(b"?"):
+                target = b"/" + target  # an empty path is "/" (RFC 9112 3.2.2)
         path = self._path = target.partition(b"?")[0]
         if len(lines) > MAX_FIELDS + 1:
             raise BadRequest(431, f"more than {MAX_FIELDS} header fields")
@@ -302,12 +306,14 @@ class HTTPConnection(TwistedProtocol):
         fields: dict[bytes, bytes] = {}
         lengths: list[bytes] = []
         connection = b""
-        chunked = False
+        codings: list[bytes] = []
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
+            if not colon:
+                raise BadRequest(400, "invalid header field")
             lower = names.get(name)
             if lower is None:
-                if not colon or not _TOKEN.match(name):
+                if not _TOKEN.match(name):
                     raise BadRequest(400, "invalid header field")
                 lower = name.lower()
                 if len(names) < _MAX_NAMES:
@@ -316,9 +322,7 @@ class HTTPConnection(TwistedProtocol):
             if lower == b"content-length":
                 lengths.append(value)
             elif lower == b"transfer-encoding":
-                if value.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
-                    raise BadRequest(501, "only the chunked transfer coding is supported")
-                chunked = True
+                codings += (c.strip() for c in value.lower().split(b","))
             elif lower == b"connection":
                 connection += b"," + value.lower()
             elif lower == b"host" and lower in fields:
@@ -327,6 +331,13 @@ class HTTPConnection(TwistedProtocol):
             fields[lower] = value
         if authority is not None:
             fields[b"host"] = authority
+        elif version == b"HTTP/1.1" and b"host" not in fields:
+            raise BadRequest(400, "an HTTP/1.1 request needs a Host header field")
+        chunked = bool(codings)
+        if chunked and codings != [b"chunked"]:
+            raise BadRequest(501, "only the chunked transfer coding is supported")
+        if connection:
+            fields[b"connection"] = connection[1:]  # every Connection field, lower-cased
         tokens = {t.strip() for t in connection.split(b",")} if connection else set()
         keep = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
         length = 0

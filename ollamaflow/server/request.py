@@ -8,7 +8,7 @@ request's fields are the raw pairs the connection parsed, the response's are wri
 
 from __future__ import annotations
 
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -124,15 +124,15 @@ class ClientRequest:
             raise RuntimeError("write() after finish()")
         if self.disconnected:
             return
-        if not self.started:
-            self._send_head(final=False)
+        transport: Any = self._connection.transport
+        head = b"" if self.started else self._head(final=False)
         if not data or self._no_body:
-            return
-        transport = self._connection.transport
-        if self._chunked:
-            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+            if head:
+                transport.write(head)
+        elif self._chunked:
+            transport.writeSequence((head, b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            transport.write(data)  # type: ignore[union-attr]
+            transport.write(head + data if head else data)
 
     def finish(self) -> None:
         """The response is complete. After the client left this does nothing: the gateway
@@ -140,7 +140,7 @@ class ClientRequest:
         if self.finished or self.disconnected:
             return
         if not self.started:
-            self._send_head(final=True)
+            self._connection.transport.write(self._head(final=True))  # type: ignore[union-attr]
         elif self._chunked:
             self._connection.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
         self.finished = True
@@ -168,8 +168,9 @@ class ClientRequest:
         if transport is not None:
             transport.abortConnection()  # type: ignore[attr-defined]
 
-    def _send_head(self, final: bool) -> None:
-        """Write the status line and header fields, choosing the framing of the body.
+    def _head(self, final: bool) -> bytes:
+        """The status line and header fields, once, choosing the framing of the body (sent
+        with the first bytes of the body in one write).
 
         ``final``: nothing more will be written, so a body of unknown length is empty."""
         self.started = True
@@ -200,7 +201,7 @@ class ClientRequest:
             for value in values:
                 lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
-        connection.transport.writeSequence(lines)  # type: ignore[union-attr]
+        return b"".join(lines)
 
     # -- from the connection ----------------------------------------------------------------
 
