@@ -15,7 +15,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IConsumer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -877,6 +877,31 @@ def test_a_response_before_the_request_body_is_sent_closes_the_connection() -> N
     assert responses[0].code == 413
     assert producer.stopped and transport.disconnecting
     assert not any(client.idle.values())
+
+
+def test_a_body_that_came_with_its_head_is_complete_when_the_caller_sees_it() -> None:
+    """A small answer is whole at the callback: the connection is back in the pool and the
+    body and its end reach the reader inside ``deliverBody`` (no timer needed to wait)."""
+    client = BackendClient(task.Clock(), 5.0)
+    ((connection, _transport),) = _pooled(client, 1)
+    seen: list[object] = []
+
+    class Reader(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            seen.append(data)
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            seen.append(reason.type)
+
+    def responded(response: IResponse) -> None:
+        seen.append(("pooled", connection in client.idle[where]))
+        response.deliverBody(Reader())
+        seen.append("delivered")
+
+    where = (Where.hostname, Where.port, Where.ssl)
+    client.request(Where, b"GET", b"/", Headers({b"Host": [b"h"]}), None).addCallback(responded)
+    connection.dataReceived(ok(b"whole"))
+    assert seen == [("pooled", True), b"whole", ResponseDone, "delivered"]
 
 
 # -- parity with Twisted's own client -----------------------------------------------------------

@@ -97,6 +97,10 @@ _STOPPED = 8  # body aborted by the reader (stopProducing): ends when the connec
 _CLOSED = 9  # finished with: closing or closed, never reused
 
 
+#: How every complete body ends; one shared instance, as Twisted shares ``connectionDone``.
+_DONE = Failure(ResponseDone("Response body fully received"))
+
+
 class BadResponse(Exception):
     """The backend's response broke HTTP/1.1 framing or a limit of this client."""
 
@@ -818,13 +822,19 @@ class _Connection(Protocol):
         self._keep = keep and call.keep
         response = _Response((b"HTTP", 1, minor), code, phrase, headers, length, self)
         self.response = response
-        self.call = None if phase == -1 else call
         call.conn = None
+        if phase == _LENGTH and isinstance(length, int) and len(rest) >= length:
+            # The whole body came with the head (a small answer): hold it, so the caller
+            # sees a complete response and the reader gets it all at once.
+            response.received(rest[:length])
+            rest = rest[length:]
+            phase = -1
+        self.call = None if phase == -1 else call
         if phase == -1:
-            # No body: the connection is done before the caller sees the response.
+            # Nothing more to read: the connection is done before the caller sees the response.
             self.phase = _CLOSED
             self._finish(call, response, rest)
-            response.end(Failure(ResponseDone("Response body fully received")))
+            response.end(_DONE)
             call.deferred.callback(response)
             return b""
         self.phase = phase
@@ -841,7 +851,7 @@ class _Connection(Protocol):
         call, response = self.call, self.response
         assert call is not None and response is not None
         self._finish(call, response, rest)
-        response.end(Failure(ResponseDone("Response body fully received")))
+        response.end(_DONE)
 
     def _finish(self, call: _Call, response: _Response, rest: bytes) -> None:
         """Put the connection back in the pool (before the caller hears of the end, like

@@ -76,11 +76,10 @@ def to_backend(
     if host is not None:
         out.append((b"X-Forwarded-Host", host))
     out.append((b"X-Forwarded-Proto", proto))
-    replaced = set()
-    if backend.bearer_token:
-        replaced.add(b"authorization")
-    replaced.update(name.lower().encode() for name in backend.headers)
-    if replaced:
+    if backend.bearer_token or backend.headers:
+        replaced = {name.lower().encode() for name in backend.headers}
+        if backend.bearer_token:
+            replaced.add(b"authorization")
         out = [(n, v) for n, v in out if n.lower() not in replaced]
     if backend.bearer_token:
         out.append((b"Authorization", b"Bearer " + _clean(backend.bearer_token)))

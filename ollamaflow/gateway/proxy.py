@@ -955,7 +955,7 @@ class _Relay(Protocol):
             return
         request = exchange.request
         request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, ResponseDone | PotentialDataLoss):
             request.finish()
             return
         log.warn(
