@@ -123,6 +123,7 @@ class Gateway:
         #: Called with a backend id after the gateway changed its models (delete, pull).
         self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
+        self._frontends: tuple[Catalog | None, dict[bytes | None, Frontend | None]] = (None, {})
         self.new_id = RequestIds()
         self.pins = StickyPins()
         self._remembered: dict[
@@ -167,9 +168,24 @@ class Gateway:
 
     def body_limit(self, host: bytes | None) -> int:
         """The request body limit for a Host: its frontend's MaxRequestBodySize."""
-        name = host.decode("latin-1") if host else ""
-        frontend = self.registry.catalog.frontend_for_host(name)
+        frontend = self._frontend_for(host)
         return frontend.max_request_body_size if frontend else 1 << 20
+
+    def _frontend_for(self, host: bytes | None) -> Frontend | None:
+        """The frontend serving a Host, remembered per Host until the configuration changes
+        (each request asks twice: for its body limit, then to be routed)."""
+        catalog = self.registry.catalog
+        if self._frontends[0] is not catalog:
+            self._frontends = (catalog, {})
+        known = self._frontends[1]
+        try:
+            return known[host]
+        except KeyError:
+            pass
+        frontend = catalog.frontend_for_host(host.decode("latin-1") if host else "")
+        if len(known) < _REMEMBERED:
+            known[host] = frontend
+        return frontend
 
     def render(self, request: ClientRequest) -> bytes | int:
         if self.draining:
@@ -177,10 +193,10 @@ class Gateway:
             return self._refuse(request, None, 503, "OllamaFlow is shutting down", retry_after=1)
         catalog = self.registry.catalog
         host = request.getHeader(b"host")
-        host_text = host.decode("latin-1") if host else ""
-        frontend = catalog.frontend_for_host(host_text)
+        frontend = self._frontend_for(host)
         if frontend is None:
-            return self._refuse(request, None, 404, f"no frontend for host {host_text!r}")
+            name = host.decode("latin-1") if host else ""
+            return self._refuse(request, None, 404, f"no frontend for host {name!r}")
         if request.clientproto == b"HTTP/1.0" and frontend.block_http10:
             return self._refuse(request, frontend, 505, "HTTP/1.0 is not supported; use HTTP/1.1")
         path = request.path
@@ -628,7 +644,7 @@ class _Exchange:
 
     def _watch(self) -> None:
         self.gateway.exchanges.add(self)
-        self.request.notifyFinish().addCallbacks(self._finished, self._client_lost)
+        self.request.watch(self._finished, self._client_lost)
         self.request.setHeader(b"X-OllamaFlow-Request", self.request_id.encode())
 
     def _slot_granted(self, backend: Backend) -> None:
@@ -881,7 +897,7 @@ class _Exchange:
             attempt.cancel()
         self.request.abort_connection()
 
-    def _finished(self, _: None) -> None:
+    def _finished(self) -> None:
         self.gateway.exchanges.discard(self)
         self._report()
 

@@ -47,6 +47,7 @@ _TARGET = re.compile(rb"/[\x21-\x7e]*\Z")
 _ABSOLUTE = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?\Z", re.IGNORECASE)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
+_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 #: Distinct header field names remembered as valid, with their lower-case form.
 _MAX_NAMES = 1000
 
@@ -288,7 +289,7 @@ class HTTPConnection(TwistedProtocol):
             if version.startswith(b"HTTP/") and version[5:6].isdigit():
                 raise BadRequest(505, "only HTTP/1.1 and HTTP/1.0 are supported")
             raise BadRequest(400, "invalid request line")
-        if not _TOKEN.match(method):
+        if method not in _METHODS and not _TOKEN.match(method):
             raise BadRequest(400, "invalid request method")
         authority = None
         if not _TARGET.match(target):
