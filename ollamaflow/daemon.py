@@ -21,6 +21,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.web.client import Agent
 
+from ollamaflow import tcp
 from ollamaflow.accesslog import AccessLog
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
@@ -195,8 +196,8 @@ class Daemon(MultiService):
                     self.reactor, self.port_number, self.interface, factory
                 )
             else:
-                self.listening = self.reactor.listenTCP(
-                    self.port_number, factory, backlog=1024, interface=self.interface
+                self.listening = tcp.listen(
+                    self.reactor, self.port_number, factory, backlog=1024, interface=self.interface
                 )
         except (CannotListenError, OSError) as e:
             reason = e.socketError if isinstance(e, CannotListenError) else e.strerror

@@ -25,6 +25,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ollamaflow import tcp
+
 log = Logger()
 
 #: How soon a worker that died is started again, doubling up to a minute while it keeps dying.
@@ -41,7 +43,7 @@ def listen_shared(reactor: Any, port: int, interface: str, factory: Any) -> ILis
         sock.bind((interface, port))
         sock.listen(1024)
         sock.setblocking(False)
-        listening: IListeningPort = reactor.adoptStreamPort(sock.fileno(), family, factory)
+        listening: IListeningPort = tcp.adopt(reactor, sock, factory)
     finally:
         # The reactor holds its own duplicate of the descriptor.
         sock.close()

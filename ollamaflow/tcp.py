@@ -1,0 +1,70 @@
+"""TCP transports that send at once.
+
+Twisted's TCP transport queues every write and sends it when the reactor next finds the socket
+writable: for a proxied request that is two ``epoll_ctl`` calls and one more trip through the
+reactor per response. Like asyncio's and libuv's transports, these try the send immediately
+when nothing is queued before it, and queue only what the kernel does not take (then Twisted's
+own machinery — flushing, producers, closing — carries on as usual).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet import tcp
+
+_RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS})
+
+
+class Server(tcp.Server):
+    """An accepted connection whose writes go out at once when nothing waits before them."""
+
+    def write(self, data: bytes) -> None:
+        if (
+            data
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+            and self.connected
+            and not self._writeDisconnected
+        ):
+            try:
+                sent = self.socket.send(data)
+            except OSError as e:
+                if e.errno not in _RETRY_LATER:
+                    # Queue it: the reactor's write meets the error and closes the connection.
+                    super().write(data)
+                    return
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().write(data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+
+class Port(tcp.Port):
+    """A listening port whose connections are :class:`Server` transports."""
+
+    transport = Server
+
+
+def listen(reactor: Any, port: int, factory: Any, *, backlog: int, interface: str) -> Port:
+    """``reactor.listenTCP``, with transports that send at once."""
+    listening = Port(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
+
+
+def adopt(reactor: Any, listening: socket.socket, factory: Any) -> Port:
+    """``reactor.adoptStreamPort`` for a bound, listening TCP socket (the reactor keeps its own
+    duplicate of the descriptor)."""
+    port: Port = Port._fromListeningDescriptor(
+        reactor, listening.fileno(), listening.family, factory
+    )
+    port.startListening()
+    return port
