@@ -673,3 +673,51 @@ async def test_a_backend_that_goes_quiet_mid_stream_is_cut_off_after_the_idle_ti
         await response.content()
     assert reactor.seconds() - started < 5, "not left hanging for the backend's 30 s stall"
     await until(lambda: cluster.daemon.runtime.state("sim0").active_requests == 0)
+
+
+class _HeadFirst(Protocol):
+    """A backend that answers every request with its status and headers at once, and its body
+    (one chunk, then the end) only when the test releases it."""
+
+    waiting: list[_HeadFirst]
+
+    def dataReceived(self, data: bytes) -> None:
+        if not data.startswith(b"GET /v1/stream "):  # a health check or an inventory read
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")  # type: ignore[union-attr]
+            return
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        self.waiting.append(self)
+
+    def release(self) -> None:
+        self.transport.write(b"6\r\ndata:1\r\n0\r\n\r\n")  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_streams_status_reaches_the_client_before_its_first_chunk(
+    cluster: Cluster,
+) -> None:
+    from twisted.internet.protocol import Factory
+
+    waiting: list[_HeadFirst] = []
+
+    def build() -> _HeadFirst:
+        backend = _HeadFirst()
+        backend.waiting = waiting
+        return backend
+
+    port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+    try:
+        await cluster.backend("early", port.getHost().port)
+        await cluster.frontend(["early"])
+        responding = Deferred.fromCoroutine(cluster.request("GET", "/v1/stream"))
+        await until(lambda: waiting)
+        response = await responding  # the head came through while the body is held back
+        assert response.code == 200
+        assert response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+        waiting[0].release()
+        assert await response.content() == b"data:1"
+    finally:
+        await port.stopListening()

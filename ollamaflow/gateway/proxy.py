@@ -831,7 +831,12 @@ class _Exchange:
             idle = max(idle, MODEL_TRANSFER_IDLE)
         self.relay = relay = _Relay(self, backend, idle)
         response.deliverBody(relay)
-        relay.watch()  # after the bytes that came with the head: a small answer is done already
+        # A small answer is complete by now; a stream's status and headers go out at once, as
+        # the backend sent them, not with its first chunk.
+        if not relay.done:
+            if not request.started:
+                request.write(b"")
+            relay.watch()
 
     def _report(self) -> None:
         """Tell the observers how this request went, once."""
@@ -930,7 +935,7 @@ class _Relay(Protocol):
 
     def watch(self) -> None:
         """Cut the stream off if the backend goes quiet for ``idle`` seconds."""
-        if self.idle and not self.done:
+        if self.idle:
             self.timer = self.exchange.gateway.clock.callLater(self.idle, self._idle_expired)
 
     def dataReceived(self, data: bytes) -> None:
