@@ -19,8 +19,8 @@ from twisted.internet import tcp
 _RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS})
 
 
-class Server(tcp.Server):
-    """An accepted connection whose writes go out at once when nothing waits before them."""
+class _SendAtOnce(tcp.Connection):
+    """``write`` tries the socket first when nothing is queued before the data."""
 
     def write(self, data: bytes) -> None:
         if (
@@ -45,6 +45,28 @@ class Server(tcp.Server):
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         self.write(b"".join(iovec))
+
+
+class Server(_SendAtOnce, tcp.Server):
+    """An accepted connection whose writes go out at once when nothing waits before them."""
+
+
+class Client(_SendAtOnce, tcp.Client):
+    """An outgoing connection whose writes go out at once when nothing waits before them."""
+
+
+class Connector(tcp.Connector):
+    """``reactor.connectTCP``'s connector, making :class:`Client` transports."""
+
+    def _makeTransport(self) -> Client:
+        return Client(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def connect(reactor: Any, host: str, port: int, factory: Any, *, timeout: float) -> Connector:
+    """``reactor.connectTCP`` to an IP address, with a transport that sends at once."""
+    connector = Connector(host, port, factory, timeout, None, reactor)
+    connector.connect()
+    return connector
 
 
 class Port(tcp.Port):

@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from ollamaflow import tcp
 from ollamaflow.gateway.backendhttp import MAX_HEAD, BackendClient, _Connection
 from ollamaflow.records import Backend
 
@@ -520,6 +521,23 @@ async def test_connection_refused_is_a_connect_error(env: Env) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_ip_address_is_dialled_directly_and_a_host_name_through_an_endpoint(
+    env: Env,
+) -> None:
+    """Both ways reach the backend and pool the connection; only the direct one has the
+    transport that sends at once (an endpoint wraps the protocol and picks its own)."""
+    scripted = env.serve(lambda seen: seen.server.write(ok()))
+    by_address = scripted.backend
+    by_name = attrs.evolve(by_address, hostname="localhost")
+    for backend in (by_address, by_name):
+        _, body, _ = await get(env, backend)
+        assert body == b"hello"
+    assert isinstance(env.idle(by_address)[0].transport, tcp.Client)
+    assert not isinstance(env.idle(by_name)[0].transport, tcp.Client)
+    assert len(scripted.connections) == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_idle_connection_the_server_closes_leaves_the_pool(env: Env) -> None:
     scripted = env.serve(lambda seen: seen.server.write(ok()))
     await get(env, scripted.backend)
@@ -715,7 +733,7 @@ class Where:
 def _pooled(client: BackendClient, count: int) -> list[tuple[_Connection, StringTransport]]:
     """Connections on in-memory transports, as if connected, in the client's pool."""
     where = (Where.hostname, Where.port, Where.ssl)
-    client._endpoints[where] = (None, None)  # type: ignore[assignment]
+    client._known.add(where)
     out = []
     for _ in range(count):
         connection = _Connection(client, where)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
+    IConnector,
     IConsumer,
     IDelayedCall,
     IProducer,
@@ -45,6 +47,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from ollamaflow import tcp
 from ollamaflow.records import Backend
 
 log = Logger()
@@ -122,6 +125,8 @@ class BackendClient:
         #: Idle connections per backend, oldest first (the newest is reused first).
         self.idle: dict[_Where, list[_Connection]] = {}
         self._endpoints: dict[_Where, tuple[IStreamClientEndpoint, _Factory]] = {}
+        #: Backends connected to since they were last forgotten (their connections are pooled).
+        self._known: set[_Where] = set()
         self._sweep_call: IDelayedCall | None = None
         #: Response header names seen: raw name -> (lowercased, canonical as ``Headers`` has it).
         self.header_names: dict[bytes, tuple[bytes, bytes]] = {}
@@ -161,8 +166,18 @@ class BackendClient:
         return call.deferred
 
     def connect(self, call: _Call) -> None:
-        """Open a fresh connection for ``call``."""
+        """Open a fresh connection for ``call``: straight to an IP address over plain TCP,
+        else through an endpoint (a host name to resolve, TLS)."""
         where = call.where
+        self._known.add(where)
+        host, port, ssl = where
+        if not ssl and (isIPAddress(host) or isIPv6Address(host)):
+            dial = _Dial(self, call)
+            call.connecting = dial
+            dial.connector = tcp.connect(
+                self.reactor, host, port, dial, timeout=self.connect_timeout
+            )
+            return
         found = self._endpoints.get(where)
         if found is None:
             found = self._endpoints[where] = self._endpoint(where)
@@ -187,7 +202,7 @@ class BackendClient:
         where = connection.where
         idle = self.idle.get(where)
         if idle is None:
-            if where not in self._endpoints:  # forgotten while the request ran
+            if where not in self._known:  # forgotten while the request ran
                 connection.close()
                 return
             idle = self.idle[where] = []
@@ -230,6 +245,7 @@ class BackendClient:
 
     def forget(self, keep: set[_Where]) -> None:
         """Drop the endpoints and idle connections of backends that are gone."""
+        self._known &= keep
         for where in [w for w in self._endpoints if w not in keep]:
             del self._endpoints[where]
         for where in [w for w in self.idle if w not in keep]:
@@ -262,6 +278,28 @@ class _Factory(ClientFactory):
 
     def buildProtocol(self, addr: object) -> _Connection:
         return _Connection(self.client, self.where)
+
+
+class _Dial(ClientFactory):
+    """One fresh connection for one request, dialled without an endpoint (whose wrapping
+    protocol would sit in the way of every read)."""
+
+    noisy = False
+
+    def __init__(self, client: BackendClient, call: _Call) -> None:
+        self.client = client
+        self.call = call
+        self.connector: IConnector | None = None
+
+    def buildProtocol(self, addr: object) -> _Connection:
+        return _Connection(self.client, self.call.where, on_made=self.call.connected)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.call.connect_failed(reason)
+
+    def cancel(self) -> None:
+        if self.connector is not None and self.connector.state == "connecting":  # type: ignore[attr-defined]
+            self.connector.stopConnecting()
 
 
 class _Call:
@@ -334,7 +372,7 @@ class _Call:
         self.writer: _BodyWriter | None = None
         self.body_done = False
         self.conn: _Connection | None = None
-        self.connecting: Deferred[_Connection] | None = None
+        self.connecting: Deferred[_Connection] | _Dial | None = None
         self.retried = False
         self.cancelled = False
         self.deferred: Deferred[IResponse] = Deferred(self.cancel)
@@ -558,9 +596,15 @@ class _Response:
 class _Connection(Protocol):
     """One connection to a backend: writes requests, parses responses, one at a time."""
 
-    def __init__(self, client: BackendClient, where: _Where) -> None:
+    def __init__(
+        self,
+        client: BackendClient,
+        where: _Where,
+        on_made: Callable[[_Connection], None] | None = None,
+    ) -> None:
         self.client = client
         self.where = where
+        self._on_made = on_made
         self.phase = _IDLE
         self.call: _Call | None = None
         self.response: _Response | None = None
@@ -579,6 +623,9 @@ class _Connection(Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
+        on_made, self._on_made = self._on_made, None
+        if on_made is not None:
+            on_made(self)
 
     # -- requests -------------------------------------------------------------------------
 
