@@ -537,6 +537,53 @@ async def test_an_ip_address_is_dialled_directly_and_a_host_name_through_an_endp
     assert len(scripted.connections) == 2
 
 
+class Outcomes:
+    """What an Attempt reported, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+        self.done: Deferred[None] = Deferred()
+
+    def response(self, response: IResponse) -> None:
+        self.seen.append(response.code)
+        self.done.callback(None)
+
+    def failure(self, failure: Failure) -> None:
+        self.seen.append(failure.type)
+        self.done.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_reports_the_response_or_the_failure_once(env: Env) -> None:
+    scripted = env.serve(lambda seen: seen.server.write(ok()))
+    backend = scripted.backend
+    answered = Outcomes()
+    attempt = env.client.send(
+        backend, b"GET", b"/", headers(backend), None, answered.response, answered.failure
+    )
+    await answered.done
+    attempt.cancel()  # too late: nothing more is reported
+    assert answered.seen == [200]
+
+    cancelled = Outcomes()
+    attempt = env.client.send(
+        backend, b"GET", b"/", headers(backend), None, cancelled.response, cancelled.failure
+    )
+    attempt.cancel()  # before the response head
+    attempt.cancel()
+    assert cancelled.seen == [CancelledError]
+
+    await scripted.stop()
+    refused = Outcomes()
+    env.client.send(
+        backend, b"GET", b"/", headers(backend), None, refused.response, refused.failure
+    )
+    await refused.done
+    assert len(refused.seen) == 1 and issubclass(refused.seen[0], ConnectError)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        env.client.send(backend, b"G T", b"/", headers(backend), None, print, print)
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_idle_connection_the_server_closes_leaves_the_pool(env: Env) -> None:
     scripted = env.serve(lambda seen: seen.server.write(ok()))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
@@ -153,17 +153,42 @@ class BackendClient:
     ) -> Deferred[IResponse]:
         """``target`` is the path and query; ``headers`` must carry ``Host``. ``body`` is the
         whole body as bytes (sent with the head in one write), a producer, or None."""
+        deferred: Deferred[IResponse] = Deferred(lambda d: call.cancel())
         where = (backend.hostname, backend.port, backend.ssl)
         try:
-            call = _Call(self, where, method, target, headers, body)
+            call = _Call(self, where, method, target, headers, body, deferred)
         except ValueError as e:
             return fail(RequestGenerationFailed([Failure(e)]))
-        idle = self.idle.get(where)
+        self._start(call)
+        return deferred
+
+    def send(
+        self,
+        backend: Backend,
+        method: bytes,
+        target: bytes,
+        headers: _Fields,
+        body: _Body,
+        on_response: Callable[[IResponse], object],
+        on_failure: Callable[[Failure], object],
+    ) -> Attempt:
+        """:meth:`request` with two callables instead of a Deferred, for the gateway's hot
+        path. Raises ValueError at once for an invalid method or target."""
+        attempt = Attempt(on_response, on_failure)
+        call = _Call(
+            self, (backend.hostname, backend.port, backend.ssl), method, target, headers, body,
+            attempt,
+        )  # fmt: skip
+        attempt.call = call
+        self._start(call)
+        return attempt
+
+    def _start(self, call: _Call) -> None:
+        idle = self.idle.get(call.where)
         if idle:
             idle.pop().send(call, reused=True)
         else:
             self.connect(call)
-        return call.deferred
 
     def connect(self, call: _Call) -> None:
         """Open a fresh connection for ``call``: straight to an IP address over plain TCP,
@@ -280,6 +305,39 @@ class _Factory(ClientFactory):
         return _Connection(self.client, self.where)
 
 
+class Attempt:
+    """A request sent with :meth:`BackendClient.send`: the outcome goes to one of two callables,
+    once. :meth:`cancel` aborts it before the response head; ``on_failure`` then gets
+    ``CancelledError``, as a cancelled Deferred would."""
+
+    __slots__ = ("_on_failure", "_on_response", "call", "fired")
+
+    def __init__(
+        self, on_response: Callable[[IResponse], object], on_failure: Callable[[Failure], object]
+    ) -> None:
+        self._on_response = on_response
+        self._on_failure = on_failure
+        self.call: _Call | None = None
+        self.fired = False
+
+    def callback(self, response: IResponse) -> None:
+        if not self.fired:
+            self.fired = True
+            self._on_response(response)
+
+    def errback(self, failure: Failure) -> None:
+        if not self.fired:
+            self.fired = True
+            self._on_failure(failure)
+
+    def cancel(self) -> None:
+        if self.fired:
+            return
+        if self.call is not None:
+            self.call.cancel()
+        self.errback(Failure(CancelledError()))
+
+
 class _Dial(ClientFactory):
     """One fresh connection for one request, dialled without an endpoint (whose wrapping
     protocol would sit in the way of every read)."""
@@ -330,6 +388,7 @@ class _Call:
         target: bytes,
         headers: _Fields,
         body: _Body,
+        outcome: Deferred[IResponse] | Attempt,
     ) -> None:
         if not _TOKEN.match(method):
             raise ValueError(f"invalid method {method!r}")
@@ -375,7 +434,8 @@ class _Call:
         self.connecting: Deferred[_Connection] | _Dial | None = None
         self.retried = False
         self.cancelled = False
-        self.deferred: Deferred[IResponse] = Deferred(self.cancel)
+        #: Told of the response head or the failure: a Deferred, or the gateway's Attempt.
+        self.deferred = outcome
 
     def replayable(self) -> bool:
         """Whether the request can be sent again as it was (its body is in memory)."""
@@ -393,9 +453,9 @@ class _Call:
         if not self.cancelled:
             self.deferred.errback(failure)
 
-    def cancel(self, _: Deferred[IResponse]) -> None:
-        """Abort before the response head: the connection is not reused; the Deferred then
-        fails with ``CancelledError``."""
+    def cancel(self) -> None:
+        """Abort before the response head: the connection is not reused; the caller's
+        Deferred (or Attempt) then fails with ``CancelledError``."""
         self.cancelled = True
         if self.connecting is not None:
             self.connecting.cancel()

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     FileBodyProducer,
     PotentialDataLoss,
+    RequestGenerationFailed,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
@@ -39,7 +40,7 @@ from ollamaflow import modelnames
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.gateway import fanout, fleet
 from ollamaflow.gateway import headers as hdrs
-from ollamaflow.gateway.backendhttp import BackendClient
+from ollamaflow.gateway.backendhttp import Attempt, BackendClient
 from ollamaflow.gateway.balancer import (
     Balancer,
     NoCandidate,
@@ -76,6 +77,7 @@ _RETRYABLE = (
     ConnectError,
     ConnectionLost,
     ResponseNeverReceived,
+    RequestGenerationFailed,
     RequestNotSent,
     RequestTransmissionFailed,
     TimeoutError,
@@ -617,7 +619,8 @@ class _Exchange:
         self.relayed = 0
         self.last_error = ""
         self.tried: list[str] = []
-        self._attempt: Deferred[IResponse] | None = None
+        #: The attempt in flight, or the wait for a slot; cancelled if the client leaves.
+        self._attempt: Attempt | Deferred[Backend] | None = None
         self._ttfb_timer: IDelayedCall | None = None
         self._active: Backend | None = None
         self._timed_out = False  # the latest attempt ran out of time (504, not 502)
@@ -639,7 +642,7 @@ class _Exchange:
     def queue(self, waiting: Deferred[Backend]) -> None:
         """Wait for a slot; the scheduler hands over a backend whose slot is already ours."""
         self._watch()
-        self._attempt = waiting  # type: ignore[assignment]  # cancelled if the client leaves
+        self._attempt = waiting
         waiting.addCallbacks(self._slot_granted, self._not_queued)
 
     def _watch(self) -> None:
@@ -704,16 +707,25 @@ class _Exchange:
             extra = backend.querystring.encode()
             query = query + b"&" + extra if query else extra
         target = request.path + b"?" + query if query else request.path
-        attempt = self.gateway.backends.request(
-            backend, request.method, target, hdrs.forwarded(request, backend), producer
-        )
+        try:
+            attempt = self.gateway.backends.send(
+                backend,
+                request.method,
+                target,
+                hdrs.forwarded(request, backend),
+                producer,
+                self._responded,
+                self._failed,
+            )
+        except ValueError as e:
+            self._failed(Failure(RequestGenerationFailed([Failure(e)])))
+            return
+        if attempt.fired:  # the body producer failed at once
+            return
         self._attempt = attempt
         ttfb = self.frontend.timeout_ms / 1000
         if ttfb:
             self._ttfb_timer = self.gateway.clock.callLater(ttfb, self._ttfb_expired, attempt)
-        attempt.addCallbacks(
-            self._responded, self._failed, callbackArgs=(backend,), errbackArgs=(backend,)
-        )
 
     def _body_for(self, backend: Backend) -> bytes | IBodyProducer | None:
         """The body to send: bytes when it is in memory (sent with the head in one write)."""
@@ -746,7 +758,7 @@ class _Exchange:
             return content.read()
         return FileBodyProducer(content)
 
-    def _ttfb_expired(self, attempt: Deferred[IResponse]) -> None:
+    def _ttfb_expired(self, attempt: Attempt) -> None:
         self._ttfb_timer = None
         self._timed_out = True
         attempt.cancel()
@@ -763,7 +775,9 @@ class _Exchange:
         if backend is not None:
             self.gateway.scheduler.release(backend, self.model)
 
-    def _failed(self, failure: Failure, backend: Backend) -> None:
+    def _failed(self, failure: Failure) -> None:
+        backend = self._active
+        assert backend is not None, "an attempt fails while its backend slot is held"
         self._attempt = None
         self._stop_ttfb()
         self.end_attempt()
@@ -786,7 +800,9 @@ class _Exchange:
         else:
             self._answer(502, f"backend {backend.identifier!r} failed: {self.last_error}")
 
-    def _responded(self, response: IResponse, backend: Backend) -> None:
+    def _responded(self, response: IResponse) -> None:
+        backend = self._active
+        assert backend is not None, "a response comes while its backend slot is held"
         self._attempt = None
         self._stop_ttfb()
         if self.client_gone:
