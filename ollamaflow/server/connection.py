@@ -4,7 +4,7 @@ Twisted's ``HTTPChannel`` and ``Request`` cost more than everything else a proxi
 (a line callback per header field, a ``Headers`` object each way, a dozen attributes and
 Deferreds per request): on two cores they cap a do-nothing ``Site`` at a tenth of what nginx
 proxies. Here the request head is parsed in one pass, and the request goes to one of two
-handlers that the listener chooses from its method and path (:meth:`Listener.route`): client
+handlers that the listener chooses from its method and path (:meth:`Listener.exchange`): client
 traffic to the gateway as a :class:`ClientRequest`, the admin API and the other pages as
 ordinary twisted.web requests carried by :class:`WebStream`.
 
