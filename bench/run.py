@@ -73,6 +73,8 @@ class Plan:
     hold_ramp: float
     scale: tuple[int, ...]
     health_timeout: float
+    #: Alternating nginx / OllamaFlow measurements of the throughput target (0: none).
+    pairs: int = 0
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Bench:
         self.children = children
         self.tools = tools
         self.rows: list[Row] = []
+        self._nginx_small: int | None = None  # the reference proxy of the small requests
 
     # --- backends -------------------------------------------------------------------------
 
@@ -196,7 +199,7 @@ class Bench:
 
     def scenario_small(self, backends: Backends) -> None:
         if self.tools.nginx:
-            port = self.nginx_proxy("nginx-proxy", backends.chosen)
+            port = self._nginx_small = self.nginx_proxy("nginx-proxy", backends.chosen)
             self.small_rows("nginx proxy", port)
         else:
             self.rows.append(Row("chat/tags", "nginx proxy", notes=["nginx: not installed"]))
@@ -219,6 +222,32 @@ class Bench:
             self.small_rows(target, daemon.port, label)
             pids = process_tree(daemon.pid)
             self.rows[-1].notes.append(f"{len(pids)} daemon process(es)")
+            if workers == 1 and self._nginx_small is not None and self.plan.pairs:
+                self._pairs(daemon.port, self._nginx_small)
+
+    def _pairs(self, flow_port: int, nginx_port: int) -> None:
+        """The throughput target measured fairly on a machine whose speed drifts: nginx and
+        OllamaFlow alternate, and each pair gives one ratio; the row keeps their median."""
+        row = Row(f"{self._chat_many} paired", "ollamaflow w=1 / nginx")
+        self.rows.append(row)
+        ratios = []
+        connections = self.plan.connections
+        try:
+            for _ in range(self.plan.pairs):
+                ours = self.tools.load.run(flow_port, CHAT, connections, self.plan.duration)
+                theirs = self.tools.load.run(nginx_port, CHAT, connections, self.plan.duration)
+                if ours["rps"] and theirs["rps"]:
+                    ratios.append(ours["rps"] / theirs["rps"])
+        except BenchError as e:
+            row.error = str(e)
+            return
+        if ratios:
+            median = sorted(ratios)[len(ratios) // 2]
+            row.data = {"ratios": ratios, "median": median}
+            row.notes.append(
+                f"median {median:.1%} of nginx over {len(ratios)} pairs: "
+                + ", ".join(f"{r:.1%}" for r in ratios)
+            )
 
     # --- scenario 2: streaming latency ----------------------------------------------------
 
@@ -408,6 +437,14 @@ def checks(rows: list[Row], plan: Plan) -> list[Check]:
     direct = next((r.target for r in rows if "backend used" in r.notes), "direct: sim")
     c = plan.connections
     out: list[Check] = []
+    paired = find(f"chat c={c} paired", "ollamaflow w=1 / nginx")
+    if paired and "median" in paired.data:
+        median = paired.data["median"]
+        pairs = len(paired.data["ratios"])
+        out.append(
+            Check(f"chat c={c} throughput >= 10% of nginx, median of {pairs} alternating pairs",
+                  f"{median:.1%}", median >= 0.10)
+        )  # fmt: skip
     for kind in ("chat", "tags"):
         flow, ref = find(f"{kind} c={c}", "ollamaflow w=1"), find(f"{kind} c={c}", "nginx proxy")
         if flow and ref and flow.rps and ref.rps:
@@ -481,6 +518,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     add("--hold-seconds", type=float, help="how long each held stream lasts [20; smoke 1]")
     add("--hold-tps", type=float, default=2.0, help="tokens/s of each held stream")
     add("--scale", type=_ints, help="backend counts of the scale scenario [1,10,100; smoke 1,10]")
+    add("--pairs", type=int, help="alternating nginx/OllamaFlow throughput pairs [5; smoke 1]")
     add("--loadgen", choices=["auto", "wrk", "python"], default="auto", help="load generator")
     add("--no-nginx", action="store_true", help="leave nginx out even if installed")
     add("--twistd", help="twistd to run the daemon and simulators [next to this python]")
@@ -511,6 +549,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         hold_ramp=0.2 if smoke else 2.0,
         scale=pick(args.scale, (1, 10, 100), (1, 10)),  # type: ignore[arg-type]
         health_timeout=10.0 if smoke else 30.0,
+        pairs=pick(args.pairs, 5, 1),  # type: ignore[arg-type]
     )
     if not (0 < plan.duration <= 600 and 1 <= plan.connections <= 10000):
         parser.error("--duration must be 0..600 s and --connections 1..10000")
