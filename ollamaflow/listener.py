@@ -80,15 +80,13 @@ class WebRequest(server.Request):
     """A twisted.web request that answers a bug below it with a JSON 500, never an HTML page."""
 
     def processingFailed(self, reason: Failure) -> None:
-        reference = uuid.uuid4().hex
-        log.failure("request failed ({reference})", reason, reference=reference)
+        body = internal_error(self.path, reason)
         if self.finished or self._disconnected:
             return
         if self.startedWriting:
             # Too late for a status: cut the response off so it cannot look complete.
             self.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
-        body = error_body(self.path, 500, f"internal error; see the log, reference {reference}")
         self.setResponseCode(500)
         self.setHeader(b"Content-Type", b"application/json")
         self.setHeader(b"Content-Length", b"%d" % len(body))
@@ -118,6 +116,13 @@ def error_body(path: bytes, status: int, message: str) -> bytes:
     if path.startswith(ADMIN_PREFIX):
         return admin_error_body(status, message)
     return gateway_error_body(path, status, message)
+
+
+def internal_error(path: bytes, reason: Failure) -> bytes:
+    """Log a bug below the listener with a reference; the JSON 500 body that names it."""
+    reference = uuid.uuid4().hex
+    log.failure("request failed ({reference})", reason, reference=reference)
+    return error_body(path, 500, f"internal error; see the log, reference {reference}")
 
 
 #: The body size limit for a request, from its path and Host header.
@@ -166,6 +171,7 @@ class Listener(ServerFactory):
         connection: HTTPConnection,
         method: bytes,
         uri: bytes,
+        path: bytes,
         version: bytes,
         headers: list[tuple[bytes, bytes]],
         fields: dict[bytes, bytes],
@@ -173,11 +179,10 @@ class Listener(ServerFactory):
         length: int | None,
     ) -> GatewayExchange | WebStream:
         """Where a request whose head just arrived goes: the gateway or twisted.web."""
-        path = uri.partition(b"?")[0]
         if is_web(method, path, self.metrics):
             site = self.site
             return WebStream(connection, site, method, uri, version, headers, persistent, length)
-        request = ClientRequest(connection, method, uri, version, headers, fields, persistent)
+        request = ClientRequest(connection, method, uri, path, version, headers, fields, persistent)
         return GatewayExchange(self, request)
 
     def serve(self, request: ClientRequest) -> None:
@@ -185,20 +190,14 @@ class Listener(ServerFactory):
         try:
             answer = self.gateway.render(request)
         except Exception:
-            reference = uuid.uuid4().hex
-            log.failure("request failed ({reference})", reference=reference)
+            answer = internal_error(request.path, Failure())
             if request.finished or request.disconnected:
                 return
             if request.started:
-                request.abort_connection()
+                request.abort_connection()  # too late for a status, as above
                 return
-            body = error_body(
-                request.path, 500, f"internal error; see the log, reference {reference}"
-            )
             request.setResponseCode(500)
             request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Content-Length", b"%d" % len(body))
-            answer = body
         if answer is not NOT_DONE_YET:
             assert isinstance(answer, bytes)
             if request.responseHeader(b"content-length") is None:

@@ -81,7 +81,7 @@ class MergedPull:
             for pending in pulls:
                 pending.cancel()
 
-        request.notifyFinish().addErrback(client_left)
+        request.watch(lambda: None, client_left)
         results = await DeferredList(pulls, consumeErrors=True)
         if request.disconnected or request.finished:
             return

@@ -355,7 +355,7 @@ class HTTPConnection(TwistedProtocol):
         self._limit = limit
         self._received = 0
         self._exchange = self.factory.exchange(
-            self, method, target, version, headers, fields, keep, None if chunked else length
+            self, method, target, path, version, headers, fields, keep, None if chunked else length
         )
         if (
             (chunked or length)

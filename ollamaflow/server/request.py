@@ -32,8 +32,7 @@ class ClientRequest:
         "_fields",
         "_headers",
         "_no_body",
-        "_notifications",
-        "_watcher",
+        "_watchers",
         "clientproto",
         "code",
         "content",
@@ -53,6 +52,7 @@ class ClientRequest:
         connection: HTTPConnection,
         method: bytes,
         uri: bytes,
+        path: bytes,
         clientproto: bytes,
         headers: list[tuple[bytes, bytes]],
         fields: dict[bytes, bytes],
@@ -60,9 +60,9 @@ class ClientRequest:
     ) -> None:
         self._connection = connection
         self.method = method
-        #: The request target as received (path and query).
+        #: The request target as received (path and query), and its path.
         self.uri = uri
-        self.path = uri.partition(b"?")[0]
+        self.path = path
         self.clientproto = clientproto
         #: The header fields as received, in order: (name, value) with the name as sent.
         self.headers = headers
@@ -79,8 +79,7 @@ class ClientRequest:
         self.disconnected = False
         self._chunked = False
         self._no_body = False
-        self._notifications: list[Deferred[None]] = []
-        self._watcher: tuple[Callable[[], object], Callable[[Failure], object]] | None = None
+        self._watchers: list[tuple[Callable[[], object], Callable[[Failure], object]]] = []
 
     # -- the request ------------------------------------------------------------------------
 
@@ -139,7 +138,7 @@ class ClientRequest:
 
     def finish(self) -> None:
         """The response is complete. After the client left this does nothing: the gateway
-        learns of that from :meth:`notifyFinish`."""
+        learns of that from :meth:`watch`."""
         if self.finished or self.disconnected:
             return
         if not self.started:
@@ -147,24 +146,22 @@ class ClientRequest:
         elif self._chunked:
             self._connection.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
         self.finished = True
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher[0]()
-        notifications, self._notifications = self._notifications, []
-        for notification in notifications:
-            notification.callback(None)
+        watchers, self._watchers = self._watchers, []
+        for done, _ in watchers:
+            done()
         self._connection.request_done(self.persistent)
 
-    def notifyFinish(self) -> Deferred[None]:
-        """Fires when the response is complete, or fails when the client leaves first."""
-        notification: Deferred[None] = Deferred()
-        self._notifications.append(notification)
-        return notification
-
     def watch(self, done: Callable[[], object], lost: Callable[[Failure], object]) -> None:
-        """:meth:`notifyFinish` without a Deferred, for the one watcher on the hot path:
-        ``done()`` when the response is complete, or ``lost(reason)`` if the client leaves."""
-        self._watcher = (done, lost)
+        """``done()`` when the response is complete, or ``lost(reason)`` if the client leaves
+        first (no Deferred on the hot path)."""
+        self._watchers.append((done, lost))
+
+    def notifyFinish(self) -> Deferred[None]:
+        """:meth:`watch` as twisted.web's Deferred: fires when the response is complete, fails
+        when the client leaves first."""
+        finished: Deferred[None] = Deferred()
+        self.watch(lambda: finished.callback(None), finished.errback)
+        return finished
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         """The client's connection paces ``producer``: paused while the client reads slowly."""
@@ -219,9 +216,6 @@ class ClientRequest:
     def connection_lost(self, reason: Failure) -> None:
         """The client went away before the response was complete."""
         self.disconnected = True
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher[1](reason)
-        notifications, self._notifications = self._notifications, []
-        for notification in notifications:
-            notification.errback(reason)
+        watchers, self._watchers = self._watchers, []
+        for _, lost in watchers:
+            lost(reason)

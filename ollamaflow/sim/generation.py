@@ -77,58 +77,30 @@ class Format(Protocol):
 
 
 @attrs.frozen
-class GenerateFormat:
-    """`/api/generate`: `response` tokens; the end carries `context`."""
+class OllamaFormat:
+    """`/api/generate` (`response` tokens; the end carries `context`) and `/api/chat`
+    (assistant `message` tokens)."""
 
     model: str
+    chat: bool
 
-    def chunk(self, token: str, now: float) -> bytes:
-        return line(
-            {"model": self.model, "created_at": rfc3339(now), "response": token, "done": False}
-        )
-
-    def _done(self, text: str, outcome: Outcome, now: float) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "created_at": rfc3339(now),
-            "response": text,
-            "done": True,
-        }
-        body.update(outcome.metrics())
-        body["context"] = list(range(1, outcome.prompt_eval_count + outcome.eval_count + 1))
+    def _message(self, text: str, now: float, done: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "created_at": rfc3339(now)}
+        if self.chat:
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["response"] = text
+        body["done"] = done
         return body
 
-    def final(self, outcome: Outcome, now: float) -> Iterator[bytes]:
-        yield line(self._done("", outcome, now))
-
-    def whole(self, text: str, outcome: Outcome, now: float) -> bytes:
-        return dumps(self._done(text, outcome, now))
-
-
-@attrs.frozen
-class ChatFormat:
-    """`/api/chat`: assistant `message` tokens."""
-
-    model: str
-
     def chunk(self, token: str, now: float) -> bytes:
-        return line(
-            {
-                "model": self.model,
-                "created_at": rfc3339(now),
-                "message": {"role": "assistant", "content": token},
-                "done": False,
-            }
-        )
+        return line(self._message(token, now, done=False))
 
     def _done(self, text: str, outcome: Outcome, now: float) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "created_at": rfc3339(now),
-            "message": {"role": "assistant", "content": text},
-            "done": True,
-        }
+        body = self._message(text, now, done=True)
         body.update(outcome.metrics())
+        if not self.chat:
+            body["context"] = list(range(1, outcome.prompt_eval_count + outcome.eval_count + 1))
         return body
 
     def final(self, outcome: Outcome, now: float) -> Iterator[bytes]:

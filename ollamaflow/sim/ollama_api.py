@@ -13,7 +13,7 @@ from ollamaflow import modelnames
 from ollamaflow.sim import content
 from ollamaflow.sim.catalog import InstalledModel, can_pull, spec_for
 from ollamaflow.sim.emitter import Emitter, Script
-from ollamaflow.sim.generation import ChatFormat, Format, GenerateFormat, generation_script, plan
+from ollamaflow.sim.generation import Format, OllamaFormat, generation_script, plan
 from ollamaflow.sim.responses import (
     JSON,
     NDJSON,
@@ -117,7 +117,7 @@ class OllamaAPI:
             prompt_tokens = content.count_tokens(prompt) if prompt else 0
         if model.spec.embedding_only:
             raise HTTPError(400, f'"{name}" does not support {"chat" if chat else "generate"}')
-        fmt: Format = ChatFormat(name) if chat else GenerateFormat(name)
+        fmt: Format = OllamaFormat(name, chat)
         if empty:
             return self._load_only(request, body, model, name, chat=chat, streaming=streaming)
         options = body.get("options")
