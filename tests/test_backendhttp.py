@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from harness import until
 from twisted.internet import reactor, task
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectError, ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -24,6 +24,7 @@ from twisted.web.client import (
     FileBodyProducer,
     HTTPConnectionPool,
     PotentialDataLoss,
+    RequestGenerationFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -33,7 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ollamaflow import tcp
-from ollamaflow.gateway.backendhttp import MAX_HEAD, BackendClient, _Connection
+from ollamaflow.gateway.backendhttp import MAX_HEAD, Attempt, BackendClient, _Connection
 from ollamaflow.records import Backend
 
 # -- loopback servers -----------------------------------------------------------------------
@@ -215,10 +216,10 @@ async def env() -> AsyncIterator[Env]:
         await maybeDeferred(port.stopListening)
 
 
-def headers(backend: Backend, **more: str) -> Headers:
-    out = Headers({b"Host": [f"{backend.hostname}:{backend.port}".encode()]})
+def headers(backend: Backend, **more: str) -> list[tuple[bytes, bytes]]:
+    out = [(b"Host", f"{backend.hostname}:{backend.port}".encode())]
     for name, value in more.items():
-        out.setRawHeaders(name.replace("_", "-"), [value])
+        out.append((name.replace("_", "-").encode(), value.encode()))
     return out
 
 
@@ -259,10 +260,25 @@ async def read(response: IResponse) -> tuple[bytes, Failure]:
     return collect.body, reason
 
 
+def request(
+    client: BackendClient, backend: Any, method: bytes, target: bytes, fields: Any, body: Any
+) -> Deferred[IResponse]:
+    """``client.send`` as a Deferred, as the tests wait on it; cancelling it cancels the send."""
+    sent: list[Attempt] = []
+    outcome: Deferred[IResponse] = Deferred(lambda _: sent[0].cancel())
+    try:
+        sent.append(
+            client.send(backend, method, target, fields, body, outcome.callback, outcome.errback)
+        )
+    except ValueError as e:
+        return fail(RequestGenerationFailed([Failure(e)]))
+    return outcome
+
+
 async def get(
     env: Env, backend: Backend, method: bytes = b"GET", target: bytes = b"/", body: Any = None
 ) -> tuple[IResponse, bytes, Failure]:
-    response = await env.client.request(backend, method, target, headers(backend), body)
+    response = await request(env.client, backend, method, target, headers(backend), body)
     data, reason = await read(response)
     return response, data, reason
 
@@ -468,7 +484,7 @@ async def test_interim_100_continue_is_skipped(env: Env) -> None:
 async def test_a_broken_response_head_fails_the_request(env: Env, answer: bytes) -> None:
     scripted = env.serve(lambda seen: seen.server.write(answer))
     with pytest.raises(ResponseFailed) as raised:
-        await env.client.request(scripted.backend, b"GET", b"/", headers(scripted.backend), None)
+        await request(env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None)
     assert not isinstance(raised.value, ResponseNeverReceived), "bytes did come back"
     await until(lambda: scripted.lost == 1)
     assert env.idle(scripted.backend) == []
@@ -517,7 +533,7 @@ async def test_connection_refused_is_a_connect_error(env: Env) -> None:
     backend = scripted.backend
     await scripted.stop()
     with pytest.raises(ConnectError):
-        await env.client.request(backend, b"GET", b"/", headers(backend), None)
+        await request(env.client, backend, b"GET", b"/", headers(backend), None)
 
 
 @pytest_twisted.ensureDeferred
@@ -633,14 +649,14 @@ async def test_a_fresh_connection_closed_unanswered_is_response_never_received(e
     scripted = env.serve(answer)
     await get(env, scripted.backend)
     with pytest.raises(ResponseNeverReceived):
-        await env.client.request(scripted.backend, b"GET", b"/", headers(scripted.backend), None)
+        await request(env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None)
     assert len(scripted.requests) == 3, "the first attempt, then exactly one retry"
 
 
 @pytest_twisted.ensureDeferred
 async def test_cancelling_before_the_head_aborts_the_connection(env: Env) -> None:
     scripted = env.serve(lambda seen: None)  # never answers
-    attempt = env.client.request(scripted.backend, b"GET", b"/", headers(scripted.backend), None)
+    attempt = request(env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None)
     await until(lambda: len(scripted.requests) == 1)
     attempt.cancel()
     with pytest.raises(CancelledError):
@@ -652,7 +668,7 @@ async def test_cancelling_before_the_head_aborts_the_connection(env: Env) -> Non
 @pytest_twisted.ensureDeferred
 async def test_cancelling_while_connecting(env: Env) -> None:
     scripted = env.serve(lambda seen: seen.server.write(ok()))
-    attempt = env.client.request(scripted.backend, b"GET", b"/", headers(scripted.backend), None)
+    attempt = request(env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None)
     attempt.cancel()
     with pytest.raises(CancelledError):
         await attempt
@@ -686,8 +702,8 @@ async def test_pausing_the_body_stops_reading_the_backend(env: Env) -> None:
         seen.server.write(head + b"x" * size)
 
     scripted = env.serve(answer)
-    response = await env.client.request(
-        scripted.backend, b"GET", b"/", headers(scripted.backend), None
+    response = await request(
+        env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None
     )
     reader = Slow()
     response.deliverBody(reader)
@@ -704,8 +720,8 @@ async def test_pausing_the_body_stops_reading_the_backend(env: Env) -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_pause_in_connection_made_holds_every_byte(env: Env) -> None:
     scripted = env.serve(lambda seen: seen.server.write(ok(b"a" * 1000)))
-    response = await env.client.request(
-        scripted.backend, b"GET", b"/", headers(scripted.backend), None
+    response = await request(
+        env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None
     )
     reader = Slow(pause_at_once=True)
     response.deliverBody(reader)
@@ -722,8 +738,8 @@ async def test_stop_producing_mid_body_aborts_the_backend_connection(env: Env) -
         seen.server.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
 
     scripted = env.serve(answer)
-    response = await env.client.request(
-        scripted.backend, b"GET", b"/", headers(scripted.backend), None
+    response = await request(
+        env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None
     )
 
     class Stopper(Collect):
@@ -744,8 +760,8 @@ async def test_stop_producing_mid_body_aborts_the_backend_connection(env: Env) -
 @pytest_twisted.ensureDeferred
 async def test_the_body_is_kept_until_deliver_body(env: Env) -> None:
     scripted = env.serve(lambda seen: seen.server.write(ok(b"b" * 5000)))
-    response = await env.client.request(
-        scripted.backend, b"GET", b"/", headers(scripted.backend), None
+    response = await request(
+        env.client, scripted.backend, b"GET", b"/", headers(scripted.backend), None
     )
     await task.deferLater(reactor, 0.05, lambda: None)  # the whole body has arrived by now
     assert len(env.idle(scripted.backend)) == 1, "complete: the connection went back already"
@@ -827,7 +843,7 @@ def _exchange(answer_pieces: list[bytes], method: bytes = b"GET") -> dict[str, A
         original(data)
 
     transport.write = counting  # type: ignore[method-assign]
-    attempt = client.request(Where, method, b"/x", Headers({b"Host": [b"h"]}), b"body")  # type: ignore[arg-type]
+    attempt = request(client, Where, method, b"/x", [(b"Host", b"h")], b"body")  # type: ignore[arg-type]
     collect = Collect()
     attempt.addCallback(lambda response: (out.update(response=response), response)[1])
     attempt.addCallback(lambda response: response.deliverBody(collect))
@@ -893,7 +909,7 @@ def test_a_body_before_deliver_body_pauses_reading_until_then() -> None:
     client = BackendClient(task.Clock(), 5.0)
     ((connection, transport),) = _pooled(client, 1)
     responses: list[IResponse] = []
-    client.request(Where, b"GET", b"/", Headers({b"Host": [b"h"]}), None).addCallback(  # type: ignore[arg-type]
+    request(client, Where, b"GET", b"/", [(b"Host", b"h")], None).addCallback(  # type: ignore[arg-type]
         responses.append
     )
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
@@ -934,7 +950,7 @@ def test_a_response_before_the_request_body_is_sent_closes_the_connection() -> N
     ((connection, transport),) = _pooled(client, 1)
     producer = Endless()
     responses: list[IResponse] = []
-    client.request(Where, b"PUT", b"/", Headers({b"Host": [b"h"]}), producer).addCallback(  # type: ignore[arg-type]
+    request(client, Where, b"PUT", b"/", [(b"Host", b"h")], producer).addCallback(  # type: ignore[arg-type]
         responses.append
     )
     assert transport.value().endswith(b"Content-Length: 1000\r\nHost: h\r\n\r\naaaaaaaaaa")
@@ -964,7 +980,7 @@ def test_a_body_that_came_with_its_head_is_complete_when_the_caller_sees_it() ->
         seen.append("delivered")
 
     where = (Where.hostname, Where.port, Where.ssl)
-    client.request(Where, b"GET", b"/", Headers({b"Host": [b"h"]}), None).addCallback(responded)
+    request(client, Where, b"GET", b"/", [(b"Host", b"h")], None).addCallback(responded)
     connection.dataReceived(ok(b"whole"))
     assert seen == [("pooled", True), b"whole", ResponseDone, "delivered"]
 
@@ -990,7 +1006,7 @@ async def parity_views(backend: Backend, lean: BackendClient, method: bytes) -> 
     views = []
     for attempt in (
         agent.request(method, url, Headers()),
-        lean.request(backend, method, b"/", headers(backend), None),
+        request(lean, backend, method, b"/", headers(backend), None),
     ):
         response = await attempt
         body, reason = await read(response)

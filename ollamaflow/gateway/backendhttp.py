@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
@@ -54,8 +54,8 @@ log = Logger()
 
 _Where = tuple[str, int, bool]
 _Body: TypeAlias = "bytes | IBodyProducer | None"
-#: Request header fields: a ``Headers``, or (name, value) pairs as the gateway builds them.
-_Fields: TypeAlias = "Headers | Sequence[tuple[bytes, bytes]]"
+#: Request header fields: (name, value) pairs, as the gateway builds them.
+_Fields: TypeAlias = "Sequence[tuple[bytes, bytes]]"
 
 #: Status line plus header fields of one response; larger is refused.
 MAX_HEAD = 64 * 1024
@@ -143,25 +143,6 @@ class BackendClient:
             self.header_names[name] = known
         return known
 
-    def request(
-        self,
-        backend: Backend,
-        method: bytes,
-        target: bytes,
-        headers: _Fields,
-        body: _Body,
-    ) -> Deferred[IResponse]:
-        """``target`` is the path and query; ``headers`` must carry ``Host``. ``body`` is the
-        whole body as bytes (sent with the head in one write), a producer, or None."""
-        deferred: Deferred[IResponse] = Deferred(lambda d: call.cancel())
-        where = (backend.hostname, backend.port, backend.ssl)
-        try:
-            call = _Call(self, where, method, target, headers, body, deferred)
-        except ValueError as e:
-            return fail(RequestGenerationFailed([Failure(e)]))
-        self._start(call)
-        return deferred
-
     def send(
         self,
         backend: Backend,
@@ -172,8 +153,11 @@ class BackendClient:
         on_response: Callable[[IResponse], object],
         on_failure: Callable[[Failure], object],
     ) -> Attempt:
-        """:meth:`request` with two callables instead of a Deferred, for the gateway's hot
-        path. Raises ValueError at once for an invalid method or target."""
+        """Send a request to ``backend`` on a pooled connection (or a fresh one): the response
+        head goes to ``on_response``, a failure to ``on_failure`` (no Deferred on the hot
+        path). ``target`` is the path and query; ``headers`` must carry ``Host``; ``body`` is the
+        whole body as bytes (sent with the head in one write), a producer, or None. Raises
+        ValueError at once for an invalid method or target."""
         attempt = Attempt(on_response, on_failure)
         call = _Call(
             self, (backend.hostname, backend.port, backend.ssl), method, target, headers, body,
@@ -308,7 +292,7 @@ class _Factory(ClientFactory):
 class Attempt:
     """A request sent with :meth:`BackendClient.send`: the outcome goes to one of two callables,
     once. :meth:`cancel` aborts it before the response head; ``on_failure`` then gets
-    ``CancelledError``, as a cancelled Deferred would."""
+    ``CancelledError``."""
 
     __slots__ = ("_on_failure", "_on_response", "call", "fired")
 
@@ -388,7 +372,7 @@ class _Call:
         target: bytes,
         headers: _Fields,
         body: _Body,
-        outcome: Deferred[IResponse] | Attempt,
+        outcome: Attempt,
     ) -> None:
         if not _TOKEN.match(method):
             raise ValueError(f"invalid method {method!r}")
@@ -415,8 +399,6 @@ class _Call:
             else:
                 framing = b"Content-Length: %d\r\n" % length
         lines = [method, b" ", target, b" HTTP/1.1\r\n", framing]
-        if isinstance(headers, Headers):
-            headers = [(n, v) for n, values in headers.getAllRawHeaders() for v in values]
         for name, value in headers:
             lower = name.lower()
             if lower in _FRAMING:
@@ -434,7 +416,7 @@ class _Call:
         self.connecting: Deferred[_Connection] | _Dial | None = None
         self.retried = False
         self.cancelled = False
-        #: Told of the response head or the failure: a Deferred, or the gateway's Attempt.
+        #: Told of the response head or the failure.
         self.deferred = outcome
 
     def replayable(self) -> bool:
@@ -454,8 +436,8 @@ class _Call:
             self.deferred.errback(failure)
 
     def cancel(self) -> None:
-        """Abort before the response head: the connection is not reused; the caller's
-        Deferred (or Attempt) then fails with ``CancelledError``."""
+        """Abort before the response head: the connection is not reused; the Attempt then
+        fails with ``CancelledError``."""
         self.cancelled = True
         if self.connecting is not None:
             self.connecting.cancel()
