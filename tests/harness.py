@@ -28,6 +28,7 @@ TOKEN = "test-admin-token"
 async def until(
     check: Callable[[], Any],
     seconds: float = 10.0,
+    what: str = "",
     *,
     ignoring: tuple[type[BaseException], ...] = (),
 ) -> Any:
@@ -45,7 +46,7 @@ async def until(
         if result:
             return result
         if reactor.seconds() > deadline:
-            raise AssertionError(f"not true within {seconds}s: {check}")
+            raise AssertionError(f"not true within {seconds}s: {what or check}")
         await task.deferLater(reactor, 0.01, lambda: None)
 
 

@@ -26,6 +26,7 @@ from harness import (
     drop_postgresql_database,
     postgresql_admin,
     start_daemon,
+    until,
 )
 from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
@@ -110,20 +111,6 @@ def refuse_connections(db: PgDatabase, refuse: bool) -> None:
 
 async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def until(check: Callable[[], Any], seconds: float, what: str = "") -> float:
-    """Poll ``check`` (sync or async) on the reactor until truthy; returns the seconds it took."""
-    start = reactor.seconds()
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return reactor.seconds() - start
-        if reactor.seconds() - start > seconds:
-            raise AssertionError(f"not true within {seconds}s: {what or check}")
-        await sleep(0.02)
 
 
 def admin_rows(db: PgDatabase, sql: str) -> list[tuple[Any, ...]]:

@@ -12,6 +12,7 @@ from typing import Any, cast
 import attrs
 import pytest
 import pytest_twisted
+from harness import until
 from treq.client import HTTPClient
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
@@ -497,17 +498,6 @@ def test_stop_cancels_everything(health: Health) -> None:
 # -- end to end with simulators ----------------------------------------------------------------
 
 
-async def eventually(predicate: Callable[[], object], seconds: float = 10.0) -> None:
-    """Wait on the real reactor until ``predicate()`` is true."""
-    from twisted.internet import reactor
-
-    deadline = reactor.seconds() + seconds
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        await task.deferLater(reactor, 0.02, lambda: None)
-
-
 @pytest_twisted.async_yield_fixture
 async def real_http() -> AsyncIterator[Any]:
     """A treq client on the real reactor with its own pool, closed at teardown."""
@@ -541,13 +531,13 @@ async def test_simulator_goes_down_and_comes_back(simulators: Any, real_http: An
     )
     checker.startService()
     try:
-        await eventually(lambda: changes == [True])
+        await until(lambda: changes == [True])
         await sim.configure(refuse=True)
-        await eventually(lambda: changes == [True, False])
+        await until(lambda: changes == [True, False])
         state = world.runtime.states["b1"]
         assert state.consecutive_failures >= 2
         assert state.last_error
         await sim.configure(refuse=False)
-        await eventually(lambda: changes == [True, False, True])
+        await until(lambda: changes == [True, False, True])
     finally:
         checker.stopService()

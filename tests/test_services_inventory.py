@@ -7,12 +7,12 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from harness import until
 from test_services_health import (
     Call,
     FakeResponse,
     World,
     backend,
-    eventually,
     real_http,
     sim_backend,
 )
@@ -257,7 +257,7 @@ async def test_reads_a_simulator(simulators: Any, real_http: Any) -> None:
     )
     inventory.startService()
     try:
-        await eventually(lambda: inventory.known("b1"))
+        await until(lambda: inventory.known("b1"))
         assert set(inventory.entries("b1")) == {
             "llama3:latest",
             "qwen2.5:0.5b",

@@ -9,12 +9,12 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from harness import until
 from test_services_health import (
     Call,
     FakeResponse,
     World,
     backend,
-    eventually,
     real_http,
     sim_backend,
 )
@@ -596,7 +596,7 @@ async def test_required_models_appear_on_simulators(simulators: Any, real_http: 
     for service in services:
         service.startService()
     try:
-        await eventually(lambda: inventory.has("lacks", "llama3"))
+        await until(lambda: inventory.has("lacks", "llama3"))
         names = [m.name for m in lacks.state.catalog]
         assert "llama3:latest" in names
         assert lacks.counters.pulls == 1
@@ -614,7 +614,7 @@ async def test_required_models_appear_on_simulators(simulators: Any, real_http: 
                     return False
             return True
 
-        await eventually(failed_twice)
+        await until(failed_twice)
         failed = next(m for m in sync.models("has") if m["Name"] == "no-such-model:latest")
         assert failed["Failed"]["Error"] == "pull model manifest: file does not exist"
         assert not failed["Present"]
