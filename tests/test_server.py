@@ -725,14 +725,15 @@ def test_http10_without_host_is_served() -> None:
     assert server.gateway.requests[0].getHeader(b"host") is None
 
 
-def test_write_after_finish_raises_and_notify_finish_fires() -> None:
+def test_write_after_finish_raises_and_the_watchers_hear_of_the_end() -> None:
     server = Server(hold)
     conn = server.connect()
     conn.send(get(b"/a"))
     request = server.held
-    done = request.notifyFinish()
+    heard: list[object] = []
+    request.watch(lambda: heard.append("done"), heard.append)
     reply(request, b"ok")
-    assert done.called and done.result is None
+    assert heard == ["done"]
     with pytest.raises(RuntimeError):
         request.write(b"late")
     request.finish()  # a second finish does nothing
@@ -1192,15 +1193,15 @@ def test_a_gateway_bug_after_the_response_started_cuts_the_connection() -> None:
 # -- 12. the client leaves -------------------------------------------------------------------------
 
 
-def test_client_leaving_fails_notify_finish_and_stops_the_producer() -> None:
+def test_client_leaving_tells_every_watcher_and_stops_the_producer() -> None:
     server = Server(hold)
     conn = server.connect()
     conn.send(get(b"/api/generate"))
     request = server.held
-    first, second = request.notifyFinish(), request.notifyFinish()
     failures: list[Failure] = []
-    first.addErrback(failures.append)
-    second.addErrback(failures.append)
+    finished: list[str] = []
+    request.watch(lambda: finished.append("first"), failures.append)
+    request.watch(lambda: finished.append("second"), failures.append)
     producer = Producer()
     request.registerProducer(producer, True)
     request.write(b"some")
@@ -1208,6 +1209,7 @@ def test_client_leaving_fails_notify_finish_and_stops_the_producer() -> None:
     conn.lose()
     assert request.disconnected
     assert [f.check(ConnectionDone) for f in failures] == [ConnectionDone, ConnectionDone]
+    assert finished == [], "a response the client never got is not finished"
     assert producer.calls == ["stop"]
     assert server.listener.connections == set()
     request.write(b"more")
@@ -1222,10 +1224,10 @@ def test_client_leaving_before_the_response_started() -> None:
     conn = server.connect()
     conn.send(get(b"/api/generate"))
     request = server.held
-    done = request.notifyFinish()
+    lost: list[Failure] = []
+    request.watch(lambda: None, lost.append)
     conn.lose()
-    assert done.called
-    done.addErrback(lambda f: None)
+    assert len(lost) == 1
     reply(request, b"late")
     assert conn.transport.value() == b""
 

@@ -1,7 +1,7 @@
 """One client request as the gateway sees it, and its response.
 
 The methods the gateway calls keep twisted.web's names and meaning (``setResponseCode``,
-``setHeader``, ``write``, ``finish``, ``notifyFinish``, ``registerProducer``), but there is no
+``setHeader``, ``write``, ``finish``, ``registerProducer``), but there is no
 ``Headers`` object per direction and no per-request machinery the proxy does not use: the
 request's fields are the raw pairs the connection parsed, the response's are written once.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -155,13 +154,6 @@ class ClientRequest:
         """``done()`` when the response is complete, or ``lost(reason)`` if the client leaves
         first (no Deferred on the hot path)."""
         self._watchers.append((done, lost))
-
-    def notifyFinish(self) -> Deferred[None]:
-        """:meth:`watch` as twisted.web's Deferred: fires when the response is complete, fails
-        when the client leaves first."""
-        finished: Deferred[None] = Deferred()
-        self.watch(lambda: finished.callback(None), finished.errback)
-        return finished
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         """The client's connection paces ``producer``: paused while the client reads slowly."""
