@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.python.failure import Failure
 
 _RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS})
 
@@ -60,6 +61,11 @@ class Connector(tcp.Connector):
 
     def _makeTransport(self) -> Client:
         return Client(self.host, self.port, self.bindAddress, self, self.reactor)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.state == "disconnected":
+            self.transport = None  # the connection is over: no cycle left with it
 
 
 def connect(reactor: Any, host: str, port: int, factory: Any, *, timeout: float) -> Connector:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -721,3 +723,46 @@ async def test_a_streams_status_reaches_the_client_before_its_first_chunk(
         assert await response.content() == b"data:1"
     finally:
         await port.stopListening()
+
+
+# -- memory -------------------------------------------------------------------------------
+
+#: The modules whose objects a proxied request creates.
+_HOT_PATH = ("ollamaflow.gateway", "ollamaflow.server", "ollamaflow.listener", "ollamaflow.tcp")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_request_leaves_nothing_for_the_garbage_collector(
+    cluster: Cluster,
+) -> None:
+    """Everything a request made is freed by reference counting as it ends: garbage in cycles
+    made the collector's full passes grow with traffic and with the number of backends."""
+    await cluster.frontend(["sim0"])
+    sim = cluster.sims[0]
+    chat = {"model": "llama3", "messages": [{"role": "user", "content": "x"}]}
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for stream in (False, True, False, True):
+            response = await cluster.request("POST", "/api/chat", json={**chat, "stream": stream})
+            assert response.code == 200
+            await response.content()
+        refused = await cluster.request("POST", "/api/chat", json={**chat, "model": "nope"})
+        assert refused.code == 404
+        await refused.content()
+        await sim.configure(tokens=200, tokens_per_second=20)
+        response = await cluster.request("POST", "/api/chat", json=chat)
+        arrivals = Arrivals()
+        response.deliverBody(arrivals)
+        await until(lambda: arrivals.chunks)
+        arrivals.transport.loseConnection()  # type: ignore[union-attr]
+        await until(lambda: sim.counters.in_flight == 0 and not cluster.daemon.gateway.exchanges)
+        await until(lambda: cluster.daemon.runtime.state("sim0").active_requests == 0)
+        gc.collect()
+        left = Counter(
+            type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith(_HOT_PATH)
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not left, f"objects freed only by the garbage collector: {dict(left)}"

@@ -306,13 +306,22 @@ class Attempt:
 
     def callback(self, response: IResponse) -> None:
         if not self.fired:
-            self.fired = True
-            self._on_response(response)
+            on_response = self._on_response
+            self._fire()
+            on_response(response)
 
     def errback(self, failure: Failure) -> None:
         if not self.fired:
-            self.fired = True
-            self._on_failure(failure)
+            on_failure = self._on_failure
+            self._fire()
+            on_failure(failure)
+
+    def _fire(self) -> None:
+        """Fired once: let go of the request and the callables (which usually hold whoever
+        holds this Attempt), so it is all freed without the garbage collector."""
+        self.fired = True
+        self.call = None
+        self._on_response = self._on_failure = _fired
 
     def cancel(self) -> None:
         if self.fired:
@@ -320,6 +329,10 @@ class Attempt:
         if self.call is not None:
             self.call.cancel()
         self.errback(Failure(CancelledError()))
+
+
+def _fired(outcome: object) -> None:
+    """What a fired :class:`Attempt` calls instead of its callables (never called)."""
 
 
 class _Dial(ClientFactory):
@@ -330,14 +343,24 @@ class _Dial(ClientFactory):
 
     def __init__(self, client: BackendClient, call: _Call) -> None:
         self.client = client
-        self.call = call
+        self.call: _Call | None = call
         self.connector: IConnector | None = None
 
     def buildProtocol(self, addr: object) -> _Connection:
-        return _Connection(self.client, self.call.where, on_made=self.call.connected)
+        call = self._done()
+        assert call is not None, "one connection per dial"
+        return _Connection(self.client, call.where, on_made=call.connected)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        self.call.connect_failed(reason)
+        call = self._done()
+        if call is not None:
+            call.connect_failed(reason)
+
+    def _done(self) -> _Call | None:
+        """The dial is over: let go of the call and the connector (which holds this factory
+        for the life of the connection: no cycle left)."""
+        call, self.call, self.connector = self.call, None, None
+        return call
 
     def cancel(self) -> None:
         if self.connector is not None and self.connector.state == "connecting":  # type: ignore[attr-defined]
@@ -569,7 +592,7 @@ class _Response:
 
     def deliverBody(self, protocol: IProtocol) -> None:
         """Connect ``protocol`` to the body: what arrived already, then the rest as it comes."""
-        if self._protocol is not None:
+        if self._protocol is not None or self._over:
             raise RuntimeError("the response body is already being delivered")
         self._protocol = protocol
         protocol.makeConnection(self)  # type: ignore[arg-type]  # a transport in all but name
@@ -602,6 +625,7 @@ class _Response:
         if held or self._ended is None or self._over:
             return
         self._over = True
+        self._protocol = None  # the body is over: no cycle left with its reader
         try:
             protocol.connectionLost(self._ended)
         except Exception:

@@ -987,6 +987,7 @@ class _Relay(Protocol):
             self.timer.cancel()
         self.timer = None
         exchange = self.exchange
+        exchange.relay = None  # no cycle left: the exchange is freed as soon as it ends
         exchange.end_attempt()
         if exchange.client_gone:
             return
