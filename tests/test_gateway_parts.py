@@ -7,11 +7,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from twisted.web.http_headers import Headers
 
 from ollamaflow.catalog import Catalog
 from ollamaflow.gateway import headers as hdrs
-from ollamaflow.gateway.balancer import Balancer, NoCandidate, StickyPins, candidates, stick
+from ollamaflow.gateway.balancer import (
+    Balancer,
+    NoCandidate,
+    Rotation,
+    StickyPins,
+    candidates,
+    stick,
+)
 from ollamaflow.gateway.classify import RequestClass, classify
 from ollamaflow.gateway.completed import RequestIds
 from ollamaflow.gateway.pinning import deep_merge
@@ -188,7 +196,21 @@ def test_least_outstanding_with_many_backends_compares_two_at_random() -> None:
     picks = [balancer.order(fe, backends, loads.__getitem__)[0].identifier for _ in range(500)]
     assert all(loads[p] == 5 or p == "b42" for p in picks)
     assert picks.count("b42") > 5, "the idle one wins whenever it is drawn"
-    assert len(balancer.order(fe, backends, loads.__getitem__)) == 100, "the rest for retries"
+    ordered = balancer.order(fe, backends, loads.__getitem__)
+    assert sorted(b.identifier for b in ordered) == sorted(loads), "the rest for retries"
+
+
+def test_a_rotation_reads_the_list_round_from_its_start_without_copying_it() -> None:
+    backends = [Backend(identifier=n) for n in "abcd"]
+    rotation = Rotation(backends, 2)
+    assert [b.identifier for b in rotation] == ["c", "d", "a", "b"]
+    assert [rotation[i].identifier for i in range(4)] == ["c", "d", "a", "b"]
+    assert rotation[-1].identifier == "b" and len(rotation) == 4
+    assert [b.identifier for b in rotation[1:3]] == ["d", "a"]
+    assert [b.identifier for b in stick(rotation, "a")] == ["a", "c", "d", "b"]
+    with pytest.raises(IndexError):
+        rotation[4]
+    assert rotation.backends is backends
 
 
 def test_random_order_uses_every_backend() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import overload
 
 import attrs
 
@@ -100,6 +101,39 @@ class StickyPins:
 _POWER_OF_TWO_ABOVE = 8
 
 
+@attrs.frozen
+class Rotation(Sequence[Backend]):
+    """``backends`` read from ``start`` round to the one before it: one request's order, made
+    without copying the list (a frontend may hold a hundred backends)."""
+
+    backends: Sequence[Backend]
+    start: int
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    @overload
+    def __getitem__(self, index: int) -> Backend: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Backend]: ...
+
+    def __getitem__(self, index: int | slice) -> Backend | Sequence[Backend]:
+        count = len(self.backends)
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(count))]
+        if not -count <= index < count:
+            raise IndexError(index)
+        return self.backends[(self.start + index) % count]
+
+    def __iter__(self) -> Iterator[Backend]:
+        backends, start = self.backends, self.start
+        for i in range(start, len(backends)):
+            yield backends[i]
+        for i in range(start):
+            yield backends[i]
+
+
 @attrs.define
 class Balancer:
     """Orders candidates for one request: the chosen backend first, the rest for retries."""
@@ -111,11 +145,12 @@ class Balancer:
 
     def order(
         self, frontend: Frontend, found: Sequence[Backend], load: Callable[[str], int]
-    ) -> list[Backend]:
-        """``load`` gives a backend's requests in flight (LeastOutstanding weighs them)."""
+    ) -> Sequence[Backend]:
+        """``load`` gives a backend's requests in flight (LeastOutstanding weighs them).
+        The answer may be ``found`` itself or a view of it: never mutate it."""
         count = len(found)
         if count == 1:
-            return [found[0]]
+            return found
         policy = frontend.load_balancing
         if policy is LoadBalancing.LEAST_OUTSTANDING and count > _POWER_OF_TWO_ABOVE:
             return self._two_choices(found, load)
@@ -127,13 +162,15 @@ class Balancer:
             turn = self._counters.get(frontend.identifier, 0)
             self._counters[frontend.identifier] = turn + 1
             start = turn % count
-        rotated = [*found[start:], *found[:start]]
+        rotated = Rotation(found, start)
         if policy is not LoadBalancing.LEAST_OUTSTANDING:
             return rotated
         # A stable sort keeps the rotation among equals: ties are broken round-robin.
         return sorted(rotated, key=lambda x: load(x.identifier) / x.weight)
 
-    def _two_choices(self, found: Sequence[Backend], load: Callable[[str], int]) -> list[Backend]:
+    def _two_choices(
+        self, found: Sequence[Backend], load: Callable[[str], int]
+    ) -> Sequence[Backend]:
         """The less loaded of two random candidates, then the ones after it (for retries):
         constant work per request however large the frontend."""
         count = len(found)
@@ -143,7 +180,7 @@ class Balancer:
         j += j >= i
         a, b = found[i], found[j]
         k = i if load(a.identifier) / a.weight <= load(b.identifier) / b.weight else j
-        return [found[k], *found[k + 1 :], *found[:k]]
+        return Rotation(found, k)
 
     def _weighted_turn(self, frontend: str, found: Sequence[Backend]) -> int:
         current = self._current.setdefault(frontend, {})
@@ -165,7 +202,7 @@ class Balancer:
             del self._current[gone]
 
 
-def stick(ordered: list[Backend], pinned: str | None) -> list[Backend]:
+def stick(ordered: Sequence[Backend], pinned: str | None) -> Sequence[Backend]:
     """Move the pinned backend to the front when it is still a candidate."""
     if pinned is None or ordered[0].identifier == pinned:
         return ordered

@@ -8,7 +8,7 @@ backend instead of growing a buffer. The hot path runs on plain Deferred callbac
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import IO, Any, cast
 from urllib.parse import unquote
@@ -511,22 +511,26 @@ def _model_key(model: str | None) -> str | None:
     return modelnames.display(model) if model is not None else None
 
 
-def _free_first(scheduler: Scheduler, ordered: list[Backend], model: str | None) -> list[Backend]:
+def _free_first(
+    scheduler: Scheduler, ordered: Sequence[Backend], model: str | None
+) -> Sequence[Backend]:
     """The balancer's choice if it has a free slot, else the next one that has; the rest keep
     their order for retries (which skip full backends when they come to them)."""
+    if scheduler.has_slot(ordered[0], model):
+        return ordered
     for i, backend in enumerate(ordered):
-        if scheduler.has_slot(backend, model):
-            return ordered if i == 0 else [backend, *ordered[:i], *ordered[i + 1 :]]
+        if i and scheduler.has_slot(backend, model):
+            return [backend, *ordered[:i], *ordered[i + 1 :]]
     return ordered
 
 
-def warm_first(ordered: list[Backend], loaded: frozenset[str]) -> list[Backend]:
+def warm_first(ordered: Sequence[Backend], loaded: frozenset[str]) -> Sequence[Backend]:
     """Backends with the model already loaded first (no cold load), order otherwise kept."""
     warm: list[Backend] = []
     cold: list[Backend] = []
     for backend in ordered:
         (warm if backend.identifier in loaded else cold).append(backend)
-    return warm + cold if warm and cold else ordered
+    return [*warm, *cold] if warm and cold else ordered
 
 
 def _run_detached(request: ClientRequest, work: Coroutine[Any, Any, None], what: str) -> None:
@@ -580,10 +584,11 @@ class _Exchange:
         "last_error",
         "logged_body",
         "model",
+        "ordered",
         "outcome",
+        "position",
         "relay",
         "relayed",
-        "remaining",
         "request",
         "request_class",
         "request_id",
@@ -599,7 +604,7 @@ class _Exchange:
         gateway: Gateway,
         request: ClientRequest,
         frontend: Frontend,
-        ordered: list[Backend],
+        ordered: Sequence[Backend],
         document: dict[str, Any] | None,
         client: str | None,
         model: str | None,
@@ -610,7 +615,9 @@ class _Exchange:
         self.request_class = request_class
         self.request = request
         self.frontend = frontend
-        self.remaining = list(ordered)  # ours to pop from; ``ordered`` may be shared
+        #: The candidates in the order to try them (shared: never mutated) and the next one.
+        self.ordered = ordered
+        self.position = 0
         self.document = document
         self.client = client
         self.request_id = gateway.new_id()
@@ -653,7 +660,7 @@ class _Exchange:
     def _slot_granted(self, backend: Backend) -> None:
         self._attempt = None
         self.waited = self.gateway.clock.seconds() - self.started
-        self.remaining = [b for b in self.remaining if b is not backend]
+        self.ordered = [b for b in self.ordered if b is not backend]
         self._send(backend)
 
     def _not_queued(self, failure: Failure) -> None:
@@ -673,15 +680,17 @@ class _Exchange:
     def _next(self) -> None:
         """The next candidate with a free slot, or give up."""
         scheduler = self.gateway.scheduler
-        while self.remaining:
-            backend = self.remaining.pop(0)
+        ordered = self.ordered
+        while self.position < len(ordered):
+            backend = ordered[self.position]
+            self.position += 1
             if scheduler.has_slot(backend, self.model):
                 break
         else:
             self._give_up()
             return
         if not self.frontend.allow_retries:
-            self.remaining = []
+            self.position = len(ordered)
         scheduler.acquire(backend, self.model)
         self._send(backend)
 
@@ -809,7 +818,7 @@ class _Exchange:
             response.deliverBody(_Discard(close=True))
             self.end_attempt()
             return
-        if response.code in _RETRY_STATUSES and self.remaining:
+        if response.code in _RETRY_STATUSES and self.position < len(self.ordered):
             self.last_error = f"backend {backend.identifier!r} answered {response.code}"
             log.warn("request {rid}: {error}; retrying", rid=self.request_id, error=self.last_error)
             self._backend_failed(backend, self.last_error)
