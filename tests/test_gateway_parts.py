@@ -166,6 +166,16 @@ def test_weighted_round_robin_is_smooth_and_exact() -> None:
     assert firsts[:5] == ["a", "b", "a", "c", "a"], "interleaved, not bunched"
 
 
+def test_round_robin_sees_weights_change_with_the_candidate_list() -> None:
+    plain = [Backend(identifier=n) for n in "ab"]
+    _, fe = _catalog(*plain, load_balancing=LoadBalancing.ROUND_ROBIN)
+    balancer = Balancer()
+    assert [balancer.order(fe, plain, idle)[0].identifier for _ in range(4)] == list("abab")
+    weighted = [Backend(identifier="a", weight=3), Backend(identifier="b")]
+    firsts = [balancer.order(fe, weighted, idle)[0].identifier for _ in range(8)]
+    assert firsts.count("a") == 6, "a new list (weights changed) is looked at again"
+
+
 def test_least_outstanding_picks_the_least_loaded_and_breaks_ties_round_robin() -> None:
     backends = [Backend(identifier=n) for n in "abc"]
     _, fe = _catalog(*backends)

@@ -101,10 +101,10 @@ class StickyPins:
 _POWER_OF_TWO_ABOVE = 8
 
 
-@attrs.frozen
+@attrs.define  # not frozen: one is made per request, and frozen classes start slower
 class Rotation(Sequence[Backend]):
     """``backends`` read from ``start`` round to the one before it: one request's order, made
-    without copying the list (a frontend may hold a hundred backends)."""
+    without copying the list (a frontend may hold a hundred backends). Never mutated."""
 
     backends: Sequence[Backend]
     start: int
@@ -142,6 +142,8 @@ class Balancer:
     _counters: dict[str, int] = attrs.field(factory=dict)
     #: Smooth weighted round robin state (nginx's algorithm), per frontend and backend.
     _current: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    #: Per frontend: its last candidate list and whether any weight in it is not 1.
+    _weighted: dict[str, tuple[Sequence[Backend], bool]] = attrs.field(factory=dict)
 
     def order(
         self, frontend: Frontend, found: Sequence[Backend], load: Callable[[str], int]
@@ -156,7 +158,7 @@ class Balancer:
             return self._two_choices(found, load)
         if policy is LoadBalancing.RANDOM:
             start = self.rng.randrange(count)
-        elif policy is LoadBalancing.ROUND_ROBIN and any(b.weight != 1 for b in found):
+        elif policy is LoadBalancing.ROUND_ROBIN and self._is_weighted(frontend, found):
             start = self._weighted_turn(frontend.identifier, found)
         else:
             turn = self._counters.get(frontend.identifier, 0)
@@ -182,6 +184,14 @@ class Balancer:
         k = i if load(a.identifier) / a.weight <= load(b.identifier) / b.weight else j
         return Rotation(found, k)
 
+    def _is_weighted(self, frontend: Frontend, found: Sequence[Backend]) -> bool:
+        """Whether any candidate has a weight other than 1, looked at once per candidate list
+        (the gateway keeps a list until the configuration or health changes)."""
+        known = self._weighted.get(frontend.identifier)
+        if known is None or known[0] is not found:
+            known = self._weighted[frontend.identifier] = (found, any(b.weight != 1 for b in found))
+        return known[1]
+
     def _weighted_turn(self, frontend: str, found: Sequence[Backend]) -> int:
         current = self._current.setdefault(frontend, {})
         total = 0
@@ -200,6 +210,7 @@ class Balancer:
             del self._counters[gone]
         for gone in [f for f in self._current if f not in catalog.frontends]:
             del self._current[gone]
+        self._weighted.clear()
 
 
 def stick(ordered: Sequence[Backend], pinned: str | None) -> Sequence[Backend]:
