@@ -662,6 +662,25 @@ class _Response:
 class _Connection(Protocol):
     """One connection to a backend: writes requests, parses responses, one at a time."""
 
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_head_size",
+        "_interim",
+        "_keep",
+        "_left",
+        "_on_made",
+        "_reading_paused",
+        "call",
+        "client",
+        "idle_since",
+        "phase",
+        "received_any",
+        "response",
+        "reused",
+        "where",
+    )
+
     def __init__(
         self,
         client: BackendClient,

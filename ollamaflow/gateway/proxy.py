@@ -44,6 +44,7 @@ from ollamaflow.gateway.backendhttp import Attempt, BackendClient
 from ollamaflow.gateway.balancer import (
     Balancer,
     NoCandidate,
+    Rotation,
     StickyPins,
     candidates,
     stick,
@@ -257,12 +258,16 @@ class Gateway:
             ordered = self.balancer.order(frontend, found, load)
             if warm and len(warm) < len(ordered):  # all warm (or all cold): nothing to move
                 ordered = warm_first(ordered, warm)
-        if len(ordered) > 1:
+        first = ordered[0]
+        free = scheduler.has_slot(first, model_key)
+        if not free and len(found) > 1:
             ordered = _free_first(scheduler, ordered, model_key)
+            first = ordered[0]
+            free = scheduler.has_slot(first, model_key)
         exchange = _Exchange(
             self, request, frontend, ordered, document, client, model_key, request_class
         )
-        if scheduler.has_slot(ordered[0], model_key):
+        if free:
             exchange.start()
             return NOT_DONE_YET
         try:
@@ -514,14 +519,16 @@ def _model_key(model: str | None) -> str | None:
 def _free_first(
     scheduler: Scheduler, ordered: Sequence[Backend], model: str | None
 ) -> Sequence[Backend]:
-    """The balancer's choice if it has a free slot, else the next one that has; the rest keep
-    their order for retries (which skip full backends when they come to them)."""
-    if scheduler.has_slot(ordered[0], model):
-        return ordered
+    """The first candidate with a free slot moved to the front (the balancer's choice had
+    none); the rest keep their order for retries (which skip full backends)."""
     for i, backend in enumerate(ordered):
         if i and scheduler.has_slot(backend, model):
             return [backend, *ordered[:i], *ordered[i + 1 :]]
     return ordered
+
+
+def _rotated(backends: Sequence[Backend], start: int) -> Sequence[Backend]:
+    return Rotation(backends, start) if start else backends
 
 
 def warm_first(ordered: Sequence[Backend], loaded: frozenset[str]) -> Sequence[Backend]:
@@ -584,6 +591,7 @@ class _Exchange:
         "last_error",
         "logged_body",
         "model",
+        "offset",
         "ordered",
         "outcome",
         "position",
@@ -615,8 +623,12 @@ class _Exchange:
         self.request_class = request_class
         self.request = request
         self.frontend = frontend
-        #: The candidates in the order to try them (shared: never mutated) and the next one.
-        self.ordered = ordered
+        #: The candidates (shared: never mutated), tried from ``offset`` round, and how many
+        #: were tried; a Rotation is read through its list (indexing it costs a Python call).
+        if isinstance(ordered, Rotation):
+            self.ordered, self.offset = ordered.backends, ordered.start
+        else:
+            self.ordered, self.offset = ordered, 0
         self.position = 0
         self.document = document
         self.client = client
@@ -660,7 +672,8 @@ class _Exchange:
     def _slot_granted(self, backend: Backend) -> None:
         self._attempt = None
         self.waited = self.gateway.clock.seconds() - self.started
-        self.ordered = [b for b in self.ordered if b is not backend]
+        self.ordered = [b for b in _rotated(self.ordered, self.offset) if b is not backend]
+        self.offset = 0
         self._send(backend)
 
     def _not_queued(self, failure: Failure) -> None:
@@ -681,8 +694,9 @@ class _Exchange:
         """The next candidate with a free slot, or give up."""
         scheduler = self.gateway.scheduler
         ordered = self.ordered
-        while self.position < len(ordered):
-            backend = ordered[self.position]
+        count = len(ordered)
+        while self.position < count:
+            backend = ordered[(self.offset + self.position) % count]
             self.position += 1
             if scheduler.has_slot(backend, self.model):
                 break
