@@ -106,6 +106,13 @@ class Daemon:
             path = f"/v1.0/backends/{gone}?force=true"
             self._expect(self.admin("DELETE", path), (204, 404), f"DELETE {path}")
 
+    def frontend(self, identifier: str, hostname: str, backends: Sequence[str]) -> None:
+        """Add (or replace) a frontend answering requests whose Host is ``hostname``."""
+        record = {"Identifier": identifier, "Hostname": hostname, "Backends": list(backends)}
+        status, _ = self.admin("GET", f"/v1.0/frontends/{identifier}")
+        path = "/v1.0/frontends" + (f"/{identifier}" if status == 200 else "")
+        self._expect(self.admin("PUT", path, record), (200, 201), f"PUT {path}")
+
     @staticmethod
     def _expect(answer: tuple[int, object], ok: tuple[int, ...], what: str) -> None:
         status, body = answer

@@ -21,6 +21,7 @@ _WRK_SCRIPT = """
 wrk.method = %(method)s
 wrk.body = %(body)s
 wrk.headers["Content-Type"] = "application/json"
+if %(host)s then wrk.headers["Host"] = %(host)s end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -37,6 +38,8 @@ class Request:
     method: str
     path: str
     body: str = ""
+    #: The Host header (which frontend answers); 127.0.0.1:port when None.
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,12 @@ class LoadTool:
     def _wrk(self, port: int, request: Request, connections: int, duration: float) -> dict:
         script = self.workdir / "wrk-request.lua"
         script.write_text(
-            _WRK_SCRIPT % {"method": _lua(request.method), "body": _lua(request.body or None)}
+            _WRK_SCRIPT
+            % {
+                "method": _lua(request.method),
+                "body": _lua(request.body or None),
+                "host": _lua(request.host),
+            }
         )
         seconds = max(1, round(duration))
         argv = [self.wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
@@ -84,7 +92,8 @@ class LoadTool:
     def _loadgen(self, port: int, request: Request, connections: int, duration: float) -> dict:
         argv = [sys.executable, str(HERE / "loadgen.py"), "--port", str(port),
                 "--path", request.path, "--method", request.method, "--body", request.body,
-                "--connections", str(connections), "--duration", str(duration)]  # fmt: skip
+                "--connections", str(connections), "--duration", str(duration),
+                *(["--host", request.host] if request.host else [])]  # fmt: skip
         out = _run(argv, duration + 30)
         try:
             return json.loads(out.strip().splitlines()[-1])

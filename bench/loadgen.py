@@ -86,7 +86,7 @@ class Stats:
 async def run(args: argparse.Namespace) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     body = args.body.encode()
-    request = build_request(args.method, f"127.0.0.1:{args.port}", args.path, body)
+    request = build_request(args.method, args.host or f"127.0.0.1:{args.port}", args.path, body)
     stats = Stats()
     started = time.monotonic()
     deadline = started + args.duration
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--path", default="/", help="request path")
+    parser.add_argument("--host", help="Host header [127.0.0.1:PORT]")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body", default="", help="request body (JSON)")
     parser.add_argument("--connections", type=int, default=16)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -367,15 +367,56 @@ class Bench:
     # --- scenario 4: control-plane scale --------------------------------------------------
 
     def scenario_scale(self, backends: Backends) -> None:
+        """One daemon holds every backend, and one frontend per size (told apart by Host);
+        the sizes take turns for ``pairs`` rounds, so the machine's drift hits them alike."""
+        p = self.plan
         ports = backends.static_ports or [backends.fast_sim]
-        shared = "" if backends.static_ports else "all records share one simulator port"
+        shared = [] if backends.static_ports else ["all records share one simulator port"]
+        rows = {
+            count: Row(
+                f"chat c={p.connections} {count} backends", "ollamaflow w=1", notes=list(shared)
+            )
+            for count in p.scale
+        }
+        self.rows += rows.values()
+        specs = [BackendSpec(f"b{i + 1}", ports[i % len(ports)]) for i in range(max(p.scale))]
+        requests = {c: replace(CHAT, host=f"scale{c}.bench") for c in p.scale}
+        runs: dict[int, list[dict]] = {c: [] for c in p.scale}
         with self.daemon("ollamaflow-scale", 1) as daemon:
-            for count in self.plan.scale:
-                row = Row(f"chat c={self.plan.connections} {count} backends", "ollamaflow w=1")
-                self.rows.append(row)
-                specs = [BackendSpec(f"b{i + 1}", ports[i % len(ports)]) for i in range(count)]
-                if self._ready_row(daemon, specs, row):
-                    self._measure(row, daemon.port, CHAT, self.plan.connections, shared)
+            first = rows[p.scale[0]]
+            if not self._ready_row(daemon, specs, first):
+                for row in rows.values():
+                    row.error = first.error
+                return
+            try:
+                for count in p.scale:
+                    names = [s.identifier for s in specs[:count]]
+                    daemon.frontend(f"scale{count}", f"scale{count}.bench", names)
+                    if not p.smoke:  # fills connection pools
+                        self.tools.load.run(daemon.port, requests[count], p.connections, 1.0)
+                for _ in range(max(1, p.pairs)):
+                    for count in p.scale:
+                        run = self.tools.load.run(
+                            daemon.port, requests[count], p.connections, p.duration / 2
+                        )
+                        runs[count].append(run)
+            except BenchError as e:
+                for row in rows.values():
+                    row.error = str(e)
+                return
+        for count, row in rows.items():
+            _median_row(row, runs[count])
+        low, high = min(p.scale), max(p.scale)
+        if low != high:
+            pairs = zip(runs[low], runs[high], strict=True)
+            ratios = [b["rps"] / a["rps"] for a, b in pairs if a["rps"]] or [0.0]
+            median = sorted(ratios)[len(ratios) // 2]
+            rows[high].data["ratios_to_" + str(low)] = ratios
+            rows[high].data["median_ratio"] = median
+            rows[high].notes.append(
+                f"{median:.1%} of {low} backend(s), median of {len(ratios)} rounds: "
+                + ", ".join(f"{r:.1%}" for r in ratios)
+            )
 
     # --- the daemon -----------------------------------------------------------------------
 
@@ -411,6 +452,17 @@ class Tools:
     nginx: str | None
     load: LoadTool
     workers_supported: bool
+
+
+def _median_row(row: Row, runs: list[dict]) -> None:
+    """Fill ``row`` from the run of median throughput (its latencies too), all runs kept."""
+    ranked = sorted(runs, key=lambda r: r["rps"])
+    middle = ranked[len(ranked) // 2]
+    row.rps, row.p50_ms, row.p99_ms = middle["rps"], middle["p50_ms"], middle["p99_ms"]
+    row.data = {**middle, "runs": runs}
+    bad = sum(r["errors"] + r["non_2xx"] for r in runs)
+    if bad:
+        row.error = f"{bad} errors or non-2xx answers"
 
 
 def _run_json(argv: list[str], timeout: float) -> dict:
@@ -476,13 +528,14 @@ def checks(rows: list[Row], plan: Plan) -> list[Check]:
     else:
         out.append(Check(name, "not measured", None))
     if len(plan.scale) > 1:
-        low, high = plan.scale[0], plan.scale[-1]
-        one = find(f"chat c={c} {low} backends", "ollamaflow w=1")
+        low, high = min(plan.scale), max(plan.scale)
         many = find(f"chat c={c} {high} backends", "ollamaflow w=1")
         name = f"{high} backends within 10% of {low}"
-        if one and many and one.rps and many.rps:
-            share = many.rps / one.rps
-            out.append(Check(name, f"{share:.1%} of the throughput", share >= 0.90))
+        if many and "median_ratio" in many.data:
+            share = many.data["median_ratio"]
+            rounds = len(many.data[f"ratios_to_{low}"])
+            text = f"{share:.1%} of the throughput, median of {rounds} alternating rounds"
+            out.append(Check(name, text, share >= 0.90))
         else:
             out.append(Check(name, "not measured", None))
     return out
