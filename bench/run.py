@@ -281,9 +281,13 @@ class Bench:
 
     def _stream_latency(self, port: int) -> dict:
         p = self.plan
+        # Clients start one after another, spread over one stream's length: a new stream
+        # arrives on its own, as from independent clients, not in a burst of --concurrency.
+        stagger = p.stream_tokens / p.stream_tps / p.stream_concurrency
         argv = [sys.executable, str(HERE / "streams.py"), "latency", "--port", str(port),
                 "--streams", str(p.stream_count), "--concurrency", str(p.stream_concurrency),
-                "--tokens", str(p.stream_tokens), "--timeout", "30"]  # fmt: skip
+                "--tokens", str(p.stream_tokens), "--timeout", "30",
+                "--stagger", f"{stagger:.4f}"]  # fmt: skip
         rounds = -(-p.stream_count // p.stream_concurrency)
         result = _run_json(argv, rounds * (p.stream_tokens / p.stream_tps + 30) + 30)
         if result["errors"]:

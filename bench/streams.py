@@ -2,8 +2,10 @@
 
 ``python bench/streams.py latency --port P --streams 40 --concurrency 10`` runs ``--streams``
 streaming ``POST /api/chat`` requests, ``--concurrency`` at a time, each on a keep-alive
-connection of its worker, and reports time to the first byte of the response, time to the first
-token (NDJSON line) and the gaps between consecutive tokens as they arrive, p50/p99 in ms.
+connection of its worker (``--stagger S`` starts worker i after i*S seconds, so that streams
+begin one by one rather than in bursts), and reports time to the first byte of the response,
+time to the first token (NDJSON line) and the gaps between consecutive tokens as they arrive,
+p50/p99 in ms.
 
 ``python bench/streams.py hold --port P --streams 2000 --ramp 2`` opens ``--streams`` streams
 (spread over ``--ramp`` seconds so the listen backlog is not flooded), keeps them all open until
@@ -145,7 +147,7 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
     warmup = build_request("POST", host, "/api/chat", _chat_body(2))
     await _streams(args, warmup, min(args.concurrency, args.streams))
     started = time.monotonic()
-    results, problems = await _streams(args, request, args.streams)
+    results, problems = await _streams(args, request, args.streams, args.stagger)
     ttfb = sorted(r.ttfb_ns for r in results if r.ttfb_ns is not None)
     first = sorted(r.first_token_ns for r in results if r.first_token_ns is not None)
     gaps = sorted(
@@ -169,15 +171,17 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _streams(
-    args: argparse.Namespace, request: bytes, count: int
+    args: argparse.Namespace, request: bytes, count: int, stagger: float = 0.0
 ) -> tuple[list[StreamResult], Counter[str]]:
     """Run ``count`` streams, ``--concurrency`` at a time, each worker on one keep-alive
-    connection (a new one after a failure); returns the good results and the failures."""
+    connection (a new one after a failure); returns the good results and the failures.
+    Worker ``i`` starts ``i * stagger`` seconds late, so streams do not all begin at once."""
     results: list[StreamResult] = []
     problems: Counter[str] = Counter()
     queue = list(range(count))
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
+        await asyncio.sleep(index * stagger)
         connection: StreamConnection | None = None
         while queue:
             queue.pop()
@@ -200,7 +204,7 @@ async def _streams(
         if connection is not None and connection.transport is not None:
             connection.transport.close()
 
-    await asyncio.gather(*(worker() for _ in range(min(args.concurrency, count))))
+    await asyncio.gather(*(worker(i) for i in range(min(args.concurrency, count))))
     return results, problems
 
 
@@ -267,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=20, help="how many streams in all")
     parser.add_argument("--concurrency", type=int, default=10, help="latency: streams at once")
     parser.add_argument("--tokens", type=int, default=None, help="num_predict for each stream")
+    parser.add_argument(
+        "--stagger", type=float, default=0.0, help="latency: seconds between workers' starts"
+    )
     parser.add_argument("--ramp", type=float, default=2.0, help="hold: seconds to open them all")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for one stream")
     args = parser.parse_args(argv)
