@@ -57,6 +57,7 @@ from ollamaflow.gateway.completed import (
     RequestIds,
     usage,
 )
+from ollamaflow.gateway.deadlines import Deadline, Deadlines
 from ollamaflow.gateway.dialect import finish_json, refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
@@ -134,6 +135,8 @@ class Gateway:
             tuple[Catalog, int, list[Backend] | NoCandidate],
         ] = {}
         self.scheduler = Scheduler(reactor, runtime)
+        #: Each attempt's wait for its response head (the frontend's TimeoutMs).
+        self.deadlines = Deadlines(reactor)
         self.inventory = inventory
         self._inventory_version = 0
         self._remembered_models: dict[
@@ -579,7 +582,7 @@ class _Exchange:
         "_attempt",
         "_reported",
         "_timed_out",
-        "_ttfb_timer",
+        "_ttfb",
         "captured",
         "client",
         "client_gone",
@@ -640,7 +643,7 @@ class _Exchange:
         self.tried: list[str] = []
         #: The attempt in flight, or the wait for a slot; cancelled if the client leaves.
         self._attempt: Attempt | Deferred[Backend] | None = None
-        self._ttfb_timer: IDelayedCall | None = None
+        self._ttfb: Deadline | None = None
         self._active: Backend | None = None
         self._timed_out = False  # the latest attempt ran out of time (504, not 502)
         self._reported = False
@@ -748,7 +751,7 @@ class _Exchange:
         self._attempt = attempt
         ttfb = self.frontend.timeout_ms / 1000
         if ttfb:
-            self._ttfb_timer = self.gateway.clock.callLater(ttfb, self._ttfb_expired, attempt)
+            self._ttfb = self.gateway.deadlines.add(ttfb, partial(self._ttfb_expired, attempt))
 
     def _body_for(self, backend: Backend) -> bytes | IBodyProducer | None:
         """The body to send: bytes when it is in memory (sent with the head in one write)."""
@@ -782,15 +785,14 @@ class _Exchange:
         return FileBodyProducer(content)
 
     def _ttfb_expired(self, attempt: Attempt) -> None:
-        self._ttfb_timer = None
+        self._ttfb = None
         self._timed_out = True
         attempt.cancel()
 
     def _stop_ttfb(self) -> None:
-        if self._ttfb_timer is not None:
-            if self._ttfb_timer.active():
-                self._ttfb_timer.cancel()
-            self._ttfb_timer = None
+        if self._ttfb is not None:
+            self._ttfb.cancel()
+            self._ttfb = None
 
     def end_attempt(self) -> None:
         """Give the backend's slot back, exactly once per attempt."""
