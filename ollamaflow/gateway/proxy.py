@@ -628,7 +628,7 @@ class _Exchange:
         self.frontend = frontend
         #: The candidates (shared: never mutated), tried from ``offset`` round, and how many
         #: were tried; a Rotation is read through its list (indexing it costs a Python call).
-        if isinstance(ordered, Rotation):
+        if type(ordered) is Rotation:  # isinstance() would ask the Sequence ABC: slow
             self.ordered, self.offset = ordered.backends, ordered.start
         else:
             self.ordered, self.offset = ordered, 0
