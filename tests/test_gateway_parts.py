@@ -210,6 +210,55 @@ def test_least_outstanding_with_many_backends_compares_two_at_random() -> None:
     assert sorted(b.identifier for b in ordered) == sorted(loads), "the rest for retries"
 
 
+def test_above_eight_the_backend_that_finished_last_is_one_of_the_two_and_wins_ties() -> None:
+    backends = [Backend(identifier=f"b{i}") for i in range(100)]
+    _, fe = _catalog(*backends)
+    balancer = Balancer(rng=random.Random(5))
+    for finished in (3, 9, 7):
+        balancer.finished(fe.identifier, backends[finished])
+    firsts = [balancer.order(fe, backends, idle)[0].identifier for _ in range(3)]
+    assert firsts == ["b7", "b9", "b3"], "all idle: where a connection was released latest"
+    loads = {b.identifier: 0 for b in backends} | {"b7": 1}
+    for _ in range(50):
+        balancer.finished(fe.identifier, backends[7])
+        chosen = balancer.order(fe, backends, loads.__getitem__)[0].identifier
+        assert chosen != "b7", "busier than the random draw: the random draw wins"
+    balancer.finished(fe.identifier, backends[7])
+    ordered = balancer.order(fe, backends, idle)
+    assert ordered[0].identifier == "b7"
+    assert sorted(b.identifier for b in ordered) == sorted(b.identifier for b in backends)
+
+
+def test_power_of_two_choices_with_memory_spreads_requests_that_overlap() -> None:
+    """64 requests in flight over 100 backends: never two on one backend while the other
+    draw is idle, however the memory steers."""
+    backends = [Backend(identifier=f"b{i}") for i in range(100)]
+    _, fe = _catalog(*backends)
+    balancer = Balancer(rng=random.Random(11))
+    loads = {b.identifier: 0 for b in backends}
+    in_flight: list[Backend] = []
+    rng = random.Random(3)
+    for _ in range(5000):
+        if len(in_flight) == 64:
+            done = in_flight.pop(rng.randrange(64))
+            loads[done.identifier] -= 1
+            balancer.finished(fe.identifier, done)
+        chosen = balancer.order(fe, backends, loads.__getitem__)[0]
+        loads[chosen.identifier] += 1
+        in_flight.append(chosen)
+    assert max(loads.values()) <= 2
+    assert sum(1 for n in loads.values() if n) >= 50
+
+
+def test_the_memory_is_ignored_when_that_backend_is_no_longer_a_candidate() -> None:
+    backends = [Backend(identifier=f"b{i}") for i in range(20)]
+    _, fe = _catalog(*backends)
+    balancer = Balancer(rng=random.Random(2))
+    balancer.finished(fe.identifier, Backend(identifier="gone"))
+    picks = {balancer.order(fe, backends, idle)[0].identifier for _ in range(200)}
+    assert len(picks) > 10, "two random draws, as without memory"
+
+
 def test_a_rotation_reads_the_list_round_from_its_start_without_copying_it() -> None:
     backends = [Backend(identifier=n) for n in "abcd"]
     rotation = Rotation(backends, 2)

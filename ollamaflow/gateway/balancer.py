@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
@@ -134,6 +135,29 @@ class Rotation(Sequence[Backend]):
             yield backends[i]
 
 
+#: How many lately finished backends each frontend remembers.
+_MEMORY = 256
+#: Candidate lists the balancer keeps facts about (lists come and go with the configuration).
+_REMEMBERED_LISTS = 256
+
+
+@attrs.frozen
+class _ListFacts:
+    """What the balancer needs to know about one candidate list, worked out once."""
+
+    backends: Sequence[Backend]
+    weighted: bool = attrs.field(init=False)
+    places: dict[str, int] = attrs.field(init=False)
+
+    @weighted.default
+    def _any_weight(self) -> bool:
+        return any(b.weight != 1 for b in self.backends)
+
+    @places.default
+    def _places(self) -> dict[str, int]:
+        return {b.identifier: i for i, b in enumerate(self.backends)}
+
+
 @attrs.define
 class Balancer:
     """Orders candidates for one request: the chosen backend first, the rest for retries."""
@@ -142,8 +166,12 @@ class Balancer:
     _counters: dict[str, int] = attrs.field(factory=dict)
     #: Smooth weighted round robin state (nginx's algorithm), per frontend and backend.
     _current: dict[str, dict[str, int]] = attrs.field(factory=dict)
-    #: Per frontend: its last candidate list and whether any weight in it is not 1.
-    _weighted: dict[str, tuple[Sequence[Backend], bool]] = attrs.field(factory=dict)
+    #: Per frontend: the backends that finished a request lately, latest last (power of two
+    #: choices' memory); each new request takes the latest.
+    _finished: dict[str, deque[str]] = attrs.field(factory=dict)
+    #: Per candidate list (the gateway keeps each until the configuration, health or
+    #: inventories change): whether any weight is not 1, and each candidate's place.
+    _lists: dict[int, _ListFacts] = attrs.field(factory=dict)
 
     def order(
         self, frontend: Frontend, found: Sequence[Backend], load: Callable[[str], int]
@@ -155,10 +183,10 @@ class Balancer:
             return found
         policy = frontend.load_balancing
         if policy is LoadBalancing.LEAST_OUTSTANDING and count > _POWER_OF_TWO_ABOVE:
-            return self._two_choices(found, load)
+            return self._two_choices(frontend, found, load)
         if policy is LoadBalancing.RANDOM:
             start = self.rng.randrange(count)
-        elif policy is LoadBalancing.ROUND_ROBIN and self._is_weighted(frontend, found):
+        elif policy is LoadBalancing.ROUND_ROBIN and self._facts(found).weighted:
             start = self._weighted_turn(frontend.identifier, found)
         else:
             turn = self._counters.get(frontend.identifier, 0)
@@ -170,27 +198,47 @@ class Balancer:
         # A stable sort keeps the rotation among equals: ties are broken round-robin.
         return sorted(rotated, key=lambda x: load(x.identifier) / x.weight)
 
+    def finished(self, frontend: str, backend: Backend) -> None:
+        """A request of ``frontend`` on ``backend`` ended (its slot was given back)."""
+        lately = self._finished.get(frontend)
+        if lately is None:
+            lately = self._finished[frontend] = deque(maxlen=_MEMORY)
+        lately.append(backend.identifier)
+
     def _two_choices(
-        self, found: Sequence[Backend], load: Callable[[str], int]
+        self, frontend: Frontend, found: Sequence[Backend], load: Callable[[str], int]
     ) -> Sequence[Backend]:
-        """The less loaded of two random candidates, then the ones after it (for retries):
-        constant work per request however large the frontend."""
+        """The less loaded of two candidates, then the ones after it (for retries): constant
+        work per request however large the frontend.
+
+        Power of two choices with memory: one candidate is drawn at random, the other is the
+        backend that finished a request most lately and was not taken since (a second random
+        one if there is none among the candidates), and wins a tie. It balances at least as
+        well as two random draws, and a request lands where a connection was just released
+        instead of on a cold one."""
         count = len(found)
         draw = self.rng.random
         i = int(draw() * count)
-        j = int(draw() * (count - 1))
-        j += j >= i
+        j = None
+        lately = self._finished.get(frontend.identifier)
+        if lately:
+            places = self._facts(found).places
+            while lately and j is None:
+                j = places.get(lately.pop())
+        if j is None or j == i:
+            j = int(draw() * (count - 1))
+            j += j >= i
         a, b = found[i], found[j]
-        k = i if load(a.identifier) / a.weight <= load(b.identifier) / b.weight else j
+        k = j if load(b.identifier) / b.weight <= load(a.identifier) / a.weight else i
         return Rotation(found, k)
 
-    def _is_weighted(self, frontend: Frontend, found: Sequence[Backend]) -> bool:
-        """Whether any candidate has a weight other than 1, looked at once per candidate list
-        (the gateway keeps a list until the configuration or health changes)."""
-        known = self._weighted.get(frontend.identifier)
-        if known is None or known[0] is not found:
-            known = self._weighted[frontend.identifier] = (found, any(b.weight != 1 for b in found))
-        return known[1]
+    def _facts(self, found: Sequence[Backend]) -> _ListFacts:
+        facts = self._lists.get(id(found))
+        if facts is None or facts.backends is not found:
+            if len(self._lists) >= _REMEMBERED_LISTS:
+                self._lists.clear()
+            facts = self._lists[id(found)] = _ListFacts(found)
+        return facts
 
     def _weighted_turn(self, frontend: str, found: Sequence[Backend]) -> int:
         current = self._current.setdefault(frontend, {})
@@ -210,7 +258,9 @@ class Balancer:
             del self._counters[gone]
         for gone in [f for f in self._current if f not in catalog.frontends]:
             del self._current[gone]
-        self._weighted.clear()
+        for gone in [f for f in self._finished if f not in catalog.frontends]:
+            del self._finished[gone]
+        self._lists.clear()
 
 
 def stick(ordered: Sequence[Backend], pinned: str | None) -> Sequence[Backend]:

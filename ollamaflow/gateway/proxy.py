@@ -798,7 +798,9 @@ class _Exchange:
         """Give the backend's slot back, exactly once per attempt."""
         backend, self._active = self._active, None
         if backend is not None:
-            self.gateway.scheduler.release(backend, self.model)
+            gateway = self.gateway
+            gateway.scheduler.release(backend, self.model)
+            gateway.balancer.finished(self.frontend.identifier, backend)
 
     def _failed(self, failure: Failure) -> None:
         backend = self._active
