@@ -23,6 +23,8 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed
 
 from ollamaflow.daemon import Daemon
+from ollamaflow.gateway.balancer import Balancer
+from ollamaflow.records import Backend
 from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.service import RunningSimulator, start_simulator
 
@@ -475,6 +477,36 @@ async def test_a_refusing_backend_is_retried_on_the_next(cluster: Cluster) -> No
     assert "sim0" in (await response.json())["error"]
 
 
+class _Remembering(Balancer):
+    """The daemon's balancer, noting which backends it is told finished a request."""
+
+    told: list[str]
+
+    def finished(self, frontend: str, backend: Backend) -> None:
+        self.told.append(backend.identifier)
+        super().finished(frontend, backend)
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_a_backend_that_answered_is_remembered_for_the_next_request(
+    cluster: Cluster,
+) -> None:
+    """Power of two choices' memory sends the next request where one just succeeded; a backend
+    that failed must not be lent to it."""
+    balancer = cluster.daemon.gateway.balancer = _Remembering()
+    balancer.told = []
+    await cluster.sims[0].configure(refuse=True)
+    await cluster.frontend(["sim0", "sim1"], LoadBalancing="LeastOutstanding")
+    response = await cluster.request(
+        "POST", "/api/generate", json={"model": "llama3", "prompt": "x", "stream": False}
+    )
+    assert response.code == 200
+    await response.content()
+    assert response.headers.getRawHeaders("x-ollamaflow-backend") == ["sim1"]
+    assert cluster.daemon.runtime.state("sim0").consecutive_failures >= 1, "sim0 was tried"
+    assert balancer.told == ["sim1"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_503_from_a_backend_is_retried_and_each_backend_tried_once(
     cluster: Cluster,
@@ -723,6 +755,36 @@ async def test_a_streams_status_reaches_the_client_before_its_first_chunk(
         assert await response.content() == b"data:1"
     finally:
         await port.stopListening()
+
+
+# -- the hot path ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxied_requests_never_touch_the_database(cluster: Cluster) -> None:
+    """Routing reads the configuration the daemon holds in memory: plain, streamed, refused
+    and catalog requests run no database interaction at all."""
+    pool = cluster.daemon.store._pool
+    interactions: list[object] = []
+    run = pool.runInteraction
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        interactions.append(args[0])
+        return run(*args, **kw)
+
+    pool.runInteraction = counted  # type: ignore[method-assign]
+    try:
+        chat = {"model": "llama3", "messages": [{"role": "user", "content": "x"}]}
+        for body in ({**chat, "stream": False}, chat, {**chat, "model": "nope"}):
+            response = await cluster.request("POST", "/api/chat", json=body)
+            await response.content()
+        for path in ("/api/tags", "/api/version", "/v1/models"):
+            response = await cluster.request("GET", path)
+            assert response.code == 200
+            await response.content()
+    finally:
+        pool.runInteraction = run  # type: ignore[method-assign]
+    assert interactions == []
 
 
 # -- memory -------------------------------------------------------------------------------

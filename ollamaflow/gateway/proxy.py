@@ -44,7 +44,6 @@ from ollamaflow.gateway.backendhttp import Attempt, BackendClient
 from ollamaflow.gateway.balancer import (
     Balancer,
     NoCandidate,
-    Rotation,
     StickyPins,
     candidates,
     stick,
@@ -530,10 +529,6 @@ def _free_first(
     return ordered
 
 
-def _rotated(backends: Sequence[Backend], start: int) -> Sequence[Backend]:
-    return Rotation(backends, start) if start else backends
-
-
 def warm_first(ordered: Sequence[Backend], loaded: frozenset[str]) -> Sequence[Backend]:
     """Backends with the model already loaded first (no cold load), order otherwise kept."""
     warm: list[Backend] = []
@@ -594,7 +589,6 @@ class _Exchange:
         "last_error",
         "logged_body",
         "model",
-        "offset",
         "ordered",
         "outcome",
         "position",
@@ -626,12 +620,8 @@ class _Exchange:
         self.request_class = request_class
         self.request = request
         self.frontend = frontend
-        #: The candidates (shared: never mutated), tried from ``offset`` round, and how many
-        #: were tried; a Rotation is read through its list (indexing it costs a Python call).
-        if type(ordered) is Rotation:  # isinstance() would ask the Sequence ABC: slow
-            self.ordered, self.offset = ordered.backends, ordered.start
-        else:
-            self.ordered, self.offset = ordered, 0
+        #: The candidates in the order to try them (shared: never mutated), and how many were.
+        self.ordered = ordered
         self.position = 0
         self.document = document
         self.client = client
@@ -675,8 +665,7 @@ class _Exchange:
     def _slot_granted(self, backend: Backend) -> None:
         self._attempt = None
         self.waited = self.gateway.clock.seconds() - self.started
-        self.ordered = [b for b in _rotated(self.ordered, self.offset) if b is not backend]
-        self.offset = 0
+        self.ordered = [b for b in self.ordered if b is not backend]
         self._send(backend)
 
     def _not_queued(self, failure: Failure) -> None:
@@ -699,7 +688,7 @@ class _Exchange:
         ordered = self.ordered
         count = len(ordered)
         while self.position < count:
-            backend = ordered[(self.offset + self.position) % count]
+            backend = ordered[self.position]
             self.position += 1
             if scheduler.has_slot(backend, self.model):
                 break
@@ -798,9 +787,7 @@ class _Exchange:
         """Give the backend's slot back, exactly once per attempt."""
         backend, self._active = self._active, None
         if backend is not None:
-            gateway = self.gateway
-            gateway.scheduler.release(backend, self.model)
-            gateway.balancer.finished(self.frontend.identifier, backend)
+            self.gateway.scheduler.release(backend, self.model)
 
     def _failed(self, failure: Failure) -> None:
         backend = self._active
@@ -1016,11 +1003,16 @@ class _Relay(Protocol):
         exchange = self.exchange
         exchange.relay = None  # no cycle left: the exchange is freed as soon as it ends
         exchange.end_attempt()
+        complete = isinstance(reason.value, ResponseDone | PotentialDataLoss)
+        if complete and exchange.status < 500:
+            # A backend that just answered well is where the next request goes first (power
+            # of two choices' memory); one that failed must not be.
+            exchange.gateway.balancer.finished(exchange.frontend.identifier, self.backend)
         if exchange.client_gone:
             return
         request = exchange.request
         request.unregisterProducer()
-        if isinstance(reason.value, ResponseDone | PotentialDataLoss):
+        if complete:
             request.finish()
             return
         log.warn(
