@@ -368,15 +368,15 @@ class _Dial(ClientFactory):
 
 
 class _Call:
-    """One request: its bytes, its Deferred, and where it is (connecting, on a connection)."""
+    """One request: its bytes, its Attempt, and where it is (connecting, on a connection)."""
 
     __slots__ = (
+        "attempt",
         "body_done",
         "cancelled",
         "client",
         "conn",
         "connecting",
-        "deferred",
         "head",
         "is_head",
         "keep",
@@ -440,7 +440,7 @@ class _Call:
         self.retried = False
         self.cancelled = False
         #: Told of the response head or the failure.
-        self.deferred = outcome
+        self.attempt = outcome
 
     def replayable(self) -> bool:
         """Whether the request can be sent again as it was (its body is in memory)."""
@@ -456,7 +456,7 @@ class _Call:
     def connect_failed(self, failure: Failure) -> None:
         self.connecting = None
         if not self.cancelled:
-            self.deferred.errback(failure)
+            self.attempt.errback(failure)
 
     def cancel(self) -> None:
         """Abort before the response head: the connection is not reused; the Attempt then
@@ -751,7 +751,7 @@ class _Connection(Protocol):
         if call is not None and self.response is None:
             self.call = None
             call.conn = None
-            call.deferred.errback(Failure(error))
+            call.attempt.errback(Failure(error))
         elif self.response is not None:
             self._end_body(Failure(ResponseFailed([Failure(error)])))
 
@@ -967,13 +967,13 @@ class _Connection(Protocol):
             self.phase = _CLOSED
             self._finish(call, response, rest)
             response.end(_DONE)
-            call.deferred.callback(response)
+            call.attempt.callback(response)
             return b""
         self.phase = phase
         self._left = length if phase == _LENGTH else 0  # type: ignore[assignment]
         self._head_size = 0
         self._buf = b""
-        call.deferred.callback(response)
+        call.attempt.callback(response)
         if self.phase != phase or self.response is not response:
             return b""  # stopped, or finished, from inside the callback
         return rest
@@ -1034,7 +1034,7 @@ class _Connection(Protocol):
         if response is not None:
             response.end(failed)
         elif call is not None:
-            call.deferred.errback(failed)
+            call.attempt.errback(failed)
 
     def _end_body(self, reason: Failure) -> None:
         response, self.response = self.response, None
@@ -1100,7 +1100,7 @@ class _Connection(Protocol):
             error = ResponseFailed([reason])
         else:
             error = ResponseNeverReceived([reason])
-        call.deferred.errback(Failure(error))
+        call.attempt.errback(Failure(error))
 
 
 def _unfold(block: bytes) -> bytes:

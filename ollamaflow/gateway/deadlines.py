@@ -40,7 +40,6 @@ class Deadline:
 class _Queue:
     """The deadlines of one length, earliest first, and the reactor call for the first."""
 
-    owner: Deadlines
     seconds: float
     pending: deque[Deadline] = attrs.field(factory=deque)
     dead: int = 0
@@ -64,7 +63,7 @@ class Deadlines:
         """Call ``expired()`` in ``seconds`` unless the deadline is cancelled first."""
         queue = self._queues.get(seconds)
         if queue is None:
-            queue = self._queues[seconds] = _Queue(self, seconds)
+            queue = self._queues[seconds] = _Queue(seconds)
         deadline = Deadline(self.clock.seconds() + seconds, expired, queue)
         queue.pending.append(deadline)
         if queue.call is None:
