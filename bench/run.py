@@ -242,12 +242,9 @@ class Bench:
             row.error = str(e)
             return
         if ratios:
-            median = sorted(ratios)[len(ratios) // 2]
+            median = _median(ratios)
             row.data = {"ratios": ratios, "median": median}
-            row.notes.append(
-                f"median {median:.1%} of nginx over {len(ratios)} pairs: "
-                + ", ".join(f"{r:.1%}" for r in ratios)
-            )
+            row.notes.append(f"median {median:.1%} of nginx over {_listed(ratios, 'pairs')}")
 
     # --- scenario 2: streaming latency ----------------------------------------------------
 
@@ -414,12 +411,11 @@ class Bench:
         if low != high:
             pairs = zip(runs[low], runs[high], strict=True)
             ratios = [b["rps"] / a["rps"] for a, b in pairs if a["rps"]] or [0.0]
-            median = sorted(ratios)[len(ratios) // 2]
+            median = _median(ratios)
             rows[high].data["ratios_to_" + str(low)] = ratios
             rows[high].data["median_ratio"] = median
             rows[high].notes.append(
-                f"{median:.1%} of {low} backend(s), median of {len(ratios)} rounds: "
-                + ", ".join(f"{r:.1%}" for r in ratios)
+                f"{median:.1%} of {low} backend(s), median of {_listed(ratios, 'rounds')}"
             )
 
     # --- the daemon -----------------------------------------------------------------------
@@ -458,10 +454,19 @@ class Tools:
     workers_supported: bool
 
 
+def _median(values: list[float]) -> float:
+    """The middle value (the upper one of an even count)."""
+    return sorted(values)[len(values) // 2]
+
+
+def _listed(ratios: list[float], what: str) -> str:
+    """``5 rounds: 91.0%, 93.2%, ...``, for a row's notes."""
+    return f"{len(ratios)} {what}: " + ", ".join(f"{r:.1%}" for r in ratios)
+
+
 def _median_row(row: Row, runs: list[dict]) -> None:
     """Fill ``row`` from the run of median throughput (its latencies too), all runs kept."""
-    ranked = sorted(runs, key=lambda r: r["rps"])
-    middle = ranked[len(ranked) // 2]
+    middle = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
     row.rps, row.p50_ms, row.p99_ms = middle["rps"], middle["p50_ms"], middle["p99_ms"]
     row.data = {**middle, "runs": runs}
     bad = sum(r["errors"] + r["non_2xx"] for r in runs)
