@@ -13,11 +13,12 @@ from ollamaflow.wire import (
     IDENTIFIER,
     Bool,
     Choice,
+    HeaderFields,
+    HostName,
     Int,
     JsonObject,
     Str,
     StrList,
-    StrMap,
     Timestamp,
     field,
     from_wire,
@@ -41,12 +42,33 @@ class HealthCheckMethod(StrEnum):
 
 
 _TEXT = Str(allowed="a string", pattern=r"(?s).*")
-_HOSTNAME = Str(allowed="a host name or address", pattern=r"[^\s/?#]+", max_length=253)
-_URL_PATH = Str(allowed="a path starting with '/'", pattern=r"/\S*")
-_QUERY = Str(allowed="a query string such as 'a=1&b=2'", pattern=r"[^\s#]*", strip_prefix="?")
+_BACKEND_HOST = HostName()
+_FRONTEND_HOST = HostName(wildcard=True)
+# Paths, query strings and tokens are written into request lines and header fields as they
+# are: visible ASCII only, and no '#' (a fragment is never sent).
+_URL_PATH = Str(
+    allowed="a path starting with '/' in visible ASCII, without '#'", pattern=r"/[!-\"$-~]*"
+)
+_QUERY = Str(
+    allowed="a query string such as 'a=1&b=2' in visible ASCII, without '#'",
+    pattern=r"[!-\"$-~]*",
+    strip_prefix="?",
+)
+_BEARER = Str(
+    allowed="a token of visible ASCII characters, at most 4096", pattern=r"[!-~]*", max_length=4096
+)
 _NAMES = StrList(item=IDENTIFIER)
-_MODELS = StrList(item=Str(allowed="a model name", pattern=r"[^\s]+", max_length=512))
-_LABELS = StrList(item=Str(allowed="a label without spaces", pattern=r"\S+", max_length=256))
+#: The longest name Ollama accepts: host 350, namespace, model and tag 80 each, a scheme and
+#: a digest.
+_MODELS = StrList(
+    item=Str(
+        allowed="a model name without whitespace, at most 700 characters",
+        pattern=r"\S+",
+        max_length=700,
+    )
+)
+_LABELS = StrList(item=Str(allowed="a label without whitespace", pattern=r"\S+", max_length=256))
+_HEADERS = HeaderFields()
 _OBJECT = JsonObject()
 _TIME = Timestamp()
 
@@ -57,7 +79,7 @@ class Frontend:
 
     identifier: str = field(IDENTIFIER)
     name: str | None = field(_TEXT, default=None)
-    hostname: str = field(_HOSTNAME, default="*")
+    hostname: str = field(_FRONTEND_HOST, default="*")
     timeout_ms: int = field(Int(0), default=60000)
     #: New frontends balance by load; stored ones keep what they had (it is in their record).
     load_balancing: LoadBalancing = field(
@@ -77,6 +99,9 @@ class Frontend:
     allow_embeddings: bool = field(Bool(), default=True)
     allow_completions: bool = field(Bool(), default=True)
     allow_retries: bool = field(Bool(), default=True)
+    #: Whether clients may pull, delete, copy, create and push models (and upload blobs)
+    #: through this frontend; when false only requests carrying an admin token may.
+    allow_model_management: bool = field(Bool(), default=True)
     active: bool = field(Bool(), default=True)
     #: Requests that may wait for a free backend slot, and for how long, before a 429.
     max_queue_depth: int = field(Int(0, 1_000_000), default=512)
@@ -91,7 +116,7 @@ class Backend:
 
     identifier: str = field(IDENTIFIER)
     name: str | None = field(_TEXT, default=None)
-    hostname: str = field(_HOSTNAME, default="localhost")
+    hostname: str = field(_BACKEND_HOST, default="localhost")
     port: int = field(Int(1, 65535), default=11434)
     ssl: bool = field(Bool(), default=False)
     unhealthy_threshold: int = field(Int(1), default=2)
@@ -115,9 +140,9 @@ class Backend:
     pinned_completions_properties: Mapping[str, Any] = field(_OBJECT, factory=dict)
     allow_embeddings: bool = field(Bool(), default=True)
     allow_completions: bool = field(Bool(), default=True)
-    bearer_token: str | None = field(_TEXT, default=None)
+    bearer_token: str | None = field(_BEARER, default=None)
     querystring: str | None = field(_QUERY, default=None)
-    headers: Mapping[str, str] = field(StrMap(), factory=dict)
+    headers: Mapping[str, str] = field(_HEADERS, factory=dict)
     active: bool = field(Bool(), default=True)
     #: Share of the traffic relative to the frontend's other backends (RoundRobin and
     #: LeastOutstanding honour it).

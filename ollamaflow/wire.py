@@ -7,18 +7,28 @@ and one style of error message.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol, TypeVar
 
 import attrs
 
+from ollamaflow.jsonlimits import MAX_DEPTH, OverlongNumber
+
 T = TypeVar("T")
 
 _INT32_MAX = 2**31 - 1
+
+#: C0 controls, DEL and C1 controls: never part of a name, a label or a line of text.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Halves of UTF-16 pairs: a str may hold them alone, but no encoder (UTF-8, a database
+#: driver, a log file) can write them.
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 
 
 class FieldError(ValueError):
@@ -49,12 +59,99 @@ class UnknownFields(ValueError):
         super().__init__(f"unknown field{'s' if len(paths) > 1 else ''}: {', '.join(paths)}")
 
 
-def _show(value: object) -> str:
+def valid_text(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: no lone surrogate, so it encodes as UTF-8."""
+    return text.isascii() or _SURROGATES.search(text) is None
+
+
+class _Raw(str):
+    """Punctuation written by :func:`_show` as it is (a plain ``str`` is a value to quote)."""
+
+
+#: Integers up to this many bits (38 digits) are shown in full.
+_SHOWN_INT_BITS = 128
+
+
+def _scalar(value: object, limit: int) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int):
+        if value.bit_length() <= _SHOWN_INT_BITS:
+            return int.__repr__(value)
+        # str() of a long integer is slow, and refused beyond 4,300 digits.
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"{'-' if value < 0 else ''}<an integer of about {digits} digits>"
+    if isinstance(value, OverlongNumber):
+        return repr(value)
+    if isinstance(value, float):
+        return json.dumps(float(value))  # NaN, Infinity and -Infinity as JSON's extensions
+    if isinstance(value, str):
+        return json.dumps(value[: limit + 1])  # escapes controls and lone surrogates
     try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+        text = repr(value)[: limit + 1]
+    except Exception:  # a broken __repr__, or one that recurses without end
+        return f"<{type(value).__name__}>"
+    return text if valid_text(text) else json.dumps(text)
+
+
+def _items(values: list[Any] | tuple[Any, ...]) -> Iterator[object]:
+    for i, item in enumerate(values):
+        if i:
+            yield _Raw(", ")
+        yield item
+    yield _Raw("]")
+
+
+def _entries(mapping: Mapping[Any, Any], limit: int) -> Iterator[object]:
+    for i, (key, item) in enumerate(mapping.items()):
+        if i:
+            yield _Raw(", ")
+        yield _Raw(_scalar(key, limit) + ": ")
+        yield item
+    yield _Raw("}")
+
+
+_END = object()
+
+
+def _show(value: object, limit: int = 80) -> str:
+    """``value`` as JSON for a message, cut to ``limit`` characters; never raises.
+
+    Any value: integers too long to print, NaN, lone surrogates, nesting of any depth (walked
+    with a stack, and only as far as the first ``limit`` characters need).
+    """
+    parts: list[str] = []
+    size = 0
+    stack: list[Iterator[object]] = [iter((value,))]
+    try:
+        while stack and size <= limit:
+            item = next(stack[-1], _END)
+            if item is _END:
+                stack.pop()
+                continue
+            if isinstance(item, _Raw):
+                text = str(item)
+            elif isinstance(item, Mapping):
+                text = "{"
+                stack.append(_entries(item, limit))
+            elif isinstance(item, list | tuple):
+                text = "["
+                stack.append(_items(item))
+            else:
+                text = _scalar(item, limit)
+            parts.append(text)
+            size += len(text)
+    except Exception:  # a container of a caller's own type that fails to iterate
+        parts.append(" ...")
+    shown = "".join(parts)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _key_text(key: object) -> str:
+    """A JSON key as part of a field's path: as written when plain, else quoted and cut."""
+    if isinstance(key, str) and len(key) <= 64 and valid_text(key) and not _CONTROLS.search(key):
+        return key
+    return _show(key, 64)
 
 
 class Kind(Protocol):
@@ -78,11 +175,14 @@ class Int:
         return f"an integer from {self.lo} to {self.hi}"
 
     def parse(self, value: object, path: str, unknown: list[str]) -> int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or not self.lo <= value <= self.hi:
+        number = int(value) if isinstance(value, float) and value.is_integer() else value
+        if (
+            not isinstance(number, int)
+            or isinstance(number, bool)
+            or not self.lo <= number <= self.hi
+        ):
             raise FieldError(path, value, self.allowed)
-        return value
+        return number
 
     def dump(self, value: int) -> object:
         return value
@@ -103,19 +203,29 @@ class Bool:
 
 @attrs.frozen
 class Str:
-    """A string; ``pattern`` (a full match) narrows it, ``strip`` trims a prefix first."""
+    """A string of valid Unicode without control characters (unless ``controls``) and at most
+    ``max_length`` characters; ``pattern`` (a full match) narrows it, ``strip_prefix`` is
+    trimmed first."""
 
     allowed: str = "a non-empty string"
     pattern: str = r"(?s).+"
     max_length: int = 4096
     strip_prefix: str = ""
+    #: Whether C0, DEL and C1 control characters may appear (free text, a password).
+    controls: bool = False
 
     def parse(self, value: object, path: str, unknown: list[str]) -> str:
         if not isinstance(value, str):
             raise FieldError(path, value, self.allowed)
+        if not valid_text(value):
+            raise FieldError(path, value, f"{self.allowed}, in valid Unicode (no lone surrogates)")
         if self.strip_prefix and value.startswith(self.strip_prefix):
             value = value[len(self.strip_prefix) :]
-        if len(value) > self.max_length or not re.fullmatch(self.pattern, value):
+        if len(value) > self.max_length:
+            raise FieldError(path, value, f"{self.allowed}, at most {self.max_length} characters")
+        if not self.controls and _CONTROLS.search(value):
+            raise FieldError(path, value, f"{self.allowed}, without control characters")
+        if not re.fullmatch(self.pattern, value):
             raise FieldError(path, value, self.allowed)
         return value
 
@@ -124,10 +234,13 @@ class Str:
 
 
 IDENTIFIER = Str(
-    allowed="1-256 characters without spaces, '/', '?' or '#'",
-    pattern=r"[^\s/?#\x00-\x1f]+",
+    allowed="1-256 characters without spaces, '/', '?' or '#', other than '.' and '..'",
+    pattern=r"(?!\.\.?\Z)[^\s/?#]+",
     max_length=256,
 )
+
+#: Items in a list, unless its kind says otherwise.
+MAX_ITEMS = 1024
 
 
 @attrs.frozen
@@ -136,13 +249,15 @@ class StrList:
 
     item: Str = Str()
     unique: bool = True
+    max_items: int = MAX_ITEMS
 
     @property
     def allowed(self) -> str:
-        return f"an array of {'distinct ' if self.unique else ''}strings ({self.item.allowed})"
+        distinct = "distinct " if self.unique else ""
+        return f"an array of at most {self.max_items} {distinct}strings ({self.item.allowed})"
 
     def parse(self, value: object, path: str, unknown: list[str]) -> tuple[str, ...]:
-        if not isinstance(value, list):
+        if not isinstance(value, list) or len(value) > self.max_items:
             raise FieldError(path, value, self.allowed)
         items = tuple(self.item.parse(v, f"{path}[{i}]", unknown) for i, v in enumerate(value))
         if self.unique and len(set(items)) != len(items):
@@ -155,30 +270,258 @@ class StrList:
 
 @attrs.frozen
 class StrMap:
-    """A JSON object of string values (HTTP headers and the like)."""
+    """A JSON object of at most ``max_entries`` string values, keys and values checked as
+    ``key`` and ``value`` say."""
 
-    allowed: str = "an object whose values are strings"
+    key: Str = Str(allowed="a key", pattern=r"(?s).+", max_length=256)
+    value: Str = Str(allowed="a string", pattern=r"(?s).*")
+    max_entries: int = MAX_ITEMS
+
+    @property
+    def allowed(self) -> str:
+        return f"an object of at most {self.max_entries} entries whose values are strings"
 
     def parse(self, value: object, path: str, unknown: list[str]) -> dict[str, str]:
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        if not isinstance(value, dict) or len(value) > self.max_entries:
             raise FieldError(path, value, self.allowed)
-        return dict(value)
+        out: dict[str, str] = {}
+        for key, text in value.items():
+            if not isinstance(key, str):
+                raise FieldError(path, key, self.key.allowed)
+            name = self.key.parse(key, path, unknown)
+            out[name] = self.value.parse(text, f"{path}.{name}", unknown)
+        return out
 
     def dump(self, value: Mapping[str, str]) -> object:
         return dict(value)
 
 
+#: Header fields the gateway writes itself (framing, routing, hop-by-hop): an operator's
+#: copy would contradict them, or smuggle a second message into the connection.
+GATEWAY_HEADERS = (
+    "Host",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+    "Keep-Alive",
+    "Proxy-Connection",
+    "TE",
+    "Trailer",
+    "Upgrade",
+)
+_GATEWAY_HEADERS = frozenset(h.lower() for h in GATEWAY_HEADERS)
+#: RFC 9110 §5.6.2: a token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: RFC 9110 §5.5: visible ASCII, obs-text (any non-ASCII character, sent as UTF-8), space
+#: and tab; no CR, LF, NUL or other control (C1 included).
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\U0010ffff]*")
+
+
+@attrs.frozen
+class HeaderFields:
+    """HTTP header fields an operator adds to every request to a backend (``Headers``).
+
+    Each name is an RFC 9110 token, once (names are case-insensitive), and not a field the
+    gateway sets itself; each value is one line of visible text; so no value can break the
+    request it is written into.
+    """
+
+    max_fields: int = 64
+    max_name: int = 256
+    max_value_bytes: int = 8192
+
+    @property
+    def allowed(self) -> str:
+        return f"an object of at most {self.max_fields} header fields whose values are strings"
+
+    def parse(self, value: object, path: str, unknown: list[str]) -> dict[str, str]:
+        if not isinstance(value, dict) or len(value) > self.max_fields:
+            raise FieldError(path, value, self.allowed)
+        out: dict[str, str] = {}
+        seen: set[str] = set()
+        for name, text in value.items():
+            if not (
+                isinstance(name, str)
+                and len(name) <= self.max_name
+                and name.isascii()
+                and _TOKEN.fullmatch(name)
+            ):
+                raise FieldError(
+                    path,
+                    name,
+                    f"header names that are tokens of 1-{self.max_name} letters, digits"
+                    " and !#$%&'*+-.^_`|~",
+                )
+            where = f"{path}.{name}"
+            lowered = name.lower()
+            if lowered in _GATEWAY_HEADERS:
+                raise FieldError(
+                    where,
+                    name,
+                    f"a header other than {', '.join(GATEWAY_HEADERS)} (the gateway sets those)",
+                )
+            if lowered in seen:
+                raise FieldError(where, name, "each header once (names are case-insensitive)")
+            seen.add(lowered)
+            if not (
+                isinstance(text, str)
+                and len(text) <= self.max_value_bytes
+                and valid_text(text)
+                and _FIELD_VALUE.fullmatch(text)
+                and len(text.encode()) <= self.max_value_bytes
+            ):
+                raise FieldError(
+                    where,
+                    text,
+                    f"a string of at most {self.max_value_bytes} bytes of visible text,"
+                    " spaces and tabs",
+                )
+            out[name] = text
+        return out
+
+    def dump(self, value: Mapping[str, str]) -> object:
+        return dict(value)
+
+
+#: Integers a JSON encoder of the gateway (orjson) writes: signed and unsigned 64-bit.
+_JSON_INT_MIN = -(2**63)
+_JSON_INT_MAX = 2**64 - 1
+
+
 @attrs.frozen
 class JsonObject:
+    """A JSON object the daemon merges into requests (pinned properties): nesting at most
+    ``max_depth`` levels (itself the first), only finite numbers, strings and keys in valid
+    Unicode, at most ``max_bytes`` as compact UTF-8 JSON. Walked with a stack, never
+    recursively, and a refusal names the path inside (``Field.options.temperature``)."""
+
     allowed: str = "a JSON object"
+    max_depth: int = MAX_DEPTH
+    max_bytes: int = 64 * 1024
 
     def parse(self, value: object, path: str, unknown: list[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise FieldError(path, value, self.allowed)
+        problem = _json_problem(value, path, self.max_depth)
+        if problem is not None:
+            raise problem
+        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        if len(encoded) > self.max_bytes or len(encoded.encode()) > self.max_bytes:
+            raise FieldError(
+                path, value, f"{self.allowed} of at most {self.max_bytes // 1024} KiB as JSON"
+            )
         return value
 
     def dump(self, value: Mapping[str, Any]) -> object:
         return dict(value)
+
+
+def _json_problem(value: object, path: str, max_depth: int) -> FieldError | None:
+    """The first thing in ``value`` (in document order) that is not plain, finite JSON."""
+    # Each pending node: (value, depth, index in ``trail`` of the step that reached it).
+    # The trail holds (parent's index, ".key" or "[i]"): paths are spelled only for an error.
+    trail: list[tuple[int, str]] = []
+    stack: list[tuple[object, int, int]] = [(value, 1, -1)]
+
+    def where(index: int) -> str:
+        steps = []
+        while index >= 0:
+            index, step = trail[index]
+            steps.append(step)
+        return path + "".join(reversed(steps))
+
+    while stack:
+        node, depth, at = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > max_depth:
+                return FieldError(where(at), node, f"JSON nesting at most {max_depth} levels")
+            children: list[tuple[object, int, int]] = []
+            if isinstance(node, dict):
+                for key, child in node.items():
+                    if not isinstance(key, str) or not valid_text(key):
+                        return FieldError(where(at), key, "keys that are strings in valid Unicode")
+                    trail.append((at, f".{_key_text(key)}"))
+                    children.append((child, depth + 1, len(trail) - 1))
+            else:
+                for i, child in enumerate(node):
+                    trail.append((at, f"[{i}]"))
+                    children.append((child, depth + 1, len(trail) - 1))
+            stack.extend(reversed(children))
+        elif isinstance(node, str):
+            if not valid_text(node):
+                return FieldError(where(at), node, "strings in valid Unicode (no lone surrogates)")
+        elif node is None or isinstance(node, bool):
+            continue
+        elif isinstance(node, int):
+            if not _JSON_INT_MIN <= node <= _JSON_INT_MAX:
+                return FieldError(where(at), node, "an integer from -2^63 to 2^64-1")
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                return FieldError(where(at), node, "a finite number (no NaN or Infinity)")
+        else:
+            return FieldError(
+                where(at), node, "JSON: objects, arrays, strings, numbers, true, false or null"
+            )
+    return None
+
+
+#: A DNS label as sent on the wire (after IDNA): letters, digits, '-' and '_'.
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_ZONE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def is_ip_address(text: str) -> bool:
+    """An IPv4 or IPv6 address as written in a URL's host (IPv6 without brackets, maybe with
+    a zone such as ``%eth0``)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    zone = text.partition("%")[2]
+    return not zone or bool(_ZONE.fullmatch(zone))
+
+
+def is_dns_name(text: str) -> bool:
+    """A name Python's ``idna`` codec turns into labels of letters, digits, '-' and '_', 1-63
+    each and 253 in all (one trailing dot allowed), as the gateway's ``Host`` header writes
+    it."""
+    if not text or len(text) > 1024 or not valid_text(text):
+        return False
+    try:
+        encoded = text.encode("idna")
+    except UnicodeError:
+        return False
+    name = encoded.decode("ascii")
+    name = name[:-1] if name.endswith(".") else name
+    return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+@attrs.frozen
+class HostName:
+    """A host to connect to or to answer for: an IP address or a DNS name (see
+    :func:`is_dns_name`); ``*`` too when ``wildcard`` (any host)."""
+
+    wildcard: bool = False
+
+    @property
+    def allowed(self) -> str:
+        names = (
+            "an IP address or a DNS name (labels of letters, digits, '-' and '_', 1-63"
+            " characters each, 253 in all)"
+        )
+        return f"'*' or {names}" if self.wildcard else names
+
+    def parse(self, value: object, path: str, unknown: list[str]) -> str:
+        if not isinstance(value, str):
+            raise FieldError(path, value, self.allowed)
+        if self.wildcard and value == "*":
+            return value
+        if is_ip_address(value) or is_dns_name(value):
+            return value
+        raise FieldError(path, value, self.allowed)
+
+    def dump(self, value: str) -> object:
+        return value
 
 
 @attrs.frozen
@@ -240,13 +583,14 @@ class ObjectList:
     """An array of nested records."""
 
     cls: type
+    max_items: int = MAX_ITEMS
 
     @property
     def allowed(self) -> str:
-        return "an array of JSON objects"
+        return f"an array of at most {self.max_items} JSON objects"
 
     def parse(self, value: object, path: str, unknown: list[str]) -> tuple[Any, ...]:
-        if not isinstance(value, list):
+        if not isinstance(value, list) or len(value) > self.max_items:
             raise FieldError(path, value, self.allowed)
         return tuple(_from_wire(self.cls, v, f"{path}[{i}]", unknown) for i, v in enumerate(value))
 
@@ -316,8 +660,10 @@ def _from_wire(cls: type[T], data: object, path: str, unknown: list[str]) -> T:
     values: dict[str, Any] = {}
     seen: set[str] = set()
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise FieldError(path or cls.__name__, key, "an object whose keys are strings")
         found = by_lower.get(key.lower())
-        where = f"{path}.{key}" if path else key
+        where = f"{path}.{_key_text(key)}" if path else _key_text(key)
         if found is None:
             unknown.append(where)
             continue

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Any
+
 import pytest
 
 from ollamaflow.records import (
@@ -13,6 +17,20 @@ from ollamaflow.records import (
     parse_record,
 )
 from ollamaflow.wire import FieldError, MissingField, to_wire
+
+NAN = math.nan
+BIG = 10**5000
+
+
+class Unprintable:
+    """A value whose repr raises, as a careless caller might hand a field."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def pascal_to_snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
 def test_frontend_defaults_match_ollamaflow_1_2_plus_load_aware_scheduling() -> None:
@@ -37,6 +55,7 @@ def test_frontend_defaults_match_ollamaflow_1_2_plus_load_aware_scheduling() -> 
         "AllowEmbeddings": True,
         "AllowCompletions": True,
         "AllowRetries": True,
+        "AllowModelManagement": True,
         "Active": True,
         "MaxQueueDepth": 512,
         "QueueTimeoutMs": 30000,
@@ -105,7 +124,7 @@ def test_unknown_keys_are_reported() -> None:
         (Backend, {"ApiFormat": "vllm"}, "ApiFormat"),
         (Backend, {"Labels": "gpu"}, "Labels"),
         (Backend, {"Labels": ["gpu", "gpu"]}, "Labels"),
-        (Backend, {"Headers": {"X-A": 1}}, "Headers"),
+        (Backend, {"Headers": {"X-A": 1}}, "Headers.X-A"),
         (Backend, {"MaxParallelRequests": 0}, "MaxParallelRequests"),
         (Frontend, {"TimeoutMs": -1}, "TimeoutMs"),
         (Frontend, {"StickySessionExpirationMs": 9999}, "StickySessionExpirationMs"),
@@ -153,3 +172,438 @@ def test_base_url() -> None:
     assert parse_record(Backend, {"Identifier": "b"})[0].base_url == "http://localhost:11434"
     be, _ = parse_record(Backend, {"Identifier": "b", "Hostname": "::1", "Ssl": True, "Port": 1})
     assert be.base_url == "https://[::1]:1"
+
+
+# -- hostile input: every value bounded and checked (issue #14) -------------------------------
+
+
+def refused(cls: type, data: dict[str, object]) -> FieldError:
+    """The FieldError that ``data`` (plus an Identifier unless it has one) is refused with."""
+    with pytest.raises(FieldError) as caught:
+        parse_record(cls, {"Identifier": "x", **data})
+    message = str(caught.value)
+    assert message.startswith(f"{caught.value.path}: ") and "expected" in message, message
+    return caught.value
+
+
+def accepted(cls: type, data: dict[str, object]) -> Any:
+    record, unknown = parse_record(cls, {"Identifier": "x", **data})
+    assert unknown == []
+    return record
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        10**5000,
+        -(10**5000),
+        float("nan"),
+        float("inf"),
+        "\ud800",
+        {"\udfff": ["\ud800"]},
+        "x" * 100_000,
+        list(range(100_000)),
+        {str(i): i for i in range(100_000)},
+        functools.reduce(lambda inner, _: [inner], range(100_000), []),
+        functools.reduce(lambda inner, _: {"k": inner}, range(100_000), {}),
+        Unprintable(),
+    ],
+    ids=[
+        "huge-int",
+        "huge-negative-int",
+        "nan",
+        "infinity",
+        "surrogate",
+        "surrogates-inside",
+        "long-string",
+        "long-list",
+        "big-object",
+        "deep-list",
+        "deep-object",
+        "unprintable",
+    ],
+)
+def test_a_field_error_shows_any_value_in_about_80_characters_without_raising(
+    value: object,
+) -> None:
+    error = FieldError("Field", value, "something else")
+    shown = (
+        str(error).removeprefix("Field: ").removesuffix(" is not allowed; expected something else")
+    )
+    assert 0 < len(shown) <= 80
+    shown.encode("utf-8")  # no lone surrogate reaches a log line or a response
+
+
+@pytest.mark.parametrize(
+    ("cls", "data", "path"),
+    [
+        (Backend, {"Identifier": "\ud800"}, "Identifier"),
+        (Backend, {"Name": "gpu \udc00"}, "Name"),
+        (Backend, {"Labels": ["ok", "\ud800"]}, "Labels[1]"),
+        (Backend, {"Headers": {"X-A": "\ud800"}}, "Headers.X-A"),
+        (Backend, {"Headers": {"\ud800": "v"}}, "Headers"),
+        (
+            Backend,
+            {"PinnedCompletionsProperties": {"stop": ["\ud800"]}},
+            "PinnedCompletionsProperties.stop[0]",
+        ),
+        (Backend, {"PinnedEmbeddingsProperties": {"\udfff": 1}}, "PinnedEmbeddingsProperties"),
+        (Frontend, {"RequiredModels": ["llama3\ud800"]}, "RequiredModels[0]"),
+        (Frontend, {"Backends": ["\ud800"]}, "Backends[0]"),
+    ],
+)
+def test_every_string_anywhere_must_be_valid_unicode(
+    cls: type, data: dict[str, object], path: str
+) -> None:
+    assert refused(cls, data).path == path
+
+
+@pytest.mark.parametrize(
+    ("cls", "field"),
+    [
+        (Backend, "Name"),
+        (Frontend, "Name"),
+        (Backend, "Hostname"),
+        (Frontend, "Hostname"),
+        (Backend, "Identifier"),
+        (Backend, "BearerToken"),
+        (Backend, "Querystring"),
+        (Backend, "HealthCheckUrl"),
+    ],
+)
+@pytest.mark.parametrize("control", ["\x00", "\t", "\n", "\r", "\x1b", "\x7f", "\x85", "\x9f"])
+def test_text_fields_refuse_control_characters(cls: type, field: str, control: str) -> None:
+    prefix = "/" if field == "HealthCheckUrl" else ""
+    assert refused(cls, {field: f"{prefix}a{control}b"}).path == field
+
+
+def test_text_fields_still_take_printable_unicode() -> None:
+    be = accepted(Backend, {"Name": "GPU-Box №1 — Zürich ☃"})
+    assert be.name == "GPU-Box №1 — Zürich ☃"
+
+
+@pytest.mark.parametrize("identifier", [".", "..", "a\x7fb", "a\x00b", "a\x85b", "a\u2028b"])
+def test_identifiers_that_cannot_be_addressed_are_refused(identifier: str) -> None:
+    assert refused(Frontend, {"Identifier": identifier}).path == "Identifier"
+
+
+@pytest.mark.parametrize("identifier", ["...", ".a", "a.", "gpu-1.rack_2", "ü", "x" * 256])
+def test_identifiers_that_are_fine(identifier: str) -> None:
+    assert accepted(Backend, {"Identifier": identifier}).identifier == identifier
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "item", "most"),
+    [
+        (Backend, "Labels", "l{}", 1024),
+        (Frontend, "Backends", "b{}", 1024),
+        (Frontend, "RequiredModels", "m{}", 1024),
+    ],
+)
+def test_lists_hold_at_most_1024_items(cls: type, field: str, item: str, most: int) -> None:
+    at_most = [item.format(i) for i in range(most)]
+    assert len(getattr(accepted(cls, {field: at_most}), pascal_to_snake(field))) == most
+    error = refused(cls, {field: [*at_most, item.format(most)]})
+    assert error.path == field and "at most 1024" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "valid", "invalid"),
+    [
+        (Backend, "Labels", ["a100", "rack-2", "ü"], ["a b", "a\tb", "", "a\x00", "a\u00a0b"]),
+        (
+            Frontend,
+            "RequiredModels",
+            ["llama3", "hf.co/org/model:Q4_K_M", "x" * 700],
+            ["llama 3", "llama3\n", "", "x" * 701, "a\x7f"],
+        ),
+    ],
+)
+def test_list_items_without_whitespace_or_controls(
+    cls: type, field: str, valid: list[str], invalid: list[str]
+) -> None:
+    assert len(getattr(accepted(cls, {field: valid}), pascal_to_snake(field))) == len(valid)
+    for bad in invalid:
+        assert refused(cls, {field: ["fine", bad]}).path == f"{field}[1]", bad
+
+
+def test_the_longest_model_name_ollama_accepts_fits() -> None:
+    """host 350 + namespace, model and tag 80 each, a scheme and a digest: under 700."""
+    name = (
+        "https://"
+        + "h" * 350
+        + "/"
+        + "n" * 80
+        + "/"
+        + "m" * 80
+        + ":"
+        + "t" * 80
+        + "@sha256:"
+        + "0" * 64
+    )
+    assert len(name) <= 700
+    assert accepted(Frontend, {"RequiredModels": [name]}).required_models == (name,)
+
+
+# -- Headers ----------------------------------------------------------------------------------
+
+
+def test_headers_take_tokens_and_visible_values() -> None:
+    headers = {
+        "X-Api-Key": "s3cr3t",
+        "Authorization": "Basic dXNlcjpwYXNz",
+        "x_odd.name~!#$%&'*+^`|": "a value\twith tab and obs-text ü",
+        "X-Empty": "",
+        "X-" + "n" * 254: "v" * 8192,
+    }
+    assert dict(accepted(Backend, {"Headers": headers}).headers) == headers
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-A\r\nX-Evil",
+        "X-A\n",
+        "X A",
+        "X:A",
+        "",
+        "X-é",
+        "(x)",
+        "x" * 257,
+        "\x00",
+    ],
+)
+def test_header_names_must_be_tokens(name: str) -> None:
+    error = refused(Backend, {"Headers": {name: "v"}})
+    assert error.path == "Headers" and "token" in str(error)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Host",
+        "content-length",
+        "Transfer-Encoding",
+        "CONNECTION",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "upgrade",
+    ],
+)
+def test_headers_the_gateway_sets_itself_are_refused(name: str) -> None:
+    error = refused(Backend, {"Headers": {name: "v"}})
+    assert error.path == f"Headers.{name}"
+
+
+@pytest.mark.parametrize(
+    "value", ["a\r\nX-Evil: 1", "a\nb", "a\rb", "a\x00b", "a\x7fb", "a\x1bb", "a\x85b", "v" * 8193]
+)
+def test_header_values_are_visible_text_space_and_tab_at_most_8_kib(value: str) -> None:
+    assert refused(Backend, {"Headers": {"X-A": value}}).path == "Headers.X-A"
+
+
+def test_header_values_count_their_utf8_bytes() -> None:
+    assert refused(Backend, {"Headers": {"X-A": "ü" * 4097}}).path == "Headers.X-A"
+
+
+def test_at_most_64_header_fields_each_name_once() -> None:
+    sixty_four = {f"X-{i}": "v" for i in range(64)}
+    assert len(accepted(Backend, {"Headers": sixty_four}).headers) == 64
+    error = refused(Backend, {"Headers": {**sixty_four, "X-64": "v"}})
+    assert error.path == "Headers" and "at most 64" in str(error)
+    assert refused(Backend, {"Headers": {"X-A": "1", "x-a": "2"}}).path == "Headers.x-a"
+
+
+@pytest.mark.parametrize("headers", [{"X-A": 1}, {"X-A": None}, {"X-A": ["v"]}, ["X-A"], "X-A: v"])
+def test_headers_must_be_an_object_of_strings(headers: object) -> None:
+    assert refused(Backend, {"Headers": headers}).path.startswith("Headers")
+
+
+# -- pinned properties (JsonObject) -----------------------------------------------------------
+
+
+def nest(depth: int) -> dict[str, Any]:
+    """An object nesting ``depth`` levels, itself counting as 1."""
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("field", ["PinnedEmbeddingsProperties", "PinnedCompletionsProperties"])
+def test_pinned_properties_nest_at_most_64_levels(field: str) -> None:
+    assert accepted(Backend, {field: nest(64)})
+    for depth in (65, 1000, 100_000):
+        error = refused(Backend, {field: nest(depth)})
+        assert error.path.startswith(field) and "64 levels" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ({"options": {"temperature": float("nan")}}, ".options.temperature"),
+        ({"options": {"temperature": float("inf")}}, ".options.temperature"),
+        ({"stop": [1.0, float("-inf")]}, ".stop[1]"),
+        ({"seed": 2**64}, ".seed"),
+        ({"seed": -(2**63) - 1}, ".seed"),
+        pytest.param({"seed": 10**5000}, ".seed", id="5000-digits"),
+        ({"x": {1, 2}}, ".x"),
+        ({"x": b"bytes"}, ".x"),
+        ({"x": object()}, ".x"),
+        ({1: "non-string key"}, ""),
+    ],
+)
+def test_pinned_properties_hold_only_json_with_finite_numbers(
+    value: dict[Any, Any], path: str
+) -> None:
+    error = refused(Frontend, {"PinnedCompletionsProperties": value})
+    assert error.path == "PinnedCompletionsProperties" + path
+    assert str(error).startswith(f"PinnedCompletionsProperties{path}: ")
+
+
+def test_pinned_properties_name_the_path_of_a_nan_in_the_message() -> None:
+    error = refused(Backend, {"PinnedCompletionsProperties": {"options": {"temperature": NAN}}})
+    assert str(error).startswith(
+        "PinnedCompletionsProperties.options.temperature: NaN is not allowed; expected"
+    )
+
+
+def test_pinned_properties_take_ordinary_json_up_to_64_kib() -> None:
+    ordinary = {
+        "options": {"temperature": 0.2, "num_ctx": 8192, "seed": -(2**63), "big": 2**64 - 1},
+        "stop": ["\n", "</s>"],
+        "keep_alive": None,
+        "think": False,
+        "format": {"type": "object", "properties": {"a": {"type": "string"}}},
+    }
+    assert (
+        dict(
+            accepted(
+                Backend, {"PinnedCompletionsProperties": ordinary}
+            ).pinned_completions_properties
+        )
+        == ordinary
+    )
+    assert accepted(Backend, {"PinnedEmbeddingsProperties": {"s": "x" * 65_000}})
+    error = refused(Backend, {"PinnedEmbeddingsProperties": {"s": "x" * 65_536}})
+    assert error.path == "PinnedEmbeddingsProperties" and "64 KiB" in str(error)
+
+
+def test_pinned_properties_are_walked_without_recursion() -> None:
+    wide_and_deep = {"a": [nest(63)["k"] for _ in range(100)], "b": nest(63)}
+    assert accepted(Frontend, {"PinnedEmbeddingsProperties": wide_and_deep})
+
+
+# -- Hostname -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    [
+        "localhost",
+        "10.0.0.5",
+        "::1",
+        "fe80::1%eth0",
+        "2001:db8::8a2e:370:7334",
+        "gpu-1.rack_2.example.com",
+        "localhost.",
+        "bücher.example",
+        "a" * 63 + ".example",
+        "a" * 63,
+        "abc." + ".".join(["a" * 63] * 3) + "." + "a" * 57,
+    ],
+)
+def test_backend_hostnames_that_are_addresses_or_dns_names(hostname: str) -> None:
+    assert accepted(Backend, {"Hostname": hostname}).hostname == hostname
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    [
+        "*",
+        "a b",
+        "a\x01b",
+        "a..b",
+        ".a",
+        "a" * 64 + ".example",
+        "abcd." + ".".join(["a" * 63] * 3) + "." + "a" * 57,
+        "a" * 64,
+        "[::1]",
+        "host:80",
+        "host/path",
+        "a$b",
+        "\u2024",
+        "xn--a.example\ud800",
+        "a.\u00ad.b",
+        "",
+    ],
+)
+def test_backend_hostnames_that_would_break_every_request(hostname: str) -> None:
+    """The gateway writes every request's ``Host`` from the hostname (the idna codec for a
+    name that is not ASCII): a name it cannot write would break every request."""
+    assert refused(Backend, {"Hostname": hostname}).path == "Hostname"
+
+
+def test_a_frontend_hostname_is_star_or_a_host_name() -> None:
+    assert accepted(Frontend, {"Hostname": "*"}).hostname == "*"
+    assert accepted(Frontend, {"Hostname": "chat.example.com"}).hostname == "chat.example.com"
+    assert accepted(Frontend, {"Hostname": "10.1.2.3"}).hostname == "10.1.2.3"
+    for bad in ["*.example.com", "chat example", "a\nb", "a..b"]:
+        assert refused(Frontend, {"Hostname": bad}).path == "Hostname", bad
+
+
+# -- header-bound strings -----------------------------------------------------------------------
+
+
+def test_bearer_token_is_visible_ascii_up_to_4096() -> None:
+    assert accepted(Backend, {"BearerToken": "sk-" + "A" * 4093}).bearer_token
+    for bad in ["sk abc", "sk\r\nX: y", "sk-ü", "x" * 4097]:
+        assert refused(Backend, {"BearerToken": bad}).path == "BearerToken", bad
+
+
+def test_querystring_and_health_check_url_are_visible_ascii_without_fragment() -> None:
+    be = accepted(
+        Backend, {"Querystring": "?api-version=2024-01&x=%20", "HealthCheckUrl": "/a?b=1"}
+    )
+    assert (be.querystring, be.health_check_url) == ("api-version=2024-01&x=%20", "/a?b=1")
+    for bad in ["a=1#frag", "a=ü", "a b"]:
+        assert refused(Backend, {"Querystring": bad}).path == "Querystring", bad
+    for bad in ["/#frag", "/ü", "/a b", "health"]:
+        assert refused(Backend, {"HealthCheckUrl": bad}).path == "HealthCheckUrl", bad
+
+
+# -- numbers from the operator's JSON -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", [BIG, float("inf"), float("nan"), 1e300], ids=["5000-digits", "inf", "nan", "1e300"]
+)
+@pytest.mark.parametrize(("cls", "field"), [(Backend, "Port"), (Frontend, "TimeoutMs")])
+def test_integers_out_of_any_range_are_refused_by_name(
+    cls: type, field: str, value: object
+) -> None:
+    error = refused(cls, {field: value})
+    assert error.path == field and len(str(error)) < 200
+
+
+@pytest.mark.parametrize(
+    "value", [BIG, float("inf"), float("nan")], ids=["5000-digits", "inf", "nan"]
+)
+def test_a_number_where_a_string_belongs_is_refused_by_name(value: object) -> None:
+    assert refused(Backend, {"Identifier": value}).path == "Identifier"
+
+
+def test_a_record_read_back_from_its_wire_form_is_the_same() -> None:
+    be = accepted(
+        Backend,
+        {
+            "Hostname": "bücher.example",
+            "Headers": {"X-A": "1"},
+            "BearerToken": "t",
+            "Labels": ["a"],
+            "PinnedCompletionsProperties": {"options": {"temperature": 0.5}},
+        },
+    )
+    assert parse_record(Backend, to_wire(be))[0] == be

@@ -21,11 +21,13 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ollamaflow import __version__
 from ollamaflow.admin.errors import ApiError, write_error
 from ollamaflow.catalog import Registry
+from ollamaflow.jsonlimits import InvalidJson, loads_for_fields
 from ollamaflow.records import Backend, Frontend, parse_record
 from ollamaflow.runtime import Runtime, format_timespan
 from ollamaflow.store import (
     BackendInUse,
     DuplicateIdentifier,
+    InvalidRecord,
     StoreError,
     StoreUnavailable,
     UnknownBackends,
@@ -42,8 +44,12 @@ _STORE_ERRORS: dict[type[StoreError], int] = {
     DuplicateIdentifier: 409,
     BackendInUse: 409,
     UnknownBackends: 400,
+    InvalidRecord: 400,
     StoreUnavailable: 503,
 }
+
+#: Unknown keys named in one answer; the rest are counted.
+_UNKNOWN_NAMED = 10
 
 
 def _json(request: IRequest, data: object, status: int = 200) -> bytes:
@@ -53,13 +59,23 @@ def _json(request: IRequest, data: object, status: int = 200) -> bytes:
 
 
 def _read_json(request: IRequest) -> object:
+    """The body as JSON, with the numbers the fields judge kept as written (NaN, Infinity,
+    huge integers) so that the error names the field; 400 if it is not JSON in UTF-8 or
+    nests deeper than the limit."""
     raw = request.content.read() if request.content is not None else b""
     if not raw.strip():
         raise ApiError(400, "the request has no body; a JSON object is expected")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}") from e
+        return loads_for_fields(raw)
+    except InvalidJson as e:
+        raise ApiError(400, str(e)) from e
+
+
+def _unknown_fields(unknown: list[str]) -> str:
+    named = ", ".join(unknown[:_UNKNOWN_NAMED])
+    more = len(unknown) - _UNKNOWN_NAMED
+    tail = f" and {more} more" if more > 0 else ""
+    return f"unknown field{'s' if len(unknown) > 1 else ''}: {named}{tail}"
 
 
 def _parse(cls: type[R], request: IRequest, identifier: str | None = None) -> R:
@@ -72,7 +88,7 @@ def _parse(cls: type[R], request: IRequest, identifier: str | None = None) -> R:
     except FieldError as e:
         raise ApiError(400, str(e)) from e
     if unknown:
-        raise ApiError(400, f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        raise ApiError(400, _unknown_fields(unknown))
     return record
 
 
