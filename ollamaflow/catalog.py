@@ -5,12 +5,13 @@ and the registry through which every change is written to the store and publishe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from urllib.parse import quote
 
 import attrs
 from twisted.logger import Logger
 
 from ollamaflow.records import Backend, Frontend
-from ollamaflow.store import Snapshot, Store
+from ollamaflow.store import InvalidStoredRecord, Snapshot, Store
 
 CATCH_ALL = "*"
 
@@ -24,6 +25,10 @@ class Catalog:
     backends: Mapping[str, Backend]
     by_host: Mapping[str, Frontend]
     catch_all: Frontend | None
+    #: Stored records that did not load, left out of this catalog (see :class:`Snapshot`).
+    left_out: tuple[InvalidStoredRecord, ...] = attrs.field(
+        default=(), eq=lambda errors: tuple(e.key for e in errors)
+    )
 
     @classmethod
     def build(cls, snapshot: Snapshot) -> Catalog:
@@ -37,6 +42,7 @@ class Catalog:
             backends={be.identifier: be for be in snapshot.backends},
             by_host=by_host,
             catch_all=by_host.get(CATCH_ALL),
+            left_out=snapshot.left_out,
         )
 
     def frontend_for_host(self, host: str) -> Frontend | None:
@@ -59,12 +65,18 @@ class Registry:
     """Writes go to the store, then the fresh catalog is published to every listener.
 
     A snapshot older than the published one (two writes finishing out of order) is ignored.
+    Stored records left out of a catalog are logged once each, when first seen.
     """
 
     store: Store
     catalog: Catalog
     _listeners: list[Listener] = attrs.field(factory=list)
     _log: Logger = attrs.field(factory=Logger)
+    #: The left-out records of the published catalog, already logged.
+    _reported: frozenset[tuple[str, str, str]] = attrs.field(init=False, default=frozenset())
+
+    def __attrs_post_init__(self) -> None:
+        self._report_left_out(self.catalog)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -73,11 +85,24 @@ class Registry:
         if catalog.generation < self.catalog.generation:
             return
         self.catalog = catalog
+        self._report_left_out(catalog)
         for listener in self._listeners:
             try:
                 listener(catalog)
             except Exception:
                 self._log.failure("configuration listener {listener!r} failed", listener=listener)
+
+    def _report_left_out(self, catalog: Catalog) -> None:
+        """Warn about each left-out record not left out (for the same reason) last time."""
+        for error in catalog.left_out:
+            if error.key not in self._reported:
+                name = quote(error.identifier, safe="", errors="backslashreplace")
+                self._log.warn(
+                    "{error}; it is left out until repaired (PUT) or removed (DELETE) at {route}",
+                    error=str(error),
+                    route=f"/v1.0/{error.kind}s/{name}",
+                )
+        self._reported = frozenset(error.key for error in catalog.left_out)
 
     async def refresh(self) -> Catalog:
         self.publish(Catalog.build(await self.store.snapshot()))

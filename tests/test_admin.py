@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from harness import TOKEN, Http, Reply, start_daemon
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from ollamaflow import records
+from ollamaflow.admin import app as admin_app
 from ollamaflow.daemon import Daemon
 from ollamaflow.store import Store
 
@@ -217,6 +221,95 @@ async def test_changes_survive_a_restart(tmp_path: Path) -> None:
         assert [f["Identifier"] for f in frontends] == ["frontend1"], "seeded once only"
     finally:
         await second.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_record_that_does_not_load_is_left_out_logged_once_and_repairable(
+    tmp_path: Path,
+) -> None:
+    """A hand-edited row, or one an older version accepted, never stops the daemon."""
+    first = await start_daemon(tmp_path)
+    await Http.to(first).put("/v1.0/backends", BACKEND)
+    reply = await Http.to(first).put(
+        "/v1.0/frontends/frontend1", {"Backends": ["backend1", "gpu1"]}
+    )
+    assert reply.status == 200
+    await first.stopService()
+    database = sqlite3.connect(tmp_path / "ollamaflow.db")
+    with database:
+        database.execute(
+            "UPDATE backends SET doc = ? WHERE identifier = 'gpu1'",
+            ('{"Hostname": "10.0.0.5", "Headers": {"X-A\\r\\nX-Evil": "1"}}',),
+        )
+    database.close()
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        second = await start_daemon(tmp_path)
+        try:
+            http = Http.to(second)
+            assert [b["Identifier"] for b in (await http.get("/v1.0/backends")).json] == [
+                "backend1"
+            ]
+            listed = (await http.get("/v1.0/frontends/frontend1")).json["Backends"]
+            assert listed == ["backend1", "gpu1"], "the frontend keeps listing it"
+            assert (await http.get("/v1.0/backends/gpu1")).status == 404
+            await second.registry.refresh()
+            warnings = [
+                formatEvent(e)
+                for e in events
+                if e.get("log_level") == LogLevel.warn and "left out" in formatEvent(e)
+            ]
+            assert len(warnings) == 1, warnings
+            assert "backend 'gpu1'" in warnings[0] and "Headers" in warnings[0]
+            assert "/v1.0/backends/gpu1" in warnings[0]
+
+            reply = await http.put("/v1.0/backends/gpu1", {"Hostname": "10.0.0.6"})
+            assert reply.status == 200, reply.body
+            assert (await http.get("/v1.0/backends/gpu1")).json["Hostname"] == "10.0.0.6"
+            assert second.registry.catalog.left_out == ()
+        finally:
+            await second.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_left_out_record_can_be_deleted(tmp_path: Path) -> None:
+    first = await start_daemon(tmp_path)
+    await first.stopService()
+    database = sqlite3.connect(tmp_path / "ollamaflow.db")
+    with database:
+        database.execute("UPDATE frontends SET doc = '{\"TimeoutMs\": -1}'")
+    database.close()
+    second = await start_daemon(tmp_path)
+    try:
+        http = Http.to(second)
+        assert (await http.get("/v1.0/frontends")).json == []
+        assert (await http.delete("/v1.0/frontends/frontend1")).status == 204
+        assert (await second.store.snapshot()).left_out == ()
+        assert (await http.delete("/v1.0/backends/backend1")).status == 204, "no longer in use"
+    finally:
+        await second.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_record_that_would_not_load_back_is_400_not_500(
+    http: Http, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that skipped the admin rules (here: parsing made lenient) is refused by the
+    store before commit, and the admin API says why."""
+    real = records.parse_record
+
+    def lenient(cls: type[Any], data: Any) -> Any:
+        record, unknown = real(cls, {**data, "RequiredModels": []})
+        return attrs.evolve(record, required_models=tuple(data["RequiredModels"])), unknown
+
+    monkeypatch.setattr(admin_app, "parse_record", lenient)
+    before = await daemon.store.snapshot()
+    reply = await http.put("/v1.0/frontends/frontend1", {"RequiredModels": ["llama 3"]})
+    assert_error(reply, 400, "BadRequest", "RequiredModels[0]: ", "was not stored")
+    assert await daemon.store.snapshot() == before
 
 
 # -- bad input ------------------------------------------------------------------------------

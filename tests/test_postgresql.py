@@ -580,3 +580,32 @@ async def test_the_postgresql_settings_reach_the_server(pg: PgDatabase, tmp_path
         await store.close()
     with pytest.raises(StoreError):
         postgresql_conninfo("postgresql://[bad")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_row_another_writer_broke_is_left_out_on_every_instance_and_repaired(
+    pair: Pair, pg: PgDatabase
+) -> None:
+    """Another writer (an older version, a hand edit) commits a row this version cannot load:
+    both instances follow, leave it out, keep serving the rest, and a PUT on one repairs it."""
+    one, two = Http.to(pair.one), Http.to(pair.two)
+    reply = await one.put("/v1.0/backends", {"Identifier": "gpu1", "Hostname": "10.0.0.1"})
+    assert reply.status == 201, reply.body
+    await until(lambda: sees(two, "/v1.0/backends/gpu1"))
+    with psycopg.connect(pg.url, autocommit=True) as connection, connection.transaction():
+        connection.execute(
+            "UPDATE backends SET doc = %s WHERE identifier = 'gpu1'",
+            ('{"Hostname": "10.0.0.1", "PinnedCompletionsProperties": {"t": NaN}}',),
+        )
+        connection.execute("UPDATE config_state SET generation = generation + 1 WHERE id = 1")
+        connection.execute(POSTGRESQL.notify)
+    for http, daemon in ((one, pair.one), (two, pair.two)):
+        await until(lambda d=daemon: d.registry.catalog.left_out, what="gpu1 is left out")
+        [left_out] = daemon.registry.catalog.left_out
+        assert "PinnedCompletionsProperties.t" in left_out.reason
+        assert (await http.get("/v1.0/backends/gpu1")).status == 404
+        assert (await http.get("/v1.0/backends/backend1")).status == 200
+    reply = await two.put("/v1.0/backends/gpu1", {"Hostname": "10.0.0.2"})
+    assert reply.status == 200, reply.body
+    await until(lambda: sees(one, "/v1.0/backends/gpu1"))
+    assert pair.one.registry.catalog.left_out == () == pair.two.registry.catalog.left_out

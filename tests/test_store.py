@@ -4,6 +4,7 @@ seeding, writes and their failures."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,9 @@ import pytest
 import pytest_twisted
 from harness import create_postgresql_database, drop_postgresql_database
 from twisted.internet import reactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend, Frontend, LoadBalancing
 from ollamaflow.store import (
     POSTGRESQL,
@@ -25,6 +28,7 @@ from ollamaflow.store import (
     BackendInUse,
     Dialect,
     DuplicateIdentifier,
+    InvalidRecord,
     InvalidStoredRecord,
     NotFound,
     SchemaTooNew,
@@ -673,8 +677,178 @@ async def test_prepare_refuses_a_newer_schema_and_a_running_reactor(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stored_row_that_no_longer_parses_is_named(store: Store, db: Database) -> None:
+async def test_a_stored_row_that_no_longer_parses_is_named_and_left_out(
+    store: Store, db: Database
+) -> None:
+    await store.create_backend(Backend(identifier="gpu1", port=8000))
+    await store.replace_frontend(Frontend(identifier="frontend1", backends=("backend1", "gpu1")))
+    execute(db, "UPDATE backends SET doc = '{\"Port\": 0}' WHERE identifier = 'backend1'")
+    snapshot = await store.snapshot()
+    assert ids(snapshot.backends) == ["gpu1"], "the rest is served"
+    assert snapshot.frontends[0].backends == ("backend1", "gpu1"), "still listed"
+    [left_out] = snapshot.left_out
+    assert isinstance(left_out, InvalidStoredRecord)
+    assert (left_out.kind, left_out.identifier) == ("backend", "backend1")
+    assert left_out.reason.startswith("Port: 0 is not allowed; expected")
+    assert "backend 'backend1'" in str(left_out)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    ("table", "doc", "mentions"),
+    [
+        ("frontends", '{"RequiredModels": ["llama 3"]}', "RequiredModels[0]"),
+        (
+            "frontends",
+            '{"PinnedCompletionsProperties": {"t": NaN}}',
+            "PinnedCompletionsProperties.t",
+        ),
+        ("frontends", "not json", "Expecting value"),
+        ("frontends", "[1]", "not a JSON object"),
+        ("frontends", "[" * 100_000 + "]" * 100_000, "deep"),
+        ("backends", '{"Headers": {"Host": "x"}}', "Headers.Host"),
+        ("backends", '{"Hostname": "a b"}', "Hostname"),
+    ],
+)
+async def test_every_kind_of_unloadable_row_is_left_out(
+    store: Store, db: Database, table: str, doc: str, mentions: str
+) -> None:
+    execute(db, f"UPDATE {table} SET doc = ?", (doc,))
+    snapshot = await store.snapshot()
+    [left_out] = snapshot.left_out
+    assert left_out.kind == table[:-1] and mentions in left_out.reason
+    assert ids(getattr(snapshot, table)) == []
+    other = "backends" if table == "frontends" else "frontends"
+    assert len(getattr(snapshot, other)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_left_out_record_is_repaired_by_replace_or_removed_by_delete(
+    store: Store, db: Database
+) -> None:
     execute(db, "UPDATE backends SET doc = '{\"Port\": 0}'")
-    with pytest.raises(InvalidStoredRecord) as caught:
-        await store.snapshot()
-    assert "backend 'backend1'" in str(caught.value) and "Port" in str(caught.value)
+    execute(db, 'UPDATE frontends SET doc = \'{"Hostname": "a b"}\'')
+    assert ids((await store.snapshot()).backends) == []
+    await store.replace_backend(Backend(identifier="backend1", port=8000))
+    await store.replace_frontend(Frontend(identifier="frontend1", backends=("backend1",)))
+    snapshot = await store.snapshot()
+    assert snapshot.left_out == ()
+    assert [be.port for be in snapshot.backends] == [8000] and ids(snapshot.frontends) == [
+        "frontend1"
+    ]
+    execute(db, 'UPDATE frontends SET doc = \'{"Hostname": "a b"}\'')
+    await store.delete_frontend("frontend1")
+    snapshot = await store.snapshot()
+    assert snapshot.left_out == () and snapshot.frontends == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepare_starts_with_a_bad_row_and_serves_the_rest(
+    db: Database, now: FakeNow
+) -> None:
+    store, _ = db.prepare(NotYetRunning(reactor), now)
+    await store.create_backend(Backend(identifier="gpu1"))
+    await store.close()
+    execute(db, "UPDATE backends SET doc = '{\"Port\": 0}' WHERE identifier = 'backend1'")
+    store, snapshot = db.prepare(NotYetRunning(reactor), now)
+    await store.close()
+    assert ids(snapshot.backends) == ["gpu1"] and ids(snapshot.frontends) == ["frontend1"]
+    assert [(e.kind, e.identifier) for e in snapshot.left_out] == [("backend", "backend1")]
+
+
+# -- a record that could not be loaded back is never written ---------------------------------
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    ("models", "field"),
+    [
+        (("llama3", "x" * 701), "RequiredModels[1]"),
+        (("llama 3",), "RequiredModels[0]"),
+        (("",), "RequiredModels[0]"),
+        (tuple(f"m{i}" for i in range(1025)), "RequiredModels"),
+    ],
+    ids=["701-characters", "a-space", "empty", "1025-names"],
+)
+async def test_a_frontend_that_would_not_load_back_is_refused_before_commit(
+    store: Store, db: Database, models: tuple[str, ...], field: str
+) -> None:
+    """Another code path (the gateway's /api/pull) evolves a frontend without validation."""
+    registry = Registry(store, Catalog.build(await store.snapshot()))
+    frontend = registry.catalog.frontends["frontend1"]
+    before = db.fingerprint()
+    with pytest.raises(InvalidRecord) as caught:
+        await registry.replace_frontend(attrs.evolve(frontend, required_models=models))
+    assert str(caught.value).startswith(f"{field}: ")
+    assert "frontend 'frontend1'" in str(caught.value)
+    assert db.fingerprint() == before, "nothing written, not even the generation"
+    with pytest.raises(InvalidRecord):
+        await store.create_frontend(Frontend(identifier="new", required_models=models))
+    assert db.fingerprint() == before
+    assert (await store.snapshot()).left_out == ()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            {"pinned_completions_properties": {"o": {"t": math.nan}}},
+            "PinnedCompletionsProperties.o.t",
+        ),
+        ({"pinned_embeddings_properties": {"x": {1, 2}}}, "PinnedEmbeddingsProperties.x"),
+        ({"headers": {"X-A": "1\r\nX-Evil: 2"}}, "Headers.X-A"),
+        ({"hostname": "a\nb"}, "Hostname"),
+        ({"identifier": "\ud800"}, "Identifier"),
+        ({"identifier": ".."}, "Identifier"),
+        ({"port": 10**5000}, "Port"),
+        ({"labels": ["a b"]}, "Labels[0]"),
+        ({"name": "\udfff"}, "Name"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+async def test_a_backend_that_would_not_load_back_is_refused_before_commit(
+    store: Store, db: Database, change: dict[str, Any], field: str
+) -> None:
+    before = db.fingerprint()
+    be = attrs.evolve(Backend(identifier="backend1"), **change)
+    with pytest.raises(InvalidRecord) as caught:
+        await store.replace_backend(be)
+    assert str(caught.value).startswith(f"{field}: ")
+    with pytest.raises(InvalidRecord):
+        await store.create_backend(be)  # checked before the duplicate identifier
+    assert db.fingerprint() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_registry_logs_each_left_out_record_once(store: Store, db: Database) -> None:
+    execute(db, "UPDATE backends SET doc = '{\"Port\": 0}'")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        registry = Registry(store, Catalog.build(await store.snapshot()))
+        await registry.refresh()
+        await registry.create_backend(Backend(identifier="gpu1"))
+        first = left_out_warnings(events)
+        execute(db, 'UPDATE frontends SET doc = \'{"Hostname": "a b"}\'')
+        await registry.refresh()
+        await registry.refresh()
+        second = left_out_warnings(events)[len(first) :]
+        await registry.replace_backend(Backend(identifier="backend1"))
+        execute(db, "UPDATE backends SET doc = '{\"Port\": 0}' WHERE identifier = 'backend1'")
+        await registry.refresh()
+        third = left_out_warnings(events)[len(first) + len(second) :]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(first) == 1 and "backend 'backend1'" in first[0] and "Port: 0" in first[0]
+    assert len(second) == 1 and "frontend 'frontend1'" in second[0] and "Hostname" in second[0]
+    assert len(third) == 1 and "backend 'backend1'" in third[0], "broken again: said again"
+    assert list(registry.catalog.backends) == ["gpu1"]
+
+
+def left_out_warnings(events: list[dict[str, Any]]) -> list[str]:
+    return [
+        formatEvent(e)
+        for e in events
+        if e.get("log_level") == LogLevel.warn and "left out" in formatEvent(e)
+    ]

@@ -77,14 +77,40 @@ class SchemaTooNew(StoreError):
 
 @attrs.define(auto_exc=True)
 class InvalidStoredRecord(StoreError):
-    """A stored row no longer parses as a record (edited by hand, or a stricter field)."""
+    """A stored row no longer parses as a record (edited by hand, or a stricter field).
+
+    Not raised by reads: a snapshot leaves the row out and lists this in ``left_out``."""
+
+    kind: str
+    identifier: str
+    reason: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What tells two of these apart (exceptions themselves compare by identity)."""
+        return (self.kind, self.identifier, self.reason)
+
+    def __str__(self) -> str:
+        return f"stored {self.kind} {_name(self.identifier)} is not valid: {self.reason}"
+
+
+@attrs.define(auto_exc=True)
+class InvalidRecord(StoreError):
+    """A record refused before writing: it would be stored in a form that does not load back
+    (it skipped the admin API's checks). ``reason`` names the field."""
 
     kind: str
     identifier: str
     reason: str
 
     def __str__(self) -> str:
-        return f"stored {self.kind} {self.identifier!r} is not valid: {self.reason}"
+        return f"{self.reason}; {self.kind} {_name(self.identifier)} was not stored"
+
+
+def _name(identifier: str) -> str:
+    """An identifier for a message: quoted, escaped and cut (it may be anything)."""
+    text = repr(identifier)
+    return text if len(text) <= 80 else text[:76] + "...'"
 
 
 class StoreClosed(StoreError):

@@ -28,6 +28,7 @@ from ollamaflow.store.errors import (
     BackendInUse,
     DatabaseRefused,
     DuplicateIdentifier,
+    InvalidRecord,
     InvalidStoredRecord,
     NotFound,
     StoreClosed,
@@ -52,6 +53,10 @@ R = TypeVar("R", Frontend, Backend)
 _COLUMN_KEYS = frozenset({"Identifier", "Backends", "CreatedUtc", "LastUpdateUtc"})
 
 
+def _left_out_key(left_out: tuple[InvalidStoredRecord, ...]) -> tuple[tuple[str, str, str], ...]:
+    return tuple(e.key for e in left_out)
+
+
 @attrs.frozen
 class Snapshot:
     """The whole configuration as of one generation; records in creation order."""
@@ -59,6 +64,10 @@ class Snapshot:
     generation: int
     frontends: tuple[Frontend, ...]
     backends: tuple[Backend, ...]
+    #: Stored rows that do not load (edited by hand, or refused by a stricter field): left out
+    #: so that the rest still serves, each naming its record and why. A frontend that lists a
+    #: left-out backend keeps listing it; a PUT of the record repairs it, a DELETE removes it.
+    left_out: tuple[InvalidStoredRecord, ...] = attrs.field(default=(), eq=_left_out_key)
 
 
 #: Connections in a PostgreSQL store's pool (each in its own thread) unless told otherwise.
@@ -240,10 +249,12 @@ class Store:
 
     async def create_frontend(self, fe: Frontend) -> Frontend:
         """Store a new frontend, stamped with the current time; returns it as stored."""
+        _check_loadable(fe)
         return await self._write(_create_frontend, fe, self._utcnow())
 
     async def replace_frontend(self, fe: Frontend) -> Frontend:
         """Replace a frontend's fields and backends; keeps CreatedUtc, moves LastUpdateUtc."""
+        _check_loadable(fe)
         return await self._write(_replace_frontend, fe, self._utcnow())
 
     async def delete_frontend(self, identifier: str) -> None:
@@ -252,10 +263,12 @@ class Store:
 
     async def create_backend(self, be: Backend) -> Backend:
         """Store a new backend, stamped with the current time; returns it as stored."""
+        _check_loadable(be)
         return await self._write(_create_backend, be, self._utcnow())
 
     async def replace_backend(self, be: Backend) -> Backend:
         """Replace a backend's fields; keeps CreatedUtc, moves LastUpdateUtc."""
+        _check_loadable(be)
         return await self._write(_replace_backend, be, self._utcnow())
 
     async def delete_backend(self, identifier: str, *, force: bool = False) -> tuple[str, ...]:
@@ -433,24 +446,31 @@ def _read_snapshot(cursor: Cursor, dialect: Dialect) -> Snapshot:
         "SELECT frontend_id, backend_id FROM frontend_backends ORDER BY frontend_id, position",
     ).fetchall():
         links.setdefault(frontend_id, []).append(backend_id)
-    frontends = tuple(
-        _record(Frontend, row, tuple(links.get(row[0], ())))
-        for row in dialect.execute(
-            cursor,
-            "SELECT identifier, doc, created_utc, last_update_utc FROM frontends ORDER BY seq",
-        ).fetchall()
-    )
-    backends = tuple(
-        _record(Backend, row, None)
-        for row in dialect.execute(
-            cursor,
-            "SELECT identifier, doc, created_utc, last_update_utc FROM backends ORDER BY seq",
-        ).fetchall()
-    )
-    return Snapshot(generation, frontends, backends)
+    left_out: list[InvalidStoredRecord] = []
+    frontends: list[Frontend] = []
+    for row in dialect.execute(
+        cursor,
+        "SELECT identifier, doc, created_utc, last_update_utc FROM frontends ORDER BY seq",
+    ).fetchall():
+        try:
+            frontends.append(_record(Frontend, row, tuple(links.get(row[0], ()))))
+        except InvalidStoredRecord as e:
+            left_out.append(e)
+    backends: list[Backend] = []
+    for row in dialect.execute(
+        cursor,
+        "SELECT identifier, doc, created_utc, last_update_utc FROM backends ORDER BY seq",
+    ).fetchall():
+        try:
+            backends.append(_record(Backend, row, None))
+        except InvalidStoredRecord as e:
+            left_out.append(e)
+    return Snapshot(generation, tuple(frontends), tuple(backends), tuple(left_out))
 
 
 def _record(cls: type[R], row: Sequence[Any], backends: tuple[str, ...] | None) -> R:
+    """One stored row as a record; :class:`InvalidStoredRecord` (naming the field) if it does
+    not load."""
     identifier, doc, created_utc, last_update_utc = row
     kind = cls.__name__.lower()
     try:
@@ -467,6 +487,9 @@ def _record(cls: type[R], row: Sequence[Any], backends: tuple[str, ...] | None) 
             created_utc=_parse_utc(created_utc),
             last_update_utc=_parse_utc(last_update_utc),
         )
+    except RecursionError as e:
+        reason = "the stored document nests too deep to read"
+        raise InvalidStoredRecord(kind, identifier, reason) from e
     except (ValueError, TypeError, FieldError) as e:
         raise InvalidStoredRecord(kind, identifier, str(e)) from e
 
@@ -476,8 +499,65 @@ def _parse_utc(text: str) -> datetime:
 
 
 def _doc(record: Frontend | Backend) -> str:
-    wire = {k: v for k, v in to_wire(record).items() if k not in _COLUMN_KEYS}
-    return json.dumps(wire, separators=(",", ":"))
+    return _encode(_document(record))
+
+
+def _document(record: Frontend | Backend) -> dict[str, object]:
+    return {k: v for k, v in to_wire(record).items() if k not in _COLUMN_KEYS}
+
+
+def _encode(document: dict[str, object]) -> str:
+    return json.dumps(document, separators=(",", ":"), allow_nan=False)
+
+
+#: What writing a record built in code with the wrong types may raise.
+_UNENCODABLE = (ValueError, TypeError, AttributeError, RecursionError)
+
+#: Any valid time: the check below loads a row as a snapshot would, stamps included.
+_SOME_TIME = "2000-01-01T00:00:00.000000Z"
+
+
+def _check_loadable(record: R) -> None:
+    """Refuse, before any SQL, a record that would be stored in a form that does not load
+    back: written as it would be, then read as :func:`_read_snapshot` reads it.
+
+    Records from the admin API always pass; this stops one built in code without its checks
+    (``attrs.evolve``) from making the database unloadable. Raises :class:`InvalidRecord`
+    naming the field. Pure CPU on a bounded record, so fine on the reactor thread.
+    """
+    cls = type(record)
+    kind = cls.__name__.lower()
+    identifier = (
+        record.identifier if isinstance(record.identifier, str) else repr(record.identifier)
+    )
+    try:
+        doc = _encode(_document(record))
+    except _UNENCODABLE as e:
+        raise InvalidRecord(kind, identifier, _unencodable(record, e)) from e
+    backends = record.backends if isinstance(record, Frontend) else None
+    row = (record.identifier, doc, _SOME_TIME, _SOME_TIME)
+    try:
+        _record(cls, row, backends)
+    except InvalidStoredRecord as e:
+        raise InvalidRecord(kind, identifier, e.reason) from e
+
+
+def _unencodable(record: Frontend | Backend, error: Exception) -> str:
+    """Why a record could not be written as JSON, naming the field (the encoder does not)."""
+    try:
+        wire = to_wire(record)
+        from_wire(type(record), wire)
+    except FieldError as e:
+        return str(e)
+    except _UNENCODABLE:
+        pass
+    else:
+        for key, value in wire.items():
+            try:
+                _encode({key: value})
+            except _UNENCODABLE as e:
+                return f"{key}: cannot be written as JSON ({type(e).__name__})"
+    return f"cannot be written as JSON ({type(error).__name__})"
 
 
 def _insert(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: datetime) -> None:
