@@ -1,8 +1,10 @@
 """The main listener: which requests go where, and the connections it keeps.
 
-Everything outside ``/v1.0/`` is client traffic for the gateway, served on the lean path of
-:mod:`ollamaflow.server`. The admin API (``/v1.0/``), ``GET /metrics`` and ``GET /`` are
-twisted.web resources under :class:`Root`, carried over the same connections.
+Requests are routed on their normalised path (:mod:`ollamaflow.server.target`). Every path that
+starts with ``/v1.0`` is the admin API's, even ``/v1.0x``, so that a mistyped admin URL is
+refused by it instead of carrying its token to a backend. ``GET /metrics`` and ``GET /`` are ours
+too; those are twisted.web resources under :class:`Root`. Everything else is client traffic for
+the gateway, served on the lean path of :mod:`ollamaflow.server`, over the same connections.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from ollamaflow.server.connection import GatewayExchange, HTTPConnection
 from ollamaflow.server.request import ClientRequest
 from ollamaflow.server.web import WebStream
 
-ADMIN_PREFIX = b"/v1.0/"
+#: Every path that starts with this is the admin API's (its routes are under ``/v1.0/``).
+ADMIN_PREFIX = b"/v1.0"
 #: The admin API's records are small; anything larger is a mistake or an attack.
 ADMIN_MAX_BODY = 1 << 20
 OLLAMA_IS_RUNNING = b"Ollama is running"
@@ -48,8 +51,9 @@ class GatewayLike(Protocol):
 
 
 def is_web(method: bytes, path: bytes, metrics: bool) -> bool:
-    """Whether a request is for the admin API or a page of ours, not for the gateway."""
-    if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX[:-1]:
+    """Whether a request is for the admin API or a page of ours, not for the gateway;
+    ``path`` is normalised."""
+    if path.startswith(ADMIN_PREFIX):
         return True
     if method not in (b"GET", b"HEAD"):
         return False
@@ -57,7 +61,8 @@ def is_web(method: bytes, path: bytes, metrics: bool) -> bool:
 
 
 class Root(Resource):
-    """The twisted.web side: ``/v1.0/`` to the admin API, ``/`` answered here, ``/metrics``."""
+    """The twisted.web side: anything under ``/v1.0`` to the admin API, ``/metrics``, and
+    ``/`` answered here."""
 
     isLeaf = True
 
@@ -68,7 +73,7 @@ class Root(Resource):
 
     def render(self, request: server.Request) -> Any:
         path = request.path
-        if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX[:-1]:
+        if path.startswith(ADMIN_PREFIX):
             return self.admin.render(request)
         if path == METRICS_PATH and self.metrics is not None:
             return self.metrics.render(request)
@@ -112,7 +117,8 @@ class WebSite(server.Site):
 
 
 def error_body(path: bytes, status: int, message: str) -> bytes:
-    """An error in the dialect of the path: the admin API's, OpenAI's or Ollama's."""
+    """An error in the dialect of the path: the admin API's, OpenAI's or Ollama's (a path that
+    could not be normalised is given raw: its prefix still tells)."""
     if path.startswith(ADMIN_PREFIX):
         return admin_error_body(status, message)
     return gateway_error_body(path, status, message)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from harness import TOKEN, Http, start_daemon, until
+from recorder import Recorder, start_recorder
 from twisted.internet import reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -28,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.headers import to_client
 from ollamaflow.listener import OLLAMA_IS_RUNNING, Listener, Root
 from ollamaflow.server.connection import IN_MEMORY_BODY, MAX_FIELDS, MAX_HEAD, HTTPConnection
@@ -337,7 +341,7 @@ def error_message(response: Response, status: int, path: bytes = b"/api/tags") -
     assert response.status == status
     assert response.header(b"content-type") == b"application/json"
     document = response.json()
-    if path.startswith(b"/v1.0/"):
+    if path.startswith(b"/v1.0"):
         assert set(document) == {"Error", "Message", "StatusCode", "Description"}
         assert document["StatusCode"] == status
         return str(document["Description"])
@@ -1094,7 +1098,14 @@ def test_root_get_and_head_are_answered_by_twisted_web() -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [(b"POST", b"/"), (b"DELETE", b"/"), (b"GET", b"/metrics"), (b"GET", b"/v1.00")],
+    [
+        (b"POST", b"/"),
+        (b"DELETE", b"/"),
+        (b"GET", b"/metrics"),
+        (b"GET", b"/v1/backends"),
+        (b"GET", b"/v1.1/backends"),
+        (b"GET", b"/v10/backends"),
+    ],
 )
 def test_other_requests_go_to_the_gateway(method: bytes, path: bytes) -> None:
     server = Server()
@@ -1564,6 +1575,166 @@ def test_to_client_without_a_connection_field() -> None:
     assert response.header(b"date") == b"d", "the backend's Date is kept"
 
 
+# -- 20. the path every layer sees: decoded and normalised (issue #14) -----------------------------
+
+DECODED = [
+    ("encoded letter", b"/api/%63hat", b"/api/chat", b"/api/chat"),
+    (
+        "encoded letter, query as received",
+        b"/v1/chat/%63ompletions?stream=%74rue&a=b//c/../d",
+        b"/v1/chat/completions",
+        b"/v1/chat/completions?stream=%74rue&a=b//c/../d",
+    ),
+    ("encoded letter, embed", b"/api/%65mbed", b"/api/embed", b"/api/embed"),
+    ("encoded slash", b"/api%2Fgenerate", b"/api/generate", b"/api/generate"),
+    ("double slashes", b"//api//generate", b"/api/generate", b"/api/generate"),
+    ("dot segments", b"/x/../api/./show?n=1", b"/api/show", b"/api/show?n=1"),
+    ("UTF-8 re-encoded", b"/api/blobs/caf%c3%a9", b"/api/blobs/caf%C3%A9", b"/api/blobs/caf%C3%A9"),
+    ("escape kept", b"/api/a%25b/%2e", b"/api/a%25b/", b"/api/a%25b/"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "uri"), [c[1:] for c in DECODED], ids=[c[0] for c in DECODED]
+)
+def test_the_gateway_sees_the_decoded_normalised_path_and_the_query_as_received(
+    target: bytes, path: bytes, uri: bytes
+) -> None:
+    server = Server()
+    conn = server.connect()
+    conn.send(http(b"POST", target, body=b"{}"))
+    (request,) = server.gateway.requests
+    assert (request.path, request.uri) == (path, uri)
+    assert server.limit_calls == [(path, b"flow.example")]
+    assert conn.response().body == b"gateway POST " + uri
+    assert not conn.closed
+
+
+def test_an_absolute_form_target_is_normalised_too() -> None:
+    server = Server()
+    conn = server.connect()
+    conn.send(b"GET http://flow.example//api/%74ags?x=%2F HTTP/1.1\r\n\r\n")
+    (request,) = server.gateway.requests
+    assert (request.path, request.uri) == (b"/api/tags", b"/api/tags?x=%2F")
+    assert request.getHeader(b"host") == b"flow.example"
+
+
+#: Paths that cannot be decoded, or climb above the root; the path whose dialect the 400 is in.
+UNDECODABLE = [
+    ("malformed escape", b"/api/%zz", b"/api/"),
+    ("truncated escape", b"/api/chat%4", b"/api/"),
+    ("NUL", b"/api/chat%00", b"/api/"),
+    ("DEL", b"/api/chat%7F", b"/api/"),
+    ("not UTF-8", b"/api/%ff", b"/api/"),
+    ("above the root", b"/..", b"/"),
+    ("above the root, encoded", b"/api/%2e%2e/%2E%2E/..", b"/api/"),
+    ("openai, not UTF-8", b"/v1/chat/%ff?stream=true", b"/v1/"),
+    ("openai, above the root", b"/v1/../../v1.0/backends", b"/v1/"),
+    ("admin, not UTF-8", b"/v1.0/backends/%ff", b"/v1.0/"),
+    ("admin, malformed escape", b"/v1.0/backends/%zz", b"/v1.0/"),
+    ("admin after a double slash", b"//v1.0/backends/%ff", b"/v1.0/"),
+    ("admin, mistyped", b"/v1.0x/%zz", b"/v1.0x"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "dialect"), [c[1:] for c in UNDECODABLE], ids=[c[0] for c in UNDECODABLE]
+)
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+def test_a_path_that_cannot_be_normalised_is_400_in_the_dialect_of_its_raw_prefix(
+    method: bytes, target: bytes, dialect: bytes
+) -> None:
+    server = Server()
+    conn = server.connect()
+    conn.send(http(method, target, body=b"{}" if method == b"POST" else b""))
+    assert_rejected(server, conn, 400, dialect)
+    assert server.limit_calls == [], "nothing is asked about a path that cannot be served"
+
+
+def test_a_path_error_after_a_good_request_closes_the_connection() -> None:
+    server = Server()
+    conn = server.connect()
+    conn.send(get(b"/api/%74ags") + get(b"/api/%zz") + get(b"/never"))
+    good, bad = conn.responses()
+    assert good.body == b"gateway GET /api/tags"
+    assert "percent" in error_message(bad, 400, b"/api/")
+    assert conn.closed
+    assert [r.uri for r in server.gateway.requests] == [b"/api/tags"]
+
+
+#: Targets the admin side answers (never the gateway): the path and uri it sees.
+ADMIN_TARGETS = [
+    ("double slash", b"//v1.0/backends", b"/v1.0/backends", b"/v1.0/backends"),
+    ("typo after the version", b"/v1.0x/backends", b"/v1.0x/backends", b"/v1.0x/backends"),
+    ("version alone", b"/v1.0", b"/v1.0", b"/v1.0"),
+    ("longer version", b"/v1.00", b"/v1.00", b"/v1.00"),
+    ("encoded", b"/%761.0/backends?x=%2F", b"/v1.0/backends", b"/v1.0/backends?x=%2F"),
+    ("encoded slash", b"/v1.0%2Fbackends", b"/v1.0/backends", b"/v1.0/backends"),
+    ("dot segments", b"/api/../v1.0/./frontends", b"/v1.0/frontends", b"/v1.0/frontends"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "uri"), [c[1:] for c in ADMIN_TARGETS], ids=[c[0] for c in ADMIN_TARGETS]
+)
+@pytest.mark.parametrize("method", [b"GET", b"PUT", b"DELETE"])
+def test_every_path_that_normalises_under_v1_0_goes_to_the_admin_side(
+    method: bytes, target: bytes, path: bytes, uri: bytes
+) -> None:
+    server = Server()
+    conn = server.connect()
+    conn.send(http(method, target, body=b"{}" if method == b"PUT" else b""))
+    document = conn.response().json()
+    assert (document["method"], document["path"], document["uri"]) == (
+        method.decode(),
+        path.decode(),
+        uri.decode(),
+    )
+    assert server.gateway.requests == []
+    assert server.limit_calls == [(path, b"flow.example")]
+
+
+@pytest.mark.parametrize("target", [b"//", b"/./", b"/a/..", b"/%2e/"])
+def test_a_path_that_normalises_to_the_root_is_answered_like_the_root(target: bytes) -> None:
+    server = Server()
+    conn = server.connect()
+    conn.send(get(target))
+    assert conn.response().body == OLLAMA_IS_RUNNING
+    assert server.gateway.requests == []
+
+
+# -- 21. memory fed by clients is bounded in count and in bytes ------------------------------------
+
+
+def test_only_short_header_names_are_remembered() -> None:
+    server = Server()
+    conn = server.connect()
+    short = b"X-" + b"s" * 62
+    long = b"X-" + b"l" * 63
+    huge = b"X-" + b"h" * 60_000
+    conn.send(get(b"/api/tags", short + b": 1", long + b": 2", huge + b": 3"))
+    (request,) = server.gateway.requests
+    assert [value for _, value in request.headers[1:]] == [b"1", b"2", b"3"]
+    assert request.getHeader(long.lower()) == b"2"
+    assert request.getHeader(huge.lower()) == b"3"
+    assert conn.response().status == 200
+    names = server.listener.header_names
+    assert names[short] == short.lower()
+    assert long not in names and huge not in names
+
+
+def test_header_names_remembered_stay_within_count_and_bytes() -> None:
+    server = Server()
+    conn = server.connect()
+    for i in range(1200):
+        conn.send(get(b"/a", b"X-%d-%s: 1" % (i, b"n" * 58), b"X-%d-%s: 1" % (i, b"n" * 900)))
+    assert len(conn.responses()) == 1200
+    names = server.listener.header_names
+    assert len(names) <= 1000
+    assert all(len(name) <= 64 for name in names)
+    assert sum(len(name) + len(lower) for name, lower in names.items()) <= 1000 * 2 * 64
+
+
 # -- over a real socket ----------------------------------------------------------------------------
 
 
@@ -1688,3 +1859,120 @@ async def test_over_a_socket_a_large_body_after_100_continue_and_a_streamed_answ
         await gone(server.listener)
     finally:
         await close(port, client)
+
+
+# -- over a real socket, against the daemon: the admin API and a recording backend -----------------
+
+
+@dataclass
+class Guarded:
+    """A daemon whose frontend1 sends client traffic to a recording backend (no completions)."""
+
+    daemon: Daemon
+    recorder: Recorder
+
+    async def send(self, data: bytes) -> Response:
+        """One request's bytes on a new connection (the request closes it); its response."""
+        client = await connect_raw(self.daemon.listening)
+        client.send(data)
+        await client.closed.addTimeout(5, reactor)
+        (response,) = parse_responses(client.data, eof=True)
+        return response
+
+    def forwarded(self) -> list[bytes]:
+        """The targets of what the recorder got, less its health checks and model reads."""
+        return [s.uri for s in self.recorder.seen if s.uri not in (b"/", b"/api/tags", b"/api/ps")]
+
+    def saw_the_token(self) -> bool:
+        return any(f"Bearer {TOKEN}" in s.header("authorization") for s in self.recorder.seen)
+
+
+@pytest_twisted.async_yield_fixture
+async def guarded(tmp_path: Path) -> AsyncIterator[Guarded]:
+    daemon = await start_daemon(tmp_path)
+    recorder = start_recorder(reactor)
+    try:
+        admin = Http.to(daemon)
+        host, port = recorder.address
+        record = {"Identifier": "recorder", "Hostname": host, "Port": port}
+        assert (await admin.put("/v1.0/backends", record)).status == 201
+        frontend = {"Backends": ["recorder"], "AllowCompletions": False}
+        assert (await admin.put("/v1.0/frontends/frontend1", frontend)).status == 200
+        await until(lambda: daemon.runtime.state("recorder").healthy, what="recorder healthy")
+        yield Guarded(daemon, recorder)
+    finally:
+        assert recorder.port is not None
+        await maybeDeferred(recorder.port.stopListening)
+        await daemon.stopService()
+
+
+def request_bytes(method: bytes, target: bytes, *fields: bytes, body: bytes = b"") -> bytes:
+    return http(method, target, b"Connection: close", *fields, body=body, host=b"localhost")
+
+
+ADMIN = b"Authorization: Bearer " + TOKEN.encode()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    ("target", "status"), [(b"//v1.0/backends", 200), (b"/v1.0x/backends", 404)]
+)
+async def test_over_a_socket_a_mistyped_admin_url_reaches_the_admin_api_never_a_backend(
+    guarded: Guarded, target: bytes, status: int
+) -> None:
+    anonymous = await guarded.send(request_bytes(b"GET", target))
+    assert error_message(anonymous, 401, b"/v1.0") == (
+        "a valid 'Authorization: Bearer <token>' is required"
+    )
+    authorized = await guarded.send(request_bytes(b"GET", target, ADMIN))
+    assert authorized.status == status, authorized.body
+    if status == 200:
+        identifiers = {record["Identifier"] for record in authorized.json()}
+        assert "recorder" in identifiers
+    else:
+        assert "no route /v1.0x/backends" in error_message(authorized, 404, b"/v1.0")
+    assert guarded.forwarded() == []
+    assert not guarded.saw_the_token()
+    control = await guarded.send(request_bytes(b"GET", b"/api/%76ersion", ADMIN))
+    assert control.status == 200
+    assert guarded.forwarded() == [b"/api/version"], "the recorder does get client traffic"
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_a_socket_a_path_that_is_not_utf_8_is_a_json_400_of_the_admin_api(
+    guarded: Guarded,
+) -> None:
+    for fields in [(), (ADMIN,)]:
+        response = await guarded.send(request_bytes(b"GET", b"/v1.0/backends/%ff", *fields))
+        assert response.status == 400
+        assert response.header(b"content-type") == b"application/json"
+        document = response.json()
+        assert set(document) == {"Error", "Message", "StatusCode", "Description"}
+        assert (document["Error"], document["StatusCode"]) == ("BadRequest", 400)
+        assert "UTF-8" in document["Description"]
+    assert guarded.forwarded() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_a_socket_an_encoded_path_gets_the_policy_of_the_path_it_decodes_to(
+    guarded: Guarded,
+) -> None:
+    body = b'{"model": "llama3", "messages": []}'
+    for target in [b"/api/%63hat", b"/v1/chat/%63ompletions", b"/api%2Fgenerate", b"//api/chat"]:
+        response = await guarded.send(request_bytes(b"POST", target, body=body))
+        assert response.status == 403, (target, response.body)
+    assert guarded.forwarded() == []
+    response = await guarded.send(request_bytes(b"GET", b"/api/%73tatus?x=%2F"))
+    assert response.status == 200
+    assert guarded.forwarded() == [b"/api/status?x=%2F"], "forwarded decoded, query as sent"
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_a_socket_a_mistyped_admin_url_has_the_admin_body_limit(
+    guarded: Guarded,
+) -> None:
+    big = b"x" * (2 << 20)
+    head = request_bytes(b"PUT", b"/v1.0x/backends", ADMIN, body=big)[: -len(big)]
+    response = await guarded.send(head)
+    assert "1048576" in error_message(response, 413, b"/v1.0")
+    assert guarded.forwarded() == []

@@ -4,7 +4,8 @@ Twisted's ``HTTPChannel`` and ``Request`` cost more than everything else a proxi
 (a line callback per header field, a ``Headers`` object each way, a dozen attributes and
 Deferreds per request): on two cores they cap a do-nothing ``Site`` at a tenth of what nginx
 proxies. Here the request head is parsed in one pass, and the request goes to one of two
-handlers that the listener chooses from its method and path (:meth:`Listener.exchange`): client
+handlers that the listener chooses from its method and its path, decoded and normalised as
+Ollama routes it (:mod:`ollamaflow.server.target`, :meth:`Listener.exchange`): client
 traffic to the gateway as a :class:`ClientRequest`, the admin API and the other pages as
 ordinary twisted.web requests carried by :class:`WebStream`.
 
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
 from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.target import PLAIN_TARGET, PathError, normalize_target
 
 if TYPE_CHECKING:
     from ollamaflow.listener import Listener
@@ -48,8 +50,10 @@ _ABSOLUTE = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?\Z", re.IGNORECAS
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
 _METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
-#: Distinct header field names remembered as valid, with their lower-case form.
+#: Distinct header field names remembered as valid, with their lower-case form; only names of
+#: up to _MAX_NAME_REMEMBERED bytes (longer ones are checked each time), so about 128 KB at most.
 _MAX_NAMES = 1000
+_MAX_NAME_REMEMBERED = 64
 
 # Phases: reading a head, a body (by length, or chunked), then busy until the response ends.
 _HEAD = 0
@@ -292,14 +296,23 @@ class HTTPConnection(TwistedProtocol):
         if method not in _METHODS and not _TOKEN.match(method):
             raise BadRequest(400, "invalid request method")
         authority = None
-        if not _TARGET.match(target):
-            absolute = _ABSOLUTE.match(target)
-            if absolute is None:
-                raise BadRequest(400, "invalid request target")
-            authority, target = absolute.group(1), absolute.group(2) or b"/"
-            if target.startswith(b"?"):
-                target = b"/" + target  # an empty path is "/" (RFC 9112 3.2.2)
-        path = self._path = target.partition(b"?")[0]
+        if PLAIN_TARGET.match(target):
+            path = target.partition(b"?")[0]  # nothing to decode or normalise
+        else:
+            if not _TARGET.match(target):
+                absolute = _ABSOLUTE.match(target)
+                if absolute is None:
+                    raise BadRequest(400, "invalid request target")
+                authority, target = absolute.group(1), absolute.group(2) or b"/"
+                if target.startswith(b"?"):
+                    target = b"/" + target  # an empty path is "/" (RFC 9112 3.2.2)
+            try:
+                target, path = normalize_target(target)
+            except PathError as e:
+                # The error's dialect from the raw path ("//v1.0/..." is the admin API's).
+                self._path = b"/" + target.partition(b"?")[0].lstrip(b"/")
+                raise BadRequest(400, str(e)) from None
+        self._path = path
         if len(lines) > MAX_FIELDS + 1:
             raise BadRequest(431, f"more than {MAX_FIELDS} header fields")
         names = self.factory.header_names
@@ -317,7 +330,7 @@ class HTTPConnection(TwistedProtocol):
                 if not _TOKEN.match(name):
                     raise BadRequest(400, "invalid header field")
                 lower = name.lower()
-                if len(names) < _MAX_NAMES:
+                if len(names) < _MAX_NAMES and len(name) <= _MAX_NAME_REMEMBERED:
                     names[name] = lower
             value = value.strip(b" \t")
             if lower == b"content-length":

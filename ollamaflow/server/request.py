@@ -59,7 +59,8 @@ class ClientRequest:
     ) -> None:
         self._connection = connection
         self.method = method
-        #: The request target as received (path and query), and its path.
+        #: The request target (the path, then the query as received) and its path; the path
+        #: is percent-decoded and normalised (:mod:`ollamaflow.server.target`).
         self.uri = uri
         self.path = path
         self.clientproto = clientproto
