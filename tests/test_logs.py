@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,22 @@ import pytest
 import pytest_twisted
 import treq
 from harness import Http, start_daemon, until
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel, globalLogPublisher, textFileLogObserver
+from twisted.python import log as legacy_log
+from twisted.python.failure import Failure
 
 from ollamaflow.accesslog import NAMESPACE, AccessLog
 from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.completed import Completed
-from ollamaflow.logs import json_line, logs_info, observer_for
+from ollamaflow.logs import (
+    MAX_VALUE_CHARS,
+    clip,
+    clipped,
+    json_line,
+    logs_info,
+    needs_clipping,
+    observer_for,
+)
 from ollamaflow.settings import LogFormat, Logging
 from ollamaflow.sim import SimConfig
 
@@ -195,6 +206,229 @@ def test_a_disabled_access_log_emits_nothing() -> None:
     assert events == []
 
 
+# -- what a client can put into a line (issue #14) ------------------------------------------
+
+HUGE = "m" * 5_000_000
+FORGED = "x\n2026-01-01T00:00:00+0000 [ollamaflow#critical] forged"
+#: ESC sequences (clear screen, set the window title), BEL, 8-bit CSI, DEL, a lone surrogate,
+#: and the Unicode line separator (a line break to ``str.splitlines``).
+NASTY = "\x1b[2J\x1b]0;owned\x07 \x9b31m \x7f \ud800 \u2028 end"
+_files = itertools.count()
+
+
+def more(count: int) -> str:
+    """The marker ending a value cut after ``MAX_VALUE_CHARS``, of ``count`` characters."""
+    return f"...[{count - MAX_VALUE_CHARS} more characters]"
+
+
+def written(tmp_path: Path, emit: Callable[[Logger], object]) -> dict[str, str]:
+    """What ``emit`` writes in each format to each target: text and JSON, console and file.
+
+    The file is real (UTF-8, strict): a lone surrogate reaching it would raise.
+    """
+    out: dict[str, str] = {}
+    for fmt in (LogFormat.TEXT, LogFormat.JSON):
+        console, log_file = io.StringIO(), tmp_path / f"{fmt.value}-{next(_files)}.log"
+        observer = observer_for(Logging(format=fmt, minimum_severity=0), log_file, console)
+        emit(Logger(namespace="ollamaflow.test", observer=observer))
+        out[f"{fmt.value} console"] = console.getvalue()
+        out[f"{fmt.value} file"] = log_file.read_text(encoding="utf-8")
+    assert out["text console"] == out["text file"] and out["json console"] == out["json file"]
+    return out
+
+
+def access(log: Logger, **kw: Any) -> None:
+    """One access-log event, as the gateway's AccessLog emits it, to ``log``'s observer."""
+    AccessLog(logger=Logger(namespace=NAMESPACE, observer=log.observer))(completed(**kw))
+
+
+def test_a_huge_client_value_is_cut_in_every_line(tmp_path: Path) -> None:
+    """The finding: a 5 MB model name wrote 5 MB to each log. Now each line stays short."""
+    refusal = f"model '{HUGE}' not found"  # the gateway's f-string, passed as a field
+
+    def emit(log: Logger) -> None:
+        log.info("request {rid}: {status} {message}", rid="r1", status=404, message=refusal)
+        access(log, model=HUGE, status=404, outcome="refused")
+        access(log, path="/" + HUGE, model=HUGE, client=HUGE, status=404, outcome="refused")
+
+    found = written(tmp_path, emit)
+    for where, text in found.items():
+        refused, one, three = text.splitlines()
+        # JSON writes a value twice (in the message and as a field) next to ~650 characters
+        # of other fields; and a line with more huge values is longer by as many clipped values.
+        assert len(refused) < 1024 and len(one) < 1536 and len(three) < 4096, where
+        assert more(len(refusal)) in refused, where
+        assert more(len(HUGE)) in one and more(len(HUGE) + 1) in three, where
+    refused, one, three = map(json.loads, found["json file"].splitlines())
+    assert refused["message"] == "request r1: 404 " + refusal[:MAX_VALUE_CHARS] + more(len(refusal))
+    assert one["model"] == three["model"] == HUGE[:MAX_VALUE_CHARS] + more(len(HUGE))
+    assert three["path"] == "/" + HUGE[: MAX_VALUE_CHARS - 1] + more(len(HUGE) + 1)
+    assert three["client"] == one["model"]
+
+
+def test_non_string_values_are_cut_too(tmp_path: Path) -> None:
+    """Objects and exceptions are rendered (str, repr, format spec) and then cut."""
+
+    class Loud:
+        def __repr__(self) -> str:
+            return "L" * 5_000_000
+
+    def emit(log: Logger) -> None:
+        log.warn("odd {thing!r} {error}", thing=Loud(), error=ValueError("e" * 5_000_000))
+
+    for where, text in written(tmp_path, emit).items():
+        (line,) = text.splitlines()
+        assert len(line) < 2048, (where, len(line))
+        assert more(5_000_000) in line, where
+    line = json.loads(written(tmp_path, emit)["json console"])
+    assert line["thing"] == "L" * MAX_VALUE_CHARS + more(5_000_000)
+    assert line["error"].startswith("ValueError('eee") and line["error"].endswith("characters]")
+
+
+def test_an_unformattable_event_is_cut_too(tmp_path: Path) -> None:
+    """Twisted writes an event it cannot format as its repr: whose values must be cut as well."""
+    found = written(tmp_path, lambda log: log.info("{missing}", model=HUGE))
+    for where, text in found.items():
+        (line,) = text.splitlines()
+        assert "Unable to format event" in line and len(line) < 2048, (where, len(line))
+
+
+def test_a_value_cannot_forge_a_line(tmp_path: Path) -> None:
+    def emit(log: Logger) -> None:
+        log.warn("backend said {error} ({other})", error=FORGED, other="over\rwritten")
+
+    found = written(tmp_path, emit)
+    for where, text in found.items():
+        assert text.count("\n") == 1 and text.endswith("\n") and "\r" not in text, where
+    text = found["text console"]
+    assert text.endswith(
+        "backend said x\\n2026-01-01T00:00:00+0000 [ollamaflow#critical] forged (over\\rwritten)\n"
+    )
+    line = json.loads(found["json console"])
+    assert line["message"] == text.split("] ", 1)[1].rstrip("\n")  # the text line's message
+    assert line["error"] == FORGED  # a JSON field keeps the value: JSON escapes it
+
+
+def test_terminal_sequences_and_lone_surrogates_are_escaped_never_raised(tmp_path: Path) -> None:
+    found = written(tmp_path, lambda log: log.info("model {model}, {model!r}", model=NASTY))
+    for where, text in found.items():
+        assert text.count("\n") == 1 and text[:-1].isprintable(), (where, text)
+        assert len(text.splitlines()) == 1
+    escaped = "\\x1b[2J\\x1b]0;owned\\x07 \\x9b31m \\x7f \\ud800 \\u2028 end"
+    assert found["text console"].endswith(f"model {escaped}, '{escaped}'\n")
+    line = json.loads(found["json console"])
+    assert line["model"] == NASTY  # lossless: JSON's own \\u escapes
+    assert line["message"] == f"model {escaped}, '{escaped}'"
+
+
+def test_a_traceback_is_whole_yet_cannot_forge_a_line_or_raise(tmp_path: Path) -> None:
+    """Tracebacks are meant to be long: not cut. Their control characters are still escaped."""
+    reason = "r" * 5000 + NASTY + FORGED
+
+    def emit(log: Logger) -> None:
+        try:
+            raise ValueError(reason)
+        except ValueError:
+            log.failure("it broke")
+
+    found = written(tmp_path, emit)
+    text = found["text console"]
+    first, *rest = text.splitlines()
+    assert first.endswith("it broke") and rest
+    assert all(line.startswith("\t") for line in rest)  # continuations, never a new entry
+    assert "r" * 5000 + "\\x1b[2J" in text and "\\ud800" in text and "\x1b" not in text
+    assert "\t2026-01-01T00:00:00+0000 [ollamaflow#critical] forged" in text
+    raw = found["json console"]
+    assert raw.count("\n") == 1 and raw[:-1].isprintable()
+    line = json.loads(raw)
+    assert "r" * 5000 + NASTY + FORGED in line["traceback"]
+
+
+def test_a_legacy_error_keeps_its_traceback(tmp_path: Path) -> None:
+    """twisted.python.log.err puts why and the traceback in ``log_text``: not cut either."""
+
+    def emit(log: Logger) -> None:
+        try:
+            raise ValueError("r" * 5000)
+        except ValueError:
+            legacy_log.LogPublisher(publishPublisher=log.observer).msg(
+                failure=Failure(), why="legacy", isError=1
+            )
+
+    found = written(tmp_path, emit)
+    assert "r" * 5000 in found["text console"]
+    assert "r" * 5000 in json.loads(found["json console"])["message"]
+
+
+def test_logged_bodies_are_not_cut(tmp_path: Path) -> None:
+    """The access log's opt-in bodies are bounded already (64 KiB) and escaped by !r or JSON."""
+    body = '{"prompt": "' + "p" * 10_000 + '\\n"}'
+    answer = "a" * 10_000 + "\x1b\x9b\ud800"
+
+    def emit(log: Logger) -> None:
+        access(log, request_body=body, response_body=answer)
+
+    found = written(tmp_path, emit)
+    (text,) = found["text console"].splitlines()
+    assert f"request_body={body!r} response_body={answer!r}" in text
+    raw = found["json console"]
+    assert raw[:-1].isprintable()
+    line = json.loads(raw)
+    assert line["request_body"] == body and line["response_body"] == answer
+    assert repr(answer) in line["message"]
+
+    # Only the access log's: the same field name elsewhere is cut like any value.
+    other = written(tmp_path, lambda log: log.info("{request_body}", request_body=HUGE))
+    assert all(len(text) < 1024 for text in other.values())
+
+
+def test_ordinary_values_are_written_exactly_as_before() -> None:
+    """Short printable values: the event is not even copied, and text lines are twisted's own."""
+    events, logger = capture()
+    AccessLog(logger=logger)(completed(eval_count=100, eval_duration_ns=2_000_000_000))
+    log = Logger(namespace="ollamaflow.test", observer=events.append)
+    log.info("backend {backend} is healthy", backend="gpu1")
+    log.warn(
+        "n={n:>5} f={f()} {error} {thing!r} {legacy}",
+        n=7,
+        f=lambda: "called",
+        error=OSError(24, "Too many open files"),
+        thing=("a", 1),
+        legacy="café ✓",
+    )
+    for event in events[:2]:
+        assert clipped(event) is event
+    for event in events:
+        ours, theirs = io.StringIO(), io.StringIO()
+        observer_for(Logging(format=LogFormat.TEXT), None, ours)(event)
+        textFileLogObserver(theirs)(event)
+        assert ours.getvalue() == theirs.getvalue()
+    line = json.loads(json_line(events[-1]))
+    assert line["message"] == "n=    7 f=called [Errno 24] Too many open files ('a', 1) café ✓"
+    assert line["thing"] == ["a", 1] and line["n"] == 7 and line["legacy"] == "café ✓"
+
+
+def test_clip() -> None:
+    """The decision and the cut, as plain functions."""
+    assert clip("llama3:latest") == "llama3:latest"
+    assert clip("x" * MAX_VALUE_CHARS) == "x" * MAX_VALUE_CHARS
+    assert clip("x" * 1000) == "x" * MAX_VALUE_CHARS + more(1000)
+    assert clip("a\nb\r\t\x00\x1b\x7f\x85\xa0\u2028\ud800\U000e0001") == (
+        "a\\nb\\r\\t\\x00\\x1b\\x7f\\x85\\xa0\\u2028\\ud800\\U000e0001"
+    )
+    # Escapes count towards the limit: the cut is on what is written.
+    fits = MAX_VALUE_CHARS // len("\\x1b")
+    assert clip("\x1b" * 1000) == "\\x1b" * fits + f"...[{1000 - fits} more characters]"
+    assert len(clip("\ud800" * 5_000_000)) < MAX_VALUE_CHARS + 40
+    assert clip("abcdef", limit=3) == "abc...[3 more characters]"
+    fine = ["llama3:latest", "café ✓", "", 200, 1.5, True, None, -(10**20)]
+    unfit = ["x" * (MAX_VALUE_CHARS + 1), "a\nb", "\x1b", "\ud800", object(), b"x", 10**400]
+    for value in fine + unfit:
+        assert needs_clipping(value) is (value in unfit), value
+        event = {"log_format": "{v}", "v": value}
+        assert (clipped(event) is event) is (value in fine), value  # the same rule, inlined
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
 
@@ -330,3 +564,20 @@ async def test_no_access_lines_when_the_level_drops_info(tmp_path: Path, simulat
         await response.content()
     finally:
         await quiet.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_huge_model_name_does_not_fill_the_log(
+    daemon: Daemon, simulators: Any, captured: Captured
+) -> None:
+    """The finding end to end: a 5 MB model name in a request, a refusal, short lines (whichever
+    layer bounds them: the gateway's limit on model names, or the log's cut)."""
+    sim = await simulators()
+    client = await serve(daemon, sim.port, {})
+    missing = {"model": HUGE, "prompt": "hi"}
+    assert (await client.request("POST", "/api/generate", missing)).status in (400, 404, 413)
+    await until(lambda: len(captured.access()) == 1)
+    for out in (captured.json_out, captured.text_out):
+        lines = out.getvalue().splitlines()
+        assert all(len(line) < 1024 for line in lines if "mmmmmmmmmm" in line)
+        assert len(out.getvalue()) < 100_000
