@@ -25,6 +25,7 @@ from ollamaflow import tcp
 from ollamaflow.accesslog import AccessLog
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, Listener, Root
 from ollamaflow.logs import logs_info
@@ -127,6 +128,8 @@ class Daemon(MultiService):
             sync=self.sync,
             on_failure=self.health.report_failure,
             on_models_changed=self.inventory.refresh_now,
+            admin_tokens=Tokens.of(settings.admin_bearer_tokens),
+            withheld=Tokens.of(settings.admin_bearer_tokens, [settings.metrics.bearer_token]),
         )
         # -- access log and metrics: gateway observers, health and pull hooks ---------------
         if logs_info(settings.logging):

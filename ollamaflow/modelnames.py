@@ -15,10 +15,16 @@ DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
 
-# Ollama's part rules: letters, digits, `_`, `-`, `.`; hosts may carry a `:port`.
-_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
-_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[0-9]+)?\Z")
+# Ollama's part rules: letters, digits, `_`, `-`, `.`; hosts may carry a `:port`. Lengths as
+# Ollama's isValidLen: a host up to 350 characters, every other part up to 80.
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,79}\Z")
+_HOST = re.compile(r"(?=.{1,350}\Z)[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[0-9]+)?\Z")
 _DIGEST = re.compile(r"sha256[:\-][0-9a-fA-F]{64}\Z")
+
+#: The longest name Ollama accepts: `https://`, a host of 350, three parts of 80 with their
+#: separators, and an `@sha256:` digest. Anything longer is refused before it is parsed (or
+#: remembered: the parse cache is keyed by the client's string).
+MAX_LENGTH = 8 + 350 + 3 * 81 + 72
 
 
 class InvalidModelName(ValueError):
@@ -55,9 +61,15 @@ class ModelName:
         return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
 
 
-@functools.lru_cache(maxsize=4096)
 def parse(name: str) -> ModelName:
     """Parse `[scheme://][host/][namespace/]model[:tag][@digest]`; raise `InvalidModelName`."""
+    if len(name) > MAX_LENGTH:
+        raise InvalidModelName(f"a model name is at most {MAX_LENGTH} characters")
+    return _parse(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(name: str) -> ModelName:
     s = name.strip()
     digest = ""
     if "@" in s:

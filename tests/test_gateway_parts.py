@@ -11,6 +11,7 @@ import pytest
 from twisted.web.http_headers import Headers
 
 from ollamaflow.catalog import Catalog
+from ollamaflow.credentials import NO_TOKENS, Tokens
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.balancer import (
     Balancer,
@@ -20,7 +21,7 @@ from ollamaflow.gateway.balancer import (
     candidates,
     stick,
 )
-from ollamaflow.gateway.classify import RequestClass, classify
+from ollamaflow.gateway.classify import RequestClass, classify, manages_models
 from ollamaflow.gateway.completed import RequestIds
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.records import Backend, Frontend, LoadBalancing
@@ -282,11 +283,11 @@ def test_random_order_uses_every_backend() -> None:
 
 def test_sticky_pins_slide_expire_and_are_pruned() -> None:
     pins = StickyPins()
-    pins.pin("f", "client", "b", until=100.0)
-    assert pins.lookup("f", "client", now=99.0) == "b"
-    assert pins.lookup("f", "client", now=100.0) is None, "expired pins are not used"
-    pins.pin("f", "c1", "a", until=10.0)
-    pins.pin("f", "c2", "b", until=50.0)
+    pins.pin("f", b"client", "b", until=100.0)
+    assert pins.lookup("f", b"client", now=99.0) == "b"
+    assert pins.lookup("f", b"client", now=100.0) is None, "expired pins are not used"
+    pins.pin("f", b"c1", "a", until=10.0)
+    pins.pin("f", b"c2", "b", until=50.0)
     assert pins.sweep(now=20.0) == 1 and len(pins) == 1
     catalog, _ = _catalog(Backend(identifier="a"))
     pins.prune(catalog)
@@ -294,6 +295,63 @@ def test_sticky_pins_slide_expire_and_are_pruned() -> None:
     backends = [Backend(identifier=n) for n in "abc"]
     assert [b.identifier for b in stick(backends, "c")] == ["c", "a", "b"]
     assert stick(backends, "z") == backends
+
+
+def test_sticky_pins_are_bounded_in_count_and_in_bytes() -> None:
+    pins = StickyPins(limit=3)
+    huge = b"x" * 60_000
+    for n in range(5):
+        pins.pin("f", huge + b"%d" % n, "a", until=100.0)
+    assert len(pins) == 3, "beyond the limit the least recently pinned pin goes"
+    assert pins.lookup("f", huge + b"0", now=1.0) is None
+    assert pins.lookup("f", huge + b"4", now=1.0) == "a"
+    pins.pin("f", huge + b"2", "b", until=100.0)  # renewed: now the most recent
+    pins.pin("f", b"new", "c", until=100.0)
+    assert pins.lookup("f", huge + b"2", now=1.0) == "b", "a renewed pin is kept"
+    assert pins.lookup("f", huge + b"3", now=1.0) is None, "the least recent one went"
+    assert all(len(client) == 16 for _, client in pins._pins), "keys are fixed-size digests"
+
+
+def test_a_pinned_key_takes_out_every_case_variant_of_itself() -> None:
+    body = {"model": "a", "MODEL": "b", "Options": {"seed": 1, "num_ctx": 9}, "stream": True}
+    pinned = {"model": "p", "options": {"seed": 7}, "keep_alive": -1}
+    merged = deep_merge(body, pinned)
+    assert merged == {
+        "model": "p",
+        "options": {"seed": 7, "num_ctx": 9},
+        "stream": True,
+        "keep_alive": -1,
+    }, "the variant Go would have used is merged with the pin, the others dropped"
+    nested = deep_merge({"options": {"Seed": 1, "seed": 2}}, {"options": {"seed": 7}})
+    assert nested == {"options": {"seed": 7}}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "managing"),
+    [
+        (b"POST", b"/api/pull", True),
+        (b"DELETE", b"/api/delete", True),
+        (b"POST", b"/api/copy", True),
+        (b"POST", b"/api/create/", True),
+        (b"POST", b"/api/push", True),
+        (b"POST", b"/api/blobs/sha256:00", True),
+        (b"HEAD", b"/api/blobs/sha256:00", False),
+        (b"POST", b"/api/chat", False),
+        (b"POST", b"/api/show", False),
+        (b"GET", b"/api/tags", False),
+    ],
+)
+def test_which_requests_manage_models(method: bytes, path: bytes, managing: bool) -> None:
+    assert manages_models(method, path) is managing
+
+
+def test_our_tokens_are_recognised_in_any_spelling_of_bearer() -> None:
+    tokens = Tokens.of(["admin-token"], [None, "metrics-token"])
+    for header in (b"Bearer admin-token", b"bearer  admin-token ", b"BEARER metrics-token"):
+        assert tokens.match(header), header
+    for header in (None, b"", b"Bearer", b"Basic admin-token", b"Bearer admin", b"Bearer x"):
+        assert not tokens.match(header), header
+    assert not NO_TOKENS.match(b"Bearer ")
 
 
 def test_usage_is_read_from_the_end_of_a_completion() -> None:

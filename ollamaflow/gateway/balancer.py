@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -62,23 +63,41 @@ def candidates(
     return NoCandidate(f"{name}: no healthy backend has the label {label!r}")
 
 
+#: Sticky pins kept at most, over all frontends; beyond it the least recently used goes.
+MAX_PINS = 100_000
+
+
+def _client_key(client: bytes) -> bytes:
+    """A client id as a fixed 16 bytes: a header value may be 60 KB, a pin's key is not."""
+    return hashlib.blake2b(client, digest_size=16).digest()
+
+
 @attrs.define
 class StickyPins:
-    """Client → backend pins per frontend, with a sliding expiry."""
+    """Client → backend pins per frontend, with a sliding expiry; at most ``limit`` of them,
+    the least recently used evicted first (clients choose the ids: memory must be bounded)."""
 
-    _pins: dict[tuple[str, str], tuple[str, float]] = attrs.field(factory=dict)
+    limit: int = MAX_PINS
+    #: In least recently pinned order (a pin moves to the end when renewed).
+    _pins: dict[tuple[str, bytes], tuple[str, float]] = attrs.field(factory=dict)
 
-    def lookup(self, frontend: str, client: str, now: float) -> str | None:
-        found = self._pins.get((frontend, client))
+    def lookup(self, frontend: str, client: bytes, now: float) -> str | None:
+        key = (frontend, _client_key(client))
+        found = self._pins.get(key)
         if found is None:
             return None
         if found[1] <= now:
-            del self._pins[(frontend, client)]
+            del self._pins[key]
             return None
         return found[0]
 
-    def pin(self, frontend: str, client: str, backend: str, until: float) -> None:
-        self._pins[(frontend, client)] = (backend, until)
+    def pin(self, frontend: str, client: bytes, backend: str, until: float) -> None:
+        pins = self._pins
+        key = (frontend, _client_key(client))
+        pins.pop(key, None)
+        pins[key] = (backend, until)
+        if len(pins) > self.limit:
+            del pins[next(iter(pins))]
 
     def sweep(self, now: float) -> int:
         """Drop expired pins; returns how many went."""

@@ -26,6 +26,18 @@ _BY_PATH = {
 #: Paths whose streams have long silent gaps (registry round trips, hashing gigabytes).
 MODEL_TRANSFER_PATHS = frozenset({b"/api/pull", b"/api/push", b"/api/create"})
 
+#: Requests that change which models the fleet holds (a frontend's AllowModelManagement).
+_MANAGING_MODELS = frozenset(
+    {b"/api/pull", b"/api/delete", b"/api/copy", b"/api/create", b"/api/push"}
+)
+_BLOBS = b"/api/blobs/"
+
 
 def classify(path: bytes) -> RequestClass:
     return _BY_PATH.get(path.rstrip(b"/") or b"/", RequestClass.OTHER)
+
+
+def manages_models(method: bytes, path: bytes) -> bool:
+    """Pull, delete, copy, create, push, and blob uploads (a blob's HEAD only asks)."""
+    path = path.rstrip(b"/")
+    return path in _MANAGING_MODELS or (path.startswith(_BLOBS) and method != b"HEAD")

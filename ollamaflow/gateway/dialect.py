@@ -6,6 +6,16 @@ import json
 
 from ollamaflow.server.request import ClientRequest
 
+#: How much of a client's string an error message quotes back.
+QUOTED = 200
+
+
+def quoted(value: str) -> str:
+    """A client's string quoted in a message: in quotes, cut to :data:`QUOTED` characters."""
+    if len(value) <= QUOTED:
+        return f"'{value}'"
+    return f"'{value[:QUOTED]}...' ({len(value)} characters)"
+
 
 def error_body(path: bytes, status: int, message: str) -> bytes:
     """OpenAI's error shape under ``/v1/``, Ollama's ``{"error": ...}`` everywhere else."""

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from ollamaflow import modelnames
 from ollamaflow.catalog import Registry
+from ollamaflow.credentials import Tokens
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.dialect import finish_json
 from ollamaflow.records import Backend, Frontend
@@ -137,16 +138,17 @@ async def delete_everywhere(
     backends: Sequence[Backend],
     body: bytes,
     seconds: float | None,
+    withheld: Tokens | None = None,
 ) -> list[Outcome]:
     """``DELETE /api/delete`` on every backend at once (``seconds``: a timeout, None for none);
-    one outcome each, never raises."""
+    one outcome each, never raises. ``withheld``: tokens of ours never passed on."""
 
     async def one(backend: Backend) -> Outcome:
         try:
             response = await http.request(
                 "DELETE",
                 backend.base_url + "/api/delete",
-                headers=hdrs.as_headers(hdrs.forwarded(request, backend)),
+                headers=hdrs.as_headers(hdrs.forwarded(request, backend, withheld)),
                 data=body,
                 timeout=seconds,
             )

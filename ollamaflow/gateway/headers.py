@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from twisted.web.http_headers import Headers
 
+from ollamaflow.credentials import Tokens
 from ollamaflow.records import Backend
 from ollamaflow.server.request import ClientRequest
 
@@ -53,9 +54,11 @@ def to_backend(
     host: bytes | None,
     proto: bytes,
     connection: bytes | None = None,
+    withheld: Tokens | None = None,
 ) -> Fields:
     """The header fields a backend sees: the client's (as parsed, in order), minus hop-by-hop,
-    plus X-Forwarded-*. ``connection``: the client's Connection fields, if already known."""
+    plus X-Forwarded-*. ``connection``: the client's Connection fields, if already known;
+    ``withheld``: tokens of ours (admin, metrics) whose ``Authorization`` is never passed on."""
     drop: frozenset[bytes] | set[bytes] = _NOT_FORWARDED
     if connection is None:
         connection = b",".join(v for n, v in client if n.lower() == b"connection")
@@ -67,6 +70,8 @@ def to_backend(
         lower = name.lower()
         if lower == b"x-forwarded-for":
             previous.append(value)
+        elif lower == b"authorization" and withheld and withheld.match(value):
+            continue
         elif lower not in drop and not (
             lower == b"x-forwarded-proto" or (host is not None and lower == b"x-forwarded-host")
         ):
@@ -88,7 +93,7 @@ def to_backend(
     return out
 
 
-def forwarded(request: ClientRequest, backend: Backend) -> Fields:
+def forwarded(request: ClientRequest, backend: Backend, withheld: Tokens | None = None) -> Fields:
     """The header fields a backend sees for a client request, its own ``Host`` included."""
     out = to_backend(
         request.headers,
@@ -97,6 +102,7 @@ def forwarded(request: ClientRequest, backend: Backend) -> Fields:
         host=request.getHeader(b"host"),
         proto=b"https" if request.secure else b"http",
         connection=request.getHeader(b"connection") or b"",
+        withheld=withheld,
     )
     out.append((b"Host", host_header(backend)))
     return out
@@ -128,5 +134,7 @@ def host_header(backend: Backend) -> bytes:
 
 @functools.lru_cache(maxsize=4096)
 def _host_header(hostname: str, port: int) -> bytes:
-    host = f"[{hostname}]" if ":" in hostname else hostname
-    return f"{host}:{port}".encode("idna")
+    if ":" in hostname:  # an IPv6 address
+        return b"[%s]:%d" % (hostname.encode("ascii"), port)
+    host = hostname.encode("ascii") if hostname.isascii() else hostname.encode("idna")
+    return b"%s:%d" % (host, port)

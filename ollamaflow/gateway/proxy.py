@@ -7,14 +7,15 @@ backend instead of growing a buffer. The hot path runs on plain Deferred callbac
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import IO, Any, cast
 from urllib.parse import unquote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -36,8 +37,9 @@ from twisted.web.client import (
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET
 
-from ollamaflow import modelnames
+from ollamaflow import jsonlimits, modelnames
 from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.credentials import NO_TOKENS, Tokens
 from ollamaflow.gateway import fanout, fleet
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.backendhttp import Attempt, BackendClient
@@ -48,7 +50,12 @@ from ollamaflow.gateway.balancer import (
     candidates,
     stick,
 )
-from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass, classify
+from ollamaflow.gateway.classify import (
+    MODEL_TRANSFER_PATHS,
+    RequestClass,
+    classify,
+    manages_models,
+)
 from ollamaflow.gateway.completed import (
     LOGGED_BODY_BYTES,
     TAIL_BYTES,
@@ -57,7 +64,7 @@ from ollamaflow.gateway.completed import (
     usage,
 )
 from ollamaflow.gateway.deadlines import Deadline, Deadlines
-from ollamaflow.gateway.dialect import finish_json, refuse
+from ollamaflow.gateway.dialect import finish_json, quoted, refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
 from ollamaflow.records import ApiFormat, Backend, Frontend
@@ -69,11 +76,17 @@ log = Logger()
 CONNECT_TIMEOUT = 5.0
 #: At most this many remembered candidate lists (labels come from clients: keep it bounded).
 _REMEMBERED = 1024
+#: Client strings longer than these are never remembered: no label or Host of ours is longer.
+_REMEMBERED_LABEL = 256
+_REMEMBERED_HOST = 300
 #: Pulls and pushes may sit silent for minutes while a registry answers or layers are hashed.
 MODEL_TRANSFER_IDLE = 1800.0
 #: Bodies up to this size are replayed from memory on a retry; larger ones from the spool file.
 _IN_MEMORY_BODY = 1 << 20
 _RETRY_STATUSES = frozenset({502, 503})
+#: Answers that say the backend, not the request, failed (as Envoy's gateway errors): they
+#: count against its health. A 500 or 501 is the answer to that one request.
+_GATEWAY_ERRORS = frozenset({502, 503, 504})
 _RETRYABLE = (
     ConnectError,
     ConnectionLost,
@@ -116,7 +129,11 @@ class Gateway:
         sync: fanout.Puller | None = None,
         on_failure: Callable[[Backend, str], None] | None = None,
         on_models_changed: Callable[[str], object] | None = None,
+        admin_tokens: Tokens = NO_TOKENS,
+        withheld: Tokens = NO_TOKENS,
     ) -> None:
+        """``admin_tokens`` may manage models where a frontend does not let clients;
+        ``withheld``: tokens of ours that must never reach a backend (admin, metrics)."""
         self.registry = registry
         self.runtime = runtime
         self.clock: IReactorTime = reactor
@@ -153,6 +170,10 @@ class Gateway:
         self.observers: list[Callable[[Completed], None]] = []
         #: Set while the daemon shuts down: requests in flight finish, new ones are refused.
         self.draining = False
+        self.admin_tokens = admin_tokens
+        self.withheld = withheld
+        #: RequiredModels changes from clients' pulls and deletes, one at a time.
+        self._required_lock = DeferredLock()
         registry.subscribe(self._configuration_changed)
 
     def _configuration_changed(self, catalog: Catalog) -> None:
@@ -188,7 +209,7 @@ class Gateway:
         except KeyError:
             pass
         frontend = catalog.frontend_for_host(host.decode("latin-1") if host else "")
-        if len(known) < _REMEMBERED:
+        if len(known) < _REMEMBERED and (host is None or len(host) <= _REMEMBERED_HOST):
             known[host] = frontend
         return frontend
 
@@ -201,10 +222,22 @@ class Gateway:
         frontend = self._frontend_for(host)
         if frontend is None:
             name = host.decode("latin-1") if host else ""
-            return self._refuse(request, None, 404, f"no frontend for host {name!r}")
+            return self._refuse(request, None, 404, f"no frontend for host {quoted(name)}")
         if request.clientproto == b"HTTP/1.0" and frontend.block_http10:
             return self._refuse(request, frontend, 505, "HTTP/1.0 is not supported; use HTTP/1.1")
         path = request.path
+        if (
+            not frontend.allow_model_management
+            and manages_models(request.method, path)
+            and not self.admin_tokens.match(request.getHeader(b"authorization"))
+        ):
+            return self._refuse(
+                request,
+                frontend,
+                403,
+                f"frontend {frontend.identifier!r} does not allow model management (pull, "
+                "delete, copy, create, push, blob uploads) without an admin token",
+            )
         request_class = classify(path)
         if (request_class is RequestClass.EMBEDDINGS and not frontend.allow_embeddings) or (
             request_class is RequestClass.COMPLETIONS and not frontend.allow_completions
@@ -224,8 +257,14 @@ class Gateway:
         elif path in _NAMES_A_MODEL and request.method == b"POST":
             try:
                 document = _json_object(request.content)
+            except jsonlimits.TooDeep as e:
+                return self._refuse(request, frontend, 400, str(e))
             except ValueError:
                 document = None  # the backend will say what is wrong with it
+        try:
+            model = _model_of(document, path) if document is not None else None
+        except ModelNameTooLong as e:
+            return self._refuse(request, frontend, 400, str(e))
         label = request.getHeader(b"x-ollamaflow-label")
         found = self._candidates(
             catalog, frontend, request_class, label.decode("latin-1") if label else None
@@ -237,7 +276,6 @@ class Gateway:
         if path == b"/api/pull" and request.method == b"POST" and self.sync is not None:
             return self._pull_everywhere(request, frontend, found, self.sync)
         inventory = self.inventory
-        model = _model_of(document, path) if document is not None else None
         warm: frozenset[str] = frozenset()
         if inventory is not None:
             answered = self._fleet(request, inventory, found)
@@ -246,7 +284,7 @@ class Gateway:
             if model is not None:
                 found, warm = self._with_model(inventory, found, model)
                 if not found:
-                    return self._refuse(request, frontend, 404, f"model '{model}' not found")
+                    return self._refuse(request, frontend, 404, f"model {quoted(model)} not found")
         client = self._client_id(request) if frontend.use_sticky_sessions else None
         pinned = None
         if client is not None:
@@ -348,6 +386,8 @@ class Gateway:
         if remembered is not None and remembered[0] is catalog and remembered[1] == epoch:
             return remembered[2]
         found = candidates(catalog, self.runtime, frontend, request_class, label)
+        if label is not None and len(label) > _REMEMBERED_LABEL:
+            return found
         if len(self._remembered) >= _REMEMBERED:
             self._remembered.clear()
         self._remembered[key] = (catalog, epoch, found)
@@ -409,13 +449,37 @@ class Gateway:
         merged = fanout.MergedPull(
             request, model, targets, stream=document.get("stream") is not False
         )
-
-        async def run() -> None:
-            await fanout.with_required(self.registry, frontend, model, keep=True)
-            await merged.run(sync)
-
-        _run_detached(request, run(), "pull")
+        # Watched apart from the client, who may leave: the first backend that has the model
+        # makes it required (so boxes that join later get it too); none, and it is not.
+        pulls = [sync.ensure(b.identifier, model) for b in targets]
+        first = DeferredList(pulls, fireOnOneCallback=True, consumeErrors=True)
+        first.addCallback(self._pulled_somewhere, frontend, model)
+        _run_detached(request, merged.run(sync), "pull")
         return NOT_DONE_YET
+
+    def _pulled_somewhere(self, result: object, frontend: Frontend, model: str) -> None:
+        """DeferredList's answer: a (value, index) pair when one pull succeeded, else a list."""
+        if isinstance(result, tuple):
+            self._require(frontend, model, keep=True)
+
+    def _require(self, frontend: Frontend, model: str, *, keep: bool) -> None:
+        """Add the model to (or drop it from) the frontend's RequiredModels, in the background;
+        a write the store refuses (a full list, say) is logged, the client's answer stands."""
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "RequiredModels of {frontend} not updated for {model}: {error}",
+                frontend=frontend.identifier,
+                model=model,
+                error=_describe(failure),
+            )
+
+        changed = self._required_lock.run(
+            lambda: Deferred.fromCoroutine(
+                fanout.with_required(self.registry, frontend, model, keep=keep)
+            )
+        )
+        changed.addErrback(failed)
 
     def _delete_everywhere(
         self, request: ClientRequest, frontend: Frontend, found: list[Backend]
@@ -425,15 +489,20 @@ class Gateway:
         if isinstance(parsed, bytes):
             return parsed
         document, model = parsed
-        body = json.dumps(document).encode()
+        body = jsonlimits.dumps(document)
 
         async def run() -> None:
             outcomes = await fanout.delete_everywhere(
-                self.http, request, found, body, frontend.timeout_ms / 1000 or None
+                self.http,
+                request,
+                found,
+                body,
+                frontend.timeout_ms / 1000 or None,
+                self.withheld,
             )
             status, error = fanout.summarize_delete(model, outcomes)
             if status == 200:
-                await fanout.with_required(self.registry, frontend, model, keep=False)
+                self._require(frontend, model, keep=False)
             for outcome in outcomes:
                 if outcome.status == 200 and self.on_models_changed is not None:
                     self.on_models_changed(outcome.backend.identifier)
@@ -453,10 +522,13 @@ class Gateway:
         """The JSON body of a pull or delete and the model it names, or the 400 answer."""
         try:
             document = _json_object(request.content)
+            model = _model_of(document, request.path)
         except ValueError as e:
             return self._refuse(request, frontend, 400, str(e))
-        model = _model_of(document, request.path)
         if model is None:
+            named = document.get("model") or document.get("name")
+            if isinstance(named, str) and named:
+                return self._refuse(request, frontend, 400, f"invalid model name {quoted(named)}")
             return self._refuse(request, frontend, 400, "model is required")
         return document, model
 
@@ -477,15 +549,15 @@ class Gateway:
         name = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
         body = fleet.openai_model(inventory, readable, name)
         if body is None:
-            return self._refuse(request, None, 404, f"model '{name}' not found")
+            return self._refuse(request, None, 404, f"model {quoted(name)} not found")
         return _json_answer(request, body, self.new_id())
 
-    def _client_id(self, request: ClientRequest) -> str:
+    def _client_id(self, request: ClientRequest) -> bytes:
         for name in self.sticky_headers:
             value = request.getHeader(name)
             if value:
-                return value.decode("latin-1")
-        return request.client_host
+                return value
+        return request.client_host.encode()
 
 
 #: The model catalog, answered for the whole frontend from the inventory.
@@ -499,13 +571,23 @@ _CATALOG_ROUTES = {
 _NAMES_A_MODEL = frozenset({b"/api/show", b"/api/copy", b"/api/push"})
 
 
+class ModelNameTooLong(ValueError):
+    """A model name longer than Ollama accepts: refused before it reaches any cache or log."""
+
+
 def _model_of(document: Mapping[str, Any], path: bytes) -> str | None:
-    """The model a request names (``model``, legacy ``name``, copy's ``source``), if valid."""
+    """The model a request names (``model``, legacy ``name``, copy's ``source``), if valid;
+    None for a name that is not Ollama's (an OpenAI-style backend may still know it)."""
     name = document.get("source") if path == b"/api/copy" else None
     if name is None:
         name = document.get("model") or document.get("name")
     if not isinstance(name, str) or not name:
         return None
+    if len(name) > modelnames.MAX_LENGTH:
+        raise ModelNameTooLong(
+            f"the model name is {len(name)} characters long; "
+            f"Ollama accepts at most {modelnames.MAX_LENGTH}"
+        )
     try:
         modelnames.parse(name)
     except modelnames.InvalidModelName:
@@ -549,6 +631,22 @@ def _run_detached(request: ClientRequest, work: Coroutine[Any, Any, None], what:
     Deferred.fromCoroutine(work).addErrback(failed)
 
 
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """An entry into an exchange from outside it (the scheduler, the backend client, the
+    relay, a timer): a bug there ends the request (500, or a cut-off response) and frees its
+    slot, never leaves it hanging with the slot held."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception:
+            exchange = self if isinstance(self, _Exchange) else self.exchange
+            exchange.crashed(Failure())
+
+    return guarded
+
+
 def _json_answer(request: ClientRequest, body: bytes, request_id: str) -> bytes:
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Content-Length", b"%d" % len(body))
@@ -557,20 +655,24 @@ def _json_answer(request: ClientRequest, body: bytes, request_id: str) -> bytes:
 
 
 def _json_object(content: IO[bytes] | None) -> dict[str, Any]:
+    """The body as a JSON object (strict, and at most jsonlimits.MAX_DEPTH deep), or a
+    ValueError saying what is wrong with it."""
     raw = content.read() if content is not None else b""
     if content is not None:
         content.seek(0)
-    try:
-        document = json.loads(raw.decode())  # JSON on the wire is UTF-8 (RFC 8259)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"the request body is not valid JSON: {e}") from None
+    document = jsonlimits.loads_strict(raw)
     if not isinstance(document, dict):
         raise ValueError("the request body must be a JSON object")
     return document
 
 
 class _Exchange:
-    """One client request's trip through one or more backends."""
+    """One client request's trip through one or more backends.
+
+    It owns the backend slot its request holds (``_active``) from the moment the slot is taken
+    to :meth:`end_attempt`; whatever way the request ends (finished, the client gone, a bug in
+    any callback, see :func:`_guarded`), the slot is given back.
+    """
 
     __slots__ = (
         "_active",
@@ -578,9 +680,9 @@ class _Exchange:
         "_reported",
         "_timed_out",
         "_ttfb",
+        "answering",
         "captured",
         "client",
-        "client_gone",
         "document",
         "first_byte",
         "frontend",
@@ -611,7 +713,7 @@ class _Exchange:
         frontend: Frontend,
         ordered: Sequence[Backend],
         document: dict[str, Any] | None,
-        client: str | None,
+        client: bytes | None,
         model: str | None,
         request_class: RequestClass,
     ) -> None:
@@ -626,7 +728,8 @@ class _Exchange:
         self.document = document
         self.client = client
         self.request_id = gateway.new_id()
-        self.client_gone = False
+        #: False once nobody is to be answered the usual way: the client left, or a bug ended it.
+        self.answering = True
         self.relay: _Relay | None = None
         self.relayed = 0
         self.last_error = ""
@@ -647,10 +750,12 @@ class _Exchange:
         self.captured: bytearray | None = None
         self.logged_body: str | None = None
 
+    @_guarded
     def start(self) -> None:
         self._watch()
         self._next()
 
+    @_guarded
     def queue(self, waiting: Deferred[Backend]) -> None:
         """Wait for a slot; the scheduler hands over a backend whose slot is already ours."""
         self._watch()
@@ -662,15 +767,18 @@ class _Exchange:
         self.request.watch(self._finished, self._client_lost)
         self.request.setHeader(b"X-OllamaFlow-Request", self.request_id.encode())
 
+    @_guarded
     def _slot_granted(self, backend: Backend) -> None:
+        self._active = backend  # the scheduler took the slot for us: ours from now on
         self._attempt = None
         self.waited = self.gateway.clock.seconds() - self.started
         self.ordered = [b for b in self.ordered if b is not backend]
         self._send(backend)
 
+    @_guarded
     def _not_queued(self, failure: Failure) -> None:
         self._attempt = None
-        if self.client_gone or failure.check(CancelledError):
+        if not self.answering or failure.check(CancelledError):
             return
         error = failure.value
         if isinstance(error, QueueRefused):
@@ -698,11 +806,11 @@ class _Exchange:
         if not self.frontend.allow_retries:
             self.position = len(ordered)
         scheduler.acquire(backend, self.model)
+        self._active = backend
         self._send(backend)
 
     def _send(self, backend: Backend) -> None:
         """One attempt on ``backend``, whose slot this request already holds."""
-        self._active = backend
         self._timed_out = False
         self.tried.append(backend.identifier)
         request = self.request
@@ -713,9 +821,9 @@ class _Exchange:
             self.logged_body = _body_text(request)
         try:
             producer = self._body_for(backend)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:  # orjson refuses what it cannot encode
             self.end_attempt()
-            self._answer(400, str(e))
+            self._answer(400, f"the request body cannot be forwarded: {e}")
             return
         query = request.uri.partition(b"?")[2]
         if backend.querystring:
@@ -727,13 +835,14 @@ class _Exchange:
                 backend,
                 request.method,
                 target,
-                hdrs.forwarded(request, backend),
+                hdrs.forwarded(request, backend, self.gateway.withheld),
                 producer,
                 self._responded,
                 self._failed,
             )
-        except ValueError as e:
-            self._failed(Failure(RequestGenerationFailed([Failure(e)])))
+        except ValueError as e:  # the request's own fault: not the backend's, no retry
+            self.end_attempt()
+            self._answer(400, f"the request cannot be forwarded: {e}")
             return
         if attempt.fired:  # the body producer failed at once
             return
@@ -760,7 +869,7 @@ class _Exchange:
                 for pinned in pins:
                     if pinned:
                         document = deep_merge(document, pinned)
-                return json.dumps(document).encode()
+                return jsonlimits.dumps(document)
         content = request.content
         if content is None:
             return None
@@ -773,6 +882,7 @@ class _Exchange:
             return content.read()
         return FileBodyProducer(content)
 
+    @_guarded
     def _ttfb_expired(self, attempt: Attempt) -> None:
         self._ttfb = None
         self._timed_out = True
@@ -789,13 +899,14 @@ class _Exchange:
         if backend is not None:
             self.gateway.scheduler.release(backend, self.model)
 
+    @_guarded
     def _failed(self, failure: Failure) -> None:
         backend = self._active
         assert backend is not None, "an attempt fails while its backend slot is held"
         self._attempt = None
         self._stop_ttfb()
         self.end_attempt()
-        if self.client_gone:
+        if not self.answering:
             return
         timed_out = self._timed_out
         if timed_out:
@@ -814,12 +925,22 @@ class _Exchange:
         else:
             self._answer(502, f"backend {backend.identifier!r} failed: {self.last_error}")
 
+    @_guarded
     def _responded(self, response: IResponse) -> None:
+        try:
+            self._take(response)
+        except Exception:
+            with contextlib.suppress(RuntimeError):  # unless a reader already has it
+                response.deliverBody(_Discard(close=True))
+            raise
+
+    def _take(self, response: IResponse) -> None:
+        """The response head is here: retry past it, or relay it to the client."""
         backend = self._active
         assert backend is not None, "a response comes while its backend slot is held"
         self._attempt = None
         self._stop_ttfb()
-        if self.client_gone:
+        if not self.answering:
             response.deliverBody(_Discard(close=True))
             self.end_attempt()
             return
@@ -831,7 +952,7 @@ class _Exchange:
             self.end_attempt()
             self._next()
             return
-        if response.code >= 500:
+        if response.code in _GATEWAY_ERRORS:
             self._backend_failed(backend, f"answered {response.code}")
         request = self.request
         self.first_byte = self.gateway.clock.seconds()
@@ -934,6 +1055,7 @@ class _Exchange:
 
     def _finished(self) -> None:
         self.gateway.exchanges.discard(self)
+        self._stop_everything()  # nothing left to stop on every usual path; kept certain
         self._report()
 
     def _client_lost(self, reason: Failure) -> None:
@@ -941,13 +1063,39 @@ class _Exchange:
         if self.outcome == "ok":
             self.outcome = "client_gone"
         self._report()
-        self.client_gone = True
+        self._stop_everything()
+
+    def _stop_everything(self) -> None:
+        """Nobody is to be answered the usual way any more: cancel the attempt or the wait for
+        a slot, close the backend's stream (Ollama stops generating), give the slot back."""
+        self.answering = False
         self._stop_ttfb()
         if self._attempt is not None:
             attempt, self._attempt = self._attempt, None
             attempt.cancel()
         if self.relay is not None:
             self.relay.client_left()
+        self.end_attempt()
+
+    def crashed(self, failure: Failure) -> None:
+        """A bug while handling this request: logged; the client gets a 500 (or, once its
+        response has begun, a cut-off connection) and the slot is given back."""
+        log.failure("request {rid} failed", failure, rid=self.request_id)
+        if not self.answering:
+            return
+        self.outcome = "error"
+        self._stop_everything()
+        request = self.request
+        if request.finished or request.disconnected:
+            return
+        if request.started:
+            request.abort_connection()
+            return
+        try:
+            self._answer(500, f"internal error; see the gateway's log, request {self.request_id}")
+        except Exception:
+            log.failure("request {rid}: the 500 could not be sent", rid=self.request_id)
+            request.abort_connection()
 
 
 class _Relay(Protocol):
@@ -960,6 +1108,7 @@ class _Relay(Protocol):
         self.timer: IDelayedCall | None = None
         self.done = False
 
+    @_guarded
     def connectionMade(self) -> None:
         self.exchange.request.registerProducer(_producer(self), True)
 
@@ -968,6 +1117,7 @@ class _Relay(Protocol):
         if self.idle:
             self.timer = self.exchange.gateway.clock.callLater(self.idle, self._idle_expired)
 
+    @_guarded
     def dataReceived(self, data: bytes) -> None:
         if self.timer is not None:
             self.timer.reset(self.idle)
@@ -980,6 +1130,7 @@ class _Relay(Protocol):
             captured += data[: LOGGED_BODY_BYTES - len(captured)]
         exchange.request.write(data)
 
+    @_guarded
     def _idle_expired(self) -> None:
         self.timer = None
         log.warn(
@@ -995,6 +1146,7 @@ class _Relay(Protocol):
         if not self.done:
             _producer(self).stopProducing()
 
+    @_guarded
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
         if self.timer is not None and self.timer.active():
@@ -1008,7 +1160,7 @@ class _Relay(Protocol):
             # A backend that just answered well is where the next request goes first (power
             # of two choices' memory); one that failed must not be.
             exchange.gateway.balancer.finished(exchange.frontend.identifier, self.backend)
-        if exchange.client_gone:
+        if not exchange.answering:
             return
         request = exchange.request
         request.unregisterProducer()
