@@ -462,9 +462,10 @@ class Gateway:
         if isinstance(result, tuple):
             self._require(frontend, model, keep=True)
 
-    def _require(self, frontend: Frontend, model: str, *, keep: bool) -> None:
-        """Add the model to (or drop it from) the frontend's RequiredModels, in the background;
-        a write the store refuses (a full list, say) is logged, the client's answer stands."""
+    def _require(self, frontend: Frontend, model: str, *, keep: bool) -> Deferred[None]:
+        """Add the model to (or drop it from) the frontend's RequiredModels, one change at a
+        time; fires when done. A write the store refuses (a full list, say) is logged, and the
+        client's answer stands."""
 
         def failed(failure: Failure) -> None:
             log.warn(
@@ -479,7 +480,7 @@ class Gateway:
                 fanout.with_required(self.registry, frontend, model, keep=keep)
             )
         )
-        changed.addErrback(failed)
+        return changed.addErrback(failed)
 
     def _delete_everywhere(
         self, request: ClientRequest, frontend: Frontend, found: list[Backend]
@@ -502,7 +503,8 @@ class Gateway:
             )
             status, error = fanout.summarize_delete(model, outcomes)
             if status == 200:
-                self._require(frontend, model, keep=False)
+                # Before the inventories are read again: model sync must not pull it back.
+                await self._require(frontend, model, keep=False)
             for outcome in outcomes:
                 if outcome.status == 200 and self.on_models_changed is not None:
                     self.on_models_changed(outcome.backend.identifier)
