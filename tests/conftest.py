@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
+from harness import Http, start_daemon
 
+from ollamaflow.daemon import Daemon
 from ollamaflow.sim import RunningSimulator, start_simulator
+
+
+@pytest_twisted.async_yield_fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon on SQLite in ``tmp_path``, serving on a free port; stopped at teardown."""
+    running = await start_daemon(tmp_path)
+    yield running
+    await running.stopService()
+
+
+@pytest.fixture
+def http(daemon: Daemon) -> Http:
+    """An admin client of :func:`daemon` (with the test token)."""
+    return Http.to(daemon)
 
 
 @pytest_twisted.async_yield_fixture

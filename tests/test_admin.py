@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,6 @@ from ollamaflow import records
 from ollamaflow.admin import app as admin_app
 from ollamaflow.daemon import Daemon
 from ollamaflow.store import Store
-
-
-@pytest_twisted.async_yield_fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path)
-    yield running
-    await running.stopService()
-
-
-@pytest.fixture
-def http(daemon: Daemon) -> Http:
-    return Http.to(daemon)
 
 
 def assert_error(reply: Reply, status: int, kind: str, *mentions: str) -> dict[str, Any]:

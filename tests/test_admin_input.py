@@ -8,28 +8,14 @@ things: the status, the JSON error naming the field, and that the database is un
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from harness import Http, Reply, start_daemon
+from harness import Http, Reply
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.store import Snapshot
-
-
-@pytest_twisted.async_yield_fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path)
-    yield running
-    await running.stopService()
-
-
-@pytest.fixture
-def http(daemon: Daemon) -> Http:
-    return Http.to(daemon)
 
 
 def assert_bad_request(reply: Reply, *mentions: str) -> str:

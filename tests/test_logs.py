@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -455,13 +455,6 @@ def captured() -> Any:
     yield found
     for observer in observers:
         globalLogPublisher.removeObserver(observer)
-
-
-@pytest_twisted.async_yield_fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path)
-    yield running
-    await running.stopService()
 
 
 async def serve(daemon: Daemon, sim_port: int, backend: dict[str, Any], **frontend: Any) -> Http:

@@ -4,7 +4,6 @@ token; the label rules; and the open-files limit raised at start-up."""
 from __future__ import annotations
 
 import resource
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,6 @@ async def scrape(daemon: Daemon, token: str | None = None) -> Scrape:
     content_type = reply.headers.getRawHeaders(b"content-type")[0]
     assert content_type.startswith(b"text/plain; version=")
     return Scrape(reply.body.decode())
-
-
-@pytest_twisted.async_yield_fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path)
-    yield running
-    await running.stopService()
 
 
 async def add_backends(daemon: Daemon, ports: list[int], **fields: Any) -> list[str]:
