@@ -197,6 +197,20 @@ class Bench:
         self.children.start(name, nginx.command(self.tools.nginx, prefix, config)).wait_port(port)
         return port
 
+    def scenario_serverpath(self, backends: Backends) -> None:
+        """One small request through OllamaFlow's server path, h11 and twisted.web, in memory
+        (bench/serverpath.py, run with the Python OllamaFlow is installed in)."""
+        python = Path(self.tools.twistd).parent / "python"
+        seconds = 0.2 if self.plan.smoke else 3.0
+        argv = [str(python if python.exists() else sys.executable), str(HERE / "serverpath.py")]
+        result = _run_json([*argv, "--json", "--seconds", str(seconds)], 20 * seconds + 60)
+        costs = result["us_per_request"]
+        ours = costs["ollamaflow"]
+        for name, us in costs.items():
+            row = Row("server path in memory", name, rps=1e6 / us, data={"us_per_request": us})
+            row.notes.append(f"{us:.1f} us per request, {us / ours:.1f}x ours")
+            self.rows.append(row)
+
     def scenario_small(self, backends: Backends) -> None:
         if self.tools.nginx:
             port = self._nginx_small = self.nginx_proxy("nginx-proxy", backends.chosen)
@@ -560,7 +574,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-SCENARIOS = ("small", "stream", "hold", "scale")
+SCENARIOS = ("serverpath", "small", "stream", "hold", "scale")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
@@ -702,6 +716,7 @@ def run_scenarios(bench: Bench) -> None:
     else:
         backends.chosen, backends.chosen_name = backends.fast_sim, "sim"
     steps = [
+        ("serverpath", "server path in memory", bench.scenario_serverpath),
         ("small", "small requests", bench.scenario_small),
         ("stream", "streaming latency", bench.scenario_stream),
         ("hold", "concurrent streams", bench.scenario_hold),
