@@ -4,21 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
-
-class _QuietFactory(_HTTP11ClientFactory):
-    """No "Starting factory" log line for every new backend connection."""
-
-    noisy = False
+from ollamaflow.twisted_internals import quiet_connection_pool
 
 
 def connection_pool(
     reactor: Any, *, max_per_host: int = 64, idle_seconds: int = 120
 ) -> HTTPConnectionPool:
-    """A persistent pool keeping up to ``max_per_host`` idle connections to each backend."""
+    """A persistent pool keeping up to ``max_per_host`` idle connections to each backend,
+    without a "Starting factory" log line for every new backend connection."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = idle_seconds
-    pool._factory = _QuietFactory
-    return pool
+    return quiet_connection_pool(pool)

@@ -53,6 +53,12 @@ def _console(options: Options) -> IO[str]:
 
 def makeService(options: Options) -> IService:
     """Load the settings and prepare the database before the reactor runs; fail in one line."""
+    from ollamaflow.twisted_internals import TwistedChanged, self_check
+
+    try:  # first: the modules below use the private Twisted APIs it checks
+        self_check()
+    except TwistedChanged as e:
+        raise SystemExit(f"ollamaflow: {e}") from None
     from twisted.internet import reactor
 
     from ollamaflow.daemon import Daemon

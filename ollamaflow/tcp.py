@@ -17,6 +17,8 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.python.failure import Failure
 
+from ollamaflow.twisted_internals import TransportConnector, is_disconnected, socket_to_send_now
+
 _RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS})
 
 
@@ -24,15 +26,10 @@ class _SendAtOnce(tcp.Connection):
     """``write`` tries the socket first when nothing is queued before the data."""
 
     def write(self, data: bytes) -> None:
-        if (
-            data
-            and not self._tempDataLen
-            and self.offset == len(self.dataBuffer)
-            and self.connected
-            and not self._writeDisconnected
-        ):
+        sock = socket_to_send_now(self) if data else None
+        if sock is not None:
             try:
-                sent = self.socket.send(data)
+                sent = sock.send(data)
             except OSError as e:
                 if e.errno not in _RETRY_LATER:
                     # Queue it: the reactor's write meets the error and closes the connection.
@@ -56,15 +53,15 @@ class Client(_SendAtOnce, tcp.Client):
     """An outgoing connection whose writes go out at once when nothing waits before them."""
 
 
-class Connector(tcp.Connector):
+class Connector(TransportConnector):
     """``reactor.connectTCP``'s connector, making :class:`Client` transports."""
 
-    def _makeTransport(self) -> Client:
+    def make_transport(self) -> Client:
         return Client(self.host, self.port, self.bindAddress, self, self.reactor)
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
-        if self.state == "disconnected":
+        if is_disconnected(self):
             self.transport = None  # the connection is over: no cycle left with it
 
 
@@ -76,7 +73,8 @@ def connect(reactor: Any, host: str, port: int, factory: Any, *, timeout: float)
 
 
 class Port(tcp.Port):
-    """A listening port whose connections are :class:`Server` transports."""
+    """A listening port whose connections are :class:`Server` transports (``tcp.Port``
+    documents its ``transport`` attribute as the one to replace)."""
 
     transport = Server
 
@@ -88,11 +86,16 @@ def listen(reactor: Any, port: int, factory: Any, *, backlog: int, interface: st
     return listening
 
 
-def adopt(reactor: Any, listening: socket.socket, factory: Any) -> Port:
+def adopt(reactor: Any, listening: socket.socket, factory: Any) -> tcp.Port:
     """``reactor.adoptStreamPort`` for a bound, listening TCP socket (the reactor keeps its own
-    duplicate of the descriptor)."""
-    port: Port = Port._fromListeningDescriptor(
-        reactor, listening.fileno(), listening.family, factory
-    )
-    port.startListening()
+    duplicate of the descriptor), with transports that send at once."""
+    port = reactor.adoptStreamPort(listening.fileno(), listening.family, factory)
+    if not isinstance(port, tcp.Port):
+        port.stopListening()
+        raise TypeError(
+            f"{type(reactor).__name__} adopts sockets as {type(port).__name__}, not "
+            "twisted.internet.tcp.Port: its connections could not send at once"
+        )
+    # Nothing is accepted before the reactor next runs, so every connection gets a Server.
+    port.transport = Server
     return port

@@ -45,7 +45,7 @@ def listen_shared(reactor: Any, port: int, interface: str, factory: Any) -> ILis
         sock.setblocking(False)
         listening: IListeningPort = tcp.adopt(reactor, sock, factory)
     finally:
-        # The reactor holds its own duplicate of the descriptor.
+        # The reactor holds its own duplicate: adoptStreamPort leaves ours to us to close.
         sock.close()
     return listening
 

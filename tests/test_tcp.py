@@ -14,6 +14,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from ollamaflow import tcp
+from ollamaflow.twisted_internals import socket_to_send_now
+from ollamaflow.workers import listen_shared
 
 
 class Collect(Protocol):
@@ -42,14 +44,20 @@ class Writer(Protocol):
         self.lost = reason
 
 
-async def _serve(action: Callable[[tcp.Server], None]) -> tuple[Collect, list[Writer]]:
+async def _serve(
+    action: Callable[[tcp.Server], None], *, shared: bool = False
+) -> tuple[Collect, list[Writer]]:
     writers: list[Writer] = []
 
     def build() -> Writer:
         writers.append(Writer(action))
         return writers[-1]
 
-    port = tcp.listen(reactor, 0, Factory.forProtocol(build), backlog=5, interface="127.0.0.1")
+    factory = Factory.forProtocol(build)
+    if shared:  # Workers > 1: a socket bound with SO_REUSEPORT, adopted by the reactor
+        port = listen_shared(reactor, 0, "127.0.0.1", factory)
+    else:
+        port = tcp.listen(reactor, 0, factory, backlog=5, interface="127.0.0.1")
     try:
         client = Collect()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
@@ -67,7 +75,7 @@ async def test_writes_arrive_whole_and_in_order_past_what_the_kernel_takes_at_on
     def action(transport: tcp.Server) -> None:
         assert isinstance(transport, tcp.Server)
         transport.write(pieces[0])
-        assert not transport.dataBuffer and not transport._tempDataLen, "sent at once"
+        assert socket_to_send_now(transport), "sent at once: nothing queued"
         transport.write(pieces[1])  # more than the socket takes: the rest is queued
         transport.writeSequence(pieces[2:4])
         transport.write(pieces[4])
@@ -98,3 +106,20 @@ async def test_a_write_to_a_reset_connection_ends_it_without_raising() -> None:
         await until(lambda: writers[0].lost is not None, 5.0)
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_adopted_listening_socket_serves_transports_that_send_at_once() -> None:
+    """``tcp.adopt`` (public ``adoptStreamPort``, then the port's documented ``transport``)."""
+    pieces = [b"first", b"x" * (4 << 20), b"last"]
+
+    def action(transport: tcp.Server) -> None:
+        assert type(transport) is tcp.Server
+        transport.write(pieces[0])
+        assert socket_to_send_now(transport), "sent at once: nothing queued"
+        transport.writeSequence(pieces[1:])
+        transport.loseConnection()
+
+    client, writers = await _serve(action, shared=True)
+    assert len(writers) == 1
+    assert bytes(client.data) == b"".join(pieces)

@@ -29,7 +29,6 @@ from twisted.web.client import (
     FileBodyProducer,
     PotentialDataLoss,
     RequestGenerationFailed,
-    RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseNeverReceived,
@@ -92,7 +91,6 @@ _RETRYABLE = (
     ConnectionLost,
     ResponseNeverReceived,
     RequestGenerationFailed,
-    RequestNotSent,
     RequestTransmissionFailed,
     TimeoutError,
 )

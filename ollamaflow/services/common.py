@@ -12,12 +12,12 @@ from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent, _WrapperException
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from ollamaflow.records import Backend
+from ollamaflow.twisted_internals import CLIENT_FAILURES, REQUEST_NOT_SENT
 
 #: Bodies we parse (tags, ps, error answers) larger than this are refused, not buffered.
 MAX_BODY = 16 << 20
@@ -32,8 +32,8 @@ class BodyTooLarge(Exception):
 NETWORK_ERRORS: tuple[type[Exception], ...] = (
     ConnectError,
     ConnectionClosed,
-    _WrapperException,
-    RequestNotSent,
+    *CLIENT_FAILURES,
+    REQUEST_NOT_SENT,
     BodyTooLarge,
 )
 

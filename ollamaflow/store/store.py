@@ -44,6 +44,7 @@ from ollamaflow.store.postgresql import (
     driver_missing,
     subscribe,
 )
+from ollamaflow.twisted_internals import dbapi_connection, owning_pool
 from ollamaflow.wire import FieldError, format_utc, from_wire, to_wire
 
 T = TypeVar("T")
@@ -337,7 +338,7 @@ class _DroppingConnection(adbapi.Connection):
     """
 
     def rollback(self) -> None:
-        connection: Any = self._connection
+        connection = dbapi_connection(self)
         try:
             connection.rollback()
             if not getattr(connection, "closed", False):
@@ -345,7 +346,7 @@ class _DroppingConnection(adbapi.Connection):
         except Exception:
             pass
         # The next interaction in this thread connects afresh.
-        self._pool.disconnect(connection)
+        owning_pool(self).disconnect(connection)
 
 
 def _postgresql_pool(conninfo: str, reactor: IReactorCore, size: int) -> ConnectionPool:
