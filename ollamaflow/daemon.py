@@ -157,7 +157,15 @@ class Daemon(MultiService):
             worker=worker or 0,
         )
         self.root = Root(self.admin.resource(), metrics=metrics_page)
-        self.listener = Listener(self.gateway, self.root, self._body_limit, reactor)
+        self.listener = Listener(
+            self.gateway,
+            self.root,
+            self._body_limit,
+            reactor,
+            max_connections=settings.webserver.max_connections,
+        )
+        if self.metrics is not None:
+            self.metrics.watch_connections(self.listener)
         sweeper = TimerService(STICKY_SWEEP_SECONDS, self._sweep_pins)
         sweeper.clock = reactor
         sweeper.setServiceParent(self)

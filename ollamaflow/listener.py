@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,6 +28,7 @@ from ollamaflow.gateway.dialect import error_body as gateway_error_body
 from ollamaflow.server.connection import GatewayExchange, HTTPConnection
 from ollamaflow.server.request import ClientRequest
 from ollamaflow.server.web import WebStream
+from ollamaflow.settings import DEFAULT_MAX_CONNECTIONS
 
 #: Every path that starts with this is the admin API's (its routes are under ``/v1.0/``).
 ADMIN_PREFIX = b"/v1.0"
@@ -134,6 +136,59 @@ def internal_error(path: bytes, reason: Failure) -> bytes:
 #: The body size limit for a request, from its path and Host header.
 BodyLimit = Callable[[bytes, bytes | None], int]
 
+#: After answering a connection over the cap, what its client still sends is read and dropped
+#: for up to this long, so that closing it never resets it (nor loses the answer).
+LINGER_SECONDS = 5.0
+#: A connection over the cap is answered 503 with this error, in Ollama's shape.
+REFUSAL_BODY = gateway_error_body(b"/", 503, "too many connections; retry in a second")
+#: Refused connections lingering at once, at most (a client that never closes holds one for
+#: LINGER_SECONDS); beyond, the answer is followed by an orderly close at once.
+MAX_LINGERING = 128
+#: How often at most a refusal is logged (each one is counted in /metrics).
+REFUSAL_LOG_SECONDS = 60.0
+
+
+def refusal_response(date: bytes) -> bytes:
+    """The whole answer to a connection over ``MaxConnections``: 503, retry in a second, and
+    the connection closes (its request, never read, may not even have been sent)."""
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+        % (date, len(REFUSAL_BODY), REFUSAL_BODY)
+    )
+
+
+class Refusal(TwistedProtocol):
+    """A connection over the cap: answered at once, then closed as nginx's lingering close
+    does, so the kernel never resets it: half-close, then read and drop whatever still comes
+    until the client closes, or for :data:`LINGER_SECONDS` at most. ``lingering`` holds the
+    refusals doing so, at most :data:`MAX_LINGERING`."""
+
+    def __init__(self, clock: IReactorTime, answer: bytes, lingering: set[Refusal]) -> None:
+        self.clock = clock
+        self.answer = answer
+        self.lingering = lingering
+        self._linger: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.write(self.answer)
+        if len(self.lingering) >= MAX_LINGERING:
+            transport.loseConnection()
+            return
+        self.lingering.add(self)
+        transport.loseWriteConnection()
+        self._linger = self.clock.callLater(LINGER_SECONDS, transport.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Dropped: the answer does not depend on the request."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lingering.discard(self)
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
+
 
 class Listener(ServerFactory):
     """Builds a :class:`HTTPConnection` per client; routes each request it parses."""
@@ -150,7 +205,16 @@ class Listener(ServerFactory):
         *,
         idle_timeout: float = IDLE_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        """``max_connections``: client connections open at once (``Webserver.MaxConnections``);
+        one more is answered 503 and closed (see :meth:`buildProtocol`)."""
+        self.max_connections = max_connections
+        #: Connections refused since start, for ``/metrics``.
+        self.refused = 0
+        #: Refused connections still lingering (see :class:`Refusal`).
+        self.lingering: set[Refusal] = set()
+        self._refusal_logged = -REFUSAL_LOG_SECONDS
         self.gateway = gateway
         self.site = WebSite(root)
         self.metrics = root.metrics is not None
@@ -164,6 +228,24 @@ class Listener(ServerFactory):
         self._date = (0, b"")
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
+
+    def buildProtocol(self, addr: IAddress | None) -> TwistedProtocol | None:
+        """An :class:`HTTPConnection`, or a :class:`Refusal` when ``max_connections`` are open
+        (:attr:`connections`: each HTTPConnection is in it from connectionMade to
+        connectionLost, and Twisted calls connectionMade right after this)."""
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            now = self.clock.seconds()
+            if now - self._refusal_logged >= REFUSAL_LOG_SECONDS:
+                self._refusal_logged = now
+                log.warn(
+                    "Webserver.MaxConnections ({limit}) client connections are open: new ones "
+                    "are answered 503 ({refused} since start; this line once a minute at most)",
+                    limit=self.max_connections,
+                    refused=self.refused,
+                )
+            return Refusal(self.clock, refusal_response(self.date()), self.lingering)
+        return cast(HTTPConnection, super().buildProtocol(addr))
 
     def startFactory(self) -> None:
         self._sweeper.start(min(self.idle_timeout, self.read_timeout) / 4, now=False)

@@ -2,8 +2,9 @@
 
 Counters and histograms are fed by the gateway (one :class:`Completed` per request), the health
 checker and model sync, and aggregated in plain Python (see :class:`_Family`) so a request costs
-a few dict lookups and float additions; in-flight requests, queue depths and backend health are
-read from live state at scrape time.
+a few dict lookups and float additions; in-flight requests, queue depths, backend health and
+client connections (open, and refused by ``Webserver.MaxConnections``) are read from live state at
+scrape time.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import hmac
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from itertools import accumulate
+from typing import Protocol
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -128,6 +130,46 @@ class _LiveCollector:
         for identifier in catalog.frontends:
             depth.add_metric([identifier], fleet.queue_depth(identifier))
         yield from (in_flight, depth, healthy)
+
+
+class ClientConnections(Protocol):
+    """What the listener tells about client connections, read at scrape time."""
+
+    @property
+    def connections(self) -> Sized: ...
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def refused(self) -> int: ...
+
+
+class _ConnectionsCollector:
+    """Scrape-time client connections: open now, the cap, and how many the cap refused."""
+
+    def __init__(self, door: ClientConnections) -> None:
+        self.door = door
+        self.created = time.time()
+
+    def collect(self) -> Iterator[Metric]:
+        door = self.door
+        yield GaugeMetricFamily(
+            "ollamaflow_client_connections",
+            "Client connections open now, idle keep-alive ones included.",
+            value=len(door.connections),
+        )
+        yield GaugeMetricFamily(
+            "ollamaflow_client_connections_limit",
+            "Client connections this process accepts at once (Webserver.MaxConnections).",
+            value=door.max_connections,
+        )
+        refused = CounterMetricFamily(
+            "ollamaflow_connections_refused_total",
+            "Client connections answered 503 and closed because MaxConnections were open.",
+        )
+        refused.add_metric([], door.refused, self.created if _created_series() else None)
+        yield refused
 
 
 def _created_series() -> bool:
@@ -333,6 +375,10 @@ class Metrics:
                 values = histogram.series.get(key) or histogram.new(key)
                 values[bisect_left(histogram.bounds, rate)] += 1.0
                 values[-1] += rate
+
+    def watch_connections(self, door: ClientConnections) -> None:
+        """Export the client connections of ``door`` (the listener) at every scrape."""
+        self.registry.register(_ConnectionsCollector(door))
 
     def health_checked(self, backend: Backend, ok: bool, seconds: float) -> None:
         """A health check finished (the health checker's ``on_check`` hook)."""

@@ -51,10 +51,21 @@ POSTGRESQL_DEFAULTS: dict[str, object] = {
 }
 
 
+#: Client connections one process holds at once: twice the 2,000 streams the benchmark holds,
+#: and the open files they need (two sockets each and a margin, ``tap.files_needed``: 8,704)
+#: fit under every usual hard limit: systemd's 524,288, the unit's 65,536, Docker's, macOS's
+#: 10,240. About 200 MB of memory at the cap, by the benchmark's 45 KB a stream.
+DEFAULT_MAX_CONNECTIONS = 4096
+#: Under half of the 1,048,576 open files a process is usually allowed at most.
+MAX_MAX_CONNECTIONS = 500_000
+
+
 @attrs.frozen
 class Webserver:
     hostname: str = field(_HOST, default="*")
     port: int = field(Int(0, 65535), default=43411)
+    #: Client connections open at once, per process; more are answered 503 and closed.
+    max_connections: int = field(Int(1, MAX_MAX_CONNECTIONS), default=DEFAULT_MAX_CONNECTIONS)
 
 
 @attrs.frozen

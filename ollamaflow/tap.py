@@ -9,8 +9,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
+import attrs
 from twisted.application.service import IService
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
 from ollamaflow.settings import DatabaseDriver, LoadedSettings, SettingsError, load_settings
@@ -19,9 +20,6 @@ if TYPE_CHECKING:
     from ollamaflow.store import Snapshot, Store
 
 log = Logger()
-
-#: Where the soft open-files limit is raised to when the hard limit is unlimited.
-NOFILE_CEILING = 1 << 20
 
 
 class Options(usage.Options):
@@ -69,7 +67,7 @@ def makeService(options: Options) -> IService:
         loaded = load_settings(Path(options["config"]))
     except SettingsError as e:
         raise SystemExit(f"ollamaflow: {e}") from None
-    raise_open_files_limit()
+    raise_open_files_limit(loaded.settings.webserver.max_connections)
     now = utc_clock(reactor.seconds)
     store, snapshot = prepare_store(loaded, reactor, now)
     observer = observer_for(loaded.settings.logging, loaded.log_file, _console(options))
@@ -125,37 +123,135 @@ def prepare_store(
         raise SystemExit(f"ollamaflow: {where}: {e}") from None
 
 
-def raise_open_files_limit() -> tuple[int, int] | None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit, where allowed: every client request
-    holds a socket, and so does its backend connection. Returns (before, after), or None when
-    the platform has no such limit; never raises."""
+#: Open files a process needs besides two sockets per client connection: stdio, the reactor's
+#: own (epoll, its waker), listening sockets, the database (SQLite's file, WAL and shared memory,
+#: or up to 64 PostgreSQL connections and the one that LISTENs), log files, the connections of
+#: health checks, model inventory and pulls (a few per backend), and up to 128 refused
+#: connections lingering (``listener.MAX_LINGERING``).
+FILES_MARGIN = 512
+#: macOS refuses a soft limit above its own ceiling, even below an unlimited hard limit.
+DARWIN_OPEN_MAX = 10240
+
+
+def files_needed(max_connections: int) -> int:
+    """Open files for ``MaxConnections``: each proxied request holds a client and a backend
+    socket, plus :data:`FILES_MARGIN`."""
+    return 2 * max_connections + FILES_MARGIN
+
+
+def connections_carried(files: int) -> int:
+    """The largest ``MaxConnections`` that a limit of ``files`` open files carries."""
+    return max(0, (files - FILES_MARGIN) // 2)
+
+
+@attrs.frozen
+class OpenFiles:
+    """The soft open-files limit before and after start-up, and what MaxConnections needs."""
+
+    before: int
+    after: int
+    hard: int
+    max_connections: int
+    #: RLIM_INFINITY on this platform.
+    unlimited: int
+    #: The soft limit asked for and refused, if any.
+    refused: int | None = None
+
+    @property
+    def needed(self) -> int:
+        return files_needed(self.max_connections)
+
+    @property
+    def enough(self) -> bool:
+        return self.after == self.unlimited or self.after >= self.needed
+
+    @property
+    def carried(self) -> int:
+        """The MaxConnections the limit now carries."""
+        return self.max_connections if self.enough else connections_carried(self.after)
+
+
+def adjust_open_files(
+    max_connections: int,
+    get_limits: Callable[[], tuple[int, int]],
+    set_limits: Callable[[int, int], None],
+    unlimited: int,
+) -> OpenFiles:
+    """Raise the soft open-files limit (``get_limits``/``set_limits``: soft, hard) to what
+    ``max_connections`` needs if it is lower: never beyond the hard limit, never lowering it."""
+    soft, hard = get_limits()
+    found = OpenFiles(soft, soft, hard, max_connections, unlimited)
+    if found.enough:
+        return found
+    target = found.needed if hard == unlimited else min(found.needed, hard)
+    if target <= soft:  # at a hard limit that is too low already
+        return found
+    attempts = [target]
+    if hard == unlimited and target > DARWIN_OPEN_MAX > soft:
+        attempts.append(DARWIN_OPEN_MAX)
+    for attempt in attempts:
+        try:
+            set_limits(attempt, hard)
+        except (OSError, ValueError):
+            continue
+        refused = None if attempt == target else target
+        return attrs.evolve(found, after=attempt, refused=refused)
+    return attrs.evolve(found, refused=target)
+
+
+def describe_open_files(limit: OpenFiles) -> tuple[bool, str]:
+    """Whether the outcome is a warning, and its log line (numbers and words only)."""
+    n = f"MaxConnections {limit.max_connections}"
+    hard = "unlimited" if limit.hard == limit.unlimited else str(limit.hard)
+    if limit.enough:
+        if limit.after == limit.before:
+            return False, (
+                f"open files limit {_files(limit, limit.after)} (hard limit {hard}): "
+                f"enough for {n}, which needs {limit.needed}"
+            )
+        return False, (
+            f"open files limit raised from {limit.before} to {limit.after} for {n} "
+            f"(hard limit {hard})"
+        )
+    short = (
+        f"it carries MaxConnections {limit.carried} at most; Webserver.{n} needs "
+        f"{limit.needed} (hard limit {hard}): raise the hard limit (LimitNOFILE=, ulimit -Hn) "
+        "or lower Webserver.MaxConnections"
+    )
+    if limit.refused is not None:
+        return True, (
+            f"open files limit {limit.after}: raising it to {limit.refused} was refused; {short}"
+        )
+    return True, f"open files limit {limit.after} is too low: {short}"
+
+
+def _files(limit: OpenFiles, value: int) -> str:
+    return "unlimited" if value == limit.unlimited else str(value)
+
+
+def raise_open_files_limit(max_connections: int) -> OpenFiles | None:
+    """At start-up: the soft RLIMIT_NOFILE raised as far as ``max_connections`` needs (see
+    :func:`adjust_open_files`), logged; None when the platform has no such limit. Never raises."""
     try:
         import resource
     except ImportError:  # not on POSIX
         return None
+    which = resource.RLIMIT_NOFILE
+
+    def get_limits() -> tuple[int, int]:
+        return resource.getrlimit(which)
+
+    def set_limits(soft: int, hard: int) -> None:
+        resource.setrlimit(which, (soft, hard))
+
     try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = adjust_open_files(max_connections, get_limits, set_limits, resource.RLIM_INFINITY)
     except (OSError, ValueError) as e:
         log.warn("cannot read the open files limit: {error}", error=e)
         return None
-    unlimited = resource.RLIM_INFINITY
-    target = NOFILE_CEILING if hard == unlimited else hard
-    if soft == unlimited or soft >= target:
-        log.info("open files limit {soft} (hard limit {hard})", soft=soft, hard=hard)
-        return soft, soft
-    # Some kernels refuse more than their own ceiling (macOS: 10240) below an unlimited hard one.
-    for attempt in (target, 10240):
-        if attempt <= soft:
-            break
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (attempt, hard))
-        except (OSError, ValueError):
-            continue
-        log.info("open files limit raised from {soft} to {new}", soft=soft, new=attempt)
-        return soft, attempt
-    log.warn(
-        "open files limit stays at {soft}: raising it to {target} was refused",
-        soft=soft,
-        target=target,
-    )
-    return soft, soft
+    warning, line = describe_open_files(limit)
+    fields = attrs.asdict(limit, filter=lambda a, _v: a.name != "unlimited")
+    fields |= {"needed": limit.needed, "carried": limit.carried}
+    # The line holds no braces, so it is its own format string; the numbers go as fields too.
+    log.emit(LogLevel.warn if warning else LogLevel.info, line, **fields)
+    return limit

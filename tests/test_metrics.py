@@ -1,12 +1,12 @@
 """``GET /metrics``: scraped after real traffic through a daemon with simulated backends; the
-token; the label rules; and the open-files limit raised at start-up."""
+token; the label rules; client connections. (The open-files limit: test_connection_limits.py.)"""
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 import treq
@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import CancelledError
 from twisted.web.client import ResponseNeverReceived
 
-from ollamaflow import tap
 from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.completed import Completed
 from ollamaflow.metrics import LATENCY_BUCKETS, Metrics
@@ -377,66 +376,45 @@ def test_the_export_matches_prometheus_clients_own_metrics() -> None:
     assert scraped(metrics.exposition()) == scraped(generate_latest(reference))
 
 
-# -- the open-files limit -------------------------------------------------------------------------
+@attrs.define
+class Door:
+    """What the listener tells the metrics about client connections."""
+
+    connections: set[object]
+    max_connections: int
+    refused: int = 0
 
 
-class FakeLimits:
-    def __init__(self, soft: int, hard: int, refuse_above: int | None = None) -> None:
-        self.limits = (soft, hard)
-        self.refuse_above = refuse_above
-        self.calls: list[tuple[int, int]] = []
-
-    def getrlimit(self, which: int) -> tuple[int, int]:
-        assert which == resource.RLIMIT_NOFILE
-        return self.limits
-
-    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
-        assert which == resource.RLIMIT_NOFILE
-        self.calls.append(limits)
-        if self.refuse_above is not None and limits[0] > self.refuse_above:
-            raise ValueError("not allowed to raise maximum limit")
-        self.limits = limits
-
-
-def use(monkeypatch: pytest.MonkeyPatch, fake: FakeLimits) -> None:
-    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
-    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
-
-
-def test_the_soft_open_files_limit_is_raised_to_the_hard_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    fake = FakeLimits(1024, 524288)
-    use(monkeypatch, fake)
-    assert tap.raise_open_files_limit() == (1024, 524288)
-    assert fake.limits == (524288, 524288)
-
-
-def test_an_unlimited_hard_limit_raises_to_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeLimits(1024, resource.RLIM_INFINITY)
-    use(monkeypatch, fake)
-    assert tap.raise_open_files_limit() == (1024, tap.NOFILE_CEILING)
-    assert fake.limits == (tap.NOFILE_CEILING, resource.RLIM_INFINITY)
-
-
-def test_a_refused_raise_falls_back_and_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeLimits(256, resource.RLIM_INFINITY, refuse_above=10240)
-    use(monkeypatch, fake)
-    assert tap.raise_open_files_limit() == (256, 10240)
-    fake = FakeLimits(256, 4096, refuse_above=256)
-    use(monkeypatch, fake)
-    assert tap.raise_open_files_limit() == (256, 256)
-    assert fake.limits == (256, 4096)
-
-
-def test_nothing_to_do_at_the_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeLimits(4096, 4096)
-    use(monkeypatch, fake)
-    assert tap.raise_open_files_limit() == (4096, 4096)
-    assert fake.calls == []
-
-    def broken(which: int) -> tuple[int, int]:
-        raise OSError("no")
-
-    monkeypatch.setattr(resource, "getrlimit", broken)
-    assert tap.raise_open_files_limit() is None
+def test_client_connections_are_read_at_scrape_time() -> None:
+    metrics = Metrics()
+    door = Door(connections={object(), object()}, max_connections=3)
+    metrics.watch_connections(door)
+    m = Scrape(metrics.exposition().decode())
+    assert m.value("ollamaflow_client_connections") == 2
+    assert m.value("ollamaflow_client_connections_limit") == 3
+    assert m.value("ollamaflow_connections_refused_total") == 0
+    door.connections.add(object())
+    door.refused = 5
+    m = Scrape(metrics.exposition().decode())
+    assert m.value("ollamaflow_client_connections") == 3
+    assert m.value("ollamaflow_connections_refused_total") == 5
+    assert m.value("ollamaflow_connections_refused_created") > 1.6e9
+    families = {
+        f.name: (f.type, f.documentation)
+        for f in text_string_to_metric_families(metrics.exposition().decode())
+        if "connections" in f.name and not f.name.endswith("_created")
+    }
+    assert families == {
+        "ollamaflow_client_connections": (
+            "gauge",
+            "Client connections open now, idle keep-alive ones included.",
+        ),
+        "ollamaflow_client_connections_limit": (
+            "gauge",
+            "Client connections this process accepts at once (Webserver.MaxConnections).",
+        ),
+        "ollamaflow_connections_refused": (
+            "counter",
+            "Client connections answered 503 and closed because MaxConnections were open.",
+        ),
+    }

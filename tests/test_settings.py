@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from ollamaflow.settings import DEFAULT_ADMIN_TOKEN, DatabaseDriver, SettingsError, load_settings
+from ollamaflow.settings import (
+    DEFAULT_ADMIN_TOKEN,
+    DEFAULT_MAX_CONNECTIONS,
+    DatabaseDriver,
+    SettingsError,
+    load_settings,
+)
 
 
 def test_missing_file_is_written_with_1_2_defaults(tmp_path: Path) -> None:
@@ -15,7 +21,7 @@ def test_missing_file_is_written_with_1_2_defaults(tmp_path: Path) -> None:
     loaded = load_settings(path)
     assert loaded.created
     written = json.loads(path.read_text())
-    assert written["Webserver"] == {"Hostname": "*", "Port": 43411}
+    assert written["Webserver"] == {"Hostname": "*", "Port": 43411, "MaxConnections": 4096}
     assert written["DatabaseFilename"] == "ollamaflow.db"
     assert written["Database"] == {"Driver": "sqlite", "PoolSize": 4, "ReloadIntervalMs": 5000}
     assert written["AdminBearerTokens"] == ["ollamaflowadmin"]
@@ -46,9 +52,17 @@ def test_relative_database_path_is_relative_to_the_settings_folder(
 
 def test_keys_in_any_case(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    path.write_text(json.dumps({"webserver": {"port": 8080}, "ADMINBEARERTOKENS": ["secret-1"]}))
+    path.write_text(
+        json.dumps(
+            {
+                "webserver": {"port": 8080, "MAXCONNECTIONS": 10},
+                "ADMINBEARERTOKENS": ["secret-1"],
+            }
+        )
+    )
     loaded = load_settings(path)
     assert loaded.settings.webserver.port == 8080
+    assert loaded.settings.webserver.max_connections == 10
     assert loaded.settings.admin_bearer_tokens == ("secret-1",)
     assert loaded.warnings == ()
 
@@ -78,6 +92,20 @@ def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
             "Webserver.Port: 70000 is not allowed; expected an integer from 0 to 65535",
         ),
         ({"Webserver": {"Port": "80"}}, 'Webserver.Port: "80" is not allowed'),
+        (
+            {"Webserver": {"MaxConnections": 0}},
+            "Webserver.MaxConnections: 0 is not allowed; expected an integer from 1 to 500000",
+        ),
+        (
+            {"Webserver": {"MaxConnections": 500_001}},
+            "Webserver.MaxConnections: 500001 is not allowed; expected an integer from 1 to 500000",
+        ),
+        (
+            {"Webserver": {"MaxConnections": "4096"}},
+            'Webserver.MaxConnections: "4096" is not allowed; expected an integer from 1 to 500000',
+        ),
+        ({"Webserver": {"MaxConnections": True}}, "Webserver.MaxConnections: true is not allowed"),
+        ({"Webserver": {"MaxConnections": 10.5}}, "Webserver.MaxConnections: 10.5 is not allowed"),
         ({"Logging": {"MinimumSeverity": -1}}, "Logging.MinimumSeverity: -1 is not allowed"),
         (
             {"Logging": {"Format": "xml"}},
@@ -121,6 +149,15 @@ def test_bad_values_stop_with_one_line_naming_key_value_and_allowed(
     assert "\n" not in message
     assert message.startswith(str(path))
     assert expected in message
+
+
+def test_max_connections_bounds_are_accepted(tmp_path: Path) -> None:
+    """One connection up to 500,000 (a million open files, the most a process is given)."""
+    path = tmp_path / "s.json"
+    assert load_settings(path).settings.webserver.max_connections == DEFAULT_MAX_CONNECTIONS
+    for value in (1, 500_000, 2000.0):
+        path.write_text(json.dumps({"Webserver": {"MaxConnections": value}}))
+        assert load_settings(path).settings.webserver.max_connections == value
 
 
 def test_a_file_that_is_not_json_stops_with_one_line(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ async def test_foreground_daemon_in_an_empty_folder(twistd: Path, tmp_path: Path
             "ollamaflow.json",
         ]
         settings = json.loads((tmp_path / "ollamaflow.json").read_text())
-        assert settings["Webserver"]["Port"] == 43411
+        assert settings["Webserver"] == {"Hostname": "*", "Port": 43411, "MaxConnections": 4096}
         response = await treq.get("http://127.0.0.1:43411/v1.0/frontends", headers=token)
         assert [f["Identifier"] for f in await response.json()] == ["frontend1"]
         root = await treq.get("http://127.0.0.1:43411/")
@@ -116,6 +116,8 @@ async def test_foreground_daemon_in_an_empty_folder(twistd: Path, tmp_path: Path
     # twistd re-raises the signal after a clean shutdown, as Unix daemons should.
     assert proc.returncode == -signal.SIGTERM, output
     assert "Server Shut Down." in output
+    # The open-files limit, raised only as far as MaxConnections needs, is logged either way.
+    assert "open files limit" in output and "MaxConnections 4096" in output
     assert "default token" in output, "the default admin token is warned about"
     assert "ollamaflowadmin" not in output.replace("default token 'ollamaflowadmin'", "")
 
