@@ -38,7 +38,8 @@ OLLAMA_IS_RUNNING = b"Ollama is running"
 METRICS_PATH = b"/metrics"
 #: A keep-alive connection with no request for this long is closed.
 IDLE_TIMEOUT = 75.0
-#: A request whose head or body stops arriving for this long is answered 408 and closed.
+#: A request head not whole this long after its first byte, or a body that pauses for this
+#: long, is answered 408 and closed (nginx's client_header_timeout and client_body_timeout).
 READ_TIMEOUT = 60.0
 
 log = Logger()
@@ -304,14 +305,21 @@ class Listener(ServerFactory):
         return self._date[1]
 
     def sweep(self) -> None:
-        """Close keep-alive connections idle too long; answer 408 to requests stuck halfway."""
+        """Close keep-alive connections idle too long; answer 408 to a request whose head is
+        not whole ``read_timeout`` after its first byte (however its bytes trickle in), or
+        whose body has paused for that long (as nginx's client_header_timeout and
+        client_body_timeout)."""
         now = self.clock.seconds()
+        timeout = self.read_timeout
         for connection in list(self.connections):
             if connection.idle():
                 if now - connection.since > self.idle_timeout:
-                    connection.transport.loseConnection()  # type: ignore[union-attr]
-            elif connection.receiving() and now - connection.since > self.read_timeout:
-                connection.reject(408, f"no bytes of the request for {self.read_timeout:.0f} s")
+                    connection.close()
+            elif connection.reading_head():
+                if now - connection.head_since > timeout:
+                    connection.reject(408, f"the request head took more than {timeout:.0f} s")
+            elif connection.reading_body() and now - connection.body_since > timeout:
+                connection.reject(408, f"no bytes of the request body for {timeout:.0f} s")
 
     def drain(self) -> None:
         """Stop reusing connections: idle ones close now, the others after their response."""

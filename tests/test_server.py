@@ -33,8 +33,9 @@ from zope.interface import implementer
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.headers import to_client
+from ollamaflow.http1.rules import MAX_FIELDS, MAX_HEAD
 from ollamaflow.listener import OLLAMA_IS_RUNNING, Listener, Root
-from ollamaflow.server.connection import IN_MEMORY_BODY, MAX_FIELDS, MAX_HEAD, HTTPConnection
+from ollamaflow.server.connection import IN_MEMORY_BODY, HTTPConnection
 from ollamaflow.server.request import ClientRequest
 
 #: The clock's time when a test starts: a real date, so the Date header means something.
@@ -491,7 +492,7 @@ def test_a_body_and_the_next_request_in_one_piece_are_told_apart() -> None:
 
 CHUNKED = (
     chunked_head()
-    + b'5;a=b\r\nhello\r\n1\r\n,\r\n6 ; ext="q"\r\n world\r\n'
+    + b'5;a=b\r\nhello\r\n1\r\n,\r\n6;ext="q"\r\n world\r\n'
     + b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
 )
 
@@ -517,13 +518,22 @@ def test_chunked_body_is_decoded(how: str) -> None:
     assert conn.response().body == b"gateway GET /after"
 
 
-def test_chunked_body_with_only_the_last_chunk_and_lf_line_ends() -> None:
+def test_chunked_body_with_only_the_last_chunk() -> None:
     server = Server()
     conn = server.connect()
-    conn.send(chunked_head() + b"3\nabc\n0\n\n" + get(b"/next"))
+    conn.send(chunked_head() + b"3\r\nabc\r\n0\r\n\r\n" + get(b"/next"))
     conn.send(chunked_head() + b"0\r\n\r\n")
     assert server.gateway.bodies == [b"abc", b"", b""]
     assert len(conn.responses()) == 3
+
+
+def test_chunked_body_with_lf_line_ends_is_refused() -> None:
+    """Bare LF after a chunk size or chunk data is refused, as h11, Twisted and nginx do (it
+    was accepted before issue 15)."""
+    server = Server()
+    conn = server.connect()
+    conn.send(chunked_head() + b"3\nabc\n0\n\n" + get(b"/next"))
+    assert_rejected(server, conn, 400)
 
 
 def test_chunked_body_larger_than_kept_in_memory() -> None:
@@ -814,11 +824,13 @@ def test_exactly_the_maximum_number_of_fields_is_accepted() -> None:
     assert conn.response().status == 200
 
 
-def test_two_equal_content_length_fields_are_one() -> None:
+def test_two_equal_content_length_fields_are_refused() -> None:
+    """llhttp refuses a repeated Content-Length even with the same value (RFC 9112 6.3 allows
+    either); it was accepted as one before issue 15."""
     server = Server()
     conn = server.connect()
     conn.send(HOST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc")
-    assert server.gateway.bodies == [b"abc"]
+    assert_rejected(server, conn, 400)
 
 
 @pytest.mark.parametrize(
@@ -909,20 +921,21 @@ def test_an_unsupported_coding_before_chunked_is_refused() -> None:
     assert_rejected_after(conn, 501)
 
 
-def test_a_head_with_lf_line_ends_is_read_even_if_its_body_holds_crlf_crlf() -> None:
+def test_a_head_with_lf_line_ends_is_refused_even_if_its_body_holds_crlf_crlf() -> None:
+    """Bare LF line ends in a head are refused (llhttp's strictness; they were read before
+    issue 15): nothing can be smuggled behind a CRLF CRLF in the body either."""
     server = Server()
     conn = server.connect()
     body = b"ab\r\n\r\ncd"
     conn.send(b"POST /api/generate HTTP/1.1\nHost: x\nContent-Length: %d\n\n" % len(body) + body)
-    assert server.gateway.bodies == [body]
-    assert conn.response().status == 200
+    assert_rejected(server, conn, 400, b"/api/generate")
 
 
-def test_a_head_with_lf_line_ends_is_read() -> None:
+def test_a_head_with_lf_line_ends_is_refused() -> None:
     server = Server()
     conn = server.connect()
     conn.send(b"GET /api/tags HTTP/1.1\nHost: x\nX-A: 1\n\n")
-    assert server.gateway.requests[0].headers == [(b"Host", b"x"), (b"X-A", b"1")]
+    assert_rejected(server, conn, 400)
 
 
 # -- 8. body limits --------------------------------------------------------------------------------
@@ -946,11 +959,15 @@ def test_content_length_at_the_limit_is_served() -> None:
 
 
 def test_chunked_body_growing_past_the_limit_is_413() -> None:
+    """413 as soon as the bytes of the body so far pass the limit (llhttp does not tell a
+    chunk's declared size, so the byte that passes it decides, not the chunk-size line)."""
     server = Server(limit=10)
     conn = server.connect()
     conn.send(chunked_head(b"/v1/chat/completions"), b"6\r\nabcdef\r\n")
     assert conn.transport.value() == b""
-    conn.send(b"5\r\n")
+    conn.send(b"5\r\nabcd")
+    assert conn.transport.value() == b"", "at the limit"
+    conn.send(b"e")
     assert_rejected(server, conn, 413, b"/v1/chat/completions")
     assert server.limit_calls == [(b"/v1/chat/completions", b"flow.example")]
 
@@ -1735,6 +1752,204 @@ def test_header_names_remembered_stay_within_count_and_bytes() -> None:
     assert sum(len(name) + len(lower) for name, lower in names.items()) <= 1000 * 2 * 64
 
 
+# -- 22. deadlines like nginx's: the head's from its first byte, the body's from its last (#15) ---
+
+
+def test_a_head_trickling_in_gets_408_read_timeout_after_its_first_byte(sweeping: Server) -> None:
+    """A byte now and then does not keep a head alive (slowloris): the whole head must come
+    within the read timeout of its first byte, as nginx's client_header_timeout."""
+    conn = sweeping.connect()
+    head = get(b"/api/tags", b"X-Slow: " + b"s" * 40)
+    conn.send(head[:1])
+    for i in range(1, 6):
+        sweeping.clock.advance(1)
+        assert conn.transport.value() == b"", "not more than 5 s after the first byte yet"
+        conn.send(head[i : i + 1])
+    sweeping.clock.advance(1.5)  # bytes keep coming, but 6.5 s after the first one
+    error_message(conn.response(), 408, b"/api/tags")
+    assert conn.closed
+    assert sweeping.gateway.requests == []
+
+
+def test_a_request_line_stuck_before_its_target_gets_408_too(sweeping: Server) -> None:
+    """Bytes llhttp takes without a callback yet (a method, spaces) count as a head begun."""
+    conn = sweeping.connect()
+    conn.send(b"GET")
+    for _ in range(6):
+        sweeping.clock.advance(1)
+        conn.send(b" ")
+    sweeping.clock.advance(0.5)
+    assert conn.response().status == 408
+    assert conn.closed
+
+
+def test_a_head_is_timed_afresh_for_each_request(sweeping: Server) -> None:
+    conn = sweeping.connect()
+    conn.send(b"GET /a HTTP/1.1\r\n")
+    sweeping.clock.advance(4)
+    conn.send(b"Host: x\r\n\r\n")
+    assert conn.response().status == 200
+    conn.send(b"GET /b HTTP/1.1\r\n")
+    sweeping.clock.advance(4)
+    conn.send(b"Host: x\r\n\r\n")
+    assert conn.response().status == 200
+    assert not conn.closed
+
+
+def test_a_body_that_keeps_coming_is_never_cut_off(sweeping: Server) -> None:
+    """Each body byte restarts the body's clock (nginx's client_body_timeout), whatever the
+    body's total time."""
+    conn = sweeping.connect()
+    body = b"x" * 20
+    conn.send(http(b"POST", b"/api/chat", body=body)[: -len(body)])
+    for byte in body[:-1]:
+        sweeping.clock.advance(4)
+        conn.send(bytes([byte]))
+    assert conn.transport.value() == b"", "76 s of body, never 5 s without a byte"
+    conn.send(body[-1:])
+    assert conn.response().status == 200
+    assert sweeping.gateway.bodies == [body]
+
+
+def test_a_chunked_body_whose_bytes_stop_gets_408(sweeping: Server) -> None:
+    conn = sweeping.connect()
+    conn.send(chunked_head(b"/v1/chat/completions"), b"3\r\nabc\r\n")
+    sweeping.clock.advance(4)
+    conn.send(b"2\r\n")
+    sweeping.clock.advance(4)
+    assert conn.transport.value() == b""
+    sweeping.clock.advance(2)
+    error_message(conn.response(), 408, b"/v1/chat/completions")
+    assert conn.closed
+
+
+# -- 23. requests parsed ahead of their turn (#15) ------------------------------------------------
+
+
+def test_100_continue_waits_until_its_request_is_the_current_one() -> None:
+    """A request parsed behind the one being answered gets its 100 Continue once it is the
+    current one, never before that answer (which would be a response out of order)."""
+    server = Server(hold)
+    conn = server.connect()
+    body = b'{"model": "m"}'
+    expecting = http(b"POST", b"/api/chat", b"Expect: 100-continue", body=body)[: -len(body)]
+    conn.send(get(b"/first") + expecting)
+    assert conn.transport.value() == b"", "no 100 Continue while /first is answered"
+    reply(server.held, b"one")
+    assert conn.transport.value().endswith(b"\r\n\r\none" + b"HTTP/1.1 100 Continue\r\n\r\n")
+    conn.send(body)
+    reply(server.held, b"two")
+    assert [r.status for r in conn.responses()] == [200, 100, 200]
+    assert server.gateway.bodies == [b"", body]
+
+
+def test_no_100_continue_once_the_body_came_anyway() -> None:
+    server = Server(hold)
+    conn = server.connect()
+    body = b'{"model": "m"}'
+    conn.send(get(b"/first") + http(b"POST", b"/api/chat", b"Expect: 100-continue", body=body))
+    reply(server.held, b"one")
+    reply(server.held, b"two")
+    assert [r.status for r in conn.responses()] == [200, 200]
+
+
+def test_a_refused_request_behind_one_in_progress_is_answered_in_its_turn() -> None:
+    server = Server(hold)
+    conn = server.connect()
+    conn.send(get(b"/first") + b"GET /second HTTP/1.1\r\nHost: a b\r\n\r\n" + get(b"/never"))
+    assert conn.transport.value() == b"", "nothing before the first response"
+    assert not conn.closed
+    reply(server.held, b"one")
+    first, refused = conn.responses()
+    assert first.body == b"one"
+    assert "Host" in error_message(refused, 400, b"/second")
+    assert conn.closed
+    assert [r.uri for r in server.gateway.requests] == [b"/first"]
+
+
+def test_a_read_of_many_pipelined_requests_is_parsed_a_slice_at_a_time() -> None:
+    """llhttp parses all it is given: a 64 KiB read of tiny requests must not become 1,500
+    queued requests at once. The rest waits, unparsed, and each is answered in order."""
+    server = Server(hold)
+    made: list[bytes] = []
+    exchange = server.listener.exchange
+
+    def counting(*args: Any) -> Any:
+        made.append(args[2])
+        return exchange(*args)
+
+    server.listener.exchange = counting  # type: ignore[method-assign]
+    conn = server.connect()
+    count = 1500
+    conn.send(b"".join(get(b"/r%d" % i) for i in range(count)))
+    assert len(made) <= 16 * 1024 // len(get(b"/r0")) + 2, len(made)
+    for i in range(count):
+        assert server.held.uri == b"/r%d" % i
+        reply(server.held, b"%d" % i)
+    assert [r.body for r in conn.responses()] == [b"%d" % i for i in range(count)]
+    assert len(made) == count
+
+
+def test_an_upgrade_request_with_a_body_is_read_whole_and_the_next_request_found() -> None:
+    """llhttp skips the body of a request asking to upgrade (curl --http2 sends h2c to a POST);
+    we never upgrade, and that body must neither be lost nor read as the next request."""
+    server = Server()
+    conn = server.connect()
+    smuggled = get(b"/smuggled")
+    upgrade = http(
+        b"POST",
+        b"/api/chat",
+        b"Connection: Upgrade, HTTP2-Settings",
+        b"Upgrade: h2c",
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        body=smuggled,
+    )
+    conn.send(upgrade + get(b"/next"))
+    assert [r.uri for r in server.gateway.requests] == [b"/api/chat", b"/next"]
+    assert server.gateway.bodies[0] == smuggled
+    chunked = chunked_head(b"/api/generate", b"Connection: upgrade", b"Upgrade: websocket")
+    conn.send(chunked + b"4\r\nbody\r\n0\r\n\r\n" + get(b"/after"))
+    assert [r.uri for r in server.gateway.requests][2:] == [b"/api/generate", b"/after"]
+    assert server.gateway.bodies[2] == b"body"
+    assert len(conn.responses()) == 4
+
+
+def test_an_upgrade_request_without_a_body_is_served_as_any_other() -> None:
+    server = Server()
+    conn = server.connect()
+    upgrade = get(b"/api/tags", b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c")
+    conn.send(upgrade + get(b"/b"))
+    assert [r.uri for r in server.gateway.requests] == [b"/api/tags", b"/b"]
+    assert len(conn.responses()) == 2
+    assert not conn.closed
+
+
+# -- 24. closing with a response still queued (#15) ----------------------------------------------
+
+
+def test_a_connection_closed_by_a_drain_while_paused_stops_being_the_producer() -> None:
+    """Twisted resumes a paused producer when the send buffer drains instead of closing: a
+    connection closed by another (a drain) lets go of the transport then."""
+    server = Server()
+    conn = server.connect()
+    conn.send(get(b"/a"))
+    conn.response()
+    conn.proto.pauseProducing()  # the last response filled the send buffer
+    server.listener.drain()
+    assert conn.closed
+    assert conn.transport.producer is conn.proto
+    conn.proto.resumeProducing()  # the buffer drained
+    assert conn.transport.producer is None
+
+
+def test_a_response_that_ends_the_connection_unregisters_it_as_the_producer() -> None:
+    server = Server()
+    conn = server.connect()
+    conn.send(get(b"/a", b"Connection: close"))
+    assert conn.closed
+    assert conn.transport.producer is None
+
+
 # -- over a real socket ----------------------------------------------------------------------------
 
 
@@ -1856,6 +2071,48 @@ async def test_over_a_socket_a_large_body_after_100_continue_and_a_streamed_answ
         assert final.chunked
         assert final.header(b"connection") == b"close"
         assert final.body == b"3 2 1 " + hashlib.sha256(body).hexdigest().encode()
+        await gone(server.listener)
+    finally:
+        await close(port, client)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("how", ["connection-close", "http10", "drain"])
+async def test_over_a_socket_a_last_response_larger_than_the_send_buffer_closes(how: str) -> None:
+    """A response that ends its connection, finishing with megabytes still queued for a client
+    that reads slowly: once they are sent the connection closes (it used to stay registered as
+    the transport's producer, which Twisted resumed instead of closing: CLOSE-WAIT, forever)."""
+    big = bytes(range(256)) * (16 * 1024 * 1024 // 256)
+
+    def large(request: ClientRequest) -> bytes:
+        request.setHeader(b"Content-Length", b"%d" % len(big))
+        return big
+
+    server = Server(large)
+    port = reactor.listenTCP(0, server.listener, interface="127.0.0.1")
+    client = None
+    try:
+        client = await connect_raw(port)
+        assert client.transport is not None
+        client.transport.pauseProducing()  # the client reads nothing for now
+        if how == "http10":
+            client.send(get(b"/api/tags", version=b"HTTP/1.0"))
+        elif how == "connection-close":
+            client.send(get(b"/api/tags", b"Connection: close"))
+        else:
+            client.send(get(b"/api/tags"))
+        await until(lambda: len(server.gateway.requests) == 1, what="request served")
+        await task.deferLater(reactor, 0.2, lambda: None)
+        (connection,) = server.listener.connections
+        if how == "drain":
+            # The response was whole, the connection kept: a drain closes it as idle.
+            assert connection.idle()
+            server.listener.drain()
+        client.transport.resumeProducing()
+        await client.closed.addTimeout(10, reactor)
+        (response,) = parse_responses(client.data, eof=True)
+        assert hashlib.sha256(response.body).digest() == hashlib.sha256(big).digest()
+        assert response.header(b"connection") == (None if how == "drain" else b"close")
         await gone(server.listener)
     finally:
         await close(port, client)

@@ -1,23 +1,33 @@
-"""One client connection of the main listener: HTTP/1.1 requests parsed by a small state machine.
+"""One client connection of the main listener: HTTP/1.1 requests parsed by llhttp.
 
 Twisted's ``HTTPChannel`` and ``Request`` cost more than everything else a proxied request does
 (a line callback per header field, a ``Headers`` object each way, a dozen attributes and
 Deferreds per request): on two cores they cap a do-nothing ``Site`` at a tenth of what nginx
-proxies. Here the request head is parsed in one pass, and the request goes to one of two
-handlers that the listener chooses from its method and its path, decoded and normalised as
-Ollama routes it (:mod:`ollamaflow.server.target`, :meth:`Listener.exchange`): client
-traffic to the gateway as a :class:`ClientRequest`, the admin API and the other pages as
+proxies. Here llhttp parses (:class:`ollamaflow.http1.request.RequestParser`), and each request
+goes to one of two handlers that the listener chooses from its method and its path, decoded and
+normalised as Ollama routes it (:mod:`ollamaflow.server.target`, :meth:`Listener.exchange`):
+client traffic to the gateway as a :class:`ClientRequest`, the admin API and the other pages as
 ordinary twisted.web requests carried by :class:`WebStream`.
 
-Requests on one connection are served one at a time; bytes of a pipelined next request wait
-until the response before them is complete. The response side is the transport's producer, so
-a client that reads slowly pauses whatever feeds its response.
+Requests on one connection are answered one at a time, in order. llhttp parses all that a read
+holds, so requests completed behind the one being answered wait in a queue; bytes that arrive
+while a response is in progress wait unparsed, and reading pauses while more than
+:data:`_MAX_PENDING` of them wait. A request refused behind others is answered in its turn. The
+response side is the transport's producer, so a client that reads slowly pauses whatever feeds
+its response.
+
+Deadlines, checked by :meth:`Listener.sweep` (as nginx's ``client_header_timeout`` and
+``client_body_timeout``): a head must be whole within the read timeout of its first byte,
+however its bytes trickle in (:attr:`head_since`); a body may pause for no longer than it
+(:attr:`body_since`); a connection idle between requests closes after the idle timeout
+(:attr:`since`).
 """
 
 from __future__ import annotations
 
-import re
+import enum
 import tempfile
+from collections import deque
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -27,51 +37,40 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
+from ollamaflow.http1.request import RequestParser, State
+from ollamaflow.http1.rules import BadMessage, split_target
 from ollamaflow.server.request import ClientRequest
 from ollamaflow.server.target import PLAIN_TARGET, PathError, normalize_target
 
 if TYPE_CHECKING:
     from ollamaflow.listener import Listener
 
-#: Request line and header fields together; larger is refused with 431.
-MAX_HEAD = 64 * 1024
-#: Header fields in one request.
-MAX_FIELDS = 256
-#: One chunk-size line, extensions included.
-_MAX_CHUNK_LINE = 4096
 #: Bodies up to this size are kept in memory; larger ones go to a temporary file.
 IN_MEMORY_BODY = 1 << 20
-#: Bytes of pipelined requests buffered while a response is in progress before reading pauses.
+#: Bytes received while a response is in progress before reading pauses.
 _MAX_PENDING = 256 * 1024
-
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_TARGET = re.compile(rb"/[\x21-\x7e]*\Z")
-_ABSOLUTE = re.compile(rb"https?://([^/?#]*)([/?][\x21-\x7e]*)?\Z", re.IGNORECASE)
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
-_VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
-_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
-#: Distinct header field names remembered as valid, with their lower-case form; only names of
-#: up to _MAX_NAME_REMEMBERED bytes (longer ones are checked each time), so about 128 KB at most.
-_MAX_NAMES = 1000
-_MAX_NAME_REMEMBERED = 64
-
-# Phases: reading a head, a body (by length, or chunked), then busy until the response ends.
-_HEAD = 0
-_LENGTH = 1
-_CHUNK_SIZE = 2
-_CHUNK_DATA = 3
-_CHUNK_END = 4
-_TRAILERS = 5
-_BUSY = 6
-_CLOSED = 7
+#: A read is parsed this many bytes at a time, stopping once a request is whole: llhttp parses
+#: all it is given, and a read of tiny pipelined requests must not become thousands of queued
+#: requests at once.
+_SLICE = 16 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODY = State.BODY
 
 
-class BadRequest(Exception):
-    """The request cannot be served; answered with ``status`` and the connection closed."""
+class Phase(enum.Enum):
+    """What a connection does with the bytes it receives."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    #: No response in progress: bytes go to the parser.
+    READING = "reading"
+    #: A response is in progress: bytes wait, unparsed, until it ends.
+    ANSWERING = "answering"
+    #: Closing or closed: nothing more is read or answered.
+    CLOSED = "closed"
+
+
+_READING = Phase.READING
+_ANSWERING = Phase.ANSWERING
+_CLOSED = Phase.CLOSED
 
 
 class Exchange(Protocol):
@@ -125,85 +124,188 @@ class GatewayExchange:
             self._file.close()
 
 
+def _raw_path(target: bytes) -> bytes:
+    """The path whose dialect an error about a request is in, from its target as received:
+    normalised if it can be, else as sent (``//v1.0/...`` is still the admin API's)."""
+    try:
+        origin = split_target(target)[0]
+    except BadMessage:
+        return b"/"
+    try:
+        return normalize_target(origin)[1]
+    except PathError:
+        return b"/" + origin.partition(b"?")[0].lstrip(b"/")
+
+
 class HTTPConnection(TwistedProtocol):
-    """Parses requests, hands each to its exchange, and writes nothing itself but errors."""
+    """Parses requests, hands each to its exchange in turn, and writes nothing itself but
+    errors and ``100 Continue``."""
 
     factory: Listener
 
     def __init__(self) -> None:
-        self._buf = b""
-        self._phase = _HEAD
-        self._left = 0
-        self._trailer_size = 0
+        self._phase = _READING
+        self._parser: RequestParser
+        #: The request whose head has come and whose body is arriving.
+        self._receiving: Exchange | None = None
         self._limit = 0
         self._received = 0
-        self._path = b"/"
-        self._exchange: Exchange | None = None
+        #: Its normalised path (for the dialect of an error); empty between requests.
+        self._path = b""
+        #: It asked for ``100 Continue`` and has not had it (nor sent its body) yet.
+        self._continue = False
+        #: Whole requests waiting for their turn; the one being answered.
+        self._ready: deque[Exchange] = deque()
+        self._answering: Exchange | None = None
+        #: A request refused behind others: answered in its turn (status, message, path).
+        self._refused: tuple[int, str, bytes] | None = None
+        #: Bytes received while a response was in progress, not parsed yet.
+        self._waiting: deque[bytes] = deque()
+        self._waiting_size = 0
         self._producer: IPushProducer | None = None
         self._transport_paused = False
         self._reading_paused = False
         self._advancing = False
+        self._now = 0.0
         self.peer_host = ""
         self.secure = False
         #: Set when the listener drains: the connection closes after the current response.
         self.closing = False
-        #: When the connection last became idle or received bytes (for the idle sweep).
+        #: When the connection last became idle (for the idle timeout).
         self.since = 0.0
+        #: When the current head's first byte came (for the read timeout).
+        self.head_since = 0.0
+        #: When the current body's last byte came, or its head ended (for the read timeout).
+        self.body_since = 0.0
 
     # -- connection events ----------------------------------------------------------------
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
+        factory = self.factory
         self.peer_host = str(getattr(transport.getPeer(), "host", ""))
         self.secure = ISSLTransport.providedBy(transport)
         if hasattr(transport, "setTcpNoDelay"):
             # Every write is a whole response or a whole chunk of a stream: send it now.
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        self.since = self.factory.clock.seconds()
-        self.factory.connections.add(self)
+        self._parser = RequestParser(self, factory.header_names)
+        self.since = self._now = factory.clock.seconds()
+        factory.connections.add(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._phase >= _BUSY:
-            if self._phase == _BUSY:
-                self._buf += data
-                if len(self._buf) > _MAX_PENDING and not self._reading_paused:
-                    self._reading_paused = True
-                    self.transport.pauseProducing()  # type: ignore[union-attr]
-            return
-        self.since = self.factory.clock.seconds()
-        self._buf = self._buf + data if self._buf else data
-        self._advance()
+        phase = self._phase
+        if phase is _READING:
+            self._now = now = self.factory.clock.seconds()
+            parser = self._parser
+            if parser.state is _BODY:
+                self.body_since = now
+            elif parser.idle():
+                self.head_since = now  # this may be the first byte of a head
+            if len(data) <= _SLICE:
+                try:
+                    parser.feed(data)
+                except BadMessage as e:
+                    self._refuse(e)
+            else:
+                self._parse(data)
+            self._advance()
+        elif phase is _ANSWERING:
+            self._waiting.append(data)
+            self._waiting_size += len(data)
+            if self._waiting_size > _MAX_PENDING and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = _CLOSED
         self.factory.connections.discard(self)
-        exchange, self._exchange = self._exchange, None
+        self._parser.close()
+        exchanges = [e for e in (self._answering, *self._ready, self._receiving) if e]
+        self._answering = self._receiving = None
+        self._ready.clear()
         producer, self._producer = self._producer, None
-        if exchange is not None:
+        for exchange in exchanges:
             exchange.connection_lost(reason)
         if producer is not None:
             producer.stopProducing()
 
+    # -- the parser's consumer --------------------------------------------------------------
+
+    def request_head(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: list[tuple[bytes, bytes]],
+        fields: dict[bytes, bytes],
+        keep_alive: bool,
+        length: int | None,
+    ) -> None:
+        """Normalise the path, check the body's size, choose the handler."""
+        if PLAIN_TARGET.match(target):
+            path = target.partition(b"?")[0]  # nothing to decode or normalise
+        else:
+            try:
+                target, path = normalize_target(target)
+            except PathError as e:
+                # The error's dialect from the raw path ("//v1.0/..." is the admin API's).
+                self._path = b"/" + target.partition(b"?")[0].lstrip(b"/")
+                raise BadMessage(400, str(e)) from None
+        self._path = path
+        factory = self.factory
+        limit = factory.body_limit(path, fields.get(b"host"))
+        if length is not None and length > limit:
+            raise BadMessage(413, f"the request body is larger than {limit} bytes")
+        self._limit = limit
+        self._received = 0
+        self.body_since = self._now
+        self._receiving = factory.exchange(
+            self, method, target, path, version, headers, fields, keep_alive, length
+        )
+        if (
+            length != 0
+            and version == b"HTTP/1.1"
+            and fields.get(b"expect", b"").lower() == b"100-continue"
+        ):
+            self._continue = True  # written once this request is the current one
+
+    def request_body(self, data: bytes) -> None:
+        self._continue = False  # the client did not wait
+        self._received += len(data)
+        if self._received > self._limit:
+            raise BadMessage(413, f"the request body is larger than {self._limit} bytes")
+        exchange = self._receiving
+        assert exchange is not None
+        exchange.body(data)
+
+    def request_complete(self) -> None:
+        exchange = self._receiving
+        assert exchange is not None
+        self._receiving = None
+        self._path = b""
+        self._continue = False
+        self._ready.append(exchange)
+        self.head_since = self._now  # a next head may start in the same read
+
     # -- the response side: called by the exchange ----------------------------------------
 
     def request_done(self, persistent: bool) -> None:
-        """The response is complete: read the next request, or close."""
-        self._exchange = None
+        """The response is complete: answer the next request, or close."""
+        self._answering = None
         self._producer = None
-        if self._phase == _CLOSED:
+        if self._phase is _CLOSED:
             return
         if not persistent or self.closing:
-            self._phase = _CLOSED
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.close()
             return
-        self._phase = _HEAD
-        self.since = self.factory.clock.seconds()
+        self._phase = _READING
+        # The clocks start again: bytes that waited were not the client's delay.
+        self.since = self.head_since = self.body_since = self._now = self.factory.clock.seconds()
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
-        if self._buf and not self._advancing:
-            self._advance()
+        self._advance()
 
     def register_producer(self, producer: IPushProducer, streaming: bool) -> None:
         if not streaming:
@@ -217,13 +319,29 @@ class HTTPConnection(TwistedProtocol):
     def unregister_producer(self) -> None:
         self._producer = None
 
+    # -- for the listener -------------------------------------------------------------------
+
     def idle(self) -> bool:
         """Whether the connection waits for a request and has none of one yet."""
-        return self._phase == _HEAD and not self._buf
+        return self._phase is _READING and self._parser.idle() and self._refused is None
 
-    def receiving(self) -> bool:
-        """Whether part of a request (its head or body) has come and the rest has not."""
-        return self._phase < _BUSY and not self.idle()
+    def reading_head(self) -> bool:
+        """Whether part of a request head has come and the rest has not."""
+        return self._phase is _READING and self._parser.reading_head()
+
+    def reading_body(self) -> bool:
+        """Whether a request's head has come and part of its body has not."""
+        return self._phase is _READING and self._parser.state is _BODY
+
+    def close(self) -> None:
+        """Close once what is written has been sent. The connection first stops being the
+        transport's producer: else, a response larger than the socket's buffer having paused
+        it, Twisted would resume it when the buffer drains instead of closing."""
+        self._phase = _CLOSED
+        transport: Any = self.transport
+        if getattr(transport, "producer", None) is self:
+            transport.unregisterProducer()
+        transport.loseConnection()
 
     # -- IPushProducer, for the transport: the client reads slowly, or catches up -----------
 
@@ -234,6 +352,13 @@ class HTTPConnection(TwistedProtocol):
 
     def resumeProducing(self) -> None:
         self._transport_paused = False
+        transport: Any = self.transport
+        if getattr(transport, "disconnecting", False):
+            # Closed by another (a drain) while paused: Twisted resumes a paused producer
+            # instead of closing; unregistered, it closes once what is queued is sent.
+            if getattr(transport, "producer", None) is self:
+                transport.unregisterProducer()
+            return
         if self._producer is not None:
             self._producer.resumeProducing()
 
@@ -241,240 +366,75 @@ class HTTPConnection(TwistedProtocol):
         if self._producer is not None:
             self._producer.stopProducing()
 
-    # -- parsing ----------------------------------------------------------------------------
+    # -- parsing and answering in turn --------------------------------------------------------
+
+    def _parse(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; what follows a slice that completes a request
+        waits, unparsed, until the requests before it are answered."""
+        parser = self._parser
+        size = len(data)
+        start = 0
+        try:
+            while start < size:
+                parser.feed(data if size <= _SLICE else data[start : start + _SLICE])
+                start += _SLICE
+                if self._ready and start < size:
+                    rest = data[start:]
+                    self._waiting.appendleft(rest)
+                    self._waiting_size += len(rest)
+                    return
+        except BadMessage as e:
+            self._refuse(e)  # what follows is never read
+
+    def _refuse(self, error: BadMessage) -> None:
+        """The request being parsed is refused: answered in its turn."""
+        self._refused = (error.status, str(error), self._path or _raw_path(self._parser.target))
 
     def _advance(self) -> None:
-        """Parse what is buffered: heads, bodies, and requests pipelined behind them."""
+        """Answer what is whole, in order; parse what waited once nothing is in progress."""
+        if self._advancing:
+            return
         self._advancing = True
         try:
-            while self._buf and self._phase < _BUSY:
-                if not (self._head() if self._phase == _HEAD else self._body()):
+            while self._phase is _READING:
+                if self._ready:
+                    exchange = self._ready.popleft()
+                    self._phase = _ANSWERING
+                    self._answering = exchange
+                    exchange.complete()
+                elif self._refused is not None:
+                    self._reject(*self._refused)
+                elif self._waiting:
+                    data = self._waiting.popleft()
+                    self._waiting_size -= len(data)
+                    self._parse(data)
+                else:
+                    if self._continue:
+                        self._continue = False
+                        self.transport.write(_CONTINUE)  # type: ignore[union-attr]
                     return
-        except BadRequest as e:
-            self.reject(e.status, str(e))
         finally:
             self._advancing = False
-
-    def _head(self) -> bool:
-        """Parse a request head if it is all here; False when more bytes are needed."""
-        buf = self._buf
-        if buf[:1] in (b"\r", b"\n"):
-            buf = self._buf = buf.lstrip(b"\r\n")  # empty lines before a request are allowed
-            if not buf:
-                return False
-        self._path = b"/"  # for the dialect of an error, until the request line is read
-        crlf = buf.find(b"\n\r\n")
-        lf = buf.find(b"\n\n")
-        if crlf < 0 and lf < 0:
-            if len(buf) > MAX_HEAD:
-                raise BadRequest(431, f"the request head is larger than {MAX_HEAD} bytes")
-            return False
-        # The head ends at the first empty line, with or without its CR.
-        if lf >= 0 and (crlf < 0 or lf < crlf):
-            block, rest = buf[:lf], buf[lf + 2 :]
-        else:
-            block, rest = buf[:crlf].removesuffix(b"\r"), buf[crlf + 3 :]
-        if len(block) > MAX_HEAD:
-            raise BadRequest(431, f"the request head is larger than {MAX_HEAD} bytes")
-        block = block.replace(b"\r\n", b"\n")
-        if b"\r" in block or b"\x00" in block:
-            raise BadRequest(400, "bare CR or NUL in the request head")
-        self._buf = rest
-        self._start(block.split(b"\n"))
-        return True
-
-    def _start(self, lines: list[bytes]) -> None:
-        """Check the request line and header fields, choose the body's framing and the handler."""
-        parts = lines[0].split(b" ")
-        if len(parts) != 3:
-            raise BadRequest(400, "invalid request line")
-        method, target, version = parts
-        if version not in _VERSIONS:
-            if version.startswith(b"HTTP/") and version[5:6].isdigit():
-                raise BadRequest(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-            raise BadRequest(400, "invalid request line")
-        if method not in _METHODS and not _TOKEN.match(method):
-            raise BadRequest(400, "invalid request method")
-        authority = None
-        if PLAIN_TARGET.match(target):
-            path = target.partition(b"?")[0]  # nothing to decode or normalise
-        else:
-            if not _TARGET.match(target):
-                absolute = _ABSOLUTE.match(target)
-                if absolute is None:
-                    raise BadRequest(400, "invalid request target")
-                authority, target = absolute.group(1), absolute.group(2) or b"/"
-                if target.startswith(b"?"):
-                    target = b"/" + target  # an empty path is "/" (RFC 9112 3.2.2)
-            try:
-                target, path = normalize_target(target)
-            except PathError as e:
-                # The error's dialect from the raw path ("//v1.0/..." is the admin API's).
-                self._path = b"/" + target.partition(b"?")[0].lstrip(b"/")
-                raise BadRequest(400, str(e)) from None
-        self._path = path
-        if len(lines) > MAX_FIELDS + 1:
-            raise BadRequest(431, f"more than {MAX_FIELDS} header fields")
-        names = self.factory.header_names
-        headers: list[tuple[bytes, bytes]] = []
-        fields: dict[bytes, bytes] = {}
-        lengths: list[bytes] = []
-        connection = b""
-        codings: list[bytes] = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise BadRequest(400, "invalid header field")
-            lower = names.get(name)
-            if lower is None:
-                if not _TOKEN.match(name):
-                    raise BadRequest(400, "invalid header field")
-                lower = name.lower()
-                if len(names) < _MAX_NAMES and len(name) <= _MAX_NAME_REMEMBERED:
-                    names[name] = lower
-            value = value.strip(b" \t")
-            if lower == b"content-length":
-                lengths.append(value)
-            elif lower == b"transfer-encoding":
-                codings += (c.strip() for c in value.lower().split(b","))
-            elif lower == b"connection":
-                connection += b"," + value.lower()
-            elif lower == b"host" and lower in fields:
-                raise BadRequest(400, "more than one Host header field")
-            headers.append((name, value))
-            fields[lower] = value
-        if authority is not None:
-            fields[b"host"] = authority
-        elif version == b"HTTP/1.1" and b"host" not in fields:
-            raise BadRequest(400, "an HTTP/1.1 request needs a Host header field")
-        chunked = bool(codings)
-        if chunked and codings != [b"chunked"]:
-            raise BadRequest(501, "only the chunked transfer coding is supported")
-        if connection:
-            fields[b"connection"] = connection[1:]  # every Connection field, lower-cased
-        tokens = {t.strip() for t in connection.split(b",")} if connection else set()
-        keep = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
-        length = 0
-        if chunked:
-            if lengths:
-                raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        elif lengths:
-            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
-                raise BadRequest(400, "invalid Content-Length")
-            length = int(lengths[0])
-        limit = self.factory.body_limit(path, fields.get(b"host"))
-        if length > limit:
-            raise BadRequest(413, f"the request body is larger than {limit} bytes")
-        self._limit = limit
-        self._received = 0
-        self._exchange = self.factory.exchange(
-            self, method, target, path, version, headers, fields, keep, None if chunked else length
-        )
-        if (
-            (chunked or length)
-            and version == b"HTTP/1.1"
-            and fields.get(b"expect", b"").lower() == b"100-continue"
-        ):
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
-        if chunked:
-            self._phase = _CHUNK_SIZE
-        elif length:
-            self._phase = _LENGTH
-            self._left = length
-        else:
-            self._dispatch()
-
-    def _body(self) -> bool:
-        """Consume body bytes in the current body phase; False when more bytes are needed."""
-        phase = self._phase
-        buf = self._buf
-        exchange = self._exchange
-        assert exchange is not None
-        if phase == _LENGTH:
-            left = self._left
-            if len(buf) < left:
-                self._buf = b""
-                self._left = left - len(buf)
-                exchange.body(buf)
-                return False
-            self._buf = buf[left:]
-            self._left = 0
-            exchange.body(buf[:left] if len(buf) > left else buf)
-            self._dispatch()
-        elif phase == _CHUNK_SIZE:
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) > _MAX_CHUNK_LINE:
-                    raise BadRequest(400, "chunk-size line too long")
-                return False
-            size = buf[:end].rstrip(b"\r").split(b";", 1)[0].strip(b" \t")
-            self._buf = buf[end + 1 :]
-            if not _HEX.match(size):
-                raise BadRequest(400, "invalid chunk size")
-            left = int(size, 16)
-            if left:
-                self._received += left
-                if self._received > self._limit:
-                    raise BadRequest(413, f"the request body is larger than {self._limit} bytes")
-                self._left = left
-                self._phase = _CHUNK_DATA
-            else:
-                self._phase = _TRAILERS
-                self._trailer_size = 0
-        elif phase == _CHUNK_DATA:
-            left = self._left
-            piece = buf[:left]
-            self._buf = buf[left:]
-            self._left = left - len(piece)
-            exchange.body(piece)
-            if not self._left:
-                self._phase = _CHUNK_END
-        elif phase == _CHUNK_END:
-            if buf.startswith(b"\r\n"):
-                self._buf = buf[2:]
-            elif buf.startswith(b"\n"):
-                self._buf = buf[1:]
-            elif buf == b"\r":
-                return False
-            else:
-                raise BadRequest(400, "chunk data not followed by CRLF")
-            self._phase = _CHUNK_SIZE
-        elif phase == _TRAILERS:
-            end = buf.find(b"\n")
-            if end < 0:
-                if self._trailer_size + len(buf) > MAX_HEAD:
-                    raise BadRequest(431, "trailer section too long")
-                return False
-            self._trailer_size += end + 1
-            if self._trailer_size > MAX_HEAD:
-                raise BadRequest(431, "trailer section too long")
-            line = buf[:end].rstrip(b"\r")
-            self._buf = buf[end + 1 :]
-            if not line:
-                self._dispatch()
-        return True
-
-    def _dispatch(self) -> None:
-        """The whole request is here: serve it."""
-        self._phase = _BUSY
-        exchange = self._exchange
-        assert exchange is not None
-        exchange.complete()
 
     # -- errors -----------------------------------------------------------------------------
 
     def reject(self, status: int, message: str) -> None:
-        """Answer a request that cannot be read with a JSON error, and close: the rest of
-        what the client sends is never read."""
+        """Answer the request being read with a JSON error, and close: the rest of what the
+        client sends is never read."""
+        self._reject(status, message, self._path or _raw_path(self._parser.target))
+
+    def _reject(self, status: int, message: str, path: bytes) -> None:
         self._phase = _CLOSED
-        body = self.factory.error_body(self._path, status, message)
+        self._refused = None
+        body = self.factory.error_body(path, status, message)
         phrase = RESPONSES.get(status, b"Bad Request")
-        transport: Any = self.transport
-        transport.write(
+        self.transport.write(  # type: ignore[union-attr]
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
         )
-        transport.loseConnection()
-        exchange, self._exchange = self._exchange, None
-        if exchange is not None:
-            exchange.connection_lost(Failure(BadRequest(status, message)))
+        self.close()
+        exchanges = [e for e in (self._answering, *self._ready, self._receiving) if e]
+        self._answering = self._receiving = None
+        self._ready.clear()
+        for exchange in exchanges:
+            exchange.connection_lost(Failure(BadMessage(status, message)))
