@@ -34,7 +34,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ollamaflow import tcp
-from ollamaflow.gateway.backendhttp import MAX_HEAD, Attempt, BackendClient, _Connection
+from ollamaflow.gateway.backendhttp import Attempt, BackendClient, _Connection
+from ollamaflow.http1.rules import MAX_HEAD, BadMessage
 from ollamaflow.records import Backend
 
 # -- loopback servers -----------------------------------------------------------------------
@@ -622,6 +623,36 @@ async def test_bytes_on_an_idle_connection_close_it(env: Env) -> None:
     assert body == b"hello"
 
 
+def test_empty_lines_on_an_idle_connection_are_skipped() -> None:
+    """As llhttp skips them after a response in the same read: where reads split must not
+    decide whether the connection is kept."""
+    client = BackendClient(task.Clock(), 5.0)
+    ((connection, transport),) = _pooled(client, 1)
+    connection.dataReceived(b"\r\n\r\n")
+    assert not transport.disconnecting
+    assert client.idle[("10.0.0.1", 80, False)] == [connection]
+    connection.dataReceived(b"\r\nHTTP/1.1 408 Request Timeout\r\n\r\n")
+    assert transport.disconnecting and not any(client.idle.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_fields_the_backend_names_in_connection_are_dropped(env: Env) -> None:
+    """The client sees the backend's Connection field, so it drops what that names (README:
+    hop-by-hop fields are dropped both ways); the gateway's to_client never sees them."""
+    answer = ok(
+        extra=b"Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"Connection: X-Other\r\nX-Other: 2\r\nX-Kept: 3\r\n"
+    )
+    scripted = env.serve(lambda seen: seen.server.write(answer))
+    response, body, reason = await get(env, scripted.backend)
+    assert body == b"hello" and reason.check(ResponseDone)
+    assert sorted(response.headers.getAllRawHeaders()) == [
+        (b"Content-Type", [b"text/plain"]),
+        (b"X-Kept", [b"3"]),
+    ]
+    assert len(env.idle(scripted.backend)) == 1, "keep-alive: the connection is reused"
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_reused_connection_found_dead_is_retried_once_on_a_fresh_one(env: Env) -> None:
     def answer(seen: Seen) -> None:
@@ -863,24 +894,43 @@ def _exchange(answer_pieces: list[bytes], method: bytes = b"GET") -> dict[str, A
 WIRE_ANSWERS = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;a=b\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
-    b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n5\nhello\n0\nTrailer: x\n\n",
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+]
+#: Leniencies of the hand-written parser that llhttp refuses: bare LF line ends (head, chunk
+#: lines, trailers) and obsolete line folding (which was unfolded into one value).
+REFUSED_WIRE_ANSWERS = [
+    b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n5\nhello\n0\nTrailer: x\n\n",
     b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\nContent-Length: 5\r\n\r\nhello",
 ]
+
+
+def _splits(answer: bytes) -> list[list[bytes]]:
+    """The answer whole, a byte at a time, and cut in two at every place."""
+    return [
+        [answer],
+        [answer[i : i + 1] for i in range(len(answer))],
+        *([answer[:cut], answer[cut:]] for cut in range(1, len(answer))),
+    ]
 
 
 @pytest.mark.parametrize("answer", WIRE_ANSWERS)
 def test_every_split_of_the_answer_parses_the_same(answer: bytes) -> None:
     whole = _exchange([answer])
     assert whole["body"] == b"hello" and whole["reason"].check(ResponseDone) and whole["pooled"]
-    dribbled = _exchange([answer[i : i + 1] for i in range(len(answer))])
-    assert dribbled["body"] == b"hello" and dribbled["pooled"]
-    for cut in range(1, len(answer)):
-        halves = _exchange([answer[:cut], answer[cut:]])
-        assert halves["body"] == b"hello", cut
-        assert halves["pooled"], cut
-    if b"Folded" in answer:
-        assert whole["response"].headers.getRawHeaders(b"x-folded") == [b"a b"]
+    for pieces in _splits(answer):
+        split = _exchange(pieces)
+        assert split["body"] == b"hello", pieces
+        assert split["pooled"], pieces
+
+
+@pytest.mark.parametrize("answer", REFUSED_WIRE_ANSWERS)
+def test_every_split_of_a_lenient_answer_is_refused(answer: bytes) -> None:
+    for pieces in _splits(answer):
+        out = _exchange(pieces)
+        assert "response" not in out, pieces
+        assert out["failure"].check(ResponseFailed), pieces
+        assert out["failure"].value.reasons[0].check(BadMessage), pieces
+        assert not out["pooled"], pieces
 
 
 def test_the_request_is_one_write_with_framing_and_no_connection_header() -> None:

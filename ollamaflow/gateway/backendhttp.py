@@ -2,9 +2,11 @@
 
 Twisted's ``HTTPConnectionPool`` + ``HTTP11ClientProtocol`` stack costs a third of the gateway's
 CPU on small requests (a parser per request, a transport proxy, a dozen Deferreds). Here a
-request is one ``transport.write`` on a pooled connection and a response is parsed by a small
-state machine in the connection itself, delivered through the same ``IResponse`` interface:
-``deliverBody(protocol)`` with the response as the protocol's ``IPushProducer`` transport.
+request is one ``transport.write`` on a pooled connection and its response is parsed by llhttp
+(:class:`~ollamaflow.http1.response.ResponseReader`, strict and bounded), delivered through the
+same ``IResponse`` interface: ``deliverBody(protocol)`` with the response as the protocol's
+``IPushProducer`` transport. The header fields a response's ``Connection`` names are dropped
+here, where that field is seen, with the other hop-by-hop ones.
 
 Keep-alive connections are pooled per ``(host, port, ssl)``, newest first; one periodic sweep
 per client closes those idle longer than ``idle_seconds``. A request sent on a reused connection
@@ -13,6 +15,7 @@ that the server had already closed (nothing at all came back) is retried once on
 
 from __future__ import annotations
 
+import enum
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -48,7 +51,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ollamaflow import tcp
+from ollamaflow.http1.response import Framing, Head, ResponseReader
+from ollamaflow.http1.rules import BadMessage
 from ollamaflow.records import Backend
+from ollamaflow.twisted_internals import is_connecting
 
 log = Logger()
 
@@ -57,14 +63,8 @@ _Body: TypeAlias = "bytes | IBodyProducer | None"
 #: Request header fields: (name, value) pairs, as the gateway builds them.
 _Fields: TypeAlias = "Sequence[tuple[bytes, bytes]]"
 
-#: Status line plus header fields of one response; larger is refused.
-MAX_HEAD = 64 * 1024
-#: One chunk-size line, extensions included.
-_MAX_CHUNK_LINE = 4096
-#: Interim (1xx) responses skipped before the final one.
-_MAX_INTERIM = 16
-
-#: Removed from ``IResponse.headers``, as Twisted's client does: they describe the connection.
+#: Removed from ``IResponse.headers``, as Twisted's client does: they describe the connection
+#: (and so are any fields a response's ``Connection`` names).
 _CONNECTION_CONTROL = frozenset(
     {
         b"content-length",
@@ -77,35 +77,32 @@ _CONNECTION_CONTROL = frozenset(
         b"proxy-connection",
     }
 )
+#: An answer to HEAD keeps its Content-Length: it tells the size of what GET would send.
+_HEAD_CONTROL = _CONNECTION_CONTROL - {b"content-length"}
 #: Request fields this client writes itself from the body it is given.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-_NO_BODY_CODES = frozenset({204, 304})
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
-_FOLD = re.compile(rb"[ \t]*\n[ \t]+")
-#: Distinct response header names remembered (their checked, lowercased and canonical forms).
-_MAX_NAMES = 1000
 
-# Connection phases. A connection is in exactly one; the body phases carry ``_left``.
-_IDLE = 0  # in the pool (or just connected), no request
-_HEAD = 1  # request sent, reading the status line and header fields
-_LENGTH = 2  # identity body, ``_left`` bytes to go
-_CHUNK_SIZE = 3  # reading a chunk-size line
-_CHUNK_DATA = 4  # inside a chunk, ``_left`` bytes to go
-_CHUNK_END = 5  # the CRLF after a chunk's data
-_TRAILERS = 6  # after the last chunk: trailer fields up to an empty line
-_UNTIL_CLOSE = 7  # body delimited by the server closing the connection
-_STOPPED = 8  # body aborted by the reader (stopProducing): ends when the connection does
-_CLOSED = 9  # finished with: closing or closed, never reused
 
+class _Phase(enum.Enum):
+    """Where a connection is; it is in exactly one."""
+
+    IDLE = "in the pool (or just connected), no request"
+    WAITING = "request sent, waiting for the response head"
+    READING = "the response head is delivered; its body is being read"
+    STOPPED = "the body's reader stopped it: ends when the connection does"
+    CLOSED = "finished with: closing or closed, never reused"
+
+
+_IDLE = _Phase.IDLE
+_WAITING = _Phase.WAITING
+_READING = _Phase.READING
+_STOPPED = _Phase.STOPPED
+_CLOSED = _Phase.CLOSED
 
 #: How every complete body ends; one shared instance, as Twisted shares ``connectionDone``.
 _DONE = Failure(ResponseDone("Response body fully received"))
-
-
-class BadResponse(Exception):
-    """The backend's response broke HTTP/1.1 framing or a limit of this client."""
 
 
 class BackendClient:
@@ -128,20 +125,6 @@ class BackendClient:
         #: Backends connected to since they were last forgotten (their connections are pooled).
         self._known: set[_Where] = set()
         self._sweep_call: IDelayedCall | None = None
-        #: Response header names seen: raw name -> (lowercased, canonical as ``Headers`` has it).
-        self.header_names: dict[bytes, tuple[bytes, bytes]] = {}
-
-    def header_name(self, name: bytes) -> tuple[bytes, bytes]:
-        """Check a response header name; its lowercased and canonical forms, remembered."""
-        if not _TOKEN.match(name):
-            raise BadResponse(f"invalid header name {name[:80]!r}")
-        probe = Headers()
-        probe.addRawHeader(name, b"")
-        canonical = next(iter(probe.getAllRawHeaders()))[0]
-        known = (name.lower(), canonical)
-        if len(self.header_names) < _MAX_NAMES:
-            self.header_names[name] = known
-        return known
 
     def send(
         self,
@@ -363,7 +346,7 @@ class _Dial(ClientFactory):
         return call
 
     def cancel(self) -> None:
-        if self.connector is not None and self.connector.state == "connecting":  # type: ignore[attr-defined]
+        if self.connector is not None and is_connecting(self.connector):
             self.connector.stopConnecting()
 
 
@@ -660,21 +643,20 @@ class _Response:
 
 
 class _Connection(Protocol):
-    """One connection to a backend: writes requests, parses responses, one at a time."""
+    """One connection to a backend: writes requests and reads their responses, one at a time,
+    through a :class:`ResponseReader` whose consumer it is."""
 
     __slots__ = (
-        "_buf",
+        "_announce",
         "_closed",
-        "_head_size",
-        "_interim",
         "_keep",
-        "_left",
         "_on_made",
         "_reading_paused",
         "call",
         "client",
         "idle_since",
         "phase",
+        "reader",
         "received_any",
         "response",
         "reused",
@@ -693,14 +675,14 @@ class _Connection(Protocol):
         self.phase = _IDLE
         self.call: _Call | None = None
         self.response: _Response | None = None
+        self.reader = ResponseReader(self)
         self.reused = False
         self.received_any = False
         self.idle_since = 0.0
-        self._buf = b""
-        self._left = 0
         self._keep = False
-        self._interim = 0
-        self._head_size = 0
+        #: A response head read but not yet handed to its Attempt: that waits until the read
+        #: is parsed, so a small answer is complete (and pooled) when the caller sees it.
+        self._announce: tuple[Attempt, _Response] | None = None
         self._reading_paused = False
         self._closed: list[Deferred[None]] | None = None
 
@@ -720,9 +702,8 @@ class _Connection(Protocol):
         call.conn = self
         self.reused = reused
         self.received_any = False
-        self.phase = _HEAD
-        self._interim = 0
-        self._head_size = 0
+        self.phase = _WAITING
+        self.reader.expect(call.is_head)
         transport: Any = self.transport
         payload = call.payload
         producer = call.producer
@@ -740,14 +721,12 @@ class _Connection(Protocol):
         if call is not None:
             call.conn = None
             call.stop_body()
-        self.phase = _CLOSED
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self._abort()
 
     def request_failed(self, error: Exception) -> None:
         """The request body could not be produced: give up on the connection."""
         call = self.call
-        self.phase = _CLOSED
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self._abort()
         if call is not None and self.response is None:
             self.call = None
             call.conn = None
@@ -755,245 +734,87 @@ class _Connection(Protocol):
         elif self.response is not None:
             self._end_body(Failure(ResponseFailed([Failure(error)])))
 
-    # -- responses ------------------------------------------------------------------------
+    def _abort(self) -> None:
+        self.phase = _CLOSED
+        self.reader.abandon()
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- responses: the reader's consumer -------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        try:
-            self._parse(data)
-        except BadResponse as e:
-            self._broken(Failure(e))
-        except Exception:
-            # A body protocol raised: treat it like Twisted does, as a broken response.
-            self._broken(Failure())
-
-    def _parse(self, data: bytes) -> None:
         phase = self.phase
-        if phase >= _STOPPED:
-            return
-        if phase == _IDLE:
-            self.client.discard(self)
-            raise BadResponse("data from the backend on an idle connection")
-        self.received_any = True
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        while data:
-            phase = self.phase
-            if phase in (_LENGTH, _CHUNK_DATA):
-                left = self._left
-                if len(data) < left:
-                    self._left = left - len(data)
-                    self._deliver(data)
-                    break
-                piece, data = data[:left], data[left:]
-                self._left = 0
-                self._deliver(piece)
-                if self.phase != phase:
-                    return  # the reader stopped the body
-                if phase == _LENGTH:
-                    self._complete(data)
-                    return
-                self.phase = _CHUNK_END
-            elif phase == _HEAD:
-                data = self._parse_head(data)
-            elif phase == _CHUNK_SIZE:
-                end = data.find(b"\n")
-                if end < 0:
-                    if len(data) > _MAX_CHUNK_LINE:
-                        raise BadResponse("chunk-size line too long")
-                    self._buf = data
-                    return
-                line = data[:end].removesuffix(b"\r")
-                data = data[end + 1 :]
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not _HEX.match(size):
-                    raise BadResponse(f"invalid chunk size {line[:40]!r}")
-                self._left = int(size, 16)
-                if self._left:
-                    self.phase = _CHUNK_DATA
-                else:
-                    self.phase = _TRAILERS
-                    self._head_size = 0
-            elif phase == _CHUNK_END:
-                if data.startswith(b"\r\n"):
-                    data = data[2:]
-                elif data.startswith(b"\n"):
-                    data = data[1:]
-                elif data == b"\r":
-                    self._buf = data
-                    return
-                else:
-                    raise BadResponse("chunk data not followed by CRLF")
-                self.phase = _CHUNK_SIZE
-            elif phase == _TRAILERS:
-                end = data.find(b"\n")
-                if end < 0:
-                    if self._head_size + len(data) > MAX_HEAD:
-                        raise BadResponse("trailer section too long")
-                    self._buf = data
-                    return
-                self._head_size += end + 1
-                if self._head_size > MAX_HEAD:
-                    raise BadResponse("trailer section too long")
-                line = data[:end].removesuffix(b"\r")
-                data = data[end + 1 :]
-                if not line:
-                    self._complete(data)
-                    return
-            elif phase == _UNTIL_CLOSE:
-                self._deliver(data)
-                break
-            else:
-                return
-        response = self.response
-        if response is not None and not self._reading_paused and response.waiting():
-            self.update_reading()
+        if phase is _WAITING or phase is _READING:
+            self.received_any = True
+            try:
+                self.reader.feed(data)
+            except Exception:
+                # Refused (BadMessage), or a body protocol raised: like Twisted, the response
+                # is broken.
+                self._broken(Failure())
+            announce = self._announce
+            if announce is not None:
+                self._announce = None
+                attempt, announced = announce
+                try:
+                    attempt.callback(announced)
+                except Exception:
+                    if self.response is announced:
+                        self._broken(Failure())
+                    else:  # complete already: the connection is not this response's any more
+                        log.failure("response callback {attempt!r} failed", attempt=attempt)
+            response = self.response
+            if response is not None and not self._reading_paused and response.waiting():
+                self.update_reading()
+        elif phase is _IDLE:
+            try:
+                self.reader.feed(data)  # empty lines are skipped; anything else is refused
+            except BadMessage:
+                self.client.discard(self)
+                self._broken(Failure())
 
-    def _deliver(self, data: bytes) -> None:
+    def response_head(self, head: Head) -> None:
+        """The final response head: an ``IResponse``, handed over once the read is parsed."""
+        call = self.call
+        assert call is not None, "a response head comes while a request waits for it"
+        drop = _HEAD_CONTROL if call.is_head else _CONNECTION_CONTROL
+        if head.connection:
+            drop = drop | head.connection
+        headers = Headers()
+        for name, value in head.fields:
+            if name.lower() not in drop:
+                headers.addRawHeader(name, value)
+        framing = head.framing
+        length: int | str
+        if framing is Framing.NONE:
+            length = 0
+        elif framing is Framing.LENGTH and head.length is not None:
+            length = head.length
+        else:
+            length = UNKNOWN_LENGTH
+        response = _Response(
+            (b"HTTP", 1, head.minor), head.code, head.phrase, headers, length, self
+        )
+        self.response = response
+        self.phase = _READING
+        self._keep = head.keep_alive and call.keep
+        call.conn = None
+        self._announce = (call.attempt, response)
+
+    def response_data(self, data: bytes) -> None:
         response = self.response
         if response is not None:
             response.received(data)
 
-    def _parse_head(self, data: bytes) -> bytes:
-        """Parse a response head from ``data`` if complete; returns the bytes after it."""
-        crlf = data.find(b"\n\r\n")
-        lf = data.find(b"\n\n")
-        if crlf < 0 and lf < 0:
-            if len(data) > MAX_HEAD:
-                raise BadResponse(f"response head larger than {MAX_HEAD} bytes")
-            self._buf = data
-            return b""
-        if lf >= 0 and (crlf < 0 or lf < crlf):
-            end, rest = lf, data[lf + 2 :]
-        else:
-            end, rest = crlf, data[crlf + 3 :]
-        if end > MAX_HEAD:
-            raise BadResponse(f"response head larger than {MAX_HEAD} bytes")
-        block = data[:end].replace(b"\r\n", b"\n").removesuffix(b"\r")
-        if b"\r" in block or b"\x00" in block:
-            raise BadResponse("bare CR or NUL in the response head")
-        if b"\n " in block or b"\n\t" in block:
-            block = _unfold(block)
-        lines = block.split(b"\n")
-        status = lines[0]
-        parts = status.split(b" ", 2)
-        version = parts[0]
-        if (
-            len(parts) < 2
-            or len(version) != 8
-            or not version.startswith(b"HTTP/1.")
-            or not version[7:].isdigit()
-            or len(parts[1]) != 3
-            or not parts[1].isdigit()
-        ):
-            raise BadResponse(f"invalid status line {status[:80]!r}")
-        code = int(parts[1])
-        phrase = parts[2] if len(parts) > 2 else b""
-        minor = version[7] - 48
-        call = self.call
-        assert call is not None
-        is_head = call.is_head
-        names = self.client.header_names
-        fields: dict[bytes, list[bytes]] = {}
-        connection: list[bytes] = []
-        lengths: list[bytes] = []
-        codings: list[bytes] = []
-        del lines[0]
-        for line in lines:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise BadResponse(f"invalid header line {line[:80]!r}")
-            known = names.get(name) or self.client.header_name(name)
-            lower, canonical = known
-            value = value.strip(b" \t")
-            if lower in _CONNECTION_CONTROL:
-                if lower == b"connection":
-                    connection.append(value.lower())
-                    continue
-                if lower == b"content-length":
-                    lengths.append(value)
-                    if not is_head:
-                        continue
-                elif lower == b"transfer-encoding":
-                    codings.append(value.lower())
-                    continue
-                else:
-                    continue
-            values = fields.get(canonical)
-            if values is None:
-                fields[canonical] = [value]
-            else:
-                values.append(value)
-        headers = Headers()
-        # Values were checked above (no CR, LF or NUL): skip Headers' per-value sanitising.
-        headers._rawHeaders = fields
-        if 100 <= code < 200:
-            if code == 101:
-                raise BadResponse("101 Switching Protocols was not asked for")
-            self._interim += 1
-            if self._interim > _MAX_INTERIM:
-                raise BadResponse("too many interim responses")
-            return rest
-        tokens = _tokens(connection) if connection else ()
-        keep = b"close" not in tokens if minor >= 1 else b"keep-alive" in tokens
-        length: int | str
-        if is_head or code in _NO_BODY_CODES:
-            length, phase = 0, -1
-        elif codings:
-            if _tokens(codings)[-1:] == [b"chunked"]:
-                length, phase = UNKNOWN_LENGTH, _CHUNK_SIZE
-                if lengths:
-                    keep = False  # both framings: a smuggling attempt or a broken server
-            else:
-                length, phase, keep = UNKNOWN_LENGTH, _UNTIL_CLOSE, False
-        elif lengths:
-            length = _content_length(lengths)
-            phase = _LENGTH if length else -1
-        else:
-            length, phase, keep = UNKNOWN_LENGTH, _UNTIL_CLOSE, False
-        self._keep = keep and call.keep
-        response = _Response((b"HTTP", 1, minor), code, phrase, headers, length, self)
-        self.response = response
-        call.conn = None
-        if phase == _LENGTH and isinstance(length, int) and len(rest) >= length:
-            # The whole body came with the head (a small answer): hold it, so the caller
-            # sees a complete response and the reader gets it all at once.
-            response.received(rest[:length])
-            rest = rest[length:]
-            phase = -1
-        self.call = None if phase == -1 else call
-        if phase == -1:
-            # Nothing more to read: the connection is done before the caller sees the response.
-            self.phase = _CLOSED
-            self._finish(call, response, rest)
-            response.end(_DONE)
-            call.attempt.callback(response)
-            return b""
-        self.phase = phase
-        self._left = length if phase == _LENGTH else 0  # type: ignore[assignment]
-        self._head_size = 0
-        self._buf = b""
-        call.attempt.callback(response)
-        if self.phase != phase or self.response is not response:
-            return b""  # stopped, or finished, from inside the callback
-        return rest
-
-    def _complete(self, rest: bytes) -> None:
-        """The response body is complete; ``rest`` is whatever followed it."""
+    def response_complete(self, reusable: bool) -> None:
+        """The body is complete: the connection goes back to the pool (before the caller
+        hears of the end, like Twisted's pool) or is closed."""
         call, response = self.call, self.response
         assert call is not None and response is not None
-        self._finish(call, response, rest)
-        response.end(_DONE)
-
-    def _finish(self, call: _Call, response: _Response, rest: bytes) -> None:
-        """Put the connection back in the pool (before the caller hears of the end, like
-        Twisted's pool) or close it."""
         self.call = None
         self.response = None
         response._conn = None
-        if self._keep and call.body_done and not rest:
+        if reusable and self._keep and call.body_done:
             self.phase = _IDLE
-            self._buf = b""
             if self._reading_paused:
                 self._reading_paused = False
                 self.transport.resumeProducing()  # type: ignore[union-attr]
@@ -1001,12 +822,14 @@ class _Connection(Protocol):
         else:
             call.stop_body()
             self.close()
+        response.end(_DONE)
 
     def update_reading(self) -> None:
         """Read from the socket only while the body has a reader that is not paused."""
         response = self.response
         want_paused = response is not None and response.waiting()
-        if want_paused != self._reading_paused and self.phase < _STOPPED:
+        phase = self.phase
+        if want_paused != self._reading_paused and phase is not _STOPPED and phase is not _CLOSED:
             self._reading_paused = want_paused
             if want_paused:
                 self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -1015,8 +838,9 @@ class _Connection(Protocol):
 
     def stop_body(self) -> None:
         """The reader stopped the body: abort; it ends with ``ResponseFailed`` once closed."""
-        if self.response is not None and self.phase < _STOPPED:
+        if self.response is not None and self.phase is _READING:
             self.phase = _STOPPED
+            self.reader.abandon()
             if self.call is not None:
                 self.call.stop_body()
             self.transport.abortConnection()  # type: ignore[union-attr]
@@ -1024,9 +848,8 @@ class _Connection(Protocol):
     def _broken(self, reason: Failure) -> None:
         """The response cannot be parsed (or its reader raised): abort the connection."""
         call, response = self.call, self.response
-        self.phase = _CLOSED
         self.call = self.response = None
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self._abort()
         if call is not None:
             call.conn = None
             call.stop_body()
@@ -1049,6 +872,7 @@ class _Connection(Protocol):
     def close(self) -> None:
         """Close a connection that no request is using."""
         self.phase = _CLOSED
+        self.reader.abandon()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def when_closed(self) -> Deferred[None]:
@@ -1062,13 +886,14 @@ class _Connection(Protocol):
         phase, self.phase = self.phase, _CLOSED
         call, response = self.call, self.response
         self.call = self.response = None
-        if phase == _IDLE:
+        until_close = self.reader.connection_lost()
+        if phase is _IDLE:
             self.client.discard(self)
         elif response is not None:
-            if phase == _UNTIL_CLOSE and reason.check(ConnectionDone):
+            if until_close and phase is _READING and reason.check(ConnectionDone):
                 response.end(Failure(PotentialDataLoss()))
             else:
-                if phase == _STOPPED and not reason.check(ConnectionAborted):
+                if phase is _STOPPED and not reason.check(ConnectionAborted):
                     reason = Failure(ConnectionAborted())
                 response.end(Failure(ResponseFailed([reason])))
             if call is not None:
@@ -1101,31 +926,3 @@ class _Connection(Protocol):
         else:
             error = ResponseNeverReceived([reason])
         call.attempt.errback(Failure(error))
-
-
-def _unfold(block: bytes) -> bytes:
-    """Undo obsolete line folding: each fold becomes one space (RFC 9112 §5.2)."""
-    first = block.find(b"\n")
-    if block[first + 1 : first + 2] in (b" ", b"\t"):
-        raise BadResponse("whitespace between the status line and the first header field")
-    return _FOLD.sub(b" ", block)
-
-
-def _tokens(values: list[bytes]) -> list[bytes]:
-    """The comma-separated tokens of a list field's values, in order, lowercased already."""
-    if len(values) == 1 and b"," not in values[0]:
-        return [values[0]]
-    return [t.strip(b" \t") for v in values for t in v.split(b",") if t.strip(b" \t")]
-
-
-def _content_length(values: list[bytes]) -> int:
-    """Content-Length: repeated values must agree (RFC 9110 §8.6)."""
-    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
-        return int(values[0])
-    found = {v.strip(b" \t") for value in values for v in value.split(b",")}
-    if len(found) != 1:
-        raise BadResponse(f"conflicting Content-Length values {values!r}")
-    text = found.pop()
-    if not text.isdigit() or len(text) > 18:
-        raise BadResponse(f"invalid Content-Length {text!r}")
-    return int(text)
