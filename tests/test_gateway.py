@@ -828,3 +828,12 @@ async def test_a_finished_request_leaves_nothing_for_the_garbage_collector(
         gc.set_debug(0)
         gc.garbage.clear()
     assert not left, f"objects freed only by the garbage collector: {dict(left)}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_answer_keeps_the_length_the_get_would_have(cluster: Cluster) -> None:
+    got = await cluster.request("GET", "/api/version")
+    body = await got.content()
+    head = await cluster.request("HEAD", "/api/version")
+    assert head.code == 200 and await head.content() == b""
+    assert head.headers.getRawHeaders("content-length") == [str(len(body))]

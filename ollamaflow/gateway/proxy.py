@@ -961,7 +961,11 @@ class _Exchange:
             self.captured = bytearray()
         request.setResponseCode(response.code, response.phrase)
         hdrs.to_client(response.headers, request)
-        if response.length is not None and isinstance(response.length, int):
+        if request.method == b"HEAD":
+            # The answer to HEAD says how long the GET's body would be; there is none here.
+            length = response.headers.getRawHeaders(b"content-length")
+            request.setHeader(b"Content-Length", length[-1] if length else b"0")
+        elif response.length is not None and isinstance(response.length, int):
             request.setHeader(b"Content-Length", b"%d" % response.length)
         request.setHeader(b"X-OllamaFlow-Backend", backend.identifier.encode())
         if self.client is not None:
