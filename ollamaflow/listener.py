@@ -29,6 +29,7 @@ from ollamaflow.server.connection import GatewayExchange, HTTPConnection
 from ollamaflow.server.request import ClientRequest
 from ollamaflow.server.web import WebStream
 from ollamaflow.settings import DEFAULT_MAX_CONNECTIONS
+from ollamaflow.twisted_internals import request_disconnected
 
 #: Every path that starts with this is the admin API's (its routes are under ``/v1.0/``).
 ADMIN_PREFIX = b"/v1.0"
@@ -89,7 +90,7 @@ class WebRequest(server.Request):
 
     def processingFailed(self, reason: Failure) -> None:
         body = internal_error(self.path, reason)
-        if self.finished or self._disconnected:
+        if self.finished or request_disconnected(self):
             return
         if self.startedWriting:
             # Too late for a status: cut the response off so it cannot look complete.

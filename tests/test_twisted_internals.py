@@ -111,7 +111,35 @@ def _pooled_connection_renamed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 FD = "twisted.internet.abstract.FileDescriptor"
 
+
 #: How each private API goes missing (or changes meaning), and the name the failure must give.
+class _HeadersStoredElsewhere:
+    """A ``Headers`` as a future Twisted might write it: the same public API, the fields kept
+    under another name."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self) -> None:
+        self._fields: dict[bytes, list[bytes]] = {}
+
+    def addRawHeader(self, name: bytes, value: bytes) -> None:
+        self._fields.setdefault(name.title(), []).append(value)
+
+    def getAllRawHeaders(self) -> Any:
+        return iter(self._fields.items())
+
+    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
+        return self._fields.get(name.title(), default)
+
+    def hasHeader(self, name: bytes) -> bool:
+        return name.title() in self._fields
+
+
+def _headers_stored_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(twisted_internals, "Headers", _HeadersStoredElsewhere)
+    monkeypatch.setattr(twisted_internals, "_CANONICAL", {})
+
+
 CHANGES: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
     "dataBuffer": (_delete(abstract.FileDescriptor, "dataBuffer"), f"{FD}.dataBuffer"),
     "offset": (_delete(abstract.FileDescriptor, "offset"), f"{FD}.offset"),
@@ -159,6 +187,10 @@ CHANGES: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
     "bad request hook": (
         _delete(http.HTTPChannel, "_respondToBadRequestAndDisconnect"),
         "twisted.web.http.HTTPChannel._respondToBadRequestAndDisconnect",
+    ),
+    "Headers store": (
+        _headers_stored_elsewhere,
+        "twisted.web.http_headers.Headers._rawHeaders",
     ),
     "adbapi Connection": (
         _pooled_connection_renamed,

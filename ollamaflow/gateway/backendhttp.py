@@ -54,7 +54,7 @@ from ollamaflow import tcp
 from ollamaflow.http1.response import Framing, Head, ResponseReader
 from ollamaflow.http1.rules import BadMessage
 from ollamaflow.records import Backend
-from ollamaflow.twisted_internals import is_connecting
+from ollamaflow.twisted_internals import headers_of, is_connecting
 
 log = Logger()
 
@@ -779,10 +779,7 @@ class _Connection(Protocol):
         drop = _HEAD_CONTROL if call.is_head else _CONNECTION_CONTROL
         if head.connection:
             drop = drop | head.connection
-        headers = Headers()
-        for name, value in head.fields:
-            if name.lower() not in drop:
-                headers.addRawHeader(name, value)
+        headers = headers_of([(n, v) for n, v in head.fields if n.lower() not in drop])
         framing = head.framing
         length: int | str
         if framing is Framing.NONE:

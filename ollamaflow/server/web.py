@@ -14,6 +14,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from ollamaflow.server.connection import HTTPConnection
+from ollamaflow.twisted_internals import BAD_REQUEST_HOOK
 
 
 class WebStream:
@@ -106,6 +107,10 @@ class WebStream:
     def loseConnection(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        """Twisted's answer to a query string it cannot parse."""
+    def bad_request(self) -> None:
+        """Answer 400 and close: what twisted.web's Request asks of its channel when it cannot
+        parse a query string (through a private hook, :data:`BAD_REQUEST_HOOK`)."""
         self.connection.reject(400, "invalid request")
+
+
+setattr(WebStream, BAD_REQUEST_HOOK, WebStream.bad_request)
