@@ -115,6 +115,7 @@ class Daemon(MultiService):
             interval=settings.health_check_interval_ms / 1000,
             timeout=settings.health_check_timeout_ms / 1000,
             on_transition=self._health_changed,
+            on_available=self._back_in_rotation,
         )
         for service in (self.inventory, self.sync, self.health):
             service.setServiceParent(self)
@@ -184,6 +185,10 @@ class Daemon(MultiService):
     def _health_changed(self, backend: Backend, healthy: bool) -> None:
         self.inventory.health_changed(backend, healthy)
         self.gateway.backend_available(backend, healthy)
+
+    def _back_in_rotation(self, backend: Backend) -> None:
+        """A backend that failed a request passed a check: queued requests may use it again."""
+        self.gateway.backend_available(backend, True)
 
     def _body_limit(self, path: bytes, host: bytes | None) -> int:
         if path.startswith(ADMIN_PREFIX):

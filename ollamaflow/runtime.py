@@ -54,6 +54,17 @@ class BackendState:
     active_requests: int = 0
     #: Requests in flight per model (by the model string the client sent).
     active_by_model: dict[str, int] = attrs.field(factory=dict)
+    #: Out of rotation after failing a request, until a check started at or after
+    #: ``suspect_until`` (reactor seconds) passes: healthy, but handed no requests meanwhile.
+    _suspect: bool = attrs.field(default=False, alias="suspect")
+    suspect_until: float = 0.0
+    #: Failures a health check cannot see (streams cut midway, 500s another backend did not
+    #: give), in a row: reset only by a response streamed to its end.
+    hidden_failures: int = 0
+    #: Times in a row the backend was held out for hidden failures, and when it last was: each
+    #: hold is twice as long as the one before, so a box that keeps breaking streams stays out.
+    holds: int = 0
+    last_hold: float = 0.0
     _epoch: HealthEpoch = attrs.field(factory=HealthEpoch, alias="epoch", repr=False, eq=False)
 
     @property
@@ -65,6 +76,33 @@ class BackendState:
         if value != self._healthy:
             self._healthy = value
             self._epoch.value += 1
+
+    @property
+    def suspect(self) -> bool:
+        return self._suspect
+
+    @property
+    def in_rotation(self) -> bool:
+        """Healthy and not suspect: new and queued requests may go here."""
+        return self._healthy and not self._suspect
+
+    def suspected(self, until: float) -> bool:
+        """A request failed here: out of rotation until a check started at ``until`` or later
+        passes. True when this took it out."""
+        self.suspect_until = max(self.suspect_until, until)
+        if self._suspect:
+            return False
+        self._suspect = True
+        self._epoch.value += 1
+        return True
+
+    def cleared(self, check_started: float) -> bool:
+        """A check started at ``check_started`` passed: True when this put it back."""
+        if not self._suspect or check_started < self.suspect_until:
+            return False
+        self._suspect = False
+        self._epoch.value += 1
+        return True
 
     def begin(self, model: str | None) -> None:
         self.active_requests += 1
@@ -116,6 +154,7 @@ class BackendState:
     def to_wire(self, now: datetime) -> dict[str, object]:
         out: dict[str, object] = {
             "Healthy": self.healthy,
+            "InRotation": self.in_rotation,
             "ActiveRequests": self.active_requests,
             "ActiveRequestsByModel": dict(self.active_by_model),
             "ConsecutiveSuccesses": self.consecutive_successes,

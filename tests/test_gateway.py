@@ -467,7 +467,8 @@ async def test_a_refusing_backend_is_retried_on_the_next(cluster: Cluster) -> No
         await response.content()
         assert response.headers.getRawHeaders("x-ollamaflow-backend")[0] in {"sim1", "sim2"}
     state = cluster.daemon.runtime.state("sim0")
-    assert not state.healthy, "passive health: refused connections took it out of rotation"
+    assert not state.in_rotation, "passive health: a refused connection took it out at once"
+    await until(lambda: not state.healthy, what="the check it called for confirms it")
     assert "refused" in (state.last_error or "").lower()
     await cluster.frontend(["sim0"], AllowRetries=False)
     state.succeeded(cluster.daemon.now(), threshold=1)

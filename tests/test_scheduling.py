@@ -15,7 +15,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
-from ollamaflow.gateway.scheduler import QueueRefused, Scheduler
+from ollamaflow.gateway.scheduler import Eligible, QueueRefused, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import Runtime
 from ollamaflow.sim.service import RunningSimulator
@@ -28,6 +28,12 @@ def make(limit: int = 1, **frontend: Any) -> tuple[Scheduler, task.Clock, list[B
     backends = [Backend(identifier=n, max_parallel_requests=limit) for n in "ab"]
     fe = Frontend(identifier="f", backends=("a", "b"), **frontend)
     return Scheduler(clock, Runtime()), clock, backends, fe
+
+
+def among(backends: list[Backend]) -> Eligible:
+    """A waiter that may use these backends (the gateway asks its live candidates instead)."""
+    by_id = {b.identifier: b for b in backends}
+    return lambda backend: by_id.get(backend.identifier)
 
 
 def fired(d: Deferred[Backend]) -> list[Any]:
@@ -52,9 +58,9 @@ def test_waiters_take_freed_slots_in_fifo_order_on_whichever_backend_frees() -> 
     scheduler, clock, (a, b), fe = make()
     scheduler.acquire(a, None)
     scheduler.acquire(b, None)
-    first = fired(scheduler.wait(fe, [a, b], None))
+    first = fired(scheduler.wait(fe, [a, b], among([a, b]), None))
     clock.advance(1)
-    second = fired(scheduler.wait(fe, [a, b], None))
+    second = fired(scheduler.wait(fe, [a, b], among([a, b]), None))
     assert scheduler.depth("f") == 2 and first == [] and second == []
     clock.advance(1)
     scheduler.release(b, None)
@@ -77,7 +83,7 @@ def test_per_model_slots_hold_a_request_for_the_first_backend_with_that_model_fr
     scheduler.acquire(b, "llama3:latest")
     assert scheduler.has_slot(a, "all-minilm:latest"), "other models still fit"
     assert not scheduler.has_slot(a, "llama3:latest")
-    llama = fired(scheduler.wait(fe, [a, b], "llama3:latest"))
+    llama = fired(scheduler.wait(fe, [a, b], among([a, b]), "llama3:latest"))
     scheduler.acquire(a, "all-minilm:latest")
     scheduler.release(a, "all-minilm:latest")
     assert llama == [], "a freed embedding slot is not a llama3 slot"
@@ -89,8 +95,8 @@ def test_a_waiter_only_takes_backends_it_may_use() -> None:
     scheduler, _, (a, b), fe = make()
     scheduler.acquire(a, None)
     scheduler.acquire(b, None)
-    only_a = fired(scheduler.wait(fe, [a], None))
-    any_one = fired(scheduler.wait(fe, [a, b], None))
+    only_a = fired(scheduler.wait(fe, [a], among([a]), None))
+    any_one = fired(scheduler.wait(fe, [a, b], among([a, b]), None))
     scheduler.release(b, None)
     assert only_a == [] and any_one == [b]
 
@@ -99,9 +105,9 @@ def test_the_queue_is_bounded() -> None:
     scheduler, _, (a, b), fe = make(max_queue_depth=1)
     scheduler.acquire(a, None)
     scheduler.acquire(b, None)
-    scheduler.wait(fe, [a, b], None)
+    scheduler.wait(fe, [a, b], among([a, b]), None)
     with pytest.raises(QueueRefused, match="1 requests are already waiting"):
-        scheduler.wait(fe, [a, b], None)
+        scheduler.wait(fe, [a, b], among([a, b]), None)
     assert scheduler.stats["f"].rejected == 1
 
 
@@ -109,7 +115,7 @@ def test_a_waiter_gives_up_after_the_queue_timeout() -> None:
     scheduler, clock, (a, b), fe = make(queue_timeout_ms=500)
     scheduler.acquire(a, None)
     scheduler.acquire(b, None)
-    outcome = fired(scheduler.wait(fe, [a, b], None))
+    outcome = fired(scheduler.wait(fe, [a, b], among([a, b]), None))
     clock.advance(0.499)
     assert outcome == []
     clock.advance(0.001)
@@ -123,7 +129,7 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
     scheduler, clock, (a, b), fe = make(queue_timeout_ms=500)
     scheduler.acquire(a, None)
     scheduler.acquire(b, None)
-    waiting = scheduler.wait(fe, [a, b], None)
+    waiting = scheduler.wait(fe, [a, b], among([a, b]), None)
     waiting.addErrback(lambda _: None)
     waiting.cancel()
     assert scheduler.depth("f") == 0
@@ -137,9 +143,61 @@ def test_the_rate_limit_counts_active_and_queued_requests() -> None:
     scheduler = Scheduler(clock, Runtime())
     scheduler.acquire(backend, None)
     scheduler.acquire(backend, None)
-    scheduler.wait(fe, [backend], None)
+    scheduler.wait(fe, [backend], among([backend]), None)
     with pytest.raises(QueueRefused, match="RateLimitRequestsThreshold"):
-        scheduler.wait(fe, [backend], None)
+        scheduler.wait(fe, [backend], among([backend]), None)
+
+
+def test_a_retried_request_waits_in_its_old_place_with_its_old_deadline() -> None:
+    """Its attempt failed: it goes ahead of everyone who arrived after it, past a full queue,
+    and gives up when the deadline it had on arrival passes."""
+    scheduler, clock, (a, b), fe = make(max_queue_depth=1, queue_timeout_ms=1000)
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    arrived = clock.seconds()
+    clock.advance(0.5)
+    later = fired(scheduler.wait(fe, [a, b], among([a, b]), None))
+    retried = fired(scheduler.wait_again(fe, among([a, b]), None, arrived))
+    assert scheduler.depth("f") == 2, "the full queue takes it back all the same"
+    scheduler.release(a, None)
+    assert retried == [a] and later == []
+    again = fired(scheduler.wait_again(fe, among([b]), None, arrived))
+    clock.advance(0.499)
+    assert again == []
+    clock.advance(0.001)
+    assert again[0].check(QueueRefused), "one second after it arrived, not after it came back"
+    late = fired(scheduler.wait_again(fe, among([b]), None, arrived))
+    assert late[0].check(QueueRefused), "a deadline already passed fails at once"
+
+
+def test_who_may_take_a_slot_is_asked_when_it_frees() -> None:
+    """Candidates are read at wake time: a backend that left a waiter's candidates after it
+    queued is not handed to it, and one that joined is."""
+    scheduler, _, (a, b), fe = make()
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    usable = {"a": a}
+    waiting = fired(scheduler.wait(fe, [a], lambda be: usable.get(be.identifier), None))
+    del usable["a"]
+    usable["b"] = b
+    scheduler.release(a, None)
+    assert waiting == [] and scheduler.has_slot(a)
+    scheduler.release(b, None)
+    assert waiting == [b]
+
+
+def test_a_backend_out_of_rotation_hands_its_slots_to_nobody() -> None:
+    """The box that just failed a request would fail the queue one request after another."""
+    scheduler, clock, (a, b), fe = make()
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    waiting = fired(scheduler.wait(fe, [a, b], among([a, b]), None))
+    scheduler.runtime.state("a").suspected(clock.seconds())
+    scheduler.release(a, None)
+    assert waiting == [] and scheduler.has_slot(a)
+    scheduler.runtime.state("a").cleared(clock.seconds())
+    scheduler.wake(a)
+    assert waiting == [a]
 
 
 # -- end to end -----------------------------------------------------------------------------

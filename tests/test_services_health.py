@@ -25,6 +25,7 @@ from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend, Frontend, HealthCheckMethod
 from ollamaflow.runtime import Runtime, utc_clock
 from ollamaflow.services import HealthChecker
+from ollamaflow.services.health import MAX_HOLD
 from ollamaflow.store import Snapshot
 
 # -- shared fakes ------------------------------------------------------------------------------
@@ -298,17 +299,21 @@ def test_timeout_cancels_the_request_and_counts_as_failure(health: Health) -> No
     assert len(health.calls) == 2
 
 
-def test_checks_never_overlap(health: Health) -> None:
+def test_a_check_stuck_on_a_hung_connection_does_not_put_off_the_next(health: Health) -> None:
+    """A timeout longer than the interval is cut to it: checks never overlap, and a hung
+    backend gets a verdict every interval, not every timeout."""
     health.world.http.handler = None
     health.checker.timeout = 10.0
     health.world.publish(backend(healthy_threshold=1))
     health.checker.startService()
-    health.world.clock.advance(7)
-    assert len(health.calls) == 1  # the interval passed, but the first check is in flight
-    health.calls[0].respond(FakeResponse(200))
+    health.world.clock.advance(4.9)
+    assert len(health.calls) == 1 and not health.calls[0].cancelled
+    health.world.clock.advance(0.1)
+    assert health.calls[0].cancelled, "given up at the interval, not the 10 s timeout"
+    assert health.state().last_error == "no answer within 5s"
+    assert len(health.calls) == 2, "the next check starts on time"
+    health.calls[1].respond(FakeResponse(200))
     assert health.state().healthy
-    health.world.clock.advance(0)  # overdue: the next check runs at once
-    assert len(health.calls) == 2
 
 
 def test_a_check_that_raises_does_not_stop_the_loop(health: Health) -> None:
@@ -482,6 +487,96 @@ def test_passive_failures_take_a_backend_out(health: Health) -> None:
     # A backend no longer configured gets no state back.
     health.checker.report_failure(backend("ghost"), "refused")
     assert "ghost" not in health.world.runtime.states
+
+
+def test_a_failed_request_takes_a_backend_out_of_rotation_until_a_check_passes(
+    health: Health,
+) -> None:
+    """Out at once (no queued request is handed to it), a check called for right away, and
+    back only when a check started after the failure passes."""
+    available: list[str] = []
+    health.checker.on_available = lambda be: available.append(be.identifier)
+    be = backend(healthy_threshold=1, unhealthy_threshold=3)
+    health.world.publish(be)
+    health.checker.startService()
+    assert health.state().in_rotation and len(health.calls) == 1
+    health.world.clock.advance(1)
+    health.checker.report_failure(be, "connection refused")
+    state = health.state()
+    assert state.healthy and state.suspect and not state.in_rotation
+    assert len(health.calls) == 1
+    health.world.clock.advance(0)
+    assert len(health.calls) == 2, "the check runs now, not at the next interval"
+    assert state.in_rotation and available == ["b1"]
+    health.world.clock.advance(4.9)
+    assert len(health.calls) == 2, "then every interval again"
+    health.world.clock.advance(0.1)
+    assert len(health.calls) == 3
+
+
+def test_a_check_that_began_before_the_failure_does_not_clear_it(health: Health) -> None:
+    health.world.http.handler = None  # checks wait for an answer
+    be = backend(healthy_threshold=1, unhealthy_threshold=3)
+    health.world.publish(be)
+    health.checker.startService()
+    health.calls[0].respond(FakeResponse(200))
+    health.world.clock.advance(5)
+    in_flight = health.calls[1]
+    health.world.clock.advance(0.5)
+    health.checker.report_failure(be, "HTTP 503")
+    in_flight.respond(FakeResponse(200))
+    assert health.state().suspect, "that check began before the failure"
+    health.world.clock.advance(0)
+    assert len(health.calls) == 3, "the one called for starts as soon as it ends"
+    health.calls[2].respond(FakeResponse(200))
+    assert health.state().in_rotation
+
+
+def test_failures_a_check_cannot_see_hold_a_backend_out_longer_each_time(
+    health: Health,
+) -> None:
+    """Streams cut midway: a check passes, so only time brings the backend back; the hold
+    doubles while the failures recur, so it does not flap in and out between them."""
+    be = backend(healthy_threshold=1, unhealthy_threshold=2)
+    health.world.publish(be)
+    health.checker.startService()
+    state = health.state()
+    holds = []
+    for _ in range(4):
+        health.checker.report_failure(be, "broke off a response", hidden=True)
+        assert state.in_rotation, "one cut stream is not enough"
+        health.checker.report_failure(be, "broke off a response", hidden=True)
+        assert not state.in_rotation
+        out = health.world.clock.seconds()
+        while not state.in_rotation:
+            health.world.clock.advance(0.5)
+        holds.append(health.world.clock.seconds() - out)
+    assert holds == [5.0, 10.0, 20.0, 40.0], "the interval, doubled each time"
+    health.world.clock.advance(2 * MAX_HOLD + 1)
+    health.checker.report_failure(be, "broke off a response", hidden=True)
+    health.checker.report_failure(be, "broke off a response", hidden=True)
+    out = health.world.clock.seconds()
+    while not state.in_rotation:
+        health.world.clock.advance(0.5)
+    assert health.world.clock.seconds() - out == 5.0, "a quiet spell starts it over"
+
+
+def test_a_backend_failing_requests_and_checks_turns_unhealthy_within_one_round_trip(
+    health: Health,
+) -> None:
+    """A timed-out request counts as a failed check and calls for a check now: a hung box
+    leaves the healthy set a check timeout later, not after UnhealthyThreshold intervals."""
+    be = backend(healthy_threshold=1, unhealthy_threshold=2)
+    health.world.publish(be)
+    health.checker.startService()
+    health.world.http.handler = None  # from now on the box hangs
+    health.world.clock.advance(1)
+    health.checker.report_failure(be, "no response within 8000 ms")
+    assert health.state().healthy and not health.state().in_rotation
+    health.world.clock.advance(0)
+    health.world.clock.advance(3)
+    assert not health.state().healthy
+    assert health.state().last_error == "no answer within 3s"
 
 
 def test_stop_cancels_everything(health: Health) -> None:

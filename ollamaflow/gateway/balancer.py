@@ -30,8 +30,10 @@ def candidates(
     request_class: RequestClass,
     label: str | None,
 ) -> list[Backend] | NoCandidate:
-    """The frontend's backends that are active, healthy, allow the class and carry the label."""
+    """The frontend's backends that are active, healthy, allow the class and carry the label;
+    those that just failed a request (suspect) only when no other is left."""
     found: list[Backend] = []
+    suspects: list[Backend] = []
     configured = healthy = allowing = 0
     states = runtime.states
     for identifier in frontend.backends:
@@ -50,9 +52,9 @@ def candidates(
         allowing += 1
         if label is not None and label not in backend.labels:
             continue
-        found.append(backend)
-    if found:
-        return found
+        (suspects if state.suspect else found).append(backend)
+    if found or suspects:
+        return found or suspects
     name = f"frontend {frontend.identifier!r}"
     if not configured:
         return NoCandidate(f"{name} has no active backends")

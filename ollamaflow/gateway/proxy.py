@@ -16,7 +16,6 @@ from urllib.parse import unquote
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -28,10 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     FileBodyProducer,
     PotentialDataLoss,
-    RequestGenerationFailed,
-    RequestTransmissionFailed,
     ResponseDone,
-    ResponseNeverReceived,
 )
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET
@@ -82,18 +78,12 @@ _REMEMBERED_HOST = 300
 MODEL_TRANSFER_IDLE = 1800.0
 #: Bodies up to this size are replayed from memory on a retry; larger ones from the spool file.
 _IN_MEMORY_BODY = 1 << 20
-_RETRY_STATUSES = frozenset({502, 503})
-#: Answers that say the backend, not the request, failed (as Envoy's gateway errors): they
-#: count against its health. A 500 or 501 is the answer to that one request.
+#: Answers that say the backend, not the request, failed (as Envoy's gateway errors): retried
+#: on another backend while nothing reached the client, and counted against its health.
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
-_RETRYABLE = (
-    ConnectError,
-    ConnectionLost,
-    ResponseNeverReceived,
-    RequestGenerationFailed,
-    RequestTransmissionFailed,
-    TimeoutError,
-)
+#: A 500 may be the request's own fault: it is retried once elsewhere, and counts against the
+#: backend only when the other backend answered it (see ``_Exchange._take``).
+_SERVER_ERROR = 500
 
 
 class _Discard(Protocol):
@@ -125,7 +115,7 @@ class Gateway:
         balancer: Balancer | None = None,
         inventory: fleet.Inventory | None = None,
         sync: fanout.Puller | None = None,
-        on_failure: Callable[[Backend, str], None] | None = None,
+        on_failure: Callable[[Backend, str, bool], None] | None = None,
         on_models_changed: Callable[[str], object] | None = None,
         admin_tokens: Tokens = NO_TOKENS,
         withheld: Tokens = NO_TOKENS,
@@ -162,7 +152,8 @@ class Gateway:
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges: set[_Exchange] = set()
         self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
-        #: Called with (backend, reason) when proxying sees a backend fail (passive health).
+        #: Called with (backend, reason, hidden) when proxying sees a backend fail (passive
+        #: health); ``hidden``: a failure a health check cannot see (a stream cut midway).
         self.on_failure = on_failure
         #: Told about every finished request (the access log, the metrics).
         self.observers: list[Callable[[Completed], None]] = []
@@ -296,20 +287,25 @@ class Gateway:
             ordered = self.balancer.order(frontend, found, load)
             if warm and len(warm) < len(ordered):  # all warm (or all cold): nothing to move
                 ordered = warm_first(ordered, warm)
-        first = ordered[0]
-        free = scheduler.has_slot(first, model_key)
-        if not free and len(found) > 1:
-            ordered = _free_first(scheduler, ordered, model_key)
-            first = ordered[0]
-            free = scheduler.has_slot(first, model_key)
+        first: Backend | None = ordered[0]
+        if not scheduler.has_slot(ordered[0], model_key):
+            first = _first_free(scheduler, ordered, model_key) if len(ordered) > 1 else None
         exchange = _Exchange(
-            self, request, frontend, ordered, document, client, model_key, request_class
+            self,
+            request,
+            frontend,
+            document,
+            client,
+            model,
+            model_key,
+            request_class,
+            label.decode("latin-1") if label else None,
         )
-        if free:
-            exchange.start()
+        if first is not None:
+            exchange.start(first)
             return NOT_DONE_YET
         try:
-            waiting = scheduler.wait(frontend, ordered, exchange.model)
+            waiting = scheduler.wait(frontend, ordered, exchange.may_use, exchange.model)
         except QueueRefused as e:
             return self._refuse(request, frontend, 429, str(e), retry_after=e.retry_after)
         exchange.queue(waiting)
@@ -410,6 +406,26 @@ class Gateway:
             self._remembered_models.clear()
         self._remembered_models[key] = (found, self._inventory_version, having, warm)
         return having, warm
+
+    def candidates_now(
+        self,
+        frontend: Frontend,
+        request_class: RequestClass,
+        label: str | None,
+        model: str | None,
+    ) -> Sequence[Backend]:
+        """A request's candidates as they are now: health, configuration and inventories change
+        while it waits for a slot or after an attempt failed. Never mutate."""
+        catalog = self.registry.catalog
+        current = catalog.frontends.get(frontend.identifier)
+        if current is None:
+            return ()
+        found = self._candidates(catalog, current, request_class, label)
+        if isinstance(found, NoCandidate):
+            return ()
+        if self.inventory is not None and model is not None:
+            found, _ = self._with_model(self.inventory, found, model)
+        return found
 
     def _inventory_changed(self, backend_id: str) -> None:
         self._inventory_version += 1
@@ -600,15 +616,14 @@ def _model_key(model: str | None) -> str | None:
     return modelnames.display(model) if model is not None else None
 
 
-def _free_first(
+def _first_free(
     scheduler: Scheduler, ordered: Sequence[Backend], model: str | None
-) -> Sequence[Backend]:
-    """The first candidate with a free slot moved to the front (the balancer's choice had
-    none); the rest keep their order for retries (which skip full backends)."""
-    for i, backend in enumerate(ordered):
-        if i and scheduler.has_slot(backend, model):
-            return [backend, *ordered[:i], *ordered[i + 1 :]]
-    return ordered
+) -> Backend | None:
+    """The first candidate with a free slot (the balancer's choice had none), if any."""
+    for backend in ordered:
+        if scheduler.has_slot(backend, model):
+            return backend
+    return None
 
 
 def warm_first(ordered: Sequence[Backend], loaded: frozenset[str]) -> Sequence[Backend]:
@@ -677,6 +692,7 @@ class _Exchange:
     __slots__ = (
         "_active",
         "_attempt",
+        "_blamed",
         "_reported",
         "_timed_out",
         "_ttfb",
@@ -688,12 +704,12 @@ class _Exchange:
         "frontend",
         "gateway",
         "keep_tail",
+        "label",
         "last_error",
         "logged_body",
         "model",
-        "ordered",
+        "model_name",
         "outcome",
-        "position",
         "relay",
         "relayed",
         "request",
@@ -711,20 +727,21 @@ class _Exchange:
         gateway: Gateway,
         request: ClientRequest,
         frontend: Frontend,
-        ordered: Sequence[Backend],
         document: dict[str, Any] | None,
         client: bytes | None,
+        model_name: str | None,
         model: str | None,
         request_class: RequestClass,
+        label: str | None,
     ) -> None:
         self.gateway = gateway
+        #: The model as the client named it (what inventories are asked), and as slots count it.
+        self.model_name = model_name
         self.model = model
         self.request_class = request_class
+        self.label = label
         self.request = request
         self.frontend = frontend
-        #: The candidates in the order to try them (shared: never mutated), and how many were.
-        self.ordered = ordered
-        self.position = 0
         self.document = document
         self.client = client
         self.request_id = gateway.new_id()
@@ -738,6 +755,8 @@ class _Exchange:
         self._attempt: Attempt | Deferred[Backend] | None = None
         self._ttfb: Deadline | None = None
         self._active: Backend | None = None
+        #: A backend that answered 500 before another was tried: to blame if another answers.
+        self._blamed: Backend | None = None
         self._timed_out = False  # the latest attempt ran out of time (504, not 502)
         self._reported = False
         self.started = gateway.clock.seconds()
@@ -751,9 +770,12 @@ class _Exchange:
         self.logged_body: str | None = None
 
     @_guarded
-    def start(self) -> None:
+    def start(self, backend: Backend) -> None:
+        """The first attempt, on ``backend``, which has a free slot."""
         self._watch()
-        self._next()
+        self.gateway.scheduler.acquire(backend, self.model)
+        self._active = backend
+        self._send(backend)
 
     @_guarded
     def queue(self, waiting: Deferred[Backend]) -> None:
@@ -772,7 +794,6 @@ class _Exchange:
         self._active = backend  # the scheduler took the slot for us: ours from now on
         self._attempt = None
         self.waited = self.gateway.clock.seconds() - self.started
-        self.ordered = [b for b in self.ordered if b is not backend]
         self._send(backend)
 
     @_guarded
@@ -783,31 +804,74 @@ class _Exchange:
         error = failure.value
         if isinstance(error, QueueRefused):
             self.waited = self.gateway.clock.seconds() - self.started
-            self._answer(429, str(error), retry_after=error.retry_after)
+            if self.tried:  # an attempt failed and no other backend freed a slot in time
+                self._give_up(f"; {error}")
+            else:
+                self._answer(429, str(error), retry_after=error.retry_after)
             return
         log.failure("request {rid}: queueing failed", failure, rid=self.request_id)
         self._answer(500, "the request could not be scheduled; see the gateway's log")
 
     # -- attempts ---------------------------------------------------------------------------
 
-    def _next(self) -> None:
-        """The next candidate with a free slot, or give up."""
-        scheduler = self.gateway.scheduler
-        ordered = self.ordered
-        count = len(ordered)
-        while self.position < count:
-            backend = ordered[self.position]
-            self.position += 1
-            if scheduler.has_slot(backend, self.model):
-                break
-        else:
+    def may_use(self, backend: Backend) -> Backend | None:
+        """Asked by the scheduler when a slot of ``backend`` frees while this request waits:
+        the record to use if it is one of the request's candidates now and not tried yet."""
+        identifier = backend.identifier
+        if identifier in self.tried:
+            return None
+        for candidate in self._candidates_now():
+            if candidate.identifier == identifier:
+                return candidate
+        return None
+
+    def _candidates_now(self) -> Sequence[Backend]:
+        return self.gateway.candidates_now(
+            self.frontend, self.request_class, self.label, self.model_name
+        )
+
+    def _untried(self) -> list[Backend]:
+        """The candidates left for another attempt: not tried yet, and in rotation."""
+        if not self.frontend.allow_retries:
+            return []
+        tried = self.tried
+        states = self.gateway.runtime.states
+        left = []
+        for backend in self._candidates_now():
+            if backend.identifier in tried:
+                continue
+            state = states.get(backend.identifier)
+            if state is None or not state.suspect:
+                left.append(backend)
+        return left
+
+    def _retry(self, left: list[Backend] | None = None) -> None:
+        """Another attempt, on a backend not tried yet: the least loaded with a free slot now,
+        else the first to free one, waiting in the queue in this request's old place until its
+        old deadline. It gives up only when no candidate is left or the deadline passed."""
+        if left is None:
+            left = self._untried()
+        if not left:
             self._give_up()
             return
-        if not self.frontend.allow_retries:
-            self.position = len(ordered)
-        scheduler.acquire(backend, self.model)
-        self._active = backend
-        self._send(backend)
+        gateway = self.gateway
+        scheduler = gateway.scheduler
+        model = self.model
+        free = [b for b in left if scheduler.has_slot(b, model)]
+        if free:
+            backend = min(free, key=lambda b: gateway._load(b.identifier) / b.weight)
+            scheduler.acquire(backend, model)
+            self._active = backend
+            self._send(backend)
+            return
+        log.info(
+            "request {rid}: waiting for a slot on a backend not tried yet ({count} left)",
+            rid=self.request_id,
+            count=len(left),
+        )
+        waiting = scheduler.wait_again(self.frontend, self.may_use, model, self.started)
+        self._attempt = waiting
+        waiting.addCallbacks(self._slot_granted, self._not_queued)
 
     def _send(self, backend: Backend) -> None:
         """One attempt on ``backend``, whose slot this request already holds."""
@@ -905,8 +969,8 @@ class _Exchange:
         assert backend is not None, "an attempt fails while its backend slot is held"
         self._attempt = None
         self._stop_ttfb()
-        self.end_attempt()
         if not self.answering:
+            self.end_attempt()
             return
         timed_out = self._timed_out
         if timed_out:
@@ -919,11 +983,10 @@ class _Exchange:
             backend=backend.identifier,
             error=self.last_error,
         )
+        # Out of rotation before its slot is given back, so no queued request takes it.
         self._backend_failed(backend, self.last_error)
-        if timed_out or failure.check(*_RETRYABLE):
-            self._next()
-        else:
-            self._answer(502, f"backend {backend.identifier!r} failed: {self.last_error}")
+        self.end_attempt()
+        self._retry()
 
     @_guarded
     def _responded(self, response: IResponse) -> None:
@@ -944,16 +1007,19 @@ class _Exchange:
             response.deliverBody(_Discard(close=True))
             self.end_attempt()
             return
-        if response.code in _RETRY_STATUSES and self.position < len(self.ordered):
-            self.last_error = f"backend {backend.identifier!r} answered {response.code}"
-            log.warn("request {rid}: {error}; retrying", rid=self.request_id, error=self.last_error)
-            self._backend_failed(backend, self.last_error)
-            response.deliverBody(_Discard())
-            self.end_attempt()
-            self._next()
-            return
-        if response.code in _GATEWAY_ERRORS:
-            self._backend_failed(backend, f"answered {response.code}")
+        code = response.code
+        if code in _GATEWAY_ERRORS or (code == _SERVER_ERROR and self._blamed is None):
+            left = self._untried()
+            if left:
+                self._retry_past(response, backend, left)
+                return
+        if code < _SERVER_ERROR and self._blamed is not None:
+            blamed, self._blamed = self._blamed, None
+            self._backend_failed(
+                blamed, "answered 500 to a request another backend answered", hidden=True
+            )
+        if code in _GATEWAY_ERRORS:
+            self._backend_failed(backend, f"answered {code}")
         request = self.request
         self.first_byte = self.gateway.clock.seconds()
         self.status = response.code
@@ -993,6 +1059,21 @@ class _Exchange:
                 request.write(b"")
             relay.watch()
 
+    def _retry_past(self, response: IResponse, backend: Backend, left: list[Backend]) -> None:
+        """A gateway error, or a first 500, before anything reached the client: read it away
+        and try another backend. A gateway error takes the backend out of rotation at once; a
+        500 only counts against it once another backend has answered the same request."""
+        code = response.code
+        self.last_error = f"backend {backend.identifier!r} answered {code}"
+        log.warn("request {rid}: {error}; retrying", rid=self.request_id, error=self.last_error)
+        if code == _SERVER_ERROR:
+            self._blamed = backend
+        else:
+            self._backend_failed(backend, self.last_error)
+        response.deliverBody(_Discard())
+        self.end_attempt()
+        self._retry(left)
+
     def _report(self) -> None:
         """Tell the observers how this request went, once."""
         if self._reported or not self.gateway.observers:
@@ -1026,18 +1107,18 @@ class _Exchange:
             )
         )
 
-    def _backend_failed(self, backend: Backend, reason: str) -> None:
+    def _backend_failed(self, backend: Backend, reason: str, *, hidden: bool = False) -> None:
         if self.gateway.on_failure is not None:
-            self.gateway.on_failure(backend, reason)
+            self.gateway.on_failure(backend, reason, hidden)
 
     # -- endings ----------------------------------------------------------------------------
 
-    def _give_up(self) -> None:
+    def _give_up(self, why: str = "") -> None:
         tried = ", ".join(self.tried)
         if self._timed_out:
-            self._answer(504, f"{self.last_error} (tried {tried})")
+            self._answer(504, f"{self.last_error} (tried {tried}){why}")
         else:
-            self._answer(502, f"no backend could answer (tried {tried}): {self.last_error}")
+            self._answer(502, f"no backend could answer (tried {tried}): {self.last_error}{why}")
 
     def _answer(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         (log.warn if status >= 500 else log.info)(
@@ -1111,6 +1192,8 @@ class _Relay(Protocol):
         self.idle = idle
         self.timer: IDelayedCall | None = None
         self.done = False
+        #: Not whole when the head was relayed: the body came over time (a stream).
+        self.streamed = False
 
     @_guarded
     def connectionMade(self) -> None:
@@ -1118,6 +1201,7 @@ class _Relay(Protocol):
 
     def watch(self) -> None:
         """Cut the stream off if the backend goes quiet for ``idle`` seconds."""
+        self.streamed = True
         if self.idle:
             self.timer = self.exchange.gateway.clock.callLater(self.idle, self._idle_expired)
 
@@ -1158,26 +1242,32 @@ class _Relay(Protocol):
         self.timer = None
         exchange = self.exchange
         exchange.relay = None  # no cycle left: the exchange is freed as soon as it ends
-        exchange.end_attempt()
         complete = isinstance(reason.value, ResponseDone | PotentialDataLoss)
         if complete and exchange.status < 500:
+            gateway = exchange.gateway
             # A backend that just answered well is where the next request goes first (power
             # of two choices' memory); one that failed must not be.
-            exchange.gateway.balancer.finished(exchange.frontend.identifier, self.backend)
-        if not exchange.answering:
+            gateway.balancer.finished(exchange.frontend.identifier, self.backend)
+            if self.streamed:  # a whole stream: the box streams again
+                state = gateway.runtime.states.get(self.backend.identifier)
+                if state is not None and state.hidden_failures:
+                    state.hidden_failures = 0
+        if complete or not exchange.answering:
+            exchange.end_attempt()
+            if exchange.answering:
+                exchange.request.unregisterProducer()
+                exchange.request.finish()
             return
         request = exchange.request
         request.unregisterProducer()
-        if complete:
-            request.finish()
-            return
         log.warn(
             "request {rid}: backend {backend} broke off the response: {error}",
             rid=exchange.request_id,
             backend=self.backend.identifier,
             error=_describe(reason),
         )
-        exchange._backend_failed(self.backend, "broke off a response")
+        exchange._backend_failed(self.backend, "broke off a response", hidden=True)
+        exchange.end_attempt()
         exchange.outcome = "aborted"
         # No terminating chunk: the client sees a truncated response, never a complete one.
         request.abort_connection()

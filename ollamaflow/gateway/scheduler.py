@@ -2,9 +2,12 @@
 
 Every request holds a slot on the backend serving it (``MaxParallelRequests`` per backend) from
 its first attempt to its last byte. When every candidate is full the request waits in its
-frontend's FIFO queue and takes the first slot that frees on any of its candidates — one queue
+frontend's FIFO queue and takes the first slot that frees on a backend it may use — one queue
 per frontend, not one per backend, so nobody waits behind a long generation while another box
-idles. Slots are taken and given back only here, which keeps the counts exact.
+idles. Which backends a waiter may use is asked when a slot frees, not fixed when it arrived:
+health changes meanwhile. A request whose attempt failed comes back to the queue in its old
+place, with its old deadline. A backend out of rotation (it just failed a request) hands its
+freed slots to nobody. Slots are taken and given back only here, which keeps the counts exact.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ollamaflow.records import Backend, Frontend
@@ -30,11 +33,16 @@ class QueueRefused(Exception):
         self.retry_after = retry_after
 
 
+#: Whether a waiting request would take a slot of this backend now, and the record to use.
+Eligible = Callable[[Backend], Backend | None]
+
+
 @attrs.define(eq=False)
 class _Waiter:
     frontend: str
-    backends: Sequence[Backend]
+    eligible: Eligible
     model: str | None
+    #: When the request arrived: the queue's order, and where its deadline counts from.
     since: float
     deferred: Deferred[Backend]
     timer: IDelayedCall | None = None
@@ -95,18 +103,22 @@ class Scheduler:
         self.wake(backend)
 
     def wake(self, backend: Backend) -> None:
-        """Hand free slots of ``backend`` to waiting requests, oldest first."""
+        """Hand free slots of ``backend`` to waiting requests, oldest first; none while it is
+        out of rotation."""
+        state = self.runtime.states.get(backend.identifier)
+        if state is not None and state.suspect:
+            return
         while self._queues and self.has_slot(backend):
-            waiter = self._oldest_for(backend)
-            if waiter is None:
+            found = self._oldest_for(backend)
+            if found is None:
                 return
+            waiter, chosen = found
             self._remove(waiter)
             stats = self.stats[waiter.frontend]
             waited = self.clock.seconds() - waiter.since
             stats.served += 1
             stats.total_wait += waited
             stats.max_wait = max(stats.max_wait, waited)
-            chosen = next(b for b in waiter.backends if b.identifier == backend.identifier)
             self.acquire(chosen, waiter.model)
             waiter.deferred.callback(chosen)
 
@@ -118,11 +130,12 @@ class Scheduler:
         self,
         frontend: Frontend,
         backends: Sequence[Backend],
+        eligible: Eligible,
         model: str | None,
     ) -> Deferred[Backend]:
-        """Queue a request whose candidates are all full; fires with a backend whose slot is
-        already taken for it, or fails with :class:`QueueRefused`. Cancel it if the client
-        leaves."""
+        """Queue a request whose candidates (``backends``) are all full; fires with a backend
+        ``eligible`` chose, whose slot is already taken for it, or fails with
+        :class:`QueueRefused`. Cancel it if the client leaves."""
         stats = self.stats.setdefault(frontend.identifier, QueueStats())
         depth = self.depth(frontend.identifier)
         if depth >= frontend.max_queue_depth:
@@ -143,20 +156,45 @@ class Scheduler:
                 "RateLimitRequestsThreshold of active and queued requests"
             )
 
-        def cancelled(_: Deferred[Backend]) -> None:
-            self._remove(waiter)
-
-        waiter = _Waiter(
-            frontend.identifier, backends, model, self.clock.seconds(), Deferred(cancelled)
-        )
+        waiter = self._waiter(frontend, eligible, model, self.clock.seconds())
         self._queues.setdefault(frontend.identifier, deque()).append(waiter)
         stats.queued += 1
         stats.peak_depth = max(stats.peak_depth, depth + 1)
-        if frontend.queue_timeout_ms:
-            waiter.timer = self.clock.callLater(
-                frontend.queue_timeout_ms / 1000, self._expired, waiter, frontend.queue_timeout_ms
-            )
         return waiter.deferred
+
+    def wait_again(
+        self, frontend: Frontend, eligible: Eligible, model: str | None, since: float
+    ) -> Deferred[Backend]:
+        """Queue a request that arrived at ``since`` and whose attempt failed: in its place
+        among the waiters by arrival (ahead of everyone who came later, whatever the depth),
+        with the deadline it had. Fails at once if that deadline has passed."""
+        stats = self.stats.setdefault(frontend.identifier, QueueStats())
+        limit = frontend.queue_timeout_ms
+        if limit and self.clock.seconds() - since >= limit / 1000:
+            stats.timed_out += 1
+            return fail(QueueRefused(f"no backend slot freed within {limit} ms", retry_after=2))
+        waiter = self._waiter(frontend, eligible, model, since)
+        queue = self._queues.setdefault(frontend.identifier, deque())
+        place = len(queue)
+        while place and queue[place - 1].since > since:
+            place -= 1
+        queue.insert(place, waiter)
+        stats.queued += 1
+        stats.peak_depth = max(stats.peak_depth, len(queue))
+        return waiter.deferred
+
+    def _waiter(
+        self, frontend: Frontend, eligible: Eligible, model: str | None, since: float
+    ) -> _Waiter:
+        def cancelled(_: Deferred[Backend]) -> None:
+            self._remove(waiter)
+
+        waiter = _Waiter(frontend.identifier, eligible, model, since, Deferred(cancelled))
+        limit = frontend.queue_timeout_ms
+        if limit:
+            delay = max(0.0, since + limit / 1000 - self.clock.seconds())
+            waiter.timer = self.clock.callLater(delay, self._expired, waiter, limit)
+        return waiter
 
     def _expired(self, waiter: _Waiter, limit_ms: int) -> None:
         waiter.timer = None
@@ -166,18 +204,19 @@ class Scheduler:
             QueueRefused(f"no backend slot freed within {limit_ms} ms", retry_after=2)
         )
 
-    def _oldest_for(self, backend: Backend) -> _Waiter | None:
-        """The longest-waiting request that may use a free slot of ``backend`` now."""
-        oldest: _Waiter | None = None
-        identifier = backend.identifier
+    def _oldest_for(self, backend: Backend) -> tuple[_Waiter, Backend] | None:
+        """The longest-waiting request that may use a free slot of ``backend`` now, and the
+        backend record it chose."""
+        oldest: tuple[_Waiter, Backend] | None = None
         for queue in self._queues.values():
             for waiter in queue:
-                if any(b.identifier == identifier for b in waiter.backends) and self.has_slot(
-                    backend, waiter.model
-                ):
-                    if oldest is None or waiter.since < oldest.since:
-                        oldest = waiter
+                if oldest is not None and waiter.since >= oldest[0].since:
                     break
+                if self.has_slot(backend, waiter.model):
+                    chosen = waiter.eligible(backend)
+                    if chosen is not None:
+                        oldest = (waiter, chosen)
+                        break
         return oldest
 
     def _remove(self, waiter: _Waiter) -> None:

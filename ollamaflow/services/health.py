@@ -2,7 +2,14 @@
 
 A backend is checked at start-up and as soon as it is created or changed, then every
 ``interval``; a deleted or deactivated backend's loop stops at once (its in-flight check is
-cancelled and never written). Failures seen by the proxy count as failed checks.
+cancelled and never written). A check never takes longer than the interval, so one stuck on a
+hung connection does not put off the next.
+
+Failures seen by the proxy count as failed checks, and take the backend out of rotation at once
+until a check passes: a refused, reset or timed-out request, or a gateway error, calls for that
+check right away. Failures a check cannot see (a stream cut midway, a 500 another backend did
+not give) hold it out longer, twice as long each time they recur, so a box that keeps breaking
+streams does not flap back in between them.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend
-from ollamaflow.runtime import Runtime, utc_clock
+from ollamaflow.runtime import BackendState, Runtime, utc_clock
 from ollamaflow.services.common import (
     NETWORK_ERRORS,
     backend_headers,
@@ -32,6 +40,10 @@ from ollamaflow.services.common import (
 log = Logger()
 
 TransitionCallback = Callable[[Backend, bool], None]
+#: Told when a backend that was out of rotation after a failed request is back in it.
+AvailableCallback = Callable[[Backend], None]
+#: The longest a backend is held out for failures a check cannot see, in seconds.
+MAX_HOLD = 300.0
 #: Told after each active check: the backend, whether it passed, and its latency in seconds.
 CheckCallback = Callable[[Backend, bool, float], None]
 
@@ -44,6 +56,8 @@ class _Loop:
     timer: IDelayedCall | None = None
     running: Deferred[None] | None = None
     stopped: bool = False
+    #: When the next check is wanted sooner than the interval (a request just failed there).
+    due: float | None = None
 
     def stop(self) -> None:
         self.stopped = True
@@ -68,6 +82,7 @@ class HealthChecker(Service):
         timeout: float,
         on_transition: TransitionCallback | None = None,
         on_check: CheckCallback | None = None,
+        on_available: AvailableCallback | None = None,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
@@ -77,6 +92,7 @@ class HealthChecker(Service):
         self.timeout = timeout
         self.on_transition = on_transition
         self.on_check = on_check
+        self.on_available = on_available
         self.now = utc_clock(clock.seconds)
         self._loops: dict[str, _Loop] = {}
         registry.subscribe(self.configuration_changed)
@@ -109,12 +125,66 @@ class HealthChecker(Service):
         """The identifiers of the backends being checked."""
         return frozenset(self._loops)
 
-    def report_failure(self, backend: Backend, reason: str) -> None:
-        """Passive health: a connection failure or 5xx seen by the proxy is a failed check."""
+    def report_failure(self, backend: Backend, reason: str, hidden: bool = False) -> None:
+        """Passive health: a request failed on ``backend``. It counts as a failed check and
+        takes the backend out of rotation until a check passes: at once for a failure a check
+        can see too, after a hold for one it cannot (``hidden``)."""
         try:
-            self._record(backend.identifier, reason)
+            self._failed_request(backend.identifier, reason, hidden)
         except Exception:
             log.failure("recording a failure of backend {backend}", backend=backend.identifier)
+
+    def _failed_request(self, identifier: str, reason: str, hidden: bool) -> None:
+        backend = self.registry.catalog.backends.get(identifier)
+        if backend is None or not backend.active:
+            return
+        state = self.runtime.state(identifier)
+        now = self.clock.seconds()
+        if not hidden:
+            if state.suspected(now):
+                log.info(
+                    "backend {backend} out of rotation until a check passes: {error}",
+                    backend=identifier,
+                    error=reason,
+                )
+            self._check_at(identifier, now)
+        else:
+            state.hidden_failures += 1
+            if state.hidden_failures >= backend.unhealthy_threshold:
+                hold = self._hold(state, now)
+                state.suspected(now + hold)
+                log.warn(
+                    "backend {backend} held out of rotation for {hold:g}s: {count} failures "
+                    "a health check cannot see ({error})",
+                    backend=identifier,
+                    hold=hold,
+                    count=state.hidden_failures,
+                    error=reason,
+                )
+                state.hidden_failures = 0
+                self._check_at(identifier, now + hold)
+        self._record(identifier, reason)
+
+    def _hold(self, state: BackendState, now: float) -> float:
+        """How long to hold a backend out: the check interval, doubled for each hold in a row
+        (a hold long ago, or none, starts again from one interval)."""
+        if now - state.last_hold > 2 * MAX_HOLD:
+            state.holds = 0
+        state.holds += 1
+        state.last_hold = now
+        return float(min(MAX_HOLD, self.interval * 2 ** min(state.holds - 1, 32)))
+
+    def _check_at(self, identifier: str, when: float) -> None:
+        """Run the backend's next check no later than ``when``."""
+        loop = self._loops.get(identifier)
+        if loop is None or loop.stopped:
+            return
+        if loop.running is not None:
+            loop.due = when if loop.due is None else min(loop.due, when)
+            return
+        timer = loop.timer
+        if timer is not None and timer.active() and timer.getTime() > when:
+            timer.reset(max(0.0, when - self.clock.seconds()))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -130,20 +200,24 @@ class HealthChecker(Service):
         if isinstance(result, Failure) and not result.check(CancelledError):
             log.failure("health check loop of {backend}", result, backend=loop.backend.identifier)
         if not loop.stopped:
-            delay = max(0.0, started + self.interval - self.clock.seconds())
+            due = started + self.interval
+            if loop.due is not None:
+                due, loop.due = min(due, loop.due), None
+            delay = max(0.0, due - self.clock.seconds())
             loop.timer = self.clock.callLater(delay, self._run, loop)
 
     async def _check(self, loop: _Loop) -> None:
         backend = loop.backend
         started = self.clock.seconds()
         error: str | None
+        timeout = min(self.timeout, self.interval)
         try:
             probe = Deferred.fromCoroutine(self._probe(backend))
-            error = await probe.addTimeout(self.timeout, self.clock)
+            error = await probe.addTimeout(timeout, self.clock)
         except CancelledError:
             return
-        except defer.TimeoutError:
-            error = f"no answer within {self.timeout:g}s"
+        except (defer.TimeoutError, ConnectingCancelledError):
+            error = f"no answer within {timeout:g}s"
         except NETWORK_ERRORS as e:
             error = describe(e)
         except Exception as e:
@@ -158,7 +232,7 @@ class HealthChecker(Service):
                 log.failure(
                     "health check listener failed for {backend}", backend=backend.identifier
                 )
-        self._record(backend.identifier, error)
+        self._record(backend.identifier, error, started)
 
     async def _probe(self, backend: Backend) -> str | None:
         """One request; None if it answered 2xx, else the reason. The body is always read."""
@@ -173,8 +247,9 @@ class HealthChecker(Service):
         code: int = response.code
         return None if 200 <= code < 300 else f"HTTP {code}"
 
-    def _record(self, identifier: str, error: str | None) -> None:
-        """Count one check result against the backend's current record, if it still exists."""
+    def _record(self, identifier: str, error: str | None, started: float | None = None) -> None:
+        """Count one check result against the backend's current record, if it still exists;
+        a check (started at ``started``) that passed may put a suspect backend back."""
         backend = self.registry.catalog.backends.get(identifier)
         if backend is None or not backend.active:
             return
@@ -183,6 +258,15 @@ class HealthChecker(Service):
         now = self.now()
         if error is None:
             changed = state.succeeded(now, backend.healthy_threshold)
+            if started is not None and state.cleared(started) and state.healthy and not changed:
+                log.info("backend {backend} is back in rotation", backend=identifier)
+                if self.on_available is not None:
+                    try:
+                        self.on_available(backend)
+                    except Exception:
+                        log.failure(
+                            "availability listener failed for {backend}", backend=identifier
+                        )
         else:
             changed = state.failed(now, backend.unhealthy_threshold, error)
             if first and not changed:
