@@ -118,10 +118,18 @@ class _LiveCollector:
             "1 if the backend is healthy, else 0.",
             labels=["backend"],
         )
+        in_rotation = GaugeMetricFamily(
+            "ollamaflow_backend_in_rotation",
+            "1 if the backend takes requests: healthy, and not out after failing one.",
+            labels=["backend"],
+        )
         for identifier in catalog.backends:
             state = states.get(identifier)
             in_flight.add_metric([identifier], state.active_requests if state else 0)
             healthy.add_metric([identifier], 1 if state is not None and state.healthy else 0)
+            in_rotation.add_metric(
+                [identifier], 1 if state is not None and state.in_rotation else 0
+            )
         depth = GaugeMetricFamily(
             "ollamaflow_queue_depth",
             "Requests waiting in the frontend's queue for a backend slot.",
@@ -129,7 +137,7 @@ class _LiveCollector:
         )
         for identifier in catalog.frontends:
             depth.add_metric([identifier], fleet.queue_depth(identifier))
-        yield from (in_flight, depth, healthy)
+        yield from (in_flight, depth, healthy, in_rotation)
 
 
 class ClientConnections(Protocol):

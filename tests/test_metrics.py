@@ -100,6 +100,12 @@ async def test_metrics_after_traffic(daemon: Daemon, simulators: Any) -> None:
     assert m.value("ollamaflow_tokens_per_second_sum", model="llama3:latest") > 0
     assert m.value("ollamaflow_backend_healthy", backend="sim0") == 1
     assert m.value("ollamaflow_backend_healthy", backend="dead") == 0
+    assert m.value("ollamaflow_backend_in_rotation", backend="sim0") == 1
+    assert m.value("ollamaflow_backend_in_rotation", backend="dead") == 0
+    daemon.runtime.state("sim1").suspected(float("inf"))  # it failed a request just now
+    suspect = await scrape(daemon)
+    assert suspect.value("ollamaflow_backend_healthy", backend="sim1") == 1
+    assert suspect.value("ollamaflow_backend_in_rotation", backend="sim1") == 0
     assert m.value("ollamaflow_in_flight_requests", backend="sim0") == 0
     assert m.value("ollamaflow_queue_depth", frontend="frontend1") == 0
     assert m.value("ollamaflow_health_check_seconds_count", backend="sim0", result="ok") >= 1
