@@ -7,6 +7,7 @@ the reactor runs and tests can build one in-process on port 0.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 from typing import Any
 
@@ -37,6 +38,7 @@ from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.services.follow import ConfigFollower
 from ollamaflow.settings import DatabaseDriver, LoadedSettings
 from ollamaflow.store import Snapshot, Store, describe_postgresql, postgresql_conninfo
+from ollamaflow.twisted_internals import forget_exit_signal
 from ollamaflow.workers import listen_shared
 
 log = Logger()
@@ -251,18 +253,23 @@ class Daemon(MultiService):
         return self.listening.getHost()
 
     async def _stop(self) -> None:
-        """Stop accepting, let requests in flight finish (up to DrainTimeoutMs), then stop."""
+        """Stop accepting, let requests in flight finish (up to DrainTimeoutMs), then stop.
+        Stopped by SIGTERM with nothing cut off, the process then exits 0, not as killed by
+        the signal (which twistd re-raises; ``docker stop`` reports 143 as a failure)."""
         if self.listening is not None:
             await maybeDeferred(self.listening.stopListening)
             self.listening = None
-        await self.drain(self.loaded.settings.drain_timeout_ms / 1000)
+        clean = await self.drain(self.loaded.settings.drain_timeout_ms / 1000)
         await super().stopService()
         await self.gateway.close()
         await self.services_pool.closeCachedConnections()
         await self.store.close()
+        if clean and forget_exit_signal(self.reactor, signal.SIGTERM):
+            log.info("stopped on SIGTERM after a clean drain; exit status 0")
 
-    async def drain(self, seconds: float) -> None:
-        """Refuse new requests on open connections and wait for those in flight."""
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new requests on open connections and wait for those in flight; whether they
+        all finished in time (none had to be cut off)."""
         gateway = self.gateway
         gateway.draining = True
         self.listener.drain()
@@ -280,6 +287,8 @@ class Daemon(MultiService):
             )
             for exchange in list(gateway.exchanges):
                 exchange.abort()
+            return False
+        return True
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -323,7 +323,9 @@ class Listener(ServerFactory):
                 connection.reject(408, f"no bytes of the request body for {timeout:.0f} s")
 
     def drain(self) -> None:
-        """Stop reusing connections: idle ones close now, the others after their response."""
+        """Stop reusing connections: idle ones close now, the others after their response; a
+        request pipelined behind a response already begun (a stream) is answered first, in its
+        turn, so the client learns why (the gateway refuses it 503 while draining)."""
         for connection in list(self.connections):
             connection.closing = True
             if connection.idle():

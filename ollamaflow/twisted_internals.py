@@ -12,7 +12,9 @@ looked up when used, so :func:`self_check` (run before anything else at start-up
 from __future__ import annotations
 
 import importlib
+import signal
 import socket
+import sys
 from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -155,6 +157,20 @@ def owning_pool(connection: PooledConnection) -> ConnectionPool:
     Private: ``adbapi.Connection._pool``."""
     pool: ConnectionPool = connection._pool
     return pool
+
+
+# --- The exit status (ollamaflow/daemon.py) ---------------------------------------------------
+
+
+def forget_exit_signal(reactor: Any, signum: int) -> bool:
+    """If ``signum`` is the signal that stopped ``reactor``, forget it, so that twistd exits 0
+    instead of re-raising it once the reactor stops; whether it was. Private:
+    ``ReactorBase._exitSignal``, which the reactor's SIGINT/SIGTERM handlers set and twistd's
+    runner re-raises after ``run()`` returns; Twisted has no public way to choose the status."""
+    if getattr(reactor, "_exitSignal", None) != signum:
+        return False
+    reactor._exitSignal = None
+    return True
 
 
 # --- Response headers (ollamaflow/gateway/backendhttp.py) -------------------------------------
@@ -433,6 +449,54 @@ def _check_pooled_connection() -> None:
     _expect(owning_pool(pooled) is pool, f"{owner}._pool", "holds something else")
 
 
+def _check_exit_signal() -> None:
+    """The reactor's SIGTERM handler keeps the signal in ``_exitSignal``, and twistd's runner
+    re-raises what a real reactor core holds there when ``run()`` returns: nothing once
+    :func:`forget_exit_signal` cleared it. (The handler is read, not called: it would log
+    "Received SIGTERM" at start-up; the twistd tests send it the real signal.)"""
+    from twisted.application.app import ApplicationRunner
+    from twisted.internet.base import ReactorBase
+
+    owner = "twisted.internet.base.ReactorBase"
+    api = f"{owner}._exitSignal"
+    _present(ReactorBase, owner, "_exitSignal", "sigTerm")
+    _expect(
+        "_exitSignal" in ReactorBase.sigTerm.__code__.co_names,
+        f"{owner}.sigTerm",
+        "no longer sets _exitSignal",
+    )
+
+    class Core(ReactorBase):
+        """A reactor core that, run, is at once stopped by SIGTERM, as ``sigTerm`` leaves it."""
+
+        forget = False
+
+        def installWaker(self) -> None:
+            """No I/O: nothing to wake."""
+
+        def run(self, installSignalHandlers: bool = True) -> None:
+            self._exitSignal = signal.SIGTERM
+            if self.forget:  # as the daemon does while the reactor shuts down
+                forget_exit_signal(self, signal.SIGTERM)
+
+    class Runner:
+        """What ``ApplicationRunner.startReactor`` uses of twistd's runner."""
+
+        config = {"profile": False, "debug": False, "nodaemon": True}
+        profiler = None
+        _exitSignal: object = "never set"
+
+    def reraised(forget: bool) -> object:
+        core = Core()
+        core.forget = forget
+        runner = Runner()
+        ApplicationRunner.startReactor(runner, core, sys.stdout, sys.stderr)  # type: ignore[arg-type]
+        return runner._exitSignal
+
+    _expect(reraised(False) == signal.SIGTERM, api, "twistd no longer re-raises what it holds")
+    _expect(reraised(True) is None, api, "twistd re-raises the signal even once it is cleared")
+
+
 def _check_headers() -> None:
     """Headers built through ``_rawHeaders`` read back exactly as built through the public API."""
     fields = [
@@ -507,6 +571,11 @@ CHECKS: tuple[_Check, ...] = (
         "twisted.enterprise.adbapi.Connection._connection/_pool",
         "ollamaflow.store, dropping dead database connections",
         _check_pooled_connection,
+    ),
+    _Check(
+        "twisted.internet.base.ReactorBase._exitSignal/sigTerm",
+        "ollamaflow.daemon, exit status 0 after a clean drain on SIGTERM",
+        _check_exit_signal,
     ),
 )
 

@@ -34,6 +34,43 @@ class Lines(Protocol):
         self.done.callback(None)
 
 
+def responses(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (head, body) of each response in ``data``, as one connection carried them in turn
+    (bodies framed by Content-Length or chunked); a cut-off last one is left out."""
+    found: list[tuple[bytes, bytes]] = []
+    while b"\r\n\r\n" in data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        fields = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
+        if fields.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                size_line, _, data = data.partition(b"\r\n")
+                size = int(size_line, 16)
+                if len(data) < size + 2:
+                    return found
+                body, data = body + data[:size], data[size + 2 :]
+                if size == 0:
+                    break
+        else:
+            size = int(fields.get(b"content-length", b"0"))
+            if len(data) < size:
+                return found
+            body, data = data[:size], data[size:]
+        found.append((head, body))
+    return found
+
+
+GENERATE = json.dumps({"model": "llama3", "prompt": "x"}).encode()
+STREAM_REQUEST = (
+    b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(GENERATE), GENERATE)
+)
+NEXT_REQUEST = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
 async def serving(
     tmp_path: Path, settings: dict[str, Any], **sim: Any
 ) -> tuple[Daemon, RunningSimulator]:
@@ -108,6 +145,50 @@ async def test_a_new_request_on_an_open_connection_during_drain_is_503_and_close
         daemon.gateway.draining = False
         await sim.stop()
         await daemon.stopService()
+
+
+@pytest.mark.parametrize("sent", ["with the stream", "while it streams"])
+@pytest_twisted.ensureDeferred
+async def test_a_request_pipelined_behind_a_stream_during_drain_is_503_after_it(
+    tmp_path: Path, sent: str
+) -> None:
+    """A request queued behind a stream still running when the drain starts is answered in its
+    turn, 503 with Retry-After and Connection: close, never dropped unanswered; whether it came
+    in the stream's read (parsed, waiting) or after it (bytes waiting unparsed)."""
+    daemon, sim = await serving(tmp_path, {}, tokens=20, tokens_per_second=40)
+    try:
+        raw = Lines()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.address.port), raw)
+        transport: Any = raw.transport
+        if sent == "with the stream":
+            transport.write(STREAM_REQUEST + NEXT_REQUEST)
+        else:
+            transport.write(STREAM_REQUEST)
+        await until(lambda: raw.data.count(b'"done":') >= 2, what="the stream has begun")
+        if sent == "while it streams":
+            transport.write(NEXT_REQUEST)
+            await until(
+                lambda: any(c._waiting for c in daemon.listener.connections),
+                what="the next request's bytes wait at the daemon",
+            )
+        stopping = daemon.stopService()
+        await raw.done  # the daemon closed the connection after answering both
+        answered = responses(raw.data)
+        assert len(answered) == 2, (
+            f"{len(answered)} response(s) to 2 requests: ...{raw.data[-120:]!r}"
+        )
+        (stream_head, stream_body), (head, body) = answered
+        assert stream_head.startswith(b"HTTP/1.1 200"), stream_head
+        assert b"Connection: close" not in stream_head, "its head went out before the drain"
+        assert json.loads(stream_body.splitlines()[-1])["done"] is True
+        assert len(stream_body.splitlines()) == 21, "the stream ran to its end"
+        assert head.startswith(b"HTTP/1.1 503"), raw.data
+        assert b"\r\nRetry-After: 1\r\n" in head
+        assert b"\r\nConnection: close\r\n" in head
+        assert "shutting down" in json.loads(body)["error"]
+        await stopping
+    finally:
+        await sim.stop()
 
 
 @pytest_twisted.ensureDeferred

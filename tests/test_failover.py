@@ -130,9 +130,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     fleet = Setup(daemon)
     backend = {"MaxParallelRequests": 2, "RateLimitRequestsThreshold": 50}
     for i in range(3):
-        await fleet.add(
-            f"sim{i}", backend=backend, tokens=10, tokens_per_second=50, num_parallel=4
-        )
+        await fleet.add(f"sim{i}", backend=backend, tokens=10, tokens_per_second=50, num_parallel=4)
     await fleet.serve(
         "sim0",
         "sim1",

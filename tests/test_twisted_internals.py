@@ -3,6 +3,7 @@ Twisted, and names the API and the Twisted version when one is gone or behaves d
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.application import app
 from twisted.copyright import version as twisted_version
 from twisted.enterprise import adbapi
 from twisted.internet import abstract, base, tcp
@@ -109,6 +111,26 @@ def _pooled_connection_renamed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(adbapi.Connection, "__init__", init)
 
 
+def _runner_reads_another_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A twistd whose runner takes the signal to re-raise from elsewhere on the reactor."""
+
+    def startReactor(self: Any, reactor: Any, oldstdout: Any, oldstderr: Any) -> None:
+        app.runReactorWithLogging(self.config, oldstdout, oldstderr, self.profiler, reactor)
+        self._exitSignal = getattr(reactor, "_stoppedBySignal", None)
+
+    monkeypatch.setattr(app.ApplicationRunner, "startReactor", startReactor)
+
+
+def _sigterm_handler_keeps_it_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reactor whose SIGTERM handler remembers the signal under another name."""
+
+    def sigTerm(self: Any, number: int, frame: Any = None) -> None:
+        self.callFromThread(self.stop)
+        self._stoppedBySignal = number
+
+    monkeypatch.setattr(base.ReactorBase, "sigTerm", sigTerm)
+
+
 FD = "twisted.internet.abstract.FileDescriptor"
 
 
@@ -196,6 +218,18 @@ CHANGES: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
         _pooled_connection_renamed,
         "twisted.enterprise.adbapi.Connection._connection",
     ),
+    "_exitSignal": (
+        _delete(base.ReactorBase, "_exitSignal"),
+        "twisted.internet.base.ReactorBase._exitSignal",
+    ),
+    "_exitSignal read elsewhere": (
+        _runner_reads_another_attribute,
+        "twisted.internet.base.ReactorBase._exitSignal",
+    ),
+    "_exitSignal set elsewhere": (
+        _sigterm_handler_keeps_it_elsewhere,
+        "twisted.internet.base.ReactorBase.sigTerm",
+    ),
 }
 
 
@@ -264,3 +298,22 @@ def test_the_helpers_on_real_twisted_objects() -> None:
     connector = tcp.Connector("127.0.0.1", 1, ClientFactory(), 1.0, None, None)
     assert twisted_internals.is_disconnected(connector)
     assert not twisted_internals.is_connecting(connector)
+
+
+class _Core(base.ReactorBase):
+    """A real reactor core that is never run (no waker: nothing to wake)."""
+
+    def installWaker(self) -> None:
+        pass
+
+
+def test_only_the_signal_named_is_forgotten() -> None:
+    """A clean drain forgets SIGTERM, never another signal (Ctrl-C still ends as SIGINT)."""
+    core = _Core()
+    assert twisted_internals.forget_exit_signal(core, signal.SIGTERM) is False
+    core._exitSignal = signal.SIGINT
+    assert twisted_internals.forget_exit_signal(core, signal.SIGTERM) is False
+    assert core._exitSignal == signal.SIGINT
+    core._exitSignal = signal.SIGTERM
+    assert twisted_internals.forget_exit_signal(core, signal.SIGTERM) is True
+    assert core._exitSignal is None

@@ -115,7 +115,7 @@ async def test_two_workers_share_the_port_and_the_configuration(tmp_path: Path) 
     finally:
         main.send_signal(signal.SIGTERM)
         output, _ = main.communicate(timeout=30)
-    assert main.returncode == -signal.SIGTERM, output
+    assert main.returncode == 0, output  # a clean drain: exit 0, not killed by the signal
     others = [pid for pid in workers_now if pid != main.pid]
     for pid in others:
         assert not alive(pid), "a worker outlived the main process"

@@ -169,7 +169,8 @@ class HTTPConnection(TwistedProtocol):
         self._now = 0.0
         self.peer_host = ""
         self.secure = False
-        #: Set when the listener drains: the connection closes after the current response.
+        #: Set when the listener drains: the connection closes after the current response, or
+        #: (that one begun before) after the request pipelined behind it, answered in its turn.
         self.closing = False
         #: When the connection last became idle (for the idle timeout).
         self.since = 0.0
@@ -296,9 +297,11 @@ class HTTPConnection(TwistedProtocol):
         self._producer = None
         if self._phase is _CLOSED:
             return
-        if not persistent or self.closing:
+        if not persistent:
             self.close()
             return
+        # Draining (``closing``) after this response's head went out: a request pipelined
+        # behind it is still answered in its turn (refused while draining, and closing).
         self._phase = _READING
         # The clocks start again: bytes that waited were not the client's delay.
         self.since = self.head_since = self.body_since = self._now = self.factory.clock.seconds()
@@ -409,6 +412,9 @@ class HTTPConnection(TwistedProtocol):
                     self._waiting_size -= len(data)
                     self._parse(data)
                 else:
+                    if self.closing and self._parser.idle():
+                        self.close()  # draining, and no request has begun: none is answered
+                        return
                     if self._continue:
                         self._continue = False
                         self.transport.write(_CONTINUE)  # type: ignore[union-attr]
