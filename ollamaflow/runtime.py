@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 
 import attrs
 
@@ -31,6 +32,17 @@ def format_timespan(span: timedelta) -> str:
     if fraction:
         text = f"{text}.{fraction:07}"
     return text
+
+
+class FailureKind(Enum):
+    """How a request's failure on a backend shows."""
+
+    #: Refused, reset, timed out, a gateway error: a health check would likely see it too.
+    VISIBLE = "visible"
+    #: A stream the backend broke off midway: its health check still passes.
+    CUT_STREAM = "cut stream"
+    #: A 500 to a request another backend then answered.
+    BLAMED_500 = "blamed 500"
 
 
 @attrs.define
@@ -65,6 +77,9 @@ class BackendState:
     #: hold is twice as long as the one before, so a box that keeps breaking streams stays out.
     holds: int = 0
     last_hold: float = 0.0
+    #: Back from a hold: one request at a time (slow start) until one is answered whole (a
+    #: whole stream, if it was held for cutting them); None when not on probation.
+    probation: FailureKind | None = None
     _epoch: HealthEpoch = attrs.field(factory=HealthEpoch, alias="epoch", repr=False, eq=False)
 
     @property

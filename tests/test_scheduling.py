@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 
 from ollamaflow.gateway.scheduler import Eligible, QueueRefused, Scheduler
 from ollamaflow.records import Backend, Frontend
-from ollamaflow.runtime import Runtime
+from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.sim.service import RunningSimulator
 
 # -- the scheduler alone, on a clock ----------------------------------------------------------
@@ -198,6 +198,19 @@ def test_a_backend_out_of_rotation_hands_its_slots_to_nobody() -> None:
     scheduler.runtime.state("a").cleared(clock.seconds())
     scheduler.wake(a)
     assert waiting == [a]
+
+
+def test_a_backend_on_probation_takes_one_request_at_a_time() -> None:
+    """Back from a hold, a box is not handed a whole queue at once (LeastOutstanding would
+    send everything to the idle newcomer): one request, until one is answered whole."""
+    scheduler, _, (a, _b), _ = make(limit=4)
+    state = scheduler.runtime.state("a")
+    state.probation = FailureKind.CUT_STREAM
+    assert scheduler.has_slot(a)
+    scheduler.acquire(a, None)
+    assert not scheduler.has_slot(a)
+    state.probation = None
+    assert scheduler.has_slot(a)
 
 
 # -- end to end -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend, Frontend, HealthCheckMethod
-from ollamaflow.runtime import Runtime, utc_clock
+from ollamaflow.runtime import FailureKind, Runtime, utc_clock
 from ollamaflow.services import HealthChecker
 from ollamaflow.services.health import MAX_HOLD
 from ollamaflow.store import Snapshot
@@ -543,9 +543,9 @@ def test_failures_a_check_cannot_see_hold_a_backend_out_longer_each_time(
     state = health.state()
     holds = []
     for _ in range(4):
-        health.checker.report_failure(be, "broke off a response", hidden=True)
+        health.checker.report_failure(be, "broke off a response", FailureKind.CUT_STREAM)
         assert state.in_rotation, "one cut stream is not enough"
-        health.checker.report_failure(be, "broke off a response", hidden=True)
+        health.checker.report_failure(be, "broke off a response", FailureKind.CUT_STREAM)
         assert not state.in_rotation
         out = health.world.clock.seconds()
         while not state.in_rotation:
@@ -553,12 +553,27 @@ def test_failures_a_check_cannot_see_hold_a_backend_out_longer_each_time(
         holds.append(health.world.clock.seconds() - out)
     assert holds == [5.0, 10.0, 20.0, 40.0], "the interval, doubled each time"
     health.world.clock.advance(2 * MAX_HOLD + 1)
-    health.checker.report_failure(be, "broke off a response", hidden=True)
-    health.checker.report_failure(be, "broke off a response", hidden=True)
+    health.checker.report_failure(be, "broke off a response", FailureKind.CUT_STREAM)
+    health.checker.report_failure(be, "broke off a response", FailureKind.CUT_STREAM)
     out = health.world.clock.seconds()
     while not state.in_rotation:
         health.world.clock.advance(0.5)
     assert health.world.clock.seconds() - out == 5.0, "a quiet spell starts it over"
+
+
+def test_requests_sent_before_a_hold_do_not_lengthen_it(health: Health) -> None:
+    """The box's slots were full when it was held out: their 500s, blamed as they come back,
+    are not new evidence, so the hold stays one interval and ends."""
+    be = backend(healthy_threshold=1, unhealthy_threshold=2)
+    health.world.publish(be)
+    health.checker.startService()
+    state = health.state()
+    for _ in range(8):
+        health.checker.report_failure(be, "answered 500", FailureKind.BLAMED_500)
+    assert state.holds == 1 and state.suspect_until == 5.0
+    health.world.clock.pump([0.5] * 12)
+    assert state.in_rotation
+    assert state.probation is FailureKind.BLAMED_500, "back on probation: one at a time"
 
 
 def test_a_backend_failing_requests_and_checks_turns_unhealthy_within_one_round_trip(

@@ -63,7 +63,7 @@ from ollamaflow.gateway.dialect import finish_json, quoted, refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
 from ollamaflow.records import ApiFormat, Backend, Frontend
-from ollamaflow.runtime import Runtime
+from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.server.request import ClientRequest
 
 log = Logger()
@@ -115,7 +115,7 @@ class Gateway:
         balancer: Balancer | None = None,
         inventory: fleet.Inventory | None = None,
         sync: fanout.Puller | None = None,
-        on_failure: Callable[[Backend, str, bool], None] | None = None,
+        on_failure: Callable[[Backend, str, FailureKind], None] | None = None,
         on_models_changed: Callable[[str], object] | None = None,
         admin_tokens: Tokens = NO_TOKENS,
         withheld: Tokens = NO_TOKENS,
@@ -152,8 +152,8 @@ class Gateway:
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges: set[_Exchange] = set()
         self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
-        #: Called with (backend, reason, hidden) when proxying sees a backend fail (passive
-        #: health); ``hidden``: a failure a health check cannot see (a stream cut midway).
+        #: Called with (backend, reason, kind) when proxying sees a backend fail (passive
+        #: health).
         self.on_failure = on_failure
         #: Told about every finished request (the access log, the metrics).
         self.observers: list[Callable[[Completed], None]] = []
@@ -1016,7 +1016,9 @@ class _Exchange:
         if code < _SERVER_ERROR and self._blamed is not None:
             blamed, self._blamed = self._blamed, None
             self._backend_failed(
-                blamed, "answered 500 to a request another backend answered", hidden=True
+                blamed,
+                "answered 500 to a request another backend answered",
+                FailureKind.BLAMED_500,
             )
         if code in _GATEWAY_ERRORS:
             self._backend_failed(backend, f"answered {code}")
@@ -1107,9 +1109,11 @@ class _Exchange:
             )
         )
 
-    def _backend_failed(self, backend: Backend, reason: str, *, hidden: bool = False) -> None:
+    def _backend_failed(
+        self, backend: Backend, reason: str, kind: FailureKind = FailureKind.VISIBLE
+    ) -> None:
         if self.gateway.on_failure is not None:
-            self.gateway.on_failure(backend, reason, hidden)
+            self.gateway.on_failure(backend, reason, kind)
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -1248,10 +1252,14 @@ class _Relay(Protocol):
             # A backend that just answered well is where the next request goes first (power
             # of two choices' memory); one that failed must not be.
             gateway.balancer.finished(exchange.frontend.identifier, self.backend)
-            if self.streamed:  # a whole stream: the box streams again
-                state = gateway.runtime.states.get(self.backend.identifier)
-                if state is not None and state.hidden_failures:
+            state = gateway.runtime.states.get(self.backend.identifier)
+            if state is not None:
+                if self.streamed:  # a whole stream: the box streams again
                     state.hidden_failures = 0
+                if state.probation is not None and (
+                    self.streamed or state.probation is not FailureKind.CUT_STREAM
+                ):
+                    state.probation = None  # slow start over: all its slots again
         if complete or not exchange.answering:
             exchange.end_attempt()
             if exchange.answering:
@@ -1266,7 +1274,7 @@ class _Relay(Protocol):
             backend=self.backend.identifier,
             error=_describe(reason),
         )
-        exchange._backend_failed(self.backend, "broke off a response", hidden=True)
+        exchange._backend_failed(self.backend, "broke off a response", FailureKind.CUT_STREAM)
         exchange.end_attempt()
         exchange.outcome = "aborted"
         # No terminating chunk: the client sees a truncated response, never a complete one.

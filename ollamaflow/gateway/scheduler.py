@@ -87,7 +87,8 @@ class Scheduler:
         state = self.runtime.states.get(backend.identifier)
         if state is None:
             return True
-        if state.active_requests >= backend.max_parallel_requests:
+        active = state.active_requests
+        if active >= backend.max_parallel_requests or (active and state.probation is not None):
             return False
         per_model = backend.model_parallel_requests
         return not (per_model and model and state.active_by_model.get(model, 0) >= per_model)

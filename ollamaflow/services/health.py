@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend
-from ollamaflow.runtime import BackendState, Runtime, utc_clock
+from ollamaflow.runtime import BackendState, FailureKind, Runtime, utc_clock
 from ollamaflow.services.common import (
     NETWORK_ERRORS,
     backend_headers,
@@ -125,22 +125,24 @@ class HealthChecker(Service):
         """The identifiers of the backends being checked."""
         return frozenset(self._loops)
 
-    def report_failure(self, backend: Backend, reason: str, hidden: bool = False) -> None:
+    def report_failure(
+        self, backend: Backend, reason: str, kind: FailureKind = FailureKind.VISIBLE
+    ) -> None:
         """Passive health: a request failed on ``backend``. It counts as a failed check and
         takes the backend out of rotation until a check passes: at once for a failure a check
-        can see too, after a hold for one it cannot (``hidden``)."""
+        can see too, after a hold for those it cannot."""
         try:
-            self._failed_request(backend.identifier, reason, hidden)
+            self._failed_request(backend.identifier, reason, kind)
         except Exception:
             log.failure("recording a failure of backend {backend}", backend=backend.identifier)
 
-    def _failed_request(self, identifier: str, reason: str, hidden: bool) -> None:
+    def _failed_request(self, identifier: str, reason: str, kind: FailureKind) -> None:
         backend = self.registry.catalog.backends.get(identifier)
         if backend is None or not backend.active:
             return
         state = self.runtime.state(identifier)
         now = self.clock.seconds()
-        if not hidden:
+        if kind is FailureKind.VISIBLE:
             if state.suspected(now):
                 log.info(
                     "backend {backend} out of rotation until a check passes: {error}",
@@ -148,11 +150,12 @@ class HealthChecker(Service):
                     error=reason,
                 )
             self._check_at(identifier, now)
-        else:
+        elif not state.suspect:  # (requests sent before it went out do not make it longer)
             state.hidden_failures += 1
             if state.hidden_failures >= backend.unhealthy_threshold:
                 hold = self._hold(state, now)
                 state.suspected(now + hold)
+                state.probation = kind
                 log.warn(
                     "backend {backend} held out of rotation for {hold:g}s: {count} failures "
                     "a health check cannot see ({error})",

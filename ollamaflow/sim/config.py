@@ -71,6 +71,8 @@ class SimConfig:
     """Fault: every API request answers 500."""
     hang: bool = False
     """Fault: every API request is accepted and never answered."""
+    reset_head: bool = False
+    """Fault: every API request gets the first bytes of a response head, then a TCP reset."""
     drop_mid_stream_after: int | None = attrs.field(default=None, validator=_non_negative)
     """Fault: close the connection after this many stream messages (the body is cut short)."""
     stall_after: int | None = attrs.field(default=None, validator=_non_negative)

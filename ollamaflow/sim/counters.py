@@ -21,6 +21,8 @@ class Counters:
     """Requests whose client went away before the response finished."""
     dropped_streams: int = 0
     """Streams cut by the `drop_mid_stream_after` fault."""
+    reset_heads: int = 0
+    """Requests answered with part of a head and a TCP reset by the `reset_head` fault."""
     busy_rejections: int = 0
     """Requests answered 503 because the load queue was full."""
     loads: int = 0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +35,9 @@ from ollamaflow.sim.state import SimState
 Handler = Callable[[Request, Any], bytes | int]
 _log = Logger()
 _MODELS_PREFIX = b"/v1/models/"
+RESET_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: appl"
+"""What the `reset_head` fault sends before the reset: a head cut off mid-field."""
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @attrs.frozen
@@ -111,6 +117,9 @@ class SimResource(Resource):
         counters = state.counters
         counters.started(route.name if route is not None else _other_name(path))
         config = state.config
+        if config.reset_head:
+            self._reset_mid_head(request)
+            return NOT_DONE_YET
         if config.hang:
             request.notifyFinish().addErrback(self._hung_up)
             return NOT_DONE_YET
@@ -170,6 +179,28 @@ class SimResource(Resource):
         request.setResponseCode(status)
         request.setHeader(b"content-type", JSON)
         return dumps(openai_error(status, message) if openai else native_error(message))
+
+    def _reset_mid_head(self, request: Request) -> None:
+        """The `reset_head` fault: the start of a response head, then a TCP reset (RST, not
+        FIN), as a server that crashes while answering looks to its client."""
+        counters = self.state.counters
+        counters.reset_heads += 1
+        counters.finished(None)
+        transport = request.channel.transport
+        if not isinstance(transport, tcp.Connection):  # not a TCP socket: just cut it
+            if transport is not None:
+                transport.loseConnection()
+            return
+        with contextlib.suppress(OSError):
+            sock = transport.getHandle()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Linger on, zero seconds: close() sends an RST (Twisted's abort does so too).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.write(RESET_HEAD)
+        # Twisted sends queued writes on the reactor's next turn, but an abort drops them:
+        # flush now (IWriteDescriptor.doWrite), so the bytes reach the kernel before the RST.
+        transport.doWrite()
+        transport.abortConnection()
 
     def _hung_up(self, _reason: Failure) -> None:
         self.state.counters.client_disconnects += 1

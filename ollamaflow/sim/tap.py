@@ -12,7 +12,7 @@ from ollamaflow.sim.config import DEFAULT_MODELS, DEFAULT_PULLABLE, SimConfig
 from ollamaflow.sim.scheduler import parse_keep_alive
 from ollamaflow.sim.service import SimulatorService
 
-FAULTS = ("refuse", "error500", "hang")
+FAULTS = ("refuse", "error500", "hang", "reset_head")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -70,7 +70,7 @@ class Options(usage.Options):
         self.config = SimConfig()
 
     def opt_fault(self, name: str) -> None:
-        """Start with a fault: refuse, error500 or hang (repeatable)."""
+        """Start with a fault: refuse, error500, hang or reset_head (repeatable)."""
         if name not in FAULTS:
             raise usage.UsageError(f"--fault must be one of {', '.join(FAULTS)}, not {name!r}")
         self.faults.add(name)
@@ -103,6 +103,7 @@ class Options(usage.Options):
                 refuse_seconds=self["refuse-seconds"],
                 error500="error500" in self.faults,
                 hang="hang" in self.faults,
+                reset_head="reset_head" in self.faults,
                 drop_mid_stream_after=self["drop-after"],
                 stall_after=self["stall-after"],
                 stall_seconds=self["stall-seconds"],
