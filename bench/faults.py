@@ -20,9 +20,7 @@ import asyncio
 import errno
 import json
 import random
-import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -31,13 +29,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import attrs
 from flow import BackendSpec, Daemon
 from httpwire import ProtocolError, ResponseParser, build_request
-from procs import BenchError, Child, Children, free_ports, raise_nofile_limit
+from procs import BenchError, Children, exit_on_signals, free_ports, raise_nofile_limit
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -395,25 +392,11 @@ class FaultDaemon(Daemon):
     """``flow.Daemon`` with the health-check pace of this run in its settings file."""
 
     def __init__(self, children: Children, twistd: str, plan: Plan, name: str) -> None:
-        self.children = children
-        self.token = secrets.token_hex(16)
-        self.port = free_ports(1)[0]
-        self.folder = children.workdir / name
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.settings = self.folder / "ollamaflow.json"
-        settings = {
-            "Webserver": {"Hostname": "127.0.0.1", "Port": self.port},
-            "DatabaseFilename": "ollamaflow.db",
-            "AdminBearerTokens": [self.token],
-            "Logging": {"MinimumSeverity": 3, "ConsoleLogging": True},
+        pace = {
             "HealthCheckIntervalMs": plan.health_interval_ms,
             "HealthCheckTimeoutMs": plan.health_timeout_ms,
         }
-        self.settings.write_text(json.dumps(settings, indent=2))
-        argv = [twistd, "-n", "--pidfile=", "ollamaflow", "--config", str(self.settings)]
-        self.child: Child = children.start(name, argv, cwd=REPO)
-        self.child.wait_port(self.port)
-        self._wait_admin()
+        super().__init__(children, twistd, REPO, name, 1, pace)
 
 
 FRONTEND_FIELDS = ("LoadBalancing", "AllowRetries", "TimeoutMs", "MaxQueueDepth", "QueueTimeoutMs")
@@ -768,14 +751,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     return args, plan
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that kills the children
-
-
 def main(argv: list[str] | None = None) -> int:
     args, plan = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    exit_on_signals()
     began = time.monotonic()
     twistd = find_twistd(args.twistd)
     raise_nofile_limit()

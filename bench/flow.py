@@ -25,7 +25,15 @@ class BackendSpec:
 class Daemon:
     """One ``twistd -n ollamaflow`` process with a settings file and database of its own."""
 
-    def __init__(self, children: Children, twistd: str, repo: Path, name: str, workers: int):
+    def __init__(
+        self,
+        children: Children,
+        twistd: str,
+        repo: Path,
+        name: str,
+        workers: int,
+        extra: dict[str, object] | None = None,
+    ):
         self.children = children
         self.token = secrets.token_hex(16)
         self.port = free_ports(1)[0]
@@ -40,6 +48,7 @@ class Daemon:
         }
         if workers != 1:
             settings["Workers"] = workers
+        settings.update(extra or {})
         self.settings.write_text(json.dumps(settings, indent=2))
         argv = [twistd, "-n", "--pidfile=", "ollamaflow", "--config", str(self.settings)]
         self.child: Child = children.start(name, argv, cwd=repo)

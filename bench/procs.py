@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -198,3 +199,13 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         if stat is not None:
             ticks += int(stat[11]) + int(stat[12])
     return ticks / CLOCK_TICKS
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that kill the children
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end a run the way an error does: every child is killed on the way."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)

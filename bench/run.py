@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 
 import nginx
 import report
@@ -34,6 +32,7 @@ from procs import (
     Child,
     Children,
     cpu_seconds,
+    exit_on_signals,
     free_ports,
     peak_rss_kb,
     process_tree,
@@ -645,14 +644,9 @@ def find_twistd(explicit: str | None) -> str:
     raise SystemExit("bench: twistd not found; install OllamaFlow (pip install -e .) or --twistd")
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that kill the children
-
-
 def main(argv: list[str] | None = None) -> int:
     args, plan = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    exit_on_signals()
     began = time.monotonic()
     twistd = find_twistd(args.twistd)
     nginx_binary = None if args.no_nginx else nginx.find_nginx()
