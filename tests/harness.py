@@ -14,6 +14,9 @@ import attrs
 import pytest
 import treq
 from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.runtime import utc_clock
@@ -74,6 +77,23 @@ async def start_daemon(folder: Path, settings: Mapping[str, Any] | None = None) 
     daemon.interface = "127.0.0.1"
     daemon.startService()
     return daemon
+
+
+class Collect(Protocol):
+    """Keeps every byte a connection (or a response body) delivers; ``done`` fires when it
+    ends, and ``reason`` says how."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.reason: Failure | None = None
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.done.callback(self.data)
 
 
 @attrs.define

@@ -15,11 +15,9 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from harness import Fleet, start_daemon, until
+from harness import Collect, Fleet, start_daemon, until
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from ollamaflow.gateway.completed import Completed
@@ -49,20 +47,6 @@ class Outcome:
         return self.status == 200 and self.backend == FAULTED
 
 
-class _Body(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: Deferred[None] = Deferred()
-        self.reason: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.reason = reason
-        self.done.callback(None)
-
-
 async def one_request(url: str, n: int) -> Outcome:
     """A streamed generate, or (one in three) an embedding, read to its end."""
     if n % 3 == 2:
@@ -78,7 +62,7 @@ async def one_request(url: str, n: int) -> Outcome:
         return outcome
     outcome.status = response.code
     outcome.backend = (response.headers.getRawHeaders("x-ollamaflow-backend") or [None])[0]
-    reader = _Body()
+    reader = Collect()
     response.deliverBody(reader)
     await reader.done
     reason = reader.reason

@@ -8,11 +8,10 @@ from collections.abc import Awaitable, Callable
 import attrs
 import pytest_twisted
 import treq
+from harness import Collect
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from ollamaflow.sim import RunningSimulator, SimConfig
@@ -37,31 +36,19 @@ class Ending:
         )
 
 
-class _Collect(Protocol):
-    """Keeps every byte received; `ended` fires with them and the reason the connection ended."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended: Deferred[Ending] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.ended.callback(Ending(self.data, reason))
-
-
 async def raw(sim: RunningSimulator, method: str, path: str, body: bytes = b"") -> Ending:
     """One request on a raw connection; what came back until the connection ended."""
     request = (
         f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
-    proto = _Collect()
+    proto = Collect()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", sim.port), proto)
     assert proto.transport is not None
     proto.transport.write(request)
-    return await proto.ended
+    await proto.done
+    assert proto.reason is not None
+    return Ending(proto.data, proto.reason)
 
 
 async def control(sim: RunningSimulator, method: str, path: str, body: object = None) -> dict:
