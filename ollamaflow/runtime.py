@@ -34,6 +34,10 @@ def format_timespan(span: timedelta) -> str:
     return text
 
 
+#: The longest a backend is held out for failures a health check cannot see, in seconds.
+MAX_HOLD = 300.0
+
+
 class FailureKind(Enum):
     """How a request's failure on a backend shows."""
 
@@ -118,6 +122,39 @@ class BackendState:
         self._suspect = False
         self._epoch.value += 1
         return True
+
+    def request_failed(
+        self, kind: FailureKind, now: float, threshold: int, interval: float
+    ) -> float | None:
+        """A request failed here: out of rotation at once for a failure a check can see, after
+        ``threshold`` in a row for those it cannot (held out for ``interval``, doubled for each
+        hold in a row, then one request at a time). When the next check is wanted, or None."""
+        if kind is FailureKind.VISIBLE:
+            self.suspected(now)
+            return now
+        if not self.in_rotation:  # requests sent before it went out are not new evidence
+            return None
+        self.hidden_failures += 1
+        if self.hidden_failures < threshold:
+            return None
+        self.hidden_failures = 0
+        if now - self.last_hold > 2 * MAX_HOLD:  # a quiet spell starts the doubling over
+            self.holds = 0
+        self.holds += 1
+        self.last_hold = now
+        until = now + min(MAX_HOLD, interval * 2 ** min(self.holds - 1, 32))
+        self.suspected(until)
+        self.probation = kind
+        return until
+
+    def answered_whole(self, streamed: bool) -> None:
+        """A response (``streamed``: over time) reached its end: a whole stream resets the count
+        of failures a check cannot see, and ends a slow start begun for cut streams."""
+        if streamed:
+            self.hidden_failures = 0
+        probation = self.probation
+        if probation is not None and (streamed or probation is not FailureKind.CUT_STREAM):
+            self.probation = None
 
     def begin(self, model: str | None) -> None:
         self.active_requests += 1

@@ -190,15 +190,15 @@ async def test_a_faulted_backend_costs_clients_nothing_but_its_running_streams(
     assert all(c.status == 200 and c.backend != FAULTED for c in retried)
 
 
-async def blind_checks(setup: Setup) -> None:
-    """Point sim0's health check at the simulator's control page, which no fault touches: only
+async def blind_checks(setup: Setup, name: str = FAULTED) -> None:
+    """Point a simulator's health check at its control page, which no fault touches: only
     the requests it fails can take it out (a real box's ``/`` often answers while its API
     does not)."""
-    sim = setup.sims[FAULTED]
+    sim = setup.sims[name]
     reply = await setup.http.put(
-        f"/v1.0/backends/{FAULTED}",
+        f"/v1.0/backends/{name}",
         {
-            "Identifier": FAULTED,
+            "Identifier": name,
             "Hostname": "127.0.0.1",
             "Port": sim.port,
             "MaxParallelRequests": 2,
@@ -207,7 +207,7 @@ async def blind_checks(setup: Setup) -> None:
         },
     )
     assert reply.status == 200, reply.body
-    await until(lambda: setup.daemon.runtime.state(FAULTED).in_rotation)
+    await until(lambda: setup.daemon.runtime.state(name).in_rotation)
 
 
 @pytest.mark.parametrize("fault", ["refused", "hang", "reset mid-head"])
@@ -259,3 +259,61 @@ async def test_a_backend_that_cuts_streams_is_held_out_not_flapping(setup: Setup
     assert len(cut) <= 2 * 2 * state.holds + 2, (
         f"{len(cut)} streams cut in {state.holds} holds: it kept taking new streams"
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_500_every_backend_gives_is_the_clients_answer_and_blames_nobody(
+    setup: Setup,
+) -> None:
+    """A request that fails on its own (every box says 500) costs two attempts, not three,
+    reaches the client as the 500, and takes no backend out: no client can eject boxes."""
+    for name, sim in setup.sims.items():
+        await blind_checks(setup, name)
+        await sim.configure(error500=True)
+    response = await treq.post(
+        setup.url + "/api/generate", json={"model": "llama3", "prompt": "x", "stream": False}
+    )
+    assert response.code == 500
+    assert "simulated server error" in (await response.json())["error"]
+    assert [c.retries for c in setup.completed] == [1]
+    for name in setup.sims:
+        state = setup.daemon.runtime.state(name)
+        assert state.in_rotation and state.hidden_failures == 0 and state.holds == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_that_finds_no_slot_before_the_deadline_names_what_failed(
+    tmp_path: Path,
+) -> None:
+    """The attempt failed, the only other backend stays busy past the request's queue
+    deadline (counted from its arrival): a 502 naming the backend tried and the wait."""
+    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+    try:
+        backend = {"MaxParallelRequests": 1}
+        await fleet.add("dead", backend=backend)
+        await fleet.add(
+            "busy", backend={**backend, "Labels": ["long"]}, tokens=10, tokens_per_second=10
+        )
+        await fleet.serve(
+            "dead", "busy", LoadBalancing="RoundRobin", QueueTimeoutMs=500, TimeoutMs=5000
+        )
+        hold = Collect()
+        held = await treq.post(
+            fleet.url + "/api/generate",
+            json={"model": "llama3", "prompt": "x"},
+            headers={"X-OllamaFlow-Label": "long"},
+            unbuffered=True,
+        )
+        assert held.headers.getRawHeaders("x-ollamaflow-backend") == ["busy"]
+        held.deliverBody(hold)
+        await fleet.sims["dead"].configure(refuse=True)
+        response = await treq.post(
+            fleet.url + "/api/generate",
+            json={"model": "llama3", "prompt": "y", "stream": False},
+        )
+        assert response.code == 502
+        error = (await response.json())["error"]
+        assert "tried dead" in error and "within 500 ms" in error, error
+        await hold.done
+    finally:
+        await fleet.stop()

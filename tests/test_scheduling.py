@@ -213,6 +213,21 @@ def test_a_backend_on_probation_takes_one_request_at_a_time() -> None:
     assert scheduler.has_slot(a)
 
 
+def test_a_slow_start_ends_with_a_whole_answer_of_the_kind_that_failed() -> None:
+    """Held for cut streams: only a whole stream ends it (an embedding proves nothing); held
+    for 500s: any whole answer does."""
+    state = Runtime().state("a")
+    state.probation = FailureKind.CUT_STREAM
+    state.hidden_failures = 1
+    state.answered_whole(streamed=False)
+    assert state.probation is FailureKind.CUT_STREAM and state.hidden_failures == 1
+    state.answered_whole(streamed=True)
+    assert state.probation is None and state.hidden_failures == 0
+    state.probation = FailureKind.BLAMED_500
+    state.answered_whole(streamed=False)
+    assert state.probation is None
+
+
 # -- end to end -----------------------------------------------------------------------------
 
 

@@ -23,9 +23,8 @@ from twisted.web.http_headers import Headers
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend, Frontend, HealthCheckMethod
-from ollamaflow.runtime import FailureKind, Runtime, utc_clock
+from ollamaflow.runtime import MAX_HOLD, FailureKind, Runtime, utc_clock
 from ollamaflow.services import HealthChecker
-from ollamaflow.services.health import MAX_HOLD
 from ollamaflow.store import Snapshot
 
 # -- shared fakes ------------------------------------------------------------------------------

@@ -1254,12 +1254,7 @@ class _Relay(Protocol):
             gateway.balancer.finished(exchange.frontend.identifier, self.backend)
             state = gateway.runtime.states.get(self.backend.identifier)
             if state is not None:
-                if self.streamed:  # a whole stream: the box streams again
-                    state.hidden_failures = 0
-                if state.probation is not None and (
-                    self.streamed or state.probation is not FailureKind.CUT_STREAM
-                ):
-                    state.probation = None  # slow start over: all its slots again
+                state.answered_whole(self.streamed)
         if complete or not exchange.answering:
             exchange.end_attempt()
             if exchange.answering:

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend
-from ollamaflow.runtime import BackendState, FailureKind, Runtime, utc_clock
+from ollamaflow.runtime import FailureKind, Runtime, utc_clock
 from ollamaflow.services.common import (
     NETWORK_ERRORS,
     backend_headers,
@@ -42,8 +42,6 @@ log = Logger()
 TransitionCallback = Callable[[Backend, bool], None]
 #: Told when a backend that was out of rotation after a failed request is back in it.
 AvailableCallback = Callable[[Backend], None]
-#: The longest a backend is held out for failures a check cannot see, in seconds.
-MAX_HOLD = 300.0
 #: Told after each active check: the backend, whether it passed, and its latency in seconds.
 CheckCallback = Callable[[Backend, bool, float], None]
 
@@ -142,40 +140,26 @@ class HealthChecker(Service):
             return
         state = self.runtime.state(identifier)
         now = self.clock.seconds()
-        if kind is FailureKind.VISIBLE:
-            if state.suspected(now):
+        was_in = state.in_rotation
+        due = state.request_failed(kind, now, backend.unhealthy_threshold, self.interval)
+        if due is not None:
+            if kind is not FailureKind.VISIBLE:
+                log.warn(
+                    "backend {backend} held out of rotation for {hold:g}s: {count} failures "
+                    "in a row that a health check cannot see ({error})",
+                    backend=identifier,
+                    hold=due - now,
+                    count=backend.unhealthy_threshold,
+                    error=reason,
+                )
+            elif was_in:
                 log.info(
                     "backend {backend} out of rotation until a check passes: {error}",
                     backend=identifier,
                     error=reason,
                 )
-            self._check_at(identifier, now)
-        elif not state.suspect:  # (requests sent before it went out do not make it longer)
-            state.hidden_failures += 1
-            if state.hidden_failures >= backend.unhealthy_threshold:
-                hold = self._hold(state, now)
-                state.suspected(now + hold)
-                state.probation = kind
-                log.warn(
-                    "backend {backend} held out of rotation for {hold:g}s: {count} failures "
-                    "a health check cannot see ({error})",
-                    backend=identifier,
-                    hold=hold,
-                    count=state.hidden_failures,
-                    error=reason,
-                )
-                state.hidden_failures = 0
-                self._check_at(identifier, now + hold)
+            self._check_at(identifier, due)
         self._record(identifier, reason)
-
-    def _hold(self, state: BackendState, now: float) -> float:
-        """How long to hold a backend out: the check interval, doubled for each hold in a row
-        (a hold long ago, or none, starts again from one interval)."""
-        if now - state.last_hold > 2 * MAX_HOLD:
-            state.holds = 0
-        state.holds += 1
-        state.last_hold = now
-        return float(min(MAX_HOLD, self.interval * 2 ** min(state.holds - 1, 32)))
 
     def _check_at(self, identifier: str, when: float) -> None:
         """Run the backend's next check no later than ``when``."""
