@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import socket
-import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,7 +35,6 @@ _log = Logger()
 _MODELS_PREFIX = b"/v1/models/"
 RESET_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: appl"
 """What the `reset_head` fault sends before the reset: a head cut off mid-field."""
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @attrs.frozen
@@ -191,14 +188,10 @@ class SimResource(Resource):
             if transport is not None:
                 transport.loseConnection()
             return
-        with contextlib.suppress(OSError):
-            sock = transport.getHandle()
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Linger on, zero seconds: close() sends an RST (Twisted's abort does so too).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         transport.write(RESET_HEAD)
         # Twisted sends queued writes on the reactor's next turn, but an abort drops them:
-        # flush now (IWriteDescriptor.doWrite), so the bytes reach the kernel before the RST.
+        # flush now (IWriteDescriptor.doWrite), so the bytes reach the kernel first. The abort
+        # closes with SO_LINGER 0: an RST, not a FIN.
         transport.doWrite()
         transport.abortConnection()
 
