@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 from flow import BackendSpec, Daemon
 from httpwire import ProtocolError, ResponseParser, build_request
-from procs import BenchError, Children, exit_on_signals, free_ports, raise_nofile_limit
+from procs import BenchError, Children, exit_on_signals, find_twistd, free_ports, raise_nofile_limit
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -703,17 +703,6 @@ async def run_all(rig: Rig, rows: list[Row]) -> None:
         except Exception as e:  # the harness failed: say so in the row, try the next fault
             row.error = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
         rows.append(row)
-
-
-def find_twistd(explicit: str | None) -> str:
-    for candidate in (
-        explicit,
-        str(Path(sys.executable).with_name("twistd")),
-        shutil.which("twistd"),
-    ):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    raise SystemExit("bench: twistd not found; install OllamaFlow (pip install -e .) or --twistd")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -209,3 +211,16 @@ def exit_on_signals() -> None:
     """SIGTERM and SIGHUP end a run the way an error does: every child is killed on the way."""
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
+
+
+def find_twistd(explicit: str | None) -> str:
+    """The ``twistd`` to start children with: the one asked for, else the one beside this
+    Python (the environment OllamaFlow is installed in), else the first on PATH."""
+    for candidate in (
+        explicit,
+        str(Path(sys.executable).with_name("twistd")),
+        shutil.which("twistd"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise SystemExit("bench: twistd not found; install OllamaFlow (pip install -e .) or --twistd")

@@ -33,6 +33,7 @@ from procs import (
     Children,
     cpu_seconds,
     exit_on_signals,
+    find_twistd,
     free_ports,
     peak_rss_kb,
     process_tree,
@@ -633,15 +634,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     if not 0 < plan.hold_tps <= 1000 or not 1 <= plan.stream_count <= 10000:
         parser.error("--hold-tps must be 0..1000 and --stream-count 1..10000")
     return args, plan
-
-
-def find_twistd(explicit: str | None) -> str:
-    candidates = [explicit] if explicit else [str(Path(sys.executable).parent / "twistd")]
-    candidates.append(shutil.which("twistd") or "")
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return candidate
-    raise SystemExit("bench: twistd not found; install OllamaFlow (pip install -e .) or --twistd")
 
 
 def main(argv: list[str] | None = None) -> int:
