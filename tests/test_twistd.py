@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
+import twisted
 from ollamaflow.sim import SimConfig, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +42,28 @@ def twistd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = wheels.glob("ollamaflow-*.whl")
     env_dir = where / "venv"
     venv.create(env_dir, with_pip=True)
-    pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q"]
+    python = str(env_dir / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q"]
     subprocess.run([*pip, str(wheel)], check=True)
+    # The Twisted these tests run on, above setup.cfg's cap too (CI's newest-Twisted run):
+    # pip may warn of the conflict with the cap; the daemon must work all the same.
+    subprocess.run([*pip, f"twisted[tls]=={twisted.__version__}"], check=True)
+    used = subprocess.run(
+        [python, "-c", "import twisted; print(twisted.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert used == twisted.__version__, "the daemon under test runs the tests' Twisted"
     return env_dir / "bin" / "twistd"
+
+
+def test_twisted_is_capped_below_a_major_release() -> None:
+    """Installs stay on the release line tested (CI tries the newest one apart)."""
+    (requirement,) = [
+        r for r in importlib.metadata.requires("ollamaflow") or [] if r.startswith("twisted")
+    ]
+    assert re.search(r"<\s*\d+\s*(,|$)", requirement), requirement
 
 
 def free_port() -> int:
