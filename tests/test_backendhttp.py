@@ -637,11 +637,14 @@ def test_empty_lines_on_an_idle_connection_are_skipped() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_fields_the_backend_names_in_connection_are_dropped(env: Env) -> None:
-    """The client sees the backend's Connection field, so it drops what that names (README:
-    hop-by-hop fields are dropped both ways); the gateway's to_client never sees them."""
+    """The client sees the backend's Connection field, so it drops what that names, and every
+    other hop-by-hop field (README: dropped both ways); the gateway's to_client copies the
+    rest as it is."""
     answer = ok(
         extra=b"Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
-        b"Connection: X-Other\r\nX-Other: 2\r\nX-Kept: 3\r\n"
+        b"Connection: X-Other\r\nX-Other: 2\r\nX-Kept: 3\r\nTrailer: X-T\r\n"
+        b"Proxy-Authenticate: Basic\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+        b"Proxy-Authorization: Basic eA==\r\n"
     )
     scripted = env.serve(lambda seen: seen.server.write(answer))
     response, body, reason = await get(env, scripted.backend)

@@ -1543,7 +1543,9 @@ def test_too_many_pipelined_bytes_pause_reading_until_the_response_ends() -> Non
 # -- 19. headers.to_client -------------------------------------------------------------------------
 
 
-def test_to_client_copies_end_to_end_fields_only() -> None:
+def test_to_client_copies_every_field_it_is_given() -> None:
+    """What the backend client hands over (hop-by-hop fields already gone, tested with the
+    client in test_backendhttp) reaches the client whole: repeated fields, the backend's Date."""
     server = Server(hold)
     conn = server.connect()
     conn.send(get(b"/api/chat"))
@@ -1552,44 +1554,16 @@ def test_to_client_copies_end_to_end_fields_only() -> None:
         (b"Content-Type", b"application/x-ndjson"),
         (b"Set-Cookie", b"a=1"),
         (b"Set-Cookie", b"b=2"),
-        (b"Connection", b"close, X-Secret"),
-        (b"Connection", b"x-other"),
-        (b"X-Secret", b"hidden"),
-        (b"X-Other", b"hidden"),
-        (b"Keep-Alive", b"timeout=5"),
-        (b"Transfer-Encoding", b"chunked"),
-        (b"Content-Length", b"999"),
-        (b"Trailer", b"X-T"),
-        (b"Upgrade", b"h2c"),
-        (b"Proxy-Authenticate", b"Basic"),
-        (b"TE", b"trailers"),
-        (b"X-Kept", b"yes"),
+        (b"Date", b"d"),
     ]:
         backend.addRawHeader(name, value)
-    request = server.held
-    to_client(backend, request)
-    assert request.responseHeader(b"content-length") is None
-    reply(request, b"ok")
+    to_client(backend, server.held)
+    reply(server.held, b"ok")
     response = conn.response()
-    names = {name.lower() for name, _ in response.headers}
-    assert names == {b"content-type", b"set-cookie", b"x-kept", b"content-length", b"date"}
     assert response.values(b"set-cookie") == [b"a=1", b"b=2"]
     assert response.header(b"content-type") == b"application/x-ndjson"
-    assert response.header(b"content-length") == b"2"
-    assert not conn.closed
-
-
-def test_to_client_without_a_connection_field() -> None:
-    server = Server(hold)
-    conn = server.connect()
-    conn.send(get(b"/api/chat"))
-    backend = Headers({b"X-A": [b"1"], b"Proxy-Connection": [b"keep-alive"], b"Date": [b"d"]})
-    to_client(backend, server.held)
-    reply(server.held, b"")
-    response = conn.response()
-    assert response.header(b"x-a") == b"1"
-    assert response.header(b"proxy-connection") is None
     assert response.header(b"date") == b"d", "the backend's Date is kept"
+    assert response.header(b"content-length") == b"2"
 
 
 # -- 20. the path every layer sees: decoded and normalised (issue #14) -----------------------------

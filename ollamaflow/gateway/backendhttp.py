@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from ollamaflow import tcp
 from ollamaflow.http1.response import Framing, Head, ResponseReader
-from ollamaflow.http1.rules import BadMessage
+from ollamaflow.http1.rules import HOP_BY_HOP, TOKEN, BadMessage
 from ollamaflow.records import Backend
 from ollamaflow.twisted_internals import headers_of, is_connecting
 
@@ -63,25 +63,13 @@ _Body: TypeAlias = "bytes | IBodyProducer | None"
 #: Request header fields: (name, value) pairs, as the gateway builds them.
 _Fields: TypeAlias = "Sequence[tuple[bytes, bytes]]"
 
-#: Removed from ``IResponse.headers``, as Twisted's client does: they describe the connection
-#: (and so are any fields a response's ``Connection`` names).
-_CONNECTION_CONTROL = frozenset(
-    {
-        b"content-length",
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-    }
-)
+#: Removed from ``IResponse.headers``: they describe the connection, not the response (and so
+#: do the fields a response's ``Connection`` names); the body's length is the response's own.
+_CONNECTION_CONTROL = HOP_BY_HOP | {b"content-length"}
 #: An answer to HEAD keeps its Content-Length: it tells the size of what GET would send.
 _HEAD_CONTROL = _CONNECTION_CONTROL - {b"content-length"}
 #: Request fields this client writes itself from the body it is given.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 
@@ -380,7 +368,7 @@ class _Call:
         body: _Body,
         outcome: Attempt,
     ) -> None:
-        if not _TOKEN.match(method):
+        if not TOKEN.match(method):
             raise ValueError(f"invalid method {method!r}")
         if not _TARGET.match(target):
             raise ValueError(f"invalid request target {target!r}")

@@ -5,40 +5,19 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 from twisted.web.http_headers import Headers
 
 from ollamaflow.credentials import Tokens
+from ollamaflow.http1.rules import HOP_BY_HOP, connection_tokens
 from ollamaflow.records import Backend
 from ollamaflow.server.request import ClientRequest
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 #: Never copied to the backend: the agent writes its own Host and Content-Length.
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
-_NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
 
 
 Fields = list[tuple[bytes, bytes]]
-
-
-def _connection_named(values: Iterable[bytes]) -> set[bytes]:
-    named: set[bytes] = set()
-    for value in values:
-        named.update(token.strip().lower() for token in value.split(b","))
-    return named
 
 
 def _clean(value: str) -> bytes:
@@ -63,7 +42,7 @@ def to_backend(
     if connection is None:
         connection = b",".join(v for n, v in client if n.lower() == b"connection")
     if connection:
-        drop = drop | _connection_named((connection,))
+        drop = drop | connection_tokens(connection)
     out: Fields = []
     previous: list[bytes] = []
     for name, value in client:
@@ -117,14 +96,11 @@ def as_headers(fields: Fields) -> Headers:
 
 
 def to_client(backend_headers: Headers, request: ClientRequest) -> None:
-    """Copy a backend's response header fields onto the client's response, minus hop-by-hop."""
-    drop: frozenset[bytes] | set[bytes] = _NOT_RETURNED
-    if backend_headers.hasHeader(b"connection"):
-        drop = drop | _connection_named(backend_headers.getRawHeaders(b"connection", []))
+    """Copy a backend's response header fields onto the client's response. The backend client
+    has already dropped hop-by-hop fields and those the response's ``Connection`` names."""
     for name, values in backend_headers.getAllRawHeaders():
-        if name.lower() not in drop:
-            for value in values:
-                request.addHeader(name, value)
+        for value in values:
+            request.addHeader(name, value)
 
 
 def host_header(backend: Backend) -> bytes:

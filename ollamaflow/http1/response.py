@@ -36,7 +36,7 @@ from typing import Protocol
 from httptools import HttpResponseParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from ollamaflow.http1.rules import MAX_FIELDS, MAX_HEAD, BadMessage, connection_tokens
+from ollamaflow.http1.rules import MAX_FIELDS, MAX_HEAD, TOKEN, BadMessage, connection_tokens
 
 #: Interim (1xx) responses skipped before the final one.
 MAX_INTERIM = 16
@@ -45,7 +45,6 @@ BAD_GATEWAY = 502
 
 Fields = list[tuple[bytes, bytes]]
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 #: reason-phrase = *( HTAB / SP / VCHAR / obs-text ) (RFC 9112 §4).
 _PHRASE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 #: Per field, the bytes of ``: `` and CRLF that callbacks do not show; per status line,
@@ -532,7 +531,7 @@ def _codings_framing(values: list[bytes]) -> Framing:
         return _CHUNKED
     codings = [c.strip(b" ").lower() for value in values for c in value.split(b",")]
     for coding in codings:
-        if not _TOKEN.match(coding):
+        if not TOKEN.match(coding):
             raise BadMessage(BAD_GATEWAY, f"invalid Transfer-Encoding {b', '.join(values)!r}")
     if codings.count(b"chunked") > 1:
         raise BadMessage(BAD_GATEWAY, "chunked applied more than once")

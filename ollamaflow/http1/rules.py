@@ -25,6 +25,25 @@ class BadMessage(Exception):
         self.status = status
 
 
+#: Fields that describe one connection, not the message (RFC 9110 7.6.1): never passed on by a
+#: proxy, either way, and neither are the fields a ``Connection`` field names.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+#: A field name (RFC 9110 5.6.2).
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """The lower-cased tokens of a ``Connection`` field value (``close``, ``keep-alive``, or the
     names of hop-by-hop fields)."""
