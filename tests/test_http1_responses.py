@@ -256,6 +256,20 @@ CORPUS = [
     Case("bare CR ending the status line", b"HTTP/1.1 200 OK\r" + EMPTY, REFUSED),
     Case("NUL in a value", OK + b"X-A: a\x00b\r\n" + EMPTY, REFUSED),
     Case("DEL in a value", OK + b"X-A: a\x7fb\r\n" + EMPTY, REFUSED),
+    Case("a C0 control in a value", OK + b"X-A: a\x01b\r\n" + EMPTY, REFUSED),
+    Case("unit separator in a value", OK + b"X-A: a\x1fb\r\n" + EMPTY, REFUSED),
+    Case("a control character in a trailer", CHUNKED + b"0\r\nX-T: a\x01\r\n\r\n", broken()),
+    Case("CR CR LF ending a field", OK + b"X-A: 1\r\r\n" + EMPTY, REFUSED),
+    Case("CR CR LF ending the status line", b"HTTP/1.1 200 OK\r\r\n" + EMPTY, REFUSED),
+    Case("CR CR LF after a chunk size", CHUNKED + b"5\r\r\nhello\r\n0\r\n\r\n", broken()),
+    Case("bare CR in a chunk extension", CHUNKED + b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+         broken()),
+    Case("a control character in a chunk extension",
+         CHUNKED + b"5;a=\x01\r\nhello\r\n0\r\n\r\n", broken()),
+    Case("VT before chunked", OK + b"Transfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n",
+         REFUSED),
+    Case("FF after chunked", OK + b"Transfer-Encoding: chunked\x0c\r\n\r\n0\r\n\r\n",
+         REFUSED),
     Case("a control character in the reason phrase", b"HTTP/1.1 200 O\x01K\r\n" + EMPTY,
          REFUSED),
     Case("a lower-case protocol name", b"http/1.1 200 OK\r\n" + EMPTY, REFUSED),
@@ -446,7 +460,8 @@ def test_the_corpus_covers_what_the_issue_lists() -> None:
     for topic in ["bare LF", "chunk size", "obs-fold", "Content-Length and Transfer-Encoding",
                   "Content-Length twice", "coding", "NUL", "over 64 bits", "over 64 KiB",
                   f"{MAX_FIELDS + 1} fields", "interim", "101", "204", "304",
-                  "HEAD with a Content-Length", "until the connection closes"]:  # fmt: skip
+                  "HEAD with a Content-Length", "until the connection closes", "C0 control",
+                  "in a trailer", "CR CR LF", "in a chunk extension", "VT", "FF"]:  # fmt: skip
         assert topic in names, topic
 
 
@@ -816,6 +831,7 @@ _names = (
 _value_bytes = [bytes([b]) for b in range(0x21, 0x7F)] + [b" ", b"\t", b"\x80", b"\xff"]
 _values = st.lists(st.sampled_from(_value_bytes), max_size=12).map(b"".join)
 _INTERESTING = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b",", b";", b"\x00", b"\x7f", b"\x80",
+                b"\x01", b"\x0b", b"\x0c",
                 b"0", b"5", b"a", b"-", b"H", b"\r\n ", b"\r\n\r\n"]  # fmt: skip
 _LINES = [b"Content-Length: 0", b"Content-Length: 5", b"Transfer-Encoding: chunked",
           b"Transfer-Encoding: gzip", b"Connection: close", b"Connection: keep-alive",
