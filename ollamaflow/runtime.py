@@ -11,6 +11,7 @@ from enum import Enum
 
 import attrs
 
+from ollamaflow.records import Backend
 from ollamaflow.wire import format_utc
 
 
@@ -45,8 +46,6 @@ class FailureKind(Enum):
     VISIBLE = "visible"
     #: A stream the backend broke off midway: its health check still passes.
     CUT_STREAM = "cut stream"
-    #: A 500 to a request another backend then answered.
-    BLAMED_500 = "blamed 500"
 
 
 @attrs.define
@@ -81,9 +80,8 @@ class BackendState:
     #: hold is twice as long as the one before, so a box that keeps breaking streams stays out.
     holds: int = 0
     last_hold: float = 0.0
-    #: Back from a hold: one request at a time (slow start) until one is answered whole (a
-    #: whole stream, if it was held for cutting them); None when not on probation.
-    probation: FailureKind | None = None
+    #: Back from a hold: one request at a time (slow start) until a stream is answered whole.
+    probation: bool = False
     _epoch: HealthEpoch = attrs.field(factory=HealthEpoch, alias="epoch", repr=False, eq=False)
 
     @property
@@ -127,8 +125,8 @@ class BackendState:
         self, kind: FailureKind, now: float, threshold: int, interval: float
     ) -> float | None:
         """A request failed here: out of rotation at once for a failure a check can see, after
-        ``threshold`` in a row for those it cannot (held out for ``interval``, doubled for each
-        hold in a row, then one request at a time). When the next check is wanted, or None."""
+        ``threshold`` cut streams in a row (held out for ``interval``, doubled for each hold in
+        a row, then one request at a time). When the next check is wanted, or None."""
         if kind is FailureKind.VISIBLE:
             self.suspected(now)
             return now
@@ -144,17 +142,15 @@ class BackendState:
         self.last_hold = now
         until = now + min(MAX_HOLD, interval * 2 ** min(self.holds - 1, 32))
         self.suspected(until)
-        self.probation = kind
+        self.probation = True
         return until
 
     def answered_whole(self, streamed: bool) -> None:
         """A response (``streamed``: over time) reached its end: a whole stream resets the count
-        of failures a check cannot see, and ends a slow start begun for cut streams."""
+        of failures a check cannot see, and ends a slow start."""
         if streamed:
             self.hidden_failures = 0
-        probation = self.probation
-        if probation is not None and (streamed or probation is not FailureKind.CUT_STREAM):
-            self.probation = None
+            self.probation = False
 
     def begin(self, model: str | None) -> None:
         self.active_requests += 1
@@ -225,6 +221,61 @@ class BackendState:
         return out
 
 
+#: How long a model is steered away from a backend that answered it 500 while others did not.
+MODEL_HOLD = 30.0
+#: (backend, model) pairs remembered at most (models come from clients).
+_MODEL_PAIRS = 4096
+
+
+@attrs.define
+class ModelHolds:
+    """Models a backend answered 500 for, the same requests answered by another backend: after
+    ``threshold`` in a row the model is steered away from that backend for ``MODEL_HOLD``; the
+    backend stays in rotation for everything else. A 500 may be the request's own doing (a
+    context too large for that box), so no client can take a box out of service with them."""
+
+    _blamed: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    _held: dict[tuple[str, str], float] = attrs.field(factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self._blamed or self._held)
+
+    def blamed(self, backend: str, model: str, now: float, threshold: int) -> bool:
+        """Count a 500 of ``backend`` for ``model`` that another backend answered; True when
+        this started a hold."""
+        key = (backend, model)
+        count = self._blamed.pop(key, 0) + 1
+        if count < threshold:
+            if len(self._blamed) >= _MODEL_PAIRS:
+                del self._blamed[next(iter(self._blamed))]
+            self._blamed[key] = count
+            return False
+        if len(self._held) >= _MODEL_PAIRS:
+            del self._held[next(iter(self._held))]
+        self._held[key] = now + MODEL_HOLD
+        return True
+
+    def answered(self, backend: str, model: str) -> None:
+        """``backend`` answered a request for ``model`` well: its count starts over."""
+        self._blamed.pop((backend, model), None)
+
+    def steer(self, found: list[Backend], model: str, now: float) -> list[Backend]:
+        """``found`` without the backends holding ``model`` off, unless none would be left."""
+        held = self._held
+        if not held:
+            return found
+        kept = []
+        for backend in found:
+            key = (backend.identifier, model)
+            until = held.get(key)
+            if until is not None:
+                if until > now:
+                    continue
+                del held[key]
+            kept.append(backend)
+        return kept if kept and len(kept) < len(found) else found
+
+
 @attrs.define
 class Runtime:
     """The states of all configured backends, created on first use, dropped with the backend."""
@@ -232,6 +283,7 @@ class Runtime:
     states: dict[str, BackendState] = attrs.field(factory=dict)
     #: Bumped whenever a backend turns healthy or unhealthy.
     epoch: HealthEpoch = attrs.field(factory=HealthEpoch)
+    model_holds: ModelHolds = attrs.field(factory=ModelHolds)
 
     def state(self, identifier: str) -> BackendState:
         found = self.states.get(identifier)

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 
 from ollamaflow.gateway.scheduler import Eligible, QueueRefused, Scheduler
 from ollamaflow.records import Backend, Frontend
-from ollamaflow.runtime import FailureKind, Runtime
+from ollamaflow.runtime import MODEL_HOLD, ModelHolds, Runtime
 from ollamaflow.sim.service import RunningSimulator
 
 # -- the scheduler alone, on a clock ----------------------------------------------------------
@@ -202,30 +202,33 @@ def test_a_backend_out_of_rotation_hands_its_slots_to_nobody() -> None:
 
 def test_a_backend_on_probation_takes_one_request_at_a_time() -> None:
     """Back from a hold, a box is not handed a whole queue at once (LeastOutstanding would
-    send everything to the idle newcomer): one request, until one is answered whole."""
+    send everything to the idle newcomer): one request, until a stream is answered whole."""
     scheduler, _, (a, _b), _ = make(limit=4)
     state = scheduler.runtime.state("a")
-    state.probation = FailureKind.CUT_STREAM
+    state.probation = True
     assert scheduler.has_slot(a)
     scheduler.acquire(a, None)
     assert not scheduler.has_slot(a)
-    state.probation = None
-    assert scheduler.has_slot(a)
-
-
-def test_a_slow_start_ends_with_a_whole_answer_of_the_kind_that_failed() -> None:
-    """Held for cut streams: only a whole stream ends it (an embedding proves nothing); held
-    for 500s: any whole answer does."""
-    state = Runtime().state("a")
-    state.probation = FailureKind.CUT_STREAM
-    state.hidden_failures = 1
     state.answered_whole(streamed=False)
-    assert state.probation is FailureKind.CUT_STREAM and state.hidden_failures == 1
+    assert not scheduler.has_slot(a), "an embedding says nothing of the streams it cut"
     state.answered_whole(streamed=True)
-    assert state.probation is None and state.hidden_failures == 0
-    state.probation = FailureKind.BLAMED_500
-    state.answered_whole(streamed=False)
-    assert state.probation is None
+    assert scheduler.has_slot(a) and state.hidden_failures == 0
+
+
+def test_a_model_a_backend_fails_while_others_answer_is_steered_away_from_it_alone() -> None:
+    """Blamed 500s hold one model off one backend, for a while; the backend keeps every other
+    model, and a model is never steered off every candidate."""
+    a, b = (Backend(identifier=n) for n in "ab")
+    holds = ModelHolds()
+    assert not holds.blamed("a", "big:latest", 0.0, threshold=2)
+    holds.answered("a", "big:latest")
+    assert not holds.blamed("a", "big:latest", 1.0, threshold=2), "a good answer starts over"
+    assert holds.blamed("a", "big:latest", 2.0, threshold=2)
+    assert holds.steer([a, b], "big:latest", 3.0) == [b]
+    assert holds.steer([a, b], "small:latest", 3.0) == [a, b]
+    assert holds.steer([a], "big:latest", 3.0) == [a], "the last candidate is kept"
+    assert holds.steer([a, b], "big:latest", 2.0 + MODEL_HOLD) == [a, b]
+    assert not holds, "an expired hold is forgotten"
 
 
 # -- end to end -----------------------------------------------------------------------------

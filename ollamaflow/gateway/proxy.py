@@ -63,7 +63,7 @@ from ollamaflow.gateway.dialect import finish_json, quoted, refuse
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
 from ollamaflow.records import ApiFormat, Backend, Frontend
-from ollamaflow.runtime import FailureKind, Runtime
+from ollamaflow.runtime import MODEL_HOLD, FailureKind, Runtime
 from ollamaflow.server.request import ClientRequest
 
 log = Logger()
@@ -274,12 +274,15 @@ class Gateway:
                 found, warm = self._with_model(inventory, found, model)
                 if not found:
                     return self._refuse(request, frontend, 404, f"model {quoted(model)} not found")
+        model_key = _model_key(model)
+        holds = self.runtime.model_holds
+        if holds and model_key is not None:
+            found = holds.steer(found, model_key, self.clock.seconds())
         client = self._client_id(request) if frontend.use_sticky_sessions else None
         pinned = None
         if client is not None:
             pinned = self.pins.lookup(frontend.identifier, client, self.clock.seconds())
         scheduler = self.scheduler
-        model_key = _model_key(model)
         if pinned is not None and any(b.identifier == pinned for b in found):
             ordered = stick(found, pinned)
         else:
@@ -413,9 +416,11 @@ class Gateway:
         request_class: RequestClass,
         label: str | None,
         model: str | None,
+        model_key: str | None,
     ) -> Sequence[Backend]:
-        """A request's candidates as they are now: health, configuration and inventories change
-        while it waits for a slot or after an attempt failed. Never mutate."""
+        """A request's candidates as they are now: health, configuration, inventories and
+        models steered away change while it waits for a slot or after an attempt failed.
+        Never mutate."""
         catalog = self.registry.catalog
         current = catalog.frontends.get(frontend.identifier)
         if current is None:
@@ -425,6 +430,9 @@ class Gateway:
             return ()
         if self.inventory is not None and model is not None:
             found, _ = self._with_model(self.inventory, found, model)
+        holds = self.runtime.model_holds
+        if holds and model_key is not None:
+            found = holds.steer(found, model_key, self.clock.seconds())
         return found
 
     def _inventory_changed(self, backend_id: str) -> None:
@@ -827,7 +835,7 @@ class _Exchange:
 
     def _candidates_now(self) -> Sequence[Backend]:
         return self.gateway.candidates_now(
-            self.frontend, self.request_class, self.label, self.model_name
+            self.frontend, self.request_class, self.label, self.model_name, self.model
         )
 
     def _untried(self) -> list[Backend]:
@@ -1014,12 +1022,7 @@ class _Exchange:
                 self._retry_past(response, backend, left)
                 return
         if code < _SERVER_ERROR and self._blamed is not None:
-            blamed, self._blamed = self._blamed, None
-            self._backend_failed(
-                blamed,
-                "answered 500 to a request another backend answered",
-                FailureKind.BLAMED_500,
-            )
+            self._blame(self._blamed, backend)
         if code in _GATEWAY_ERRORS:
             self._backend_failed(backend, f"answered {code}")
         request = self.request
@@ -1061,10 +1064,32 @@ class _Exchange:
                 request.write(b"")
             relay.watch()
 
+    def _blame(self, blamed: Backend, answering: Backend) -> None:
+        """``blamed`` answered 500 to what ``answering`` answered: it counts against that
+        backend for this model only (the request may be what it cannot serve)."""
+        self._blamed = None
+        model = self.model
+        if model is None:
+            return
+        gateway = self.gateway
+        steered = gateway.runtime.model_holds.blamed(
+            blamed.identifier, model, gateway.clock.seconds(), blamed.unhealthy_threshold
+        )
+        if steered:
+            log.warn(
+                "model {model} steered away from backend {backend} for {hold:g}s: it answered "
+                "500 to requests backend {other} answered",
+                model=model,
+                backend=blamed.identifier,
+                hold=MODEL_HOLD,
+                other=answering.identifier,
+            )
+
     def _retry_past(self, response: IResponse, backend: Backend, left: list[Backend]) -> None:
         """A gateway error, or a first 500, before anything reached the client: read it away
         and try another backend. A gateway error takes the backend out of rotation at once; a
-        500 only counts against it once another backend has answered the same request."""
+        500 only counts against it, for this model, once another backend answers the same
+        request."""
         code = response.code
         self.last_error = f"backend {backend.identifier!r} answered {code}"
         log.warn("request {rid}: {error}; retrying", rid=self.request_id, error=self.last_error)
@@ -1252,9 +1277,12 @@ class _Relay(Protocol):
             # A backend that just answered well is where the next request goes first (power
             # of two choices' memory); one that failed must not be.
             gateway.balancer.finished(exchange.frontend.identifier, self.backend)
-            state = gateway.runtime.states.get(self.backend.identifier)
+            runtime = gateway.runtime
+            state = runtime.states.get(self.backend.identifier)
             if state is not None:
                 state.answered_whole(self.streamed)
+            if runtime.model_holds and exchange.model is not None:
+                runtime.model_holds.answered(self.backend.identifier, exchange.model)
         if complete or not exchange.answering:
             exchange.end_attempt()
             if exchange.answering:

@@ -88,7 +88,7 @@ class Scheduler:
         if state is None:
             return True
         active = state.active_requests
-        if active >= backend.max_parallel_requests or (active and state.probation is not None):
+        if active >= backend.max_parallel_requests or (active and state.probation):
             return False
         per_model = backend.model_parallel_requests
         return not (per_model and model and state.active_by_model.get(model, 0) >= per_model)
