@@ -165,6 +165,7 @@ class RequestParser:
         "_chunked",
         "_consumer",
         "_head_fed",
+        "_head_size",
         "_headers",
         "_heads",
         "_hold",
@@ -173,7 +174,6 @@ class RequestParser:
         "_llhttp",
         "_marks",
         "_names",
-        "_piece",
         "_resync",
         "_stall",
         "_trailer_size",
@@ -195,8 +195,6 @@ class RequestParser:
         #: Bytes of the current head given to llhttp; heads completed so far.
         self._head_fed = 0
         self._heads = 0
-        #: Bytes of the piece llhttp is parsing.
-        self._piece = 0
         #: Chunked body data parsed but not yet reported (reported once per piece).
         self._body: list[bytes] = []
         #: Bytes of a chunked body that gave llhttp no progress: it is in a chunk-size line or a
@@ -210,6 +208,9 @@ class RequestParser:
         self._keep_alive = True
         self._length = 0
         self._headers: list[tuple[bytes, bytes]] = []
+        #: The size of the head being parsed, as llhttp reports its parts: exact, however the
+        #: bytes were read (the counts on the wire bound what is not reported yet).
+        self._head_size = 0
         self._trailer_size = 0
 
     # -- the public side -------------------------------------------------------------------
@@ -298,7 +299,6 @@ class RequestParser:
             return
         heads = self._heads
         marks = self._marks
-        self._piece = len(data)
         try:
             self._llhttp.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -378,13 +378,18 @@ class RequestParser:
         if state is _IDLE:
             self.state = _HEAD
             self.target = url
+            self._head_size = len(url) + 14  # the method, version, spaces and CRLF, about
         elif state is _HEAD:
             self.target += url
+            self._head_size += len(url)
         # in a body, the head of a resynchronised parser (see _upgraded): ours, ignored
 
     def on_header(self, name: bytes, value: bytes) -> None:
         state = self.state
         if state is _HEAD:
+            self._head_size += len(name) + len(value) + 4
+            if self._head_size > MAX_HEAD:
+                raise BadMessage(431, f"the request head is larger than {MAX_HEAD} bytes")
             # llhttp strips only the leading whitespace; the rest is read once the head is whole
             self._headers.append((name, value.rstrip(b" \t")))
         elif state is _BODY and not self._resync:
@@ -415,11 +420,6 @@ class RequestParser:
         target = self.target
         if len(headers) > MAX_FIELDS:
             raise BadMessage(431, f"more than {MAX_FIELDS} header fields")
-        if self._head_fed + self._piece > MAX_HEAD:
-            # Possibly larger than the bytes counted on the wire (see _execute) allow.
-            size = len(target) + 14 + sum(len(n) + len(v) + 4 for n, v in headers)
-            if size > MAX_HEAD:
-                raise BadMessage(431, f"the request head is larger than {MAX_HEAD} bytes")
         names = self._names
         fields: dict[bytes, bytes] = {}
         for name, value in headers:
