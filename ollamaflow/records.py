@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from ollamaflow import modelnames
 from ollamaflow.wire import (
     IDENTIFIER,
     Bool,
@@ -58,13 +59,12 @@ _BEARER = Str(
     allowed="a token of visible ASCII characters, at most 4096", pattern=r"[!-~]*", max_length=4096
 )
 _NAMES = StrList(item=IDENTIFIER)
-#: The longest name Ollama accepts: host 350, namespace, model and tag 80 each, a scheme and
-#: a digest.
+#: Up to the longest name Ollama accepts (``modelnames.MAX_LENGTH``), as the gateway does.
 _MODELS = StrList(
     item=Str(
-        allowed="a model name without whitespace, at most 700 characters",
+        allowed=f"a model name without whitespace, at most {modelnames.MAX_LENGTH} characters",
         pattern=r"\S+",
-        max_length=700,
+        max_length=modelnames.MAX_LENGTH,
     )
 )
 _LABELS = StrList(item=Str(allowed="a label without whitespace", pattern=r"\S+", max_length=256))

@@ -308,6 +308,8 @@ GATEWAY_HEADERS = (
     "TE",
     "Trailer",
     "Upgrade",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
 )
 _GATEWAY_HEADERS = frozenset(h.lower() for h in GATEWAY_HEADERS)
 #: RFC 9110 §5.6.2: a token.

@@ -112,7 +112,7 @@ async def test_bad_backend_values_are_400_naming_the_field_and_nothing_is_stored
 #: (raw body, the field the error must name) for PUT /v1.0/frontends.
 BAD_FRONTENDS: list[tuple[bytes, str]] = [
     (b'{"Identifier": "f", "RequiredModels": ["llama 3"]}', "RequiredModels[0]"),
-    (b'{"Identifier": "f", "RequiredModels": ["' + b"m" * 701 + b'"]}', "RequiredModels[0]"),
+    (b'{"Identifier": "f", "RequiredModels": ["' + b"m" * 674 + b'"]}', "RequiredModels[0]"),
     (b'{"Identifier": "f", "RequiredModels": ["m\\u0000"]}', "RequiredModels[0]"),
     (
         b'{"Identifier": "f", "RequiredModels": ['

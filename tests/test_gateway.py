@@ -300,6 +300,10 @@ async def test_a_label_keeps_only_backends_with_it(cluster: Cluster) -> None:
     response = await cluster.request("GET", "/api/tags", headers={"X-OllamaFlow-Label": "tiny"})
     assert response.code == 503
     assert "label 'tiny'" in (await response.json())["error"]
+    huge = "x" * 50_000
+    response = await cluster.request("GET", "/api/tags", headers={"X-OllamaFlow-Label": huge})
+    error = (await response.json())["error"]
+    assert response.code == 503 and len(error) < 400, "a client's label is quoted, cut short"
 
 
 @pytest_twisted.ensureDeferred

@@ -261,7 +261,7 @@ async def test_afterwards_the_database_loads_in_a_fresh_daemon_which_serves(
     port = fleet.daemon.address.port
     headers = [(b"Authorization", b"Bearer " + TOKEN.encode())]
     hostile = [
-        (b"/v1.0/frontends/frontend1", {"RequiredModels": ["a" * 701]}),
+        (b"/v1.0/frontends/frontend1", {"RequiredModels": ["a" * 674]}),
         (b"/v1.0/frontends/frontend1", {"PinnedCompletionsProperties": {"t": float("nan")}}),
         (b"/v1.0/backends/backend1", {"Headers": {"X-A\r\nB": "c"}}),
         (b"/v1.0/backends/backend1", {"Hostname": "a\x01b"}),
@@ -326,7 +326,7 @@ def paths(draw: st.DrawFn) -> bytes:
 
 
 def bodies() -> st.SearchStrategy[bytes]:
-    model = st.sampled_from(["llama3", "all-minilm", "LLAMA3:latest", "x" * 700]) | texts
+    model = st.sampled_from(["llama3", "all-minilm", "LLAMA3:latest", "x" * 673]) | texts
     document = st.fixed_dictionaries(
         {"model": model},
         optional={

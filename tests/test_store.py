@@ -763,12 +763,12 @@ async def test_prepare_starts_with_a_bad_row_and_serves_the_rest(
 @pytest.mark.parametrize(
     ("models", "field"),
     [
-        (("llama3", "x" * 701), "RequiredModels[1]"),
+        (("llama3", "x" * 674), "RequiredModels[1]"),
         (("llama 3",), "RequiredModels[0]"),
         (("",), "RequiredModels[0]"),
         (tuple(f"m{i}" for i in range(1025)), "RequiredModels"),
     ],
-    ids=["701-characters", "a-space", "empty", "1025-names"],
+    ids=["674-characters", "a-space", "empty", "1025-names"],
 )
 async def test_a_frontend_that_would_not_load_back_is_refused_before_commit(
     store: Store, db: Database, models: tuple[str, ...], field: str

@@ -12,6 +12,7 @@ import attrs
 
 from ollamaflow.catalog import Catalog
 from ollamaflow.gateway.classify import RequestClass
+from ollamaflow.gateway.dialect import quoted
 from ollamaflow.records import Backend, Frontend, LoadBalancing
 from ollamaflow.runtime import Runtime
 
@@ -62,7 +63,7 @@ def candidates(
         return NoCandidate(f"{name}: none of its {configured} backends is healthy")
     if not allowing:
         return NoCandidate(f"{name}: no healthy backend allows {request_class.value} requests")
-    return NoCandidate(f"{name}: no healthy backend has the label {label!r}")
+    return NoCandidate(f"{name}: no healthy backend has the label {quoted(label or '')}")
 
 
 #: Sticky pins kept at most, over all frontends; beyond it the least recently used goes.
