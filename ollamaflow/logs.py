@@ -15,7 +15,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 from twisted.logger import (
     FileLogObserver,
@@ -75,19 +75,6 @@ _MACHINERY = frozenset(
 #: The access log's opt-in bodies: cut to 64 KiB by the gateway, written with ``!r`` or JSON.
 _BODIES = frozenset({"request_body", "response_body"})
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def needs_clipping(value: object) -> bool:
-    """Whether ``value`` cannot go into a log line as it is: anything but a short printable
-    ``str``, a moderate ``int``, a ``float``, a ``bool`` or ``None``. Cheap: a type test, a length,
-    and ``str.isprintable`` (C speed)."""
-    kind = type(value)
-    if kind is str:
-        text = cast(str, value)
-        return len(text) > MAX_VALUE_CHARS or not text.isprintable()
-    if kind is int:
-        return not -_INT_BOUND < cast(int, value) < _INT_BOUND
-    return kind not in _SHORT_TYPES
 
 
 def _escape(char: str) -> str:
@@ -183,7 +170,8 @@ def clipped(event: dict[str, Any]) -> dict[str, Any]:
     for key, value in event.items():
         if key in _MACHINERY:
             continue
-        # needs_clipping(value), inlined: this runs for every value of every access-log line.
+        # Fit as it is: a short printable str, a moderate int, a float, a bool or None. Cheap
+        # (a type test, a length, str.isprintable): it runs for every value of every line.
         kind = type(value)
         if kind is str:
             if len(value) <= MAX_VALUE_CHARS and value.isprintable():

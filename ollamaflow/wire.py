@@ -51,14 +51,6 @@ class MissingField(FieldError):
         ValueError.__init__(self, f"{path} is required: {allowed}")
 
 
-class UnknownFields(ValueError):
-    """Keys that no field of the record answers to."""
-
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
-        super().__init__(f"unknown field{'s' if len(paths) > 1 else ''}: {', '.join(paths)}")
-
-
 def valid_text(text: str) -> bool:
     """Whether ``text`` is valid Unicode: no lone surrogate, so it encodes as UTF-8."""
     return text.isascii() or _SURROGATES.search(text) is None
@@ -266,34 +258,6 @@ class StrList:
 
     def dump(self, value: tuple[str, ...]) -> object:
         return list(value)
-
-
-@attrs.frozen
-class StrMap:
-    """A JSON object of at most ``max_entries`` string values, keys and values checked as
-    ``key`` and ``value`` say."""
-
-    key: Str = Str(allowed="a key", pattern=r"(?s).+", max_length=256)
-    value: Str = Str(allowed="a string", pattern=r"(?s).*")
-    max_entries: int = MAX_ITEMS
-
-    @property
-    def allowed(self) -> str:
-        return f"an object of at most {self.max_entries} entries whose values are strings"
-
-    def parse(self, value: object, path: str, unknown: list[str]) -> dict[str, str]:
-        if not isinstance(value, dict) or len(value) > self.max_entries:
-            raise FieldError(path, value, self.allowed)
-        out: dict[str, str] = {}
-        for key, text in value.items():
-            if not isinstance(key, str):
-                raise FieldError(path, key, self.key.allowed)
-            name = self.key.parse(key, path, unknown)
-            out[name] = self.value.parse(text, f"{path}.{name}", unknown)
-        return out
-
-    def dump(self, value: Mapping[str, str]) -> object:
-        return dict(value)
 
 
 #: Header fields the gateway writes itself (framing, routing, hop-by-hop): an operator's

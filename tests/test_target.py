@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ollamaflow.server.target import PLAIN_TARGET, PathError, normalize_path, normalize_target
+from ollamaflow.server.target import PLAIN_TARGET, PathError, normalize_target
 
 #: Input path → normalised path.
 NORMAL = [
@@ -84,14 +84,14 @@ BAD = [
 
 @pytest.mark.parametrize(("given", "expected"), [c[1:] for c in NORMAL], ids=[c[0] for c in NORMAL])
 def test_a_path_is_decoded_normalised_and_re_encoded(given: bytes, expected: bytes) -> None:
-    assert normalize_path(given) == expected
-    assert normalize_path(expected) == expected
+    assert normalize_target(given)[1] == expected
+    assert normalize_target(expected)[1] == expected
 
 
 @pytest.mark.parametrize("path", [c[1] for c in BAD], ids=[c[0] for c in BAD])
 def test_a_path_that_cannot_be_decoded_or_climbs_above_the_root_is_refused(path: bytes) -> None:
     with pytest.raises(PathError):
-        normalize_path(path)
+        normalize_target(path)[1]
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,8 @@ def test_a_path_that_cannot_be_decoded_or_climbs_above_the_root_is_refused(path:
 )
 def test_the_common_path_is_returned_as_it_is(path: bytes) -> None:
     """No ``%``, ``//`` or ``/.``: nothing to do, and nothing is done (the hot path)."""
-    assert normalize_path(path) is path
+    assert normalize_target(path) == (path, path)
+    assert normalize_target(path)[0] is path
     uri, normal = normalize_target(path + b"?x=1")
     assert (uri, normal) == (path + b"?x=1", path)
 
@@ -123,13 +124,13 @@ def test_a_target_keeps_its_query_exactly_as_received(
 
 def test_an_error_names_what_is_wrong() -> None:
     with pytest.raises(PathError, match="percent"):
-        normalize_path(b"/%zz")
+        normalize_target(b"/%zz")[1]
     with pytest.raises(PathError, match="UTF-8"):
-        normalize_path(b"/%ff")
+        normalize_target(b"/%ff")[1]
     with pytest.raises(PathError, match="control"):
-        normalize_path(b"/%00")
+        normalize_target(b"/%00")[1]
     with pytest.raises(PathError, match="root"):
-        normalize_path(b"/..")
+        normalize_target(b"/..")[1]
 
 
 # -- properties ------------------------------------------------------------------------------------
@@ -159,10 +160,10 @@ _VALID = re.compile(rb"/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-F]{2})*\Z")
 @example(b"/%25%32%46")
 def test_normalising_is_idempotent_and_leaves_no_empty_or_dot_segment(path: bytes) -> None:
     try:
-        normal = normalize_path(path)
+        normal = normalize_target(path)[1]
     except PathError:
         return
-    assert normalize_path(normal) == normal
+    assert normalize_target(normal)[1] == normal
     assert normal.startswith(b"/")
     if b"%" in path or b"//" in path or b"/." in path:
         assert _VALID.match(normal), normal

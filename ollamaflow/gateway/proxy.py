@@ -891,12 +891,7 @@ class _Exchange:
         ):
             # Read now: Twisted drops the body once the response is finished.
             self.logged_body = _body_text(request)
-        try:
-            producer = self._body_for(backend)
-        except (TypeError, ValueError) as e:  # orjson refuses what it cannot encode
-            self.end_attempt()
-            self._answer(400, f"the request body cannot be forwarded: {e}")
-            return
+        producer = self._body_for(backend)  # strict JSON and validated pins: encodable
         query = request.uri.partition(b"?")[2]
         if backend.querystring:
             extra = backend.querystring.encode()

@@ -47,22 +47,20 @@ _HOLD = 4096
 #: A chunk-size line (extensions included) or one trailer field, without its end.
 _MAX_LINE = 4096
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
-#: Header field names remembered with their lower-case form: how many, how long at most.
-_MAX_NAMES = 1000
-_MAX_NAME = 64
 #: ``Host`` values found valid, remembered (most clients send one or a few): how many, how
 #: long at most.
 _MAX_HOSTS = 1024
 _MAX_HOST = 300
 _HOSTS: set[bytes] = set()
-#: llhttp's reasons that are not a 400.
-_STATUS = {
-    "Request has invalid `Transfer-Encoding`": 501,
-    "Invalid HTTP version": 505,
-    "Expected dot": 505,
-    "Pause on PRI/Upgrade": 505,
-    "Expected HTTP/2 Connection Preface": 505,
-}
+#: llhttp's reasons that are a 505, not a 400.
+_VERSION_ERRORS = frozenset(
+    {
+        "Invalid HTTP version",
+        "Expected dot",
+        "Pause on PRI/Upgrade",
+        "Expected HTTP/2 Connection Preface",
+    }
+)
 
 
 class RequestConsumer(Protocol):
@@ -142,17 +140,15 @@ _GONE = _Gone()
 
 
 def refusal(error: HttpParserError) -> BadMessage:
-    """The answer to a request llhttp refused: 501 for a transfer coding other than chunked, 505
-    for a version it knows but we do not speak, 400 for everything else."""
+    """The answer to a request llhttp refused: 505 for a version it knows but we do not speak,
+    400 for everything else (a transfer coding other than chunked is refused, 501, before
+    llhttp judges it: see ``on_headers_complete``)."""
     if isinstance(error, HttpParserInvalidMethodError):
         return BadMessage(400, "invalid request method")
     if isinstance(error, HttpParserInvalidURLError):
         return BadMessage(400, "invalid request target")
     reason = str(error)
-    status = _STATUS.get(reason, 400)
-    if status == 501:
-        return BadMessage(501, "only the chunked transfer coding is supported")
-    if status == 505:
+    if reason in _VERSION_ERRORS:
         return BadMessage(505, "only HTTP/1.1 and HTTP/1.0 are supported")
     return BadMessage(400, f"malformed request: {reason}")
 
@@ -173,7 +169,6 @@ class RequestParser:
         "_length",
         "_llhttp",
         "_marks",
-        "_names",
         "_resync",
         "_stall",
         "_trailer_size",
@@ -182,11 +177,8 @@ class RequestParser:
         "target",
     )
 
-    def __init__(self, consumer: RequestConsumer, names: dict[bytes, bytes] | None = None) -> None:
-        """``names``: header field names seen, with their lower-case form, shared by parsers;
-        only names of up to 64 bytes are added, and no more than 1,000."""
+    def __init__(self, consumer: RequestConsumer) -> None:
         self._consumer = consumer
-        self._names: dict[bytes, bytes] = {} if names is None else names
         self._llhttp = HttpRequestParser(self)
         self.state = _IDLE
         #: The target of the request being parsed, as received so far (for an error's dialect).
@@ -420,13 +412,7 @@ class RequestParser:
         target = self.target
         if len(headers) > MAX_FIELDS:
             raise BadMessage(431, f"more than {MAX_FIELDS} header fields")
-        names = self._names
-        fields: dict[bytes, bytes] = {}
-        for name, value in headers:
-            lower = names.get(name)
-            if lower is None:
-                lower = self._lower(name)
-            fields[lower] = value
+        fields = {name.lower(): value for name, value in headers}
         if len(fields) == len(headers):
             host = fields.get(b"host")
             codings = fields.get(b"transfer-encoding")
@@ -475,12 +461,11 @@ class RequestParser:
     ) -> tuple[bytes | None, bytes | None]:
         """The Host and Transfer-Encoding of a head where a field name comes more than once:
         one Host at most; every Transfer-Encoding and every Connection value, joined."""
-        names = self._names
         host: bytes | None = None
         codings: bytes | None = None
         connection = b""
         for name, value in headers:
-            lower = names.get(name) or name.lower()
+            lower = name.lower()
             if lower == b"host":
                 if host is not None:
                     raise BadMessage(400, "more than one Host header field")
@@ -492,14 +477,6 @@ class RequestParser:
         if connection:
             fields[b"connection"] = connection[1:]
         return host, codings
-
-    def _lower(self, name: bytes) -> bytes:
-        """A field name in lower case, remembered if there is room."""
-        lower = name.lower()
-        names = self._names
-        if len(names) < _MAX_NAMES and len(name) <= _MAX_NAME:
-            names[name] = lower
-        return lower
 
     def on_body(self, data: bytes) -> None:
         if self._chunked:

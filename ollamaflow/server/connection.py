@@ -190,7 +190,7 @@ class HTTPConnection(TwistedProtocol):
             # Every write is a whole response or a whole chunk of a stream: send it now.
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        self._parser = RequestParser(self, factory.header_names)
+        self._parser = RequestParser(self)
         self.since = self._now = factory.clock.seconds()
         factory.connections.add(self)
 
@@ -249,9 +249,7 @@ class HTTPConnection(TwistedProtocol):
         else:
             try:
                 target, path = normalize_target(target)
-            except PathError as e:
-                # The error's dialect from the raw path ("//v1.0/..." is the admin API's).
-                self._path = b"/" + target.partition(b"?")[0].lstrip(b"/")
+            except PathError as e:  # (its dialect: see _raw_path)
                 raise BadMessage(400, str(e)) from None
         self._path = path
         factory = self.factory

@@ -49,14 +49,6 @@ def normalize_target(target: bytes) -> tuple[bytes, bytes]:
     return path + mark + query, path
 
 
-def normalize_path(path: bytes) -> bytes:
-    """The path (it starts with ``/``) decoded, normalised and re-encoded minimally; returned
-    as it is when it holds no ``%``, ``//`` or ``/.``. Raises :class:`PathError`."""
-    if b"%" not in path and b"//" not in path and b"/." not in path:
-        return path
-    return _normalize(path)
-
-
 def _normalize(path: bytes) -> bytes:
     """The slow path: decode and check, merge slashes, remove dot segments, re-encode."""
     if b"%" in path:
