@@ -225,6 +225,8 @@ class Listener(ServerFactory):
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.connections: set[HTTPConnection] = set()
+        #: Header field names seen and found valid, with their lower-case form.
+        self.header_names: dict[bytes, bytes] = {}
         self._date = (0, b"")
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock

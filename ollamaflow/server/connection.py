@@ -190,7 +190,7 @@ class HTTPConnection(TwistedProtocol):
             # Every write is a whole response or a whole chunk of a stream: send it now.
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        self._parser = RequestParser(self)
+        self._parser = RequestParser(self, factory.header_names)
         self.since = self._now = factory.clock.seconds()
         factory.connections.add(self)
 
