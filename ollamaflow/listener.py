@@ -329,4 +329,4 @@ class Listener(ServerFactory):
         for connection in list(self.connections):
             connection.closing = True
             if connection.idle():
-                connection.transport.loseConnection()  # type: ignore[union-attr]
+                connection.close()

@@ -353,13 +353,6 @@ class HTTPConnection(TwistedProtocol):
 
     def resumeProducing(self) -> None:
         self._transport_paused = False
-        transport: Any = self.transport
-        if getattr(transport, "disconnecting", False):
-            # Closed by another (a drain) while paused: Twisted resumes a paused producer
-            # instead of closing; unregistered, it closes once what is queued is sent.
-            if getattr(transport, "producer", None) is self:
-                transport.unregisterProducer()
-            return
         if self._producer is not None:
             self._producer.resumeProducing()
 

@@ -105,7 +105,7 @@ class WebStream:
         self.connection.unregister_producer()
 
     def loseConnection(self) -> None:
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.connection.close()
 
     def bad_request(self) -> None:
         """Answer 400 and close: what twisted.web's Request asks of its channel when it cannot
