@@ -26,25 +26,38 @@ class TooDeep(InvalidJson):
 
 
 def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
-    """Whether arrays and objects in ``value`` nest more than ``limit`` levels (iteratively:
-    the check itself must not recurse)."""
-    if not isinstance(value, dict | list):
+    """Whether arrays and objects in ``value`` (as a JSON parser builds them: plain dicts and
+    lists) nest more than ``limit`` levels. Level by level, so the check itself cannot
+    recurse, with exact type tests: a long chat is a walk over its messages, nothing more."""
+    kind = type(value)
+    if kind is not dict and kind is not list:
         return False
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
+    level: list[Any] = [value]
+    depth = 1
+    while level:
         if depth > limit:
             return True
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:  # type: ignore[attr-defined]
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
+        below: list[Any] = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                kind = type(child)
+                if kind is dict or kind is list:
+                    below.append(child)
+        level = below
+        depth += 1
     return False
 
 
+#: Bodies up to this size have their brackets counted before any walk (most skip it); past
+#: it the walk is cheaper than the count (a 66 KB chat: 34 us against 39 us).
+_COUNTED = 16 * 1024
+
+
 def _deeper_than_allowed(raw: bytes, value: object) -> bool:
-    # Fewer brackets than the limit cannot nest past it: most bodies skip the walk.
-    return raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and too_deep(value)
+    # Fewer brackets than the limit cannot nest past it.
+    if len(raw) <= _COUNTED:
+        return raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and too_deep(value)
+    return too_deep(value)
 
 
 def loads_strict(raw: bytes) -> Any:

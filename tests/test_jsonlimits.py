@@ -51,6 +51,15 @@ def test_the_limit_itself_is_accepted(parse: Any) -> None:
     assert depth(parse(text_of_depth(MAX_DEPTH))) == MAX_DEPTH
 
 
+@pytest.mark.parametrize("parse", [jsonlimits.loads_strict, jsonlimits.loads_for_fields])
+def test_large_bodies_are_judged_by_the_same_rule(parse: Any) -> None:
+    """Past 16 KiB the brackets are not counted first: the walk alone decides."""
+    pad = b'"' + b"x" * 20_000 + b'"'
+    assert depth(parse(b"[" * MAX_DEPTH + pad + b"]" * MAX_DEPTH)) == MAX_DEPTH
+    with pytest.raises(TooDeep):
+        parse(b"[" * (MAX_DEPTH + 1) + pad + b"]" * (MAX_DEPTH + 1))
+
+
 @settings(max_examples=300)
 @given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_the_parsers_refuse_only_with_invalid_json(raw: bytes) -> None:
