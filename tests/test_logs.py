@@ -561,14 +561,19 @@ async def test_no_access_lines_when_the_level_drops_info(tmp_path: Path, simulat
 async def test_a_huge_model_name_does_not_fill_the_log(
     daemon: Daemon, simulators: Any, captured: Captured
 ) -> None:
-    """The finding end to end: a 5 MB model name in a request, a refusal, short lines (whichever
-    layer bounds them: the gateway's limit on model names, or the log's cut)."""
+    """The finding end to end: a 5 MB model name is refused (400) before any log or cache; a
+    valid name of 551 characters that no backend has is named in the log, cut short (404)."""
     sim = await simulators()
     client = await serve(daemon, sim.port, {})
-    missing = {"model": HUGE, "prompt": "hi"}
-    assert (await client.request("POST", "/api/generate", missing)).status in (400, 404, 413)
-    await until(lambda: len(captured.access()) == 1)
+    huge = {"model": HUGE, "prompt": "hi"}
+    assert (await client.request("POST", "/api/generate", huge)).status == 400
+    name = "h" * 300 + ".example/" + "n" * 80 + "/" + "m" * 80 + ":" + "t" * 80
+    long = {"model": name, "prompt": "hi"}
+    assert (await client.request("POST", "/api/generate", long)).status == 404
+    await until(lambda: len(captured.access()) == 2)
+    text = captured.text_out.getvalue().splitlines()
+    assert any("hhhhhhhhhh" in line and "(551 characters)" in line for line in text), text
     for out in (captured.json_out, captured.text_out):
         lines = out.getvalue().splitlines()
-        assert all(len(line) < 1024 for line in lines if "mmmmmmmmmm" in line)
+        assert all(len(line) < 1024 for line in lines if "hhhhhhhhhh" in line)
         assert len(out.getvalue()) < 100_000
