@@ -124,7 +124,7 @@ class GatewayExchange:
             self._file.close()
 
 
-def _raw_path(target: bytes) -> bytes:
+def error_path(target: bytes) -> bytes:
     """The path whose dialect an error about a request is in, from its target as received:
     normalised if it can be, else as sent (``//v1.0/...`` is still the admin API's)."""
     try:
@@ -249,7 +249,7 @@ class HTTPConnection(TwistedProtocol):
         else:
             try:
                 target, path = normalize_target(target)
-            except PathError as e:  # (its dialect: see _raw_path)
+            except PathError as e:  # (its dialect: see error_path)
                 raise BadMessage(400, str(e)) from None
         self._path = path
         factory = self.factory
@@ -382,7 +382,7 @@ class HTTPConnection(TwistedProtocol):
 
     def _refuse(self, error: BadMessage) -> None:
         """The request being parsed is refused: answered in its turn."""
-        self._refused = (error.status, str(error), self._path or _raw_path(self._parser.target))
+        self._refused = (error.status, str(error), self._path or error_path(self._parser.target))
 
     def _advance(self) -> None:
         """Answer what is whole, in order; parse what waited once nothing is in progress."""
@@ -418,7 +418,7 @@ class HTTPConnection(TwistedProtocol):
     def reject(self, status: int, message: str) -> None:
         """Answer the request being read with a JSON error, and close: the rest of what the
         client sends is never read."""
-        self._reject(status, message, self._path or _raw_path(self._parser.target))
+        self._reject(status, message, self._path or error_path(self._parser.target))
 
     def _reject(self, status: int, message: str, path: bytes) -> None:
         self._phase = _CLOSED
