@@ -121,6 +121,7 @@ class Daemon(MultiService):
         )
         for service in (self.inventory, self.sync, self.health):
             service.setServiceParent(self)
+        admin_tokens = Tokens.of(settings.admin_bearer_tokens)
         self.gateway = Gateway(
             registry=self.registry,
             runtime=self.runtime,
@@ -131,7 +132,7 @@ class Daemon(MultiService):
             sync=self.sync,
             on_failure=self.health.report_failure,
             on_models_changed=self.inventory.refresh_now,
-            admin_tokens=Tokens.of(settings.admin_bearer_tokens),
+            admin_tokens=admin_tokens,
             withheld=Tokens.of(settings.admin_bearer_tokens, [settings.metrics.bearer_token]),
         )
         # -- access log and metrics: gateway observers, health and pull hooks ---------------
@@ -152,7 +153,7 @@ class Daemon(MultiService):
         self.admin = AdminApi(
             self.registry,
             self.runtime,
-            settings.admin_bearer_tokens,
+            admin_tokens,
             self.now,
             self.started,
             models=self.sync.models,

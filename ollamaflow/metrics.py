@@ -9,7 +9,6 @@ scrape time.
 
 from __future__ import annotations
 
-import hmac
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -32,6 +31,7 @@ from twisted.web.server import Request
 from ollamaflow import modelnames
 from ollamaflow.admin.errors import write_error
 from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.completed import Completed
 from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime
@@ -407,18 +407,15 @@ class MetricsPage:
 
     metrics: Metrics
     token: str | None = attrs.field(default=None, repr=False)
+    _tokens: Tokens = attrs.field(init=False, repr=False)
+
+    @_tokens.default
+    def _of_token(self) -> Tokens:
+        return Tokens.of([self.token])
 
     def render(self, request: Request) -> bytes:
-        if self.token is not None and not self._authorized(request):
+        if self.token is not None and not self._tokens.match(request.getHeader(b"authorization")):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="metrics"')
             return write_error(request, 401, "GET /metrics needs Authorization: Bearer <token>")
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
         return self.metrics.exposition()
-
-    def _authorized(self, request: Request) -> bool:
-        assert self.token is not None
-        given = request.getHeader(b"authorization") or b""
-        scheme, _, credential = given.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(
-            credential.strip(), self.token.encode()
-        )

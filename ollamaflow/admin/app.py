@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import uuid
@@ -21,6 +20,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ollamaflow import __version__
 from ollamaflow.admin.errors import ApiError, write_error
 from ollamaflow.catalog import Registry
+from ollamaflow.credentials import Tokens
 from ollamaflow.jsonlimits import InvalidJson, loads_for_fields
 from ollamaflow.records import Backend, Frontend, parse_record
 from ollamaflow.runtime import Runtime, format_timespan
@@ -110,7 +110,7 @@ class AdminApi:
 
     registry: Registry
     runtime: Runtime
-    tokens: Sequence[str]
+    tokens: Tokens
     now: Callable[[], datetime]
     started: datetime
     #: The models view of one backend (present, loaded, required, pulling, failed).
@@ -127,15 +127,7 @@ class AdminApi:
         return _Authenticated(self, self.app.resource())
 
     def authorized(self, request: IRequest) -> bool:
-        header = request.getHeader(b"Authorization") or b""
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            return False
-        # Compare against every token so the time taken says nothing about which one matched.
-        matched = False
-        for candidate in self.tokens:
-            matched |= hmac.compare_digest(token.strip(), candidate.encode())
-        return matched
+        return self.tokens.match(request.getHeader(b"Authorization"))
 
     # -- frontends ------------------------------------------------------------------------
 
