@@ -80,13 +80,19 @@ async def start_daemon(folder: Path, settings: Mapping[str, Any] | None = None) 
 
 
 class Collect(Protocol):
-    """Keeps every byte a connection (or a response body) delivers; ``done`` fires when it
-    ends, and ``reason`` says how."""
+    """Keeps every byte a connection (or a response body) delivers; ``done`` fires with them
+    when it ends, and ``reason`` says how. A ``payload`` is sent as soon as it connects."""
 
-    def __init__(self) -> None:
+    def __init__(self, payload: bytes = b"") -> None:
+        self.payload = payload
         self.data = b""
         self.reason: Failure | None = None
         self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        if self.payload:
+            assert self.transport is not None
+            self.transport.write(self.payload)
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data

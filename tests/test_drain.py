@@ -9,29 +9,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from harness import Fleet, Http, start_daemon, until
+from harness import Collect, Fleet, Http, start_daemon, until
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.sim.service import RunningSimulator, start_simulator
-
-
-class Lines(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: Deferred[Any] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.reason = reason
-        self.done.callback(None)
 
 
 def responses(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -80,10 +65,10 @@ async def serving(
     return fleet.daemon, simulator
 
 
-async def stream(daemon: Daemon) -> tuple[Any, Lines]:
+async def stream(daemon: Daemon) -> tuple[Any, Collect]:
     url = f"http://127.0.0.1:{daemon.address.port}/api/generate"
     response = await treq.post(url, json={"model": "llama3", "prompt": "x"}, unbuffered=True)
-    lines = Lines()
+    lines = Collect()
     response.deliverBody(lines)
     return response, lines
 
@@ -133,7 +118,7 @@ async def test_a_new_request_on_an_open_connection_during_drain_is_503_and_close
     daemon, sim = await serving(tmp_path, {}, tokens=20, tokens_per_second=40)
     try:
         daemon.gateway.draining = True
-        raw = Lines()
+        raw = Collect()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.address.port), raw)
         raw.transport.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[union-attr]
         await raw.done  # the daemon closed the connection after answering
@@ -157,7 +142,7 @@ async def test_a_request_pipelined_behind_a_stream_during_drain_is_503_after_it(
     in the stream's read (parsed, waiting) or after it (bytes waiting unparsed)."""
     daemon, sim = await serving(tmp_path, {}, tokens=20, tokens_per_second=40)
     try:
-        raw = Lines()
+        raw = Collect()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.address.port), raw)
         transport: Any = raw.transport
         if sent == "with the stream":

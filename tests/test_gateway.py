@@ -15,7 +15,7 @@ import openai
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, start_daemon, until
+from harness import Collect, Http, start_daemon, until
 from recorder import Recorder, start_recorder
 from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred
@@ -410,26 +410,10 @@ async def test_http_1_0_is_refused_when_blocked(cluster: Cluster) -> None:
     assert b" 200 " in answer.split(b"\r\n")[0]
 
 
-class _Collect(Protocol):
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.data = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.payload)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(self.data)
-
-
 async def _raw(port: int, payload: bytes) -> bytes:
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-    proto = _Collect(payload)
+    proto = Collect(payload)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
     return await proto.done
 

@@ -21,14 +21,11 @@ import attrs
 import h11
 import pytest
 import pytest_twisted
-from harness import TOKEN, Fleet, start_daemon, until
+from harness import TOKEN, Collect, Fleet, start_daemon, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.python.failure import Failure
 
 from ollamaflow.runtime import utc_clock
 from ollamaflow.server.connection import error_path
@@ -54,26 +51,9 @@ class Answer:
         return json.loads(self.body)
 
 
-class _Collect(Protocol):
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = bytearray()
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.done.callback(bytes(self.received))
-
-
 async def exchange(port: int, request: bytes) -> Answer:
     """Send ``request`` exactly as given (it asks the server to close) and parse the answer."""
-    collector = _Collect(request)
+    collector = Collect(request)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), collector)
     raw = await collector.done
     parser = h11.Connection(h11.CLIENT)

@@ -11,12 +11,9 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from harness import until
+from harness import Collect, until
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 
 from ollamaflow.sim import RunningSimulator, SimConfig
 
@@ -42,18 +39,6 @@ async def call(
     return response.code, heads, content
 
 
-class _Collect(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.done.callback(self.data)
-
-
 async def raw_head(sim: RunningSimulator, method: str, path: str, body: Any = None) -> bytes:
     """The raw response head (treq hides the framing headers): lower-cased."""
     data = b"" if body is None else json.dumps(body).encode()
@@ -61,7 +46,7 @@ async def raw_head(sim: RunningSimulator, method: str, path: str, body: Any = No
         f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
         f"Content-Length: {len(data)}\r\n\r\n"
     ).encode() + data
-    proto = _Collect()
+    proto = Collect()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", sim.port), proto)
     assert proto.transport is not None
     proto.transport.write(request)

@@ -6,9 +6,8 @@ import socket
 from collections.abc import Callable
 
 import pytest_twisted
-from harness import until
+from harness import Collect, until
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -16,18 +15,6 @@ from twisted.python.failure import Failure
 from ollamaflow import tcp
 from ollamaflow.twisted_internals import socket_to_send_now
 from ollamaflow.workers import listen_shared
-
-
-class Collect(Protocol):
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.done: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.done.callback(None)
 
 
 class Writer(Protocol):

@@ -17,11 +17,8 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from harness import Http, until
+from harness import Collect, Http, until
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 import twisted
@@ -254,23 +251,7 @@ class Foreground:
             self.proc.wait(timeout=30)
 
 
-class Body(Protocol):
-    """A response body as it streams in; ``done`` fires once it ended, ``reason`` says how."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.reason: Failure | None = None
-        self.done: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.reason = reason
-        self.done.callback(None)
-
-
-async def stream(daemon: Foreground) -> Body:
+async def stream(daemon: Foreground) -> Collect:
     """A streaming /api/generate through the daemon, its body arriving."""
     response = await treq.post(
         f"http://127.0.0.1:{daemon.port}/api/generate",
@@ -279,7 +260,7 @@ async def stream(daemon: Foreground) -> Body:
         persistent=False,
     )
     assert response.code == 200, (response.code, await response.text())
-    body = Body()
+    body = Collect()
     response.deliverBody(body)
     return body
 
