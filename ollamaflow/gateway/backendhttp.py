@@ -637,7 +637,6 @@ class _Connection(Protocol):
     __slots__ = (
         "_announce",
         "_closed",
-        "_keep",
         "_on_made",
         "_reading_paused",
         "call",
@@ -667,7 +666,6 @@ class _Connection(Protocol):
         self.reused = False
         self.received_any = False
         self.idle_since = 0.0
-        self._keep = False
         #: A response head read but not yet handed to its Attempt: that waits until the read
         #: is parsed, so a small answer is complete (and pooled) when the caller sees it.
         self._announce: tuple[Attempt, _Response] | None = None
@@ -781,7 +779,6 @@ class _Connection(Protocol):
         )
         self.response = response
         self.phase = _READING
-        self._keep = head.keep_alive and call.keep
         call.conn = None
         self._announce = (call.attempt, response)
 
@@ -798,7 +795,7 @@ class _Connection(Protocol):
         self.call = None
         self.response = None
         response._conn = None
-        if reusable and self._keep and call.body_done:
+        if reusable and call.keep and call.body_done:
             self.phase = _IDLE
             if self._reading_paused:
                 self._reading_paused = False

@@ -188,19 +188,11 @@ class ResponseReader:
         self._consumer = consumer
         self._parser = HttpResponseParser(self)
         self._dirty = False
-        self._state = _IDLE
-        self._head_request = False
-        self._interim = 0
         self._minor = 1
         self._framing = _NONE
         self._keep = False
-        self._extra = False
-        self._overhead = 0
-        #: Between a chunk-size line and that chunk's data (or, after the last, its trailers).
-        self._after_size = False
-        #: Body bytes delivered for the current response.
-        self._delivered = 0
-        self._new_message()
+        self.expect(False)
+        self._state = _IDLE  # no request sent yet: between responses
 
     def _new_message(self) -> None:
         """Forget the head read so far: a message (the response, or one after an interim
@@ -229,7 +221,9 @@ class ResponseReader:
         self._interim = 0
         self._extra = False
         self._overhead = 0
+        #: Between a chunk-size line and that chunk's data (or, after the last, its trailers).
         self._after_size = False
+        #: Body bytes delivered for the current response.
         self._delivered = 0
         self._new_message()
 
