@@ -448,25 +448,23 @@ def _read_snapshot(cursor: Cursor, dialect: Dialect) -> Snapshot:
     ).fetchall():
         links.setdefault(frontend_id, []).append(backend_id)
     left_out: list[InvalidStoredRecord] = []
-    frontends: list[Frontend] = []
-    for row in dialect.execute(
-        cursor,
-        "SELECT identifier, doc, created_utc, last_update_utc FROM frontends ORDER BY seq",
-    ).fetchall():
-        try:
-            frontends.append(_record(Frontend, row, tuple(links.get(row[0], ()))))
-        except InvalidStoredRecord as e:
-            left_out.append(e)
-    backends: list[Backend] = []
-    for row in dialect.execute(
-        cursor,
-        "SELECT identifier, doc, created_utc, last_update_utc FROM backends ORDER BY seq",
-    ).fetchall():
-        try:
-            backends.append(_record(Backend, row, None))
-        except InvalidStoredRecord as e:
-            left_out.append(e)
-    return Snapshot(generation, tuple(frontends), tuple(backends), tuple(left_out))
+
+    def load(cls: type[R], table: str, linked: bool) -> tuple[R, ...]:
+        """The rows of ``table`` that load; those that do not go to ``left_out``."""
+        loaded: list[R] = []
+        for row in dialect.execute(
+            cursor,
+            f"SELECT identifier, doc, created_utc, last_update_utc FROM {table} ORDER BY seq",
+        ).fetchall():
+            try:
+                loaded.append(_record(cls, row, tuple(links.get(row[0], ())) if linked else None))
+            except InvalidStoredRecord as e:
+                left_out.append(e)
+        return tuple(loaded)
+
+    frontends = load(Frontend, "frontends", linked=True)
+    backends = load(Backend, "backends", linked=False)
+    return Snapshot(generation, frontends, backends, tuple(left_out))
 
 
 def _record(cls: type[R], row: Sequence[Any], backends: tuple[str, ...] | None) -> R:
