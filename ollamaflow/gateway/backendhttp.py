@@ -518,7 +518,6 @@ class _Response:
     """The response head, and the body's transport: pause, resume or stop reading it."""
 
     __slots__ = (
-        "_conn",
         "_ended",
         "_held",
         "_over",
@@ -530,6 +529,7 @@ class _Response:
         "phrase",
         "previousResponse",
         "request",
+        "source",
         "version",
     )
 
@@ -549,7 +549,7 @@ class _Response:
         self.length = length
         self.request = None
         self.previousResponse: IResponse | None = None
-        self._conn = conn
+        self.source = conn
         self._protocol: IProtocol | None = None
         #: Body bytes not handed over yet: they came before ``deliverBody``, or while paused.
         self._held: deque[bytes] = deque()
@@ -568,8 +568,8 @@ class _Response:
         self._protocol = protocol
         protocol.makeConnection(self)  # type: ignore[arg-type]  # a transport in all but name
         self._flush()
-        if self._conn is not None:
-            self._conn.update_reading()
+        if self.source is not None:
+            self.source.update_reading()
 
     def received(self, data: bytes) -> None:
         protocol = self._protocol
@@ -580,7 +580,7 @@ class _Response:
 
     def end(self, reason: Failure) -> None:
         """The body is over (``ResponseDone``, ``PotentialDataLoss`` or ``ResponseFailed``)."""
-        self._conn = None
+        self.source = None
         self._ended = reason
         self._flush()
 
@@ -611,20 +611,20 @@ class _Response:
 
     def pauseProducing(self) -> None:
         self._paused = True
-        if self._conn is not None:
-            self._conn.update_reading()
+        if self.source is not None:
+            self.source.update_reading()
 
     def resumeProducing(self) -> None:
         self._paused = False
         if self._held or self._ended is not None:
             self._flush()
-        if self._conn is not None:
-            self._conn.update_reading()
+        if self.source is not None:
+            self.source.update_reading()
 
     def stopProducing(self) -> None:
         """Abort the backend connection; the body ends with ``ResponseFailed``."""
-        if self._conn is not None:
-            self._conn.stop_body()
+        if self.source is not None:
+            self.source.stop_body()
 
     def loseConnection(self) -> None:
         self.stopProducing()
@@ -794,7 +794,7 @@ class _Connection(Protocol):
         assert call is not None and response is not None
         self.call = None
         self.response = None
-        response._conn = None
+        response.source = None
         if reusable and call.keep and call.body_done:
             self.phase = _IDLE
             if self._reading_paused:

@@ -286,7 +286,7 @@ class Gateway:
         if pinned is not None and any(b.identifier == pinned for b in found):
             ordered = stick(found, pinned)
         else:
-            load = self._load if model_key is None else partial(self._model_load, model_key)
+            load = self.in_flight if model_key is None else partial(self._model_load, model_key)
             ordered = self.balancer.order(frontend, found, load)
             if warm and len(warm) < len(ordered):  # all warm (or all cold): nothing to move
                 ordered = warm_first(ordered, warm)
@@ -332,7 +332,7 @@ class Gateway:
             "request {rid}: {status} {message}", rid=request_id, status=status, message=message
         )
         if self.observers:
-            self._report(
+            self.report(
                 Completed(
                     request_id=request_id,
                     client=request.client_host,
@@ -352,7 +352,7 @@ class Gateway:
             )
         return body
 
-    def _report(self, completed: Completed) -> None:
+    def report(self, completed: Completed) -> None:
         for observer in self.observers:
             try:
                 observer(completed)
@@ -438,7 +438,7 @@ class Gateway:
     def _inventory_changed(self, backend_id: str) -> None:
         self._inventory_version += 1
 
-    def _load(self, backend_id: str) -> int:
+    def in_flight(self, backend_id: str) -> int:
         state = self.runtime.states.get(backend_id)
         return state.active_requests if state is not None else 0
 
@@ -867,7 +867,7 @@ class _Exchange:
         model = self.model
         free = [b for b in left if scheduler.has_slot(b, model)]
         if free:
-            backend = min(free, key=lambda b: gateway._load(b.identifier) / b.weight)
+            backend = min(free, key=lambda b: gateway.in_flight(b.identifier) / b.weight)
             scheduler.acquire(backend, model)
             self._active = backend
             self._send(backend)
@@ -987,7 +987,7 @@ class _Exchange:
             error=self.last_error,
         )
         # Out of rotation before its slot is given back, so no queued request takes it.
-        self._backend_failed(backend, self.last_error)
+        self.backend_failed(backend, self.last_error)
         self.end_attempt()
         self._retry()
 
@@ -1019,7 +1019,7 @@ class _Exchange:
         if code < _SERVER_ERROR and self._blamed is not None:
             self._blame(self._blamed, backend)
         if code in _GATEWAY_ERRORS:
-            self._backend_failed(backend, f"answered {code}")
+            self.backend_failed(backend, f"answered {code}")
         request = self.request
         self.first_byte = self.gateway.clock.seconds()
         self.status = response.code
@@ -1091,7 +1091,7 @@ class _Exchange:
         if code == _SERVER_ERROR:
             self._blamed = backend
         else:
-            self._backend_failed(backend, self.last_error)
+            self.backend_failed(backend, self.last_error)
         response.deliverBody(_Discard())
         self.end_attempt()
         self._retry(left)
@@ -1106,7 +1106,7 @@ class _Exchange:
         count, duration = usage(self.tail) if self.tail else (None, None)
         request = self.request
         backend = self.tried[-1] if self.tried else None
-        gateway._report(
+        gateway.report(
             Completed(
                 request_id=self.request_id,
                 client=request.client_host,
@@ -1129,7 +1129,7 @@ class _Exchange:
             )
         )
 
-    def _backend_failed(
+    def backend_failed(
         self, backend: Backend, reason: str, kind: FailureKind = FailureKind.VISIBLE
     ) -> None:
         if self.gateway.on_failure is not None:
@@ -1292,7 +1292,7 @@ class _Relay(Protocol):
             backend=self.backend.identifier,
             error=_describe(reason),
         )
-        exchange._backend_failed(self.backend, "broke off a response", FailureKind.CUT_STREAM)
+        exchange.backend_failed(self.backend, "broke off a response", FailureKind.CUT_STREAM)
         exchange.end_attempt()
         exchange.outcome = "aborted"
         # No terminating chunk: the client sees a truncated response, never a complete one.

@@ -109,7 +109,7 @@ class Lease:
         """Give the slot back (idempotent)."""
         if not self._released:
             self._released = True
-            self._scheduler._release(self._runner)
+            self._scheduler.release_runner(self._runner)
 
 
 @attrs.define
@@ -243,7 +243,7 @@ class Scheduler:
         finally:
             self._granting = False
 
-    def _release(self, runner: _Runner) -> None:
+    def release_runner(self, runner: _Runner) -> None:
         runner.busy -= 1
         self._dispatch(runner)
 

@@ -62,7 +62,7 @@ class RunningSimulator:
         """Validate and apply knobs as `/_sim/config` does; waits for `refuse` to take effect."""
         applied = self.state.config.patch(knobs)
         if "refuse" in applied or "refuse_seconds" in applied:
-            await self._lock.run(self._apply_refuse)
+            await self.apply_refuse()
 
     async def stop(self) -> None:
         """Stop listening, drop every connection, cancel every timer; wait until all are gone."""
@@ -76,10 +76,14 @@ class RunningSimulator:
                 break
             await deferLater(self.clock, 0, lambda: None)
 
-    def _on_change(self, applied: dict[str, Any]) -> None:
+    def config_changed(self, applied: dict[str, Any]) -> None:
         """`/_sim/config` hook: apply `refuse` after the control response went out."""
         if "refuse" in applied or "refuse_seconds" in applied:
-            self.clock.callLater(0, self._lock.run, self._apply_refuse)
+            self.clock.callLater(0, self.apply_refuse)
+
+    def apply_refuse(self) -> Deferred[None]:
+        """Stop or start listening as the `refuse` knobs say, one change at a time."""
+        return self._lock.run(self._apply_refuse)
 
     def _apply_refuse(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._refuse_or_listen())
@@ -104,7 +108,7 @@ class RunningSimulator:
     def _end_refusal(self) -> None:
         self._refuse_timer = None
         self.state.config.refuse = False
-        self._lock.run(self._apply_refuse)
+        self.apply_refuse()
 
     def _stop_listening(self) -> Deferred[None]:
         port, self._listening = self._listening, None
@@ -147,7 +151,7 @@ def listen_simulator(
         control=control,
         listening=listening,
     )
-    control.on_change = sim._on_change
+    control.on_change = sim.config_changed
     return sim
 
 
@@ -162,7 +166,7 @@ async def start_simulator(
     """Start a simulator (port 0: any free port); return once `config` (even `refuse`) holds."""
     sim = listen_simulator(reactor, port=port, interface=interface, config=config, models=models)
     if sim.config.refuse:
-        await sim._lock.run(sim._apply_refuse)
+        await sim.apply_refuse()
     return sim
 
 
@@ -200,7 +204,7 @@ class SimulatorService(Service):
             models=", ".join(m.name for m in self.simulator.state.catalog),
         )
         if self.sim_config.refuse:
-            self.simulator._lock.run(self.simulator._apply_refuse)
+            self.simulator.apply_refuse()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
