@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ollamaflow.admin.errors import error_body as admin_error_body
 from ollamaflow.gateway.dialect import error_body as gateway_error_body
-from ollamaflow.server.connection import GatewayExchange, HTTPConnection
+from ollamaflow.server.connection import GatewayExchange, HTTPConnection, error_response
 from ollamaflow.server.request import ClientRequest
 from ollamaflow.server.web import WebStream
 from ollamaflow.settings import DEFAULT_MAX_CONNECTIONS
@@ -153,11 +153,7 @@ REFUSAL_LOG_SECONDS = 60.0
 def refusal_response(date: bytes) -> bytes:
     """The whole answer to a connection over ``MaxConnections``: 503, retry in a second, and
     the connection closes (its request, never read, may not even have been sent)."""
-    return (
-        b"HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
-        % (date, len(REFUSAL_BODY), REFUSAL_BODY)
-    )
+    return error_response(503, REFUSAL_BODY, date, b"Retry-After: 1\r\n")
 
 
 class Refusal(TwistedProtocol):

@@ -361,6 +361,7 @@ def assert_rejected(server: Server, conn: Conn, status: int, path: bytes = b"/ap
     response = conn.response()
     message = error_message(response, status, path)
     assert response.header(b"connection") == b"close"
+    assert response.header(b"date"), "dated like every other response"
     assert conn.closed
     assert server.gateway.requests == []
     return message

@@ -124,6 +124,16 @@ class GatewayExchange:
             self._file.close()
 
 
+def error_response(status: int, body: bytes, date: bytes, fields: bytes = b"") -> bytes:
+    """A whole JSON error response that ends the connection (``fields``: more, each ending
+    in CRLF)."""
+    return (
+        b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%sConnection: close\r\n\r\n%s"
+        % (status, RESPONSES.get(status, b"Error"), date, len(body), fields, body)
+    )
+
+
 def error_path(target: bytes) -> bytes:
     """The path whose dialect an error about a request is in, from its target as received:
     normalised if it can be, else as sent (``//v1.0/...`` is still the admin API's)."""
@@ -222,14 +232,18 @@ class HTTPConnection(TwistedProtocol):
         self._phase = _CLOSED
         self.factory.connections.discard(self)
         self._parser.close()
+        producer, self._producer = self._producer, None
+        self._drop_exchanges(reason)
+        if producer is not None:
+            producer.stopProducing()
+
+    def _drop_exchanges(self, reason: Failure) -> None:
+        """Every request of the connection, answering or waiting its turn, hears it ended."""
         exchanges = [e for e in (self._answering, *self._ready, self._receiving) if e]
         self._answering = self._receiving = None
         self._ready.clear()
-        producer, self._producer = self._producer, None
         for exchange in exchanges:
             exchange.connection_lost(reason)
-        if producer is not None:
-            producer.stopProducing()
 
     # -- the parser's consumer --------------------------------------------------------------
 
@@ -424,14 +438,6 @@ class HTTPConnection(TwistedProtocol):
         self._phase = _CLOSED
         self._refused = None
         body = self.factory.error_body(path, status, message)
-        phrase = RESPONSES.get(status, b"Bad Request")
-        self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
-        )
+        self.transport.write(error_response(status, body, self.factory.date()))  # type: ignore[union-attr]
         self.close()
-        exchanges = [e for e in (self._answering, *self._ready, self._receiving) if e]
-        self._answering = self._receiving = None
-        self._ready.clear()
-        for exchange in exchanges:
-            exchange.connection_lost(Failure(BadMessage(status, message)))
+        self._drop_exchanges(Failure(BadMessage(status, message)))
