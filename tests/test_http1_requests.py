@@ -22,6 +22,7 @@ import attrs
 import h11
 import httptools
 import pytest
+from differential import TCHAR, Difference, Verdict, explained, search, values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import Server, error_message, parse_responses
@@ -464,25 +465,6 @@ def test_llhttp_keeps_every_byte_but_visible_ascii_out_of_a_target() -> None:
 # -- differential: h11 ------------------------------------------------------------------------
 
 
-@attrs.frozen
-class Difference:
-    """A deliberate difference from h11: the refusing side's reason contains one of
-    ``reasons``, and the input ``shows`` what is refused."""
-
-    why: str
-    reasons: tuple[str, ...]
-    shows: Any = None  # (wire: bytes) -> bool; None: the reason says enough
-
-    def explains(self, reason: str, wire: bytes) -> bool:
-        return any(r in reason for r in self.reasons) and (
-            self.shows is None or bool(self.shows(wire))
-        )
-
-
-def _search(pattern: bytes) -> Any:
-    return re.compile(pattern).search
-
-
 _LINE_END_RULES = ("Missing expected CR", "Missing expected LF", "Expected LF after",
                    "Expected CRLF", "Invalid header field char", "Invalid header token",
                    "Invalid header value char", "Invalid character in chunk size",
@@ -506,7 +488,7 @@ WE_REFUSE = [
         "bare LF (or CR) line ends: RFC 9112 §2.2 lets a recipient accept them; a proxy that "
         "does reads a framing its peers may not (request smuggling)",
         _LINE_END_RULES,
-        _search(rb"\r(?!\n)|(?<!\r)\n"),
+        search(rb"\r(?!\n)|(?<!\r)\n"),
     ),
     Difference(
         "obs-fold: h11 unfolds it; RFC 9112 §5.2 lets a server refuse it instead",
@@ -516,7 +498,7 @@ WE_REFUSE = [
             "Invalid header token",
             "Unexpected space after start line",
         ),
-        _search(rb"\n[ \t]"),
+        search(rb"\n[ \t]"),
     ),
     Difference(
         "Content-Length with Transfer-Encoding: h11 ignores the length; together they are a "
@@ -527,24 +509,24 @@ WE_REFUSE = [
         "Transfer-Encoding in a trailer: llhttp reads it as chunked applied twice; RFC 9110 "
         "§6.5.1 forbids framing fields there, h11 ignores trailers",
         ("Invalid `Transfer-Encoding` header value", "Content-Length can't be present"),
-        _search(rb"(?is)transfer-encoding:.*\r\n0[^\r\n]*\r\n.*transfer-encoding:"),
+        search(rb"(?is)transfer-encoding:.*\r\n0[^\r\n]*\r\n.*transfer-encoding:"),
     ),
     Difference(
         "Content-Length repeated or as a list, even of equal values (h11 merges equal ones; "
         "RFC 9112 §6.3 allows either)",
         ("Duplicate Content-Length", "Invalid character in Content-Length"),
-        _search(rb"(?is)content-length:[^\n]*,|content-length:.*content-length:"),
+        search(rb"(?is)content-length:[^\n]*,|content-length:.*content-length:"),
     ),
     Difference(
         "whitespace after a chunk size (h11 skips it; the grammar has none there)",
         ("Invalid character in chunk size",),
-        _search(rb"\n[0-9a-fA-F]+[ \t]"),
+        search(rb"\n[0-9a-fA-F]+[ \t]"),
     ),
     Difference(
         "chunk extensions: llhttp checks their syntax (tokens, quoted strings), h11 skips "
         "anything up to the line end",
         ("chunk extension", "Expected LF after chunk size", "Invalid character in chunk size"),
-        _search(rb"\n[0-9a-fA-F]+;"),
+        search(rb"\n[0-9a-fA-F]+;"),
     ),
     Difference(
         "a chunk size over 2**64 - 1 (h11 takes 20 hex digits and waits for the data)",
@@ -554,7 +536,7 @@ WE_REFUSE = [
         "control characters (DEL among them) in field values: RFC 9110 §5.5 forbids them, and "
         "Go's server (Ollama's) refuses them; h11 passes them on",
         ("Invalid header value char",),
-        _search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"),
+        search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"),
     ),
     Difference(
         "methods llhttp does not know (it parses the standard and WebDAV ones; Ollama routes "
@@ -566,7 +548,7 @@ WE_REFUSE = [
         "targets other than origin-form (or absolute-form http(s) without userinfo): h11 "
         "takes any visible ASCII",
         ("invalid request target",),
-        _search(rb"^[\r\n]*[A-Z-]+ +(?!/)"),
+        search(rb"^[\r\n]*[A-Z-]+ +(?!/)"),
     ),
     Difference(
         "a Host that is not host[:port] (h11 does not look)",
@@ -579,7 +561,7 @@ WE_REFUSE = [
     Difference(
         "versions but 1.0 and 1.1 (h11 takes any digit.digit and leaves it to the server)",
         ("only HTTP/1.1 and HTTP/1.0", "Invalid HTTP version", "Expected dot"),
-        _search(rb"HTTP/(?!1\.[01]\r\n)"),
+        search(rb"HTTP/(?!1\.[01]\r\n)"),
     ),
     Difference(
         "limits h11 does not have: fields, trailer fields",
@@ -592,13 +574,13 @@ H11_REFUSES = [
         "empty lines (or lone CRs) before a request line: llhttp skips them (RFC 9112 §2.2 says "
         "a server SHOULD ignore at least one), as nginx does",
         ("no request line received", "illegal request line"),
-        _search(rb"^[\r\n]"),
+        search(rb"^[\r\n]"),
     ),
     Difference(
         "more than one space between the parts of a request line: llhttp takes them (RFC 9112 "
         "§3 allows it); they are not forwarded",
         ("illegal request line",),
-        _search(rb"^[\r\n]*[A-Z-]+ (?: +\S+|\S+ ) +HTTP/"),
+        search(rb"^[\r\n]*[A-Z-]+ (?: +\S+|\S+ ) +HTTP/"),
     ),
 ]
 
@@ -630,9 +612,6 @@ class Record:
 
     def request_complete(self) -> None:
         self.complete = True
-
-
-Verdict = tuple[Any, ...]
 
 
 def ours(wire: bytes) -> tuple[Verdict, str]:
@@ -686,26 +665,13 @@ def _lower_codings(head: tuple[Any, ...]) -> tuple[Any, ...]:
     return method, target, version, fields
 
 
-def _explained(wire: bytes, our: Verdict, our_why: str, their: Verdict, their_why: str) -> bool:
-    """Whether the verdicts differ in one of the deliberate ways: the side that refused did
-    so for a listed reason."""
-    if our[0] == "refused" and their[0] == "complete":
-        return any(d.explains(our_why, wire) for d in WE_REFUSE)
-    if their[0] == "refused" and our[0] == "complete":
-        return any(d.explains(their_why, wire) for d in H11_REFUSES)
-    return False
-
-
 # Strategies: requests as a well-behaved client writes them, then mutated.
-_TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _SPECIAL = (b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect")
 _names = (
-    st.text(_TCHAR, min_size=1, max_size=10)
+    st.text(TCHAR, min_size=1, max_size=10)
     .map(str.encode)
     .filter(lambda n: n.lower() not in _SPECIAL)
 )
-_value_bytes = [bytes([b]) for b in range(0x21, 0x7F)] + [b" ", b"\t", b"\x80", b"\xff"]
-_values = st.lists(st.sampled_from(_value_bytes), max_size=12).map(b"".join)
 _targets = st.from_regex(rb"\A/[a-zA-Z0-9._~!$&'()*+,;=:@%/-]{0,16}(\?[a-zA-Z0-9=&%/-]{0,8})?\Z")
 _hosts = st.sampled_from(
     [b"flow.example", b"localhost:43411", b"10.0.0.7", b"[::1]:11434", b"", b"a-b.c"]
@@ -728,7 +694,7 @@ def requests(draw: st.DrawFn, *, odd_chunks: bool = False) -> bytes:
     out = bytearray(b"%s %s HTTP/%s\r\n" % (method, draw(_targets), version))
     if version == b"1.1" or draw(st.booleans()):
         out += b"Host: " + draw(_hosts) + b"\r\n"
-    for name, value in draw(st.lists(st.tuples(_names, _values), max_size=4)):
+    for name, value in draw(st.lists(st.tuples(_names, values), max_size=4)):
         out += name + b": " + value + b"\r\n"
     framing = draw(st.sampled_from(["none", "length", "chunked"]))
     body = draw(st.binary(max_size=40))
@@ -747,7 +713,7 @@ def requests(draw: st.DrawFn, *, odd_chunks: bool = False) -> bytes:
             out += line + extension + b"\r\n" + rest[:size] + b"\r\n"
             rest = rest[size:]
         out += b"0\r\n"
-        for name, value in draw(st.lists(st.tuples(_names, _values), max_size=2)):
+        for name, value in draw(st.lists(st.tuples(_names, values), max_size=2)):
             out += name + b": " + value + b"\r\n"
         out += b"\r\n"
     return bytes(out)
@@ -780,7 +746,7 @@ def _compare(wire: bytes) -> None:
     our, our_why = ours(wire)
     their, their_why = theirs(wire)
     if our != their:
-        assert _explained(wire, our, our_why, their, their_why), (
+        assert explained(wire, (our, our_why), (their, their_why), WE_REFUSE, H11_REFUSES), (
             f"{wire!r}\n ours:  {our} ({our_why})\n h11:   {their} ({their_why})"
         )
 

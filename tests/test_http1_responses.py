@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import httptools
 import pytest
 import pytest_twisted
 import treq
+from differential import TCHAR, Difference, Verdict, explained, search, values
 from harness import Http, start_daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -619,25 +619,6 @@ def test_llhttp_behaves_as_the_reader_assumes() -> None:
 # -- differential: h11 ------------------------------------------------------------------------
 
 
-@attrs.frozen
-class Difference:
-    """A deliberate difference from h11: the refusing side's reason contains one of
-    ``reasons``, and the input ``shows`` what is refused."""
-
-    why: str
-    reasons: tuple[str, ...]
-    shows: Any = None  # (wire: bytes) -> bool; None: the reason says enough
-
-    def explains(self, reason: str, wire: bytes) -> bool:
-        return any(r in reason for r in self.reasons) and (
-            self.shows is None or bool(self.shows(wire))
-        )
-
-
-def _search(pattern: bytes) -> Any:
-    return re.compile(pattern).search
-
-
 _LINE_END_RULES = ("Missing expected CR", "Missing expected LF", "Expected LF after",
                    "Expected CRLF", "Invalid header field char", "Invalid response status",
                    "Invalid character in chunk size", "Invalid header token",
@@ -650,7 +631,7 @@ WE_REFUSE = [
         "bare LF (or CR) line ends: RFC 9112 §2.2 lets a recipient accept them; a proxy that "
         "does reads a framing its peers may not (response splitting)",
         _LINE_END_RULES,
-        _search(rb"\r(?!\n)|(?<!\r)\n"),
+        search(rb"\r(?!\n)|(?<!\r)\n"),
     ),
     Difference(
         "obs-fold: h11 unfolds it; RFC 9112 §5.2 lets a proxy refuse it instead",
@@ -659,7 +640,7 @@ WE_REFUSE = [
             "Unexpected space after start line",
             "Invalid header value char",
         ),
-        _search(rb"\n[ \t]"),
+        search(rb"\n[ \t]"),
     ),
     Difference(
         "Content-Length with Transfer-Encoding: h11 ignores the length; together they are a "
@@ -669,41 +650,41 @@ WE_REFUSE = [
     Difference(
         "Content-Length repeated or as a list, even of equal values (h11 merges equal ones)",
         ("Duplicate Content-Length", "Invalid character in Content-Length"),
-        _search(rb"(?is)content-length:[^\n]*,|content-length:.*content-length:"),
+        search(rb"(?is)content-length:[^\n]*,|content-length:.*content-length:"),
     ),
     Difference(
         "whitespace after a chunk size (h11 skips it)",
         ("Invalid character in chunk size",),
-        _search(rb"\n[0-9a-fA-F]+[ \t]"),
+        search(rb"\n[0-9a-fA-F]+[ \t]"),
     ),
     Difference(
         "control characters (DEL among them) in field values or the reason phrase, which the "
         "gateway copies into its own status line (h11 accepts them)",
         ("Invalid header value char", "invalid reason phrase"),
-        _search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"),
+        search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"),
     ),
     Difference(
         "HTTP versions but 1.0 and 1.1 in a status line (h11 accepts any digit.digit)",
         _VERSION_RULES,
-        _search(rb"HTTP/(?!1\.[01] )"),
+        search(rb"HTTP/(?!1\.[01] )"),
     ),
     Difference(
         "a tab after a coding: llhttp reads `chunked` and a tab as another coding (so until "
         "the connection closes), RFC 9112 as chunked; we refuse what the two would frame "
         "differently",
         ("invalid Transfer-Encoding",),
-        _search(rb"(?i)transfer-encoding:[^\n]*\t"),
+        search(rb"(?i)transfer-encoding:[^\n]*\t"),
     ),
     Difference(
         "chunk extensions: llhttp checks their syntax (tokens, quoted strings), h11 skips "
         "anything up to the line end",
         ("chunk extension",),
-        _search(rb"\n[0-9a-fA-F]+;"),
+        search(rb"\n[0-9a-fA-F]+;"),
     ),
     Difference(
         "a Content-Length over 2**64 - 1 (h11 takes any size)",
         ("Content-Length overflow",),
-        _search(rb"(?i)content-length:[ \t]*[0-9]{20}"),
+        search(rb"(?i)content-length:[ \t]*[0-9]{20}"),
     ),
     Difference(
         "limits h11 does not have, or has larger: fields, interim responses, head size",
@@ -722,7 +703,7 @@ H11_REFUSES = [
         "(RFC 9112 §2.2), and so do we before the first, so that where reads split does not "
         "change what a response means",
         ("no response line received", "illegal status line: bytearray(b'\\r"),
-        _search(rb"(?:^|\r\n\r\n)[\r\n]"),
+        search(rb"(?:^|\r\n\r\n)[\r\n]"),
     ),
 ]
 
@@ -743,9 +724,6 @@ class Record:
 
     def response_complete(self, reusable: bool) -> None:
         self.complete = True
-
-
-Verdict = tuple[Any, ...]
 
 
 def ours(method: bytes, wire: bytes) -> tuple[Verdict, str]:
@@ -808,28 +786,12 @@ def _lower_codings(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
     return [(n, v.lower() if n.lower() == b"transfer-encoding" else v) for n, v in fields]
 
 
-_RANK = {"refused": 0, "failed": 1, "complete": 2}
-
-
-def _explained(wire: bytes, our: Verdict, our_why: str, their: Verdict, their_why: str) -> bool:
-    """Whether the verdicts differ in one of the deliberate ways: the side that got less far
-    (refused the head, or the body) did so for a listed reason."""
-    if _RANK[our[0]] < _RANK[their[0]]:
-        return any(d.explains(our_why, wire) for d in WE_REFUSE)
-    if _RANK[their[0]] < _RANK[our[0]]:
-        return any(d.explains(their_why, wire) for d in H11_REFUSES)
-    return False
-
-
 # Strategies: responses as a well-behaved server writes them, then mutated.
-_TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _names = (
-    st.text(_TCHAR, min_size=1, max_size=10)
+    st.text(TCHAR, min_size=1, max_size=10)
     .map(str.encode)
     .filter(lambda n: n.lower() not in (b"content-length", b"transfer-encoding", b"connection"))
 )
-_value_bytes = [bytes([b]) for b in range(0x21, 0x7F)] + [b" ", b"\t", b"\x80", b"\xff"]
-_values = st.lists(st.sampled_from(_value_bytes), max_size=12).map(b"".join)
 _INTERESTING = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b",", b";", b"\x00", b"\x7f", b"\x80",
                 b"\x01", b"\x0b", b"\x0c",
                 b"0", b"5", b"a", b"-", b"H", b"\r\n ", b"\r\n\r\n"]  # fmt: skip
@@ -848,7 +810,7 @@ def responses(draw: st.DrawFn) -> tuple[bytes, bytes]:
     code = draw(st.sampled_from([200, 200, 201, 204, 304, 404, 500, 503, 599]))
     phrase = draw(st.sampled_from([b" OK", b" Whatever It Is", b"", b" ", b" caf\xc3\xa9"]))
     out += b"HTTP/%s %d%s\r\n" % (version, code, phrase)
-    for name, value in draw(st.lists(st.tuples(_names, _values), max_size=4)):
+    for name, value in draw(st.lists(st.tuples(_names, values), max_size=4)):
         out += name + b": " + value + b"\r\n"
     connection = draw(st.sampled_from([None, b"close", b"keep-alive", b"keep-alive, X-Hop"]))
     if connection is not None:
@@ -870,7 +832,7 @@ def responses(draw: st.DrawFn) -> tuple[bytes, bytes]:
                 out += b"%x%s\r\n%s\r\n" % (size, extension, rest[:size])
                 rest = rest[size:]
             out += b"0\r\n"
-            for name, value in draw(st.lists(st.tuples(_names, _values), max_size=2)):
+            for name, value in draw(st.lists(st.tuples(_names, values), max_size=2)):
                 out += name + b": " + value + b"\r\n"
             out += b"\r\n"
     else:
@@ -907,7 +869,7 @@ def _compare(method: bytes, wire: bytes) -> None:
     our, our_why = ours(method, wire)
     their, their_why = theirs(method, wire)
     if our != their:
-        assert _explained(wire, our, our_why, their, their_why), (
+        assert explained(wire, (our, our_why), (their, their_why), WE_REFUSE, H11_REFUSES), (
             f"{method!r} {wire!r}\n ours:  {our} ({our_why})\n h11:   {their} ({their_why})"
         )
 
