@@ -96,19 +96,6 @@ BAD_BACKENDS: list[tuple[bytes, str]] = [
 ]
 
 
-@pytest_twisted.ensureDeferred
-@pytest.mark.parametrize(("raw", "field"), BAD_BACKENDS, ids=[f for _, f in BAD_BACKENDS])
-async def test_bad_backend_values_are_400_naming_the_field_and_nothing_is_stored(
-    http: Http, daemon: Daemon, raw: bytes, field: str
-) -> None:
-    before = await stored(daemon)
-    assert_bad_request(await http.put("/v1.0/backends", raw=raw), *field_error(field))
-    if field != "Identifier":  # on replace, the identifier in the URL wins
-        assert_bad_request(await http.put("/v1.0/backends/backend1", raw=raw), *field_error(field))
-    assert await stored(daemon) == before
-    assert daemon.registry.catalog.generation == before.generation
-
-
 #: (raw body, the field the error must name) for PUT /v1.0/frontends.
 BAD_FRONTENDS: list[tuple[bytes, str]] = [
     (b'{"Identifier": "f", "RequiredModels": ["llama 3"]}', "RequiredModels[0]"),
@@ -131,17 +118,28 @@ BAD_FRONTENDS: list[tuple[bytes, str]] = [
 ]
 
 
+#: (collection, record to replace, raw body, the field the error must name).
+BAD_RECORDS = [("backends", "backend1", raw, field) for raw, field in BAD_BACKENDS] + [
+    ("frontends", "frontend1", raw, field) for raw, field in BAD_FRONTENDS
+]
+
+
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize(("raw", "field"), BAD_FRONTENDS, ids=[f for _, f in BAD_FRONTENDS])
-async def test_bad_frontend_values_are_400_naming_the_field_and_nothing_is_stored(
-    http: Http, daemon: Daemon, raw: bytes, field: str
+@pytest.mark.parametrize(
+    ("kind", "existing", "raw", "field"),
+    BAD_RECORDS,
+    ids=[f"{kind}-{field}" for kind, _, _, field in BAD_RECORDS],
+)
+async def test_bad_values_are_400_naming_the_field_and_nothing_is_stored(
+    http: Http, daemon: Daemon, kind: str, existing: str, raw: bytes, field: str
 ) -> None:
     before = await stored(daemon)
-    assert_bad_request(await http.put("/v1.0/frontends", raw=raw), *field_error(field))
-    if field != "Identifier":
-        reply = await http.put("/v1.0/frontends/frontend1", raw=raw)
+    assert_bad_request(await http.put(f"/v1.0/{kind}", raw=raw), *field_error(field))
+    if field != "Identifier":  # on replace, the identifier in the URL wins
+        reply = await http.put(f"/v1.0/{kind}/{existing}", raw=raw)
         assert_bad_request(reply, *field_error(field))
     assert await stored(daemon) == before
+    assert daemon.registry.catalog.generation == before.generation
 
 
 def nested(depth: int) -> bytes:
