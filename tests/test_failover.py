@@ -323,3 +323,25 @@ async def test_a_retry_that_finds_no_slot_before_the_deadline_names_what_failed(
         await hold.done
     finally:
         await fleet.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_every_backend_fails_is_502_naming_each_one_tried(
+    tmp_path: Path,
+) -> None:
+    """It fails only when no candidate is left: each backend tried once, then the answer."""
+    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+    try:
+        for name in ("a", "b", "c"):
+            await fleet.add(name)
+        await fleet.serve("a", "b", "c")
+        for sim in fleet.sims.values():
+            await sim.configure(refuse=True)
+        response = await treq.post(
+            fleet.url + "/api/generate", json={"model": "llama3", "prompt": "x", "stream": False}
+        )
+        assert response.code == 502
+        error = (await response.json())["error"]
+        assert all(name in error.split("tried ")[1].split(")")[0] for name in "abc"), error
+    finally:
+        await fleet.stop()
