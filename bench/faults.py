@@ -315,9 +315,10 @@ async def backend_health(daemon: Daemon) -> dict[str, dict[str, Any]]:
 
 
 def in_rotation(record: Mapping[str, Any] | None) -> bool:
-    """Whether the daemon sends requests there: ``InRotation`` (healthy, and not held out after
-    a failed request) where the daemon reports it, else ``Healthy``."""
-    if record is None:
+    """Whether the daemon sends every request there: ``InRotation`` (healthy, and not held out
+    after a failed request) where the daemon reports it, else ``Healthy``; and no model steered
+    away from it after 500s."""
+    if record is None or record.get("SteeredModels"):  # models steered away after 500s
         return False
     return record.get("InRotation", record.get("Healthy")) is True
 

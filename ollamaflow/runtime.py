@@ -259,6 +259,10 @@ class ModelHolds:
         """``backend`` answered a request for ``model`` well: its count starts over."""
         self._blamed.pop((backend, model), None)
 
+    def steered(self, backend: str, now: float) -> list[str]:
+        """The models steered away from ``backend`` now (for the health API)."""
+        return sorted(m for (b, m), until in self._held.items() if b == backend and until > now)
+
     def steer(self, found: list[Backend], model: str, now: float) -> list[Backend]:
         """``found`` without the backends holding ``model`` off, unless none would be left."""
         held = self._held

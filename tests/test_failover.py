@@ -242,6 +242,8 @@ async def test_500s_a_health_check_cannot_see_are_retried_and_steer_the_model_aw
     assert retried and all(c.status == 200 and c.backend != FAULTED for c in retried)
     assert not any(out), "never out of rotation for 500s"
     assert len(retried) < len(load.outcomes) / 4, "steered away, most requests never met it"
+    health = (await setup.http.get(f"/v1.0/backends/{FAULTED}/health")).json
+    assert "llama3:latest" in health["SteeredModels"], health
 
 
 @pytest_twisted.ensureDeferred

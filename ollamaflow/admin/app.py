@@ -285,7 +285,9 @@ class AdminApi:
 
     def _health(self, backend: Backend) -> dict[str, Any]:
         out = to_wire(backend)
-        out.update(self.runtime.state(backend.identifier).to_wire(self.now()))
+        now = self.now()
+        out.update(self.runtime.state(backend.identifier).to_wire(now))
+        out["SteeredModels"] = self.runtime.model_holds.steered(backend.identifier, now.timestamp())
         out["Frontends"] = list(self.registry.catalog.frontends_listing(backend.identifier))
         return out
 
