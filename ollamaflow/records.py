@@ -25,10 +25,13 @@ from ollamaflow.wire import (
     from_wire,
 )
 
+# The enums are declared in OllamaFlow 1.2's order: a member's position is the number 1.2
+# accepts for it (``"LoadBalancing": 0`` is Random there); ours come after.
+
 
 class LoadBalancing(StrEnum):
-    ROUND_ROBIN = "RoundRobin"
     RANDOM = "Random"
+    ROUND_ROBIN = "RoundRobin"
     LEAST_OUTSTANDING = "LeastOutstanding"
 
 
@@ -83,7 +86,7 @@ class Frontend:
     timeout_ms: int = field(Int(0), default=60000)
     #: New frontends balance by load; stored ones keep what they had (it is in their record).
     load_balancing: LoadBalancing = field(
-        Choice(LoadBalancing), default=LoadBalancing.LEAST_OUTSTANDING
+        Choice(LoadBalancing, numbered=True), default=LoadBalancing.LEAST_OUTSTANDING
     )
     block_http10: bool = field(Bool(), default=True)
     max_request_body_size: int = field(Int(1, 2**53), default=536870912)
@@ -122,7 +125,9 @@ class Backend:
     unhealthy_threshold: int = field(Int(1), default=2)
     healthy_threshold: int = field(Int(1), default=2)
     health_check_method: HealthCheckMethod = field(
-        Choice(HealthCheckMethod), default=HealthCheckMethod.GET
+        # 1.2 writes an HTTP method as {"Method": "GET"}; numbers in the order of its names.
+        Choice(HealthCheckMethod, numbered=True, wrapper="Method"),
+        default=HealthCheckMethod.GET,
     )
     health_check_url: str = field(_URL_PATH, default="/")
     max_parallel_requests: int = field(Int(1), default=4)
@@ -134,7 +139,7 @@ class Backend:
     log_request_full: bool = field(Bool(), default=False)
     log_request_body: bool = field(Bool(), default=False)
     log_response_body: bool = field(Bool(), default=False)
-    api_format: ApiFormat = field(Choice(ApiFormat), default=ApiFormat.OLLAMA)
+    api_format: ApiFormat = field(Choice(ApiFormat, numbered=True), default=ApiFormat.OLLAMA)
     labels: tuple[str, ...] = field(_LABELS, default=())
     pinned_embeddings_properties: Mapping[str, Any] = field(_OBJECT, factory=dict)
     pinned_completions_properties: Mapping[str, Any] = field(_OBJECT, factory=dict)

@@ -492,19 +492,36 @@ class HostName:
 
 @attrs.frozen
 class Choice:
-    """One of an Enum's values, matched case-insensitively, written canonically."""
+    """One of an Enum's values, written canonically by name.
+
+    Read as the name in any case; when ``numbered``, also as the member's number, its position
+    in the enum (declared in OllamaFlow 1.2's order: 1.2's C# serializer takes an enum's number
+    too). ``wrapper`` also accepts ``{wrapper: name}``, the object 1.2 writes for an HTTP method.
+    """
 
     enum: type[Enum]
+    numbered: bool = False
+    wrapper: str | None = None
 
     @property
     def allowed(self) -> str:
+        if self.numbered:
+            return "one of " + ", ".join(f"{m.value} or {i}" for i, m in enumerate(self.enum))
         return "one of " + ", ".join(str(m.value) for m in self.enum)
 
     def parse(self, value: object, path: str, unknown: list[str]) -> Enum:
+        if self.wrapper is not None and isinstance(value, dict) and len(value) == 1:
+            ((key, inner),) = value.items()
+            if isinstance(key, str) and key.lower() == self.wrapper.lower():
+                value = inner
         if isinstance(value, str):
             for member in self.enum:
                 if str(member.value).lower() == value.lower():
                     return member
+        elif self.numbered and isinstance(value, int) and not isinstance(value, bool):
+            members = list(self.enum)
+            if 0 <= value < len(members):
+                return members[value]
         raise FieldError(path, value, self.allowed)
 
     def dump(self, value: Enum) -> object:

@@ -7,6 +7,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ollamaflow import modelnames
 from ollamaflow.http1.rules import HOP_BY_HOP
@@ -106,6 +108,98 @@ def test_runtime_and_server_managed_keys_are_ignored_so_get_output_can_be_put_ba
     again, unknown = parse_record(Backend, echoed)
     assert unknown == []
     assert again == be
+
+
+# -- enums as 1.2 accepts them: names in any case, or numbers ----------------------------------
+
+#: Each enum field, its record, and its members by the number OllamaFlow 1.2 gives them (the
+#: order of its C# enums; 1.2's HealthCheckMethod is an HttpMethod, numbered here GET, HEAD).
+NUMBERED = [
+    (Frontend, "LoadBalancing", ["Random", "RoundRobin", "LeastOutstanding"]),
+    (Backend, "ApiFormat", ["Ollama", "OpenAI"]),
+    (Backend, "HealthCheckMethod", ["GET", "HEAD"]),
+]
+
+
+@pytest.mark.parametrize(("cls", "key", "names"), NUMBERED)
+def test_enums_given_as_numbers_are_read_as_1_2_numbers_them_and_written_as_names(
+    cls: type, key: str, names: list[str]
+) -> None:
+    for number, name in enumerate(names):
+        record, unknown = parse_record(cls, {"Identifier": "x", key: number})
+        assert unknown == [] and to_wire(record)[key] == name
+
+
+@pytest.mark.parametrize(("cls", "key", "names"), NUMBERED)
+@pytest.mark.parametrize("bad", [-1, "out of range", True, False, 1.5, 0.0, "0", [0], {"0": 0}])
+def test_an_enum_number_out_of_range_or_a_boolean_is_400_naming_the_field_and_the_choices(
+    cls: type, key: str, names: list[str], bad: object
+) -> None:
+    value = len(names) if bad == "out of range" else bad
+    error = refused(cls, {key: value})
+    assert error.path == key
+    for number, name in enumerate(names):
+        assert f"{name} or {number}" in error.allowed
+
+
+def test_a_health_check_method_may_come_as_1_2_writes_it() -> None:
+    """1.2's HealthCheckMethod is a .NET HttpMethod, serialized as ``{"Method": "GET"}``."""
+    be, _ = parse_record(Backend, {"Identifier": "b", "HealthCheckMethod": {"method": "head"}})
+    assert be.health_check_method is HealthCheckMethod.HEAD
+    assert to_wire(be)["HealthCheckMethod"] == "HEAD"
+    for bad in [{"Method": "POST"}, {"Verb": "GET"}, {"Method": "GET", "Extra": 1}, {}]:
+        assert refused(Backend, {"HealthCheckMethod": bad}).path == "HealthCheckMethod"
+
+
+_JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+)
+_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    case=st.sampled_from(NUMBERED),
+    value=_JSON
+    | st.integers(min_value=-2, max_value=4)
+    | st.sampled_from(
+        ["random", "ROUNDROBIN", "leastoutstanding", "ollama", "OPENAI", "get", "Head"]
+    )
+    | st.builds(lambda v: {"Method": v}, _JSON_SCALARS),
+)
+def test_an_enum_field_reads_only_a_name_or_a_number_and_always_writes_the_name(
+    case: tuple[type, str, list[str]], value: object
+) -> None:
+    cls, key, names = case
+    by_lower = {name.lower(): name for name in names}
+    inner = value
+    if key == "HealthCheckMethod" and isinstance(value, dict) and len(value) == 1:
+        ((wrapper, wrapped),) = value.items()
+        inner = wrapped if wrapper.lower() == "method" else value
+    if isinstance(inner, str) and inner.lower() in by_lower:
+        expected: str | None = by_lower[inner.lower()]
+    elif type(inner) is int and 0 <= inner < len(names):
+        expected = names[inner]
+    else:
+        expected = None
+    if value is None:  # null is the default, as for every field
+        parse_record(cls, {"Identifier": "x", key: value})
+        return
+    if expected is None:
+        assert refused(cls, {key: value}).path == key
+    else:
+        record, _ = parse_record(cls, {"Identifier": "x", key: value})
+        assert to_wire(record)[key] == expected
 
 
 def test_unknown_keys_are_reported() -> None:
