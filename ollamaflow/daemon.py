@@ -26,6 +26,7 @@ from ollamaflow import tcp
 from ollamaflow.accesslog import AccessLog
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
+from ollamaflow.cors import Policy
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, Listener, Root
@@ -167,6 +168,9 @@ class Daemon(MultiService):
             self._body_limit,
             reactor,
             max_connections=settings.webserver.max_connections,
+            cors_policy=Policy.of(
+                settings.cors.allowed_origins, settings.cors.admin_allowed_origins
+            ),
         )
         if self.metrics is not None:
             self.metrics.watch_connections(self.listener)

@@ -5,6 +5,9 @@ starts with ``/v1.0`` is the admin API's, even ``/v1.0x``, so that a mistyped ad
 refused by it instead of carrying its token to a backend. ``GET /metrics`` and ``GET /`` are ours
 too; those are twisted.web resources under :class:`Root`. Everything else is client traffic for
 the gateway, served on the lean path of :mod:`ollamaflow.server`, over the same connections.
+
+Every ``OPTIONS`` is answered here, and so is a request from an origin browsers may not let
+call (:mod:`ollamaflow.cors`): neither reaches the gateway, the admin API or a backend.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ollamaflow import cors
 from ollamaflow.admin.errors import error_body as admin_error_body
 from ollamaflow.gateway.dialect import error_body as gateway_error_body
 from ollamaflow.server.connection import GatewayExchange, HTTPConnection, error_response
@@ -188,6 +192,39 @@ class Refusal(TwistedProtocol):
             linger.cancel()
 
 
+class Answer:
+    """A request the listener answers itself once it is whole (an ``OPTIONS``, a refused
+    origin): ``status``, ``fields`` and ``body``; whatever body the request has is dropped."""
+
+    __slots__ = ("body_bytes", "fields", "request", "status")
+
+    def __init__(
+        self, request: ClientRequest, status: int, fields: cors.Fields, body: bytes = b""
+    ) -> None:
+        self.request = request
+        self.status = status
+        self.fields = fields
+        self.body_bytes = body
+
+    def body(self, data: bytes) -> None:
+        """Dropped: the answer does not depend on it."""
+
+    def complete(self) -> None:
+        request = self.request
+        request.setResponseCode(self.status)
+        for name, value in self.fields:
+            request.setHeader(name, value)
+        body = self.body_bytes
+        if body:
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+        request.finish()
+
+    def connection_lost(self, reason: Failure) -> None:
+        self.request.connection_lost(reason)
+
+
 class Listener(ServerFactory):
     """Builds a :class:`HTTPConnection` per client; routes each request it parses."""
 
@@ -204,10 +241,13 @@ class Listener(ServerFactory):
         idle_timeout: float = IDLE_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        cors_policy: cors.Policy = cors.DEFAULT_POLICY,
     ) -> None:
         """``max_connections``: client connections open at once (``Webserver.MaxConnections``);
-        one more is answered 503 and closed (see :meth:`buildProtocol`)."""
+        one more is answered 503 and closed (see :meth:`buildProtocol`). ``cors_policy``: the
+        origins browsers may call from (``Cors``)."""
         self.max_connections = max_connections
+        self.cors = cors_policy
         #: Connections refused since start, for ``/metrics``.
         self.refused = 0
         #: Refused connections still lingering (see :class:`Refusal`).
@@ -263,12 +303,59 @@ class Listener(ServerFactory):
         fields: dict[bytes, bytes],
         persistent: bool,
         length: int | None,
-    ) -> GatewayExchange | WebStream:
-        """Where a request whose head just arrived goes: the gateway or twisted.web."""
+    ) -> GatewayExchange | WebStream | Answer:
+        """Where a request whose head just arrived goes: the gateway or twisted.web, or an
+        answer from here (:meth:`cross_origin`)."""
+        origin = fields.get(b"origin")
+        if origin is not None or method == b"OPTIONS":
+            return self.cross_origin(
+                connection, method, uri, path, version, headers, fields, persistent, length, origin
+            )
         if is_web(method, path, self.metrics):
             site = self.site
             return WebStream(connection, site, method, uri, version, headers, persistent, length)
         request = ClientRequest(connection, method, uri, path, version, headers, fields, persistent)
+        return GatewayExchange(self, request)
+
+    def cross_origin(
+        self,
+        connection: HTTPConnection,
+        method: bytes,
+        uri: bytes,
+        path: bytes,
+        version: bytes,
+        headers: list[tuple[bytes, bytes]],
+        fields: dict[bytes, bytes],
+        persistent: bool,
+        length: int | None,
+        origin: bytes | None,
+    ) -> GatewayExchange | WebStream | Answer:
+        """A request with an ``Origin``, or an ``OPTIONS``: answered here (every ``OPTIONS``,
+        and an origin not allowed), or served with the CORS fields on its response. The
+        admin API and ``/metrics`` allow the admin origins, everything else the clients'."""
+        ours = path.startswith(ADMIN_PREFIX) or (self.metrics and path == METRICS_PATH)
+        origins = self.cors.admin if ours else self.cors.client
+        decision = cors.decide(origins, method, origin, fields, connection.secure)
+        if decision.status is not None:
+            request = ClientRequest(
+                connection, method, uri, path, version, headers, fields, persistent
+            )
+            error = decision.error
+            body = self.error_body(path, decision.status, error) if error else b""
+            return Answer(request, decision.status, decision.fields, body)
+        if is_web(method, path, self.metrics):
+            site = self.site
+            stream = WebStream(connection, site, method, uri, version, headers, persistent, length)
+            for name, value in decision.fields:
+                stream.request.setHeader(name, value)
+            return stream
+        if origin is not None:
+            # The decision is ours: a backend (Ollama) must not refuse an origin allowed here,
+            # nor name it a second time.
+            headers = [(name, value) for name, value in headers if name.lower() != b"origin"]
+        request = ClientRequest(connection, method, uri, path, version, headers, fields, persistent)
+        for name, value in decision.fields:
+            request.setHeader(name, value)
         return GatewayExchange(self, request)
 
     def serve(self, request: ClientRequest) -> None:

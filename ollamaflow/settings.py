@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from ollamaflow.cors import MAX_ORIGIN, ORIGIN_ENTRY
 from ollamaflow.wire import (
     Bool,
     Choice,
@@ -147,6 +148,31 @@ class Database:
         return [key for key, value in values.items() if value is not None]
 
 
+_ORIGIN = Str(
+    allowed="an origin (scheme://host or scheme://host:port, '*' matching any characters), "
+    "'null', or '*' for any origin",
+    pattern=ORIGIN_ENTRY,
+    max_length=MAX_ORIGIN,
+)
+#: Entries in each origin list of ``Cors``.
+MAX_ORIGINS = 256
+
+
+@attrs.frozen
+class Cors:
+    """Which web pages' scripts may call OllamaFlow (browsers say so in ``Origin``): client
+    traffic from Ollama's default origins (``OLLAMA_ORIGINS``: localhost, 127.0.0.1, 0.0.0.0,
+    app://, file://, tauri://, vscode-webview://) plus ``AllowedOrigins``; the admin API from
+    ``AdminAllowedOrigins``, any origin by default as in OllamaFlow 1.2."""
+
+    allowed_origins: tuple[str, ...] = field(
+        StrList(item=_ORIGIN, max_items=MAX_ORIGINS), default=()
+    )
+    admin_allowed_origins: tuple[str, ...] = field(
+        StrList(item=_ORIGIN, max_items=MAX_ORIGINS), default=("*",)
+    )
+
+
 @attrs.frozen
 class Settings:
     webserver: Webserver = field(Nested(Webserver), factory=Webserver)
@@ -160,6 +186,7 @@ class Settings:
     )
     logging: Logging = field(Nested(Logging), factory=Logging)
     metrics: Metrics = field(Nested(Metrics), factory=Metrics)
+    cors: Cors = field(Nested(Cors), factory=Cors)
     health_check_interval_ms: int = field(Int(100, 86_400_000), default=5000)
     health_check_timeout_ms: int = field(Int(100, 600_000), default=3000)
     model_refresh_interval_ms: int = field(Int(1000, 86_400_000), default=30000)

@@ -212,3 +212,63 @@ def test_postgresql_keys_with_the_sqlite_driver_are_named_in_a_warning(tmp_path:
         "Database.Url, Database.Password ignored: Database.Driver is sqlite"
         " (DatabaseFilename is used)"
     ) in warnings
+
+
+# -- Cors ----------------------------------------------------------------------------------------
+
+
+def test_cors_defaults_keep_old_files_working_and_are_written(tmp_path: Path) -> None:
+    """No ``Cors`` section: the clients get Ollama's origins only, the admin API any (1.2)."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"AdminBearerTokens": ["t0ken"]}))
+    cors = load_settings(path).settings.cors
+    assert cors.allowed_origins == () and cors.admin_allowed_origins == ("*",)
+    written = json.loads(load_settings(tmp_path / "new.json").path.read_text())
+    assert written["Cors"] == {"AllowedOrigins": [], "AdminAllowedOrigins": ["*"]}
+
+
+def test_cors_origins_are_read_in_any_case_with_stars_null_and_ports(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    origins = ["https://app.example", "https://*.corp.example", "http://[::1]:8080", "null"]
+    data = {"cors": {"allowedorigins": origins, "AdminAllowedOrigins": []}}
+    path.write_text(json.dumps(data))
+    cors = load_settings(path).settings.cors
+    assert cors.allowed_origins == tuple(origins)
+    assert cors.admin_allowed_origins == ()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"Cors": []}, "Cors: [] is not allowed; expected a JSON object"),
+        ({"Cors": {"AllowedOrigins": "*"}}, 'Cors.AllowedOrigins: "*" is not allowed'),
+        (
+            {"Cors": {"AllowedOrigins": ["https://app.example/"]}},
+            'Cors.AllowedOrigins[0]: "https://app.example/" is not allowed; expected an origin',
+        ),
+        ({"Cors": {"AllowedOrigins": ["app.example"]}}, "Cors.AllowedOrigins[0]:"),
+        ({"Cors": {"AllowedOrigins": ["https://a.example, https://b.example"]}}, "[0]:"),
+        ({"Cors": {"AdminAllowedOrigins": ["https://ui example"]}}, "AdminAllowedOrigins[0]:"),
+        ({"Cors": {"AdminAllowedOrigins": [""]}}, "Cors.AdminAllowedOrigins[0]:"),
+        ({"Cors": {"AdminAllowedOrigins": [7]}}, "Cors.AdminAllowedOrigins[0]: 7"),
+        ({"Cors": {"AllowedOrigins": ["*", "*"]}}, "distinct strings"),
+        (
+            {"Cors": {"AllowedOrigins": ["https://" + "a" * 600]}},
+            "Cors.AllowedOrigins[0]: ",
+        ),
+        (
+            {"Cors": {"AllowedOrigins": [f"https://h{i}.example" for i in range(257)]}},
+            "Cors.AllowedOrigins: ",
+        ),
+    ],
+)
+def test_bad_cors_values_stop_with_one_line(
+    tmp_path: Path, data: dict[str, object], expected: str
+) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "\n" not in message and expected in message
+    assert len(message) < 1000, "a long value is cut short in the message"
