@@ -56,6 +56,11 @@ class Catalog:
     def frontends_listing(self, backend: str) -> tuple[str, ...]:
         return tuple(fe.identifier for fe in self.frontends.values() if backend in fe.backends)
 
+    def missing_backends(self, frontend: Frontend) -> tuple[str, ...]:
+        """The backends ``frontend`` lists that do not exist (not created yet, or left out):
+        it is served by the others, and by each of these as soon as it is created."""
+        return tuple(b for b in frontend.backends if b not in self.backends)
+
 
 Listener = Callable[[Catalog], None]
 
@@ -74,9 +79,12 @@ class Registry:
     _log: Logger = attrs.field(factory=Logger)
     #: The left-out records of the published catalog, already logged.
     _reported: frozenset[tuple[str, str, str]] = attrs.field(init=False, default=frozenset())
+    #: The frontends' missing backends in the published catalog, already logged.
+    _missing: frozenset[tuple[str, tuple[str, ...]]] = attrs.field(init=False, default=frozenset())
 
     def __attrs_post_init__(self) -> None:
         self._report_left_out(self.catalog)
+        self._report_missing(self.catalog)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -86,6 +94,7 @@ class Registry:
             return
         self.catalog = catalog
         self._report_left_out(catalog)
+        self._report_missing(catalog)
         for listener in self._listeners:
             try:
                 listener(catalog)
@@ -103,6 +112,22 @@ class Registry:
                     route=f"/v1.0/{error.kind}s/{name}",
                 )
         self._reported = frozenset(error.key for error in catalog.left_out)
+
+    def _report_missing(self, catalog: Catalog) -> None:
+        """Warn about each frontend whose missing backends changed to some (not to none)."""
+        missing = frozenset(
+            (fe.identifier, gone)
+            for fe in catalog.frontends.values()
+            if (gone := catalog.missing_backends(fe))
+        )
+        for identifier, gone in sorted(missing - self._missing):
+            self._log.warn(
+                "frontend {frontend} lists backends that do not exist: {missing}; it is served"
+                " by its other backends, and by each of these once it is created",
+                frontend=repr(identifier),
+                missing=", ".join(repr(b) for b in gone),
+            )
+        self._missing = missing
 
     async def refresh(self) -> Catalog:
         self.publish(Catalog.build(await self.store.snapshot()))

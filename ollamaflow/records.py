@@ -161,22 +161,35 @@ class Backend:
         return f"{'https' if self.ssl else 'http'}://{host}:{self.port}"
 
 
-#: Keys the original serializes on backends as runtime state; accepted and ignored on input
-#: so that a record read with GET can be sent back with PUT.
-RUNTIME_KEYS = frozenset(
-    k.lower()
-    for k in (
-        "Healthy",
-        "HealthySinceUtc",
-        "UnhealthySinceUtc",
-        "Uptime",
-        "Downtime",
-        "ActiveRequests",
-        "IsSticky",
-        "LastCheckUtc",
-        "LastError",
-    )
+#: Keys the admin API writes beside a record's fields — runtime state (1.2's and the health
+#: records') and what is derived from the configuration — accepted and ignored on input, so
+#: that any record read with GET can be sent back with PUT. Any other unknown key is refused.
+BACKEND_RUNTIME_KEYS = (
+    # OllamaFlow 1.2's runtime fields
+    "HealthySinceUtc",
+    "UnhealthySinceUtc",
+    "Uptime",
+    "Downtime",
+    "ActiveRequests",
+    "IsSticky",
+    # the health record's
+    "Healthy",
+    "InRotation",
+    "ActiveRequestsByModel",
+    "ConsecutiveSuccesses",
+    "ConsecutiveFailures",
+    "LastCheckUtc",
+    "LastError",
+    "SteeredModels",
+    "Frontends",
 )
+#: The backends a frontend lists that do not exist (yet).
+FRONTEND_RUNTIME_KEYS = ("MissingBackends",)
+
+_IGNORED: dict[type, frozenset[str]] = {
+    Backend: frozenset(k.lower() for k in BACKEND_RUNTIME_KEYS),
+    Frontend: frozenset(k.lower() for k in FRONTEND_RUNTIME_KEYS),
+}
 
 
 R = TypeVar("R", Frontend, Backend)
@@ -185,5 +198,6 @@ R = TypeVar("R", Frontend, Backend)
 def parse_record(cls: type[R], data: object) -> tuple[R, list[str]]:
     """Parse admin-API input into a record; returns it and the unknown keys."""
     if isinstance(data, dict):
-        data = {k: v for k, v in data.items() if k.lower() not in RUNTIME_KEYS}
+        ignored = _IGNORED[cls]
+        data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.lower() in ignored)}
     return from_wire(cls, data)

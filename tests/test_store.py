@@ -35,7 +35,6 @@ from ollamaflow.store import (
     Snapshot,
     Store,
     StoreClosed,
-    UnknownBackends,
     postgresql_conninfo,
     prepare_postgresql,
     prepare_sqlite,
@@ -261,8 +260,8 @@ async def test_connections_use_wal_foreign_keys_and_a_busy_timeout(store: Store)
 
 @pytest_twisted.ensureDeferred
 async def test_the_schema_is_at_the_latest_version(store: Store, db: Database) -> None:
-    assert SCHEMA_VERSION == 2
-    assert rows(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert SCHEMA_VERSION == 3
+    assert rows(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
 
 
 @pytest_twisted.ensureDeferred
@@ -332,20 +331,23 @@ async def test_a_duplicate_frontend_is_refused(store: Store) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_unknown_backends_are_all_named_and_nothing_is_written(
-    store: Store, db: Database
-) -> None:
-    before = await store.snapshot()
-    with pytest.raises(UnknownBackends) as caught:
-        await store.create_frontend(
-            Frontend(identifier="chat", backends=("nope1", "backend1", "nope2"))
-        )
-    assert caught.value.identifiers == ("nope1", "nope2")
-    assert "'nope1'" in str(caught.value) and "'nope2'" in str(caught.value)
-    with pytest.raises(UnknownBackends):
-        await store.replace_frontend(Frontend(identifier="frontend1", backends=("ghost",)))
-    assert await store.snapshot() == before
-    assert rows(db, "SELECT identifier FROM frontends") == [("frontend1",)]
+async def test_a_frontend_may_name_backends_not_created_yet(store: Store, db: Database) -> None:
+    """As in 1.2, whose own examples create the frontend first; they keep their place."""
+    created = await store.create_frontend(
+        Frontend(identifier="chat", backends=("nope1", "backend1", "nope2"))
+    )
+    assert created.backends == ("nope1", "backend1", "nope2")
+    await store.replace_frontend(Frontend(identifier="frontend1", backends=("ghost",)))
+    snap = await store.snapshot()
+    assert [fe.backends for fe in snap.frontends] == [("ghost",), ("nope1", "backend1", "nope2")]
+    assert ids(snap.backends) == ["backend1"]
+    await store.create_backend(Backend(identifier="nope2"))
+    assert (await store.snapshot()).frontends[1].backends == ("nope1", "backend1", "nope2")
+    with pytest.raises(BackendInUse):
+        await store.delete_backend("nope2")
+    assert await store.delete_backend("nope2", force=True) == ("chat",)
+    snap = await store.snapshot()
+    assert snap.frontends[1].backends == ("nope1", "backend1"), "forced out; the missing stay"
 
 
 @pytest_twisted.ensureDeferred
@@ -461,7 +463,7 @@ async def test_every_write_bumps_the_generation_and_failures_do_not(store: Store
     await expect_bump()
     for failing in (
         store.create_backend(Backend(identifier="backend1")),
-        store.create_frontend(Frontend(identifier="x", backends=("ghost",))),
+        store.replace_frontend(Frontend(identifier="nobody")),
         store.delete_backend("backend1"),
         store.delete_frontend("ghost"),
     ):
@@ -549,17 +551,22 @@ async def test_a_failure_mid_transaction_leaves_no_rows(
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_database_refuses_a_frontend_naming_a_missing_backend(
+async def test_the_database_drops_a_deleted_frontends_links_and_allows_missing_backends(
     store: Store, db: Database
 ) -> None:
+    execute(
+        db,
+        "INSERT INTO frontend_backends (frontend_id, backend_id, position)"
+        " VALUES ('frontend1', 'ghost', 1)",
+    )
     with pytest.raises(db.integrity_error):
         execute(
             db,
             "INSERT INTO frontend_backends (frontend_id, backend_id, position)"
-            " VALUES ('frontend1', 'ghost', 1)",
+            " VALUES ('nobody', 'backend1', 0)",
         )
-    with pytest.raises(db.integrity_error):
-        execute(db, "DELETE FROM backends WHERE identifier = 'backend1'")
+    execute(db, "DELETE FROM frontends WHERE identifier = 'frontend1'")
+    assert rows(db, "SELECT * FROM frontend_backends") == []
 
 
 # -- migrations ------------------------------------------------------------------------------
@@ -591,7 +598,7 @@ async def test_a_version_1_database_is_migrated_with_its_rows(db: Database, open
     connection.close()
 
     store = await opener()
-    assert rows(db, "SELECT MAX(version) FROM schema_version") == [(2,)]
+    assert rows(db, "SELECT MAX(version) FROM schema_version") == [(SCHEMA_VERSION,)]
     snap = await store.snapshot()
     assert snap.generation == 0 and await store.generation() == 0
     assert ids(snap.frontends) == ["fe"] and ids(snap.backends) == ["old"], "no seeding"
@@ -602,6 +609,12 @@ async def test_a_version_1_database_is_migrated_with_its_rows(db: Database, open
     assert snap.frontends[0].backends == ("old",)
     await store.create_backend(Backend(identifier="new"))
     assert await store.generation() == 1
+    await store.replace_frontend(Frontend(identifier="fe", backends=("old", "later")))
+    assert (await store.snapshot()).frontends[0].backends == ("old", "later"), (
+        "version 3: a frontend may name a backend not created yet"
+    )
+    with pytest.raises(BackendInUse):
+        await store.delete_backend("old")
 
 
 @pytest_twisted.ensureDeferred
@@ -617,7 +630,7 @@ async def test_a_newer_schema_is_refused_and_left_untouched(
     assert (caught.value.found, caught.value.supported) == (7, SCHEMA_VERSION)
     setting = {"sqlite": "DatabaseFilename", "postgresql": "Database"}[db.kind]
     assert str(caught.value) == (
-        "database schema version 7 is newer than this OllamaFlow supports (2);"
+        "database schema version 7 is newer than this OllamaFlow supports (3);"
         f" upgrade OllamaFlow or use another {setting}"
     )
     assert db.fingerprint() == before
@@ -625,7 +638,7 @@ async def test_a_newer_schema_is_refused_and_left_untouched(
 
 def test_migrate_refuses_a_target_it_does_not_know(db: Database) -> None:
     connection = db.connect()
-    with pytest.raises(ValueError, match="target version 3"):
+    with pytest.raises(ValueError, match="target version 4"):
         migrate(connection.cursor(), db.dialect, now=T0, target=SCHEMA_VERSION + 1)
     connection.close()
 
@@ -667,7 +680,8 @@ async def test_prepare_refuses_a_newer_schema_and_a_running_reactor(
 ) -> None:
     store, _ = db.prepare(NotYetRunning(reactor), now)
     await store.close()
-    execute(db, "INSERT INTO schema_version VALUES (3, '2030-01-01T00:00:00.000000Z')")
+    newer = SCHEMA_VERSION + 1
+    execute(db, f"INSERT INTO schema_version VALUES ({newer}, '2030-01-01T00:00:00.000000Z')")
     before = db.fingerprint()
     with pytest.raises(SchemaTooNew):
         db.prepare(NotYetRunning(reactor), now)

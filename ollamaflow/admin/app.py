@@ -30,7 +30,6 @@ from ollamaflow.store import (
     InvalidRecord,
     StoreError,
     StoreUnavailable,
-    UnknownBackends,
 )
 from ollamaflow.store import (
     NotFound as RecordNotFound,
@@ -43,7 +42,6 @@ _STORE_ERRORS: dict[type[StoreError], int] = {
     RecordNotFound: 404,
     DuplicateIdentifier: 409,
     BackendInUse: 409,
-    UnknownBackends: 400,
     InvalidRecord: 400,
     StoreUnavailable: 503,
 }
@@ -133,21 +131,22 @@ class AdminApi:
 
     @app.route("/v1.0/frontends", methods=["GET"])
     def list_frontends(self, request: IRequest) -> bytes:
-        return _json(request, [to_wire(fe) for fe in self.registry.catalog.frontends.values()])
+        frontends = self.registry.catalog.frontends.values()
+        return _json(request, [self._frontend_wire(fe) for fe in frontends])
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["GET"])
     def get_frontend(self, request: IRequest, identifier: str) -> bytes:
-        return _json(request, to_wire(self._frontend(identifier)))
+        return _json(request, self._frontend_wire(self._frontend(identifier)))
 
     @app.route("/v1.0/frontends", methods=["PUT", "POST"])
     async def create_frontend(self, request: IRequest) -> bytes:
         stored = await self.registry.create_frontend(_parse(Frontend, request))
-        return _json(request, to_wire(stored), 201)
+        return _json(request, self._frontend_wire(stored), 201)
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["PUT"])
     async def replace_frontend(self, request: IRequest, identifier: str) -> bytes:
         stored = await self.registry.replace_frontend(_parse(Frontend, request, identifier))
-        return _json(request, to_wire(stored))
+        return _json(request, self._frontend_wire(stored))
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["DELETE"])
     async def delete_frontend(self, request: IRequest, identifier: str) -> bytes:
@@ -235,7 +234,10 @@ class AdminApi:
                 "HealthyBackends": healthy,
                 "UnhealthyBackends": len(catalog.backends) - healthy,
                 "ActiveRequests": sum(s.active_requests for s in self.runtime.states.values()),
-                "Queues": self.queues(),
+                "Queues": [
+                    {**queue, "MissingBackends": self._missing(queue["Identifier"])}
+                    for queue in self.queues()
+                ],
             },
         )
 
@@ -282,6 +284,18 @@ class AdminApi:
         if found is None:
             raise ApiError(404, f"backend {identifier!r} does not exist")
         return found
+
+    def _frontend_wire(self, frontend: Frontend) -> dict[str, Any]:
+        """The record, and the backends it names that do not exist (only when there are)."""
+        out = to_wire(frontend)
+        missing = self.registry.catalog.missing_backends(frontend)
+        if missing:
+            out["MissingBackends"] = list(missing)
+        return out
+
+    def _missing(self, identifier: object) -> list[str]:
+        frontend = self.registry.catalog.frontends.get(str(identifier))
+        return list(self.registry.catalog.missing_backends(frontend)) if frontend else []
 
     def _health(self, backend: Backend) -> dict[str, Any]:
         out = to_wire(backend)

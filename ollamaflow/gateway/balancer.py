@@ -39,7 +39,7 @@ def candidates(
     states = runtime.states
     for identifier in frontend.backends:
         backend = catalog.backends.get(identifier)
-        if backend is None or not backend.active:
+        if backend is None or not backend.active:  # a missing one: served once it is created
             continue
         configured += 1
         state = states.get(identifier)
@@ -58,6 +58,13 @@ def candidates(
         return found or suspects
     name = f"frontend {frontend.identifier!r}"
     if not configured:
+        missing = catalog.missing_backends(frontend)
+        if missing:
+            names = ", ".join(quoted(b) for b in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            return NoCandidate(
+                f"{name} has no active backends; these do not exist (yet): {names}{more}"
+            )
         return NoCandidate(f"{name} has no active backends")
     if not healthy:
         return NoCandidate(f"{name}: none of its {configured} backends is healthy")

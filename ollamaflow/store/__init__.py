@@ -14,7 +14,6 @@ from ollamaflow.store.errors import (
     StoreClosed,
     StoreError,
     StoreUnavailable,
-    UnknownBackends,
 )
 from ollamaflow.store.migrations import LATEST as SCHEMA_VERSION
 from ollamaflow.store.postgresql import Subscription, describe_postgresql, postgresql_conninfo
@@ -46,7 +45,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Subscription",
-    "UnknownBackends",
     "describe_postgresql",
     "postgresql_conninfo",
     "prepare_postgresql",

@@ -32,18 +32,6 @@ class DuplicateIdentifier(StoreError):
 
 
 @attrs.define(auto_exc=True)
-class UnknownBackends(StoreError):
-    """A frontend names backends that do not exist (all of them are listed)."""
-
-    identifiers: tuple[str, ...]
-
-    def __str__(self) -> str:
-        names = ", ".join(repr(i) for i in self.identifiers)
-        plural = "s do" if len(self.identifiers) > 1 else " does"
-        return f"backend{plural} not exist: {names}"
-
-
-@attrs.define(auto_exc=True)
 class BackendInUse(StoreError):
     """A backend cannot be deleted while frontends list it (unless forced)."""
 

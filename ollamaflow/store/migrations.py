@@ -31,7 +31,7 @@ _RECORDS: tuple[str, ...] = (
         created_utc TEXT NOT NULL,
         last_update_utc TEXT NOT NULL
     )""",
-    # The database itself guarantees that no frontend names a missing backend.
+    # Version 3 drops the reference to backends (a frontend may name one not created yet).
     """CREATE TABLE frontend_backends (
         frontend_id TEXT NOT NULL REFERENCES frontends (identifier) ON DELETE CASCADE,
         backend_id TEXT NOT NULL REFERENCES backends (identifier) ON DELETE RESTRICT,
@@ -51,7 +51,25 @@ _CONFIG_STATE: tuple[str, ...] = (
     "INSERT INTO config_state (id, generation) VALUES (1, 0)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_RECORDS, _CONFIG_STATE)
+# A frontend may name backends not created yet, as 1.2's did: the link table keeps its
+# frontends' cascade but no longer refers to backends (deleting a listed backend is refused by
+# the store, as before). Rebuilt, because SQLite cannot drop a constraint.
+_LINKS_TO_ANY_BACKEND: tuple[str, ...] = (
+    """CREATE TABLE frontend_backends_3 (
+        frontend_id TEXT NOT NULL REFERENCES frontends (identifier) ON DELETE CASCADE,
+        backend_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (frontend_id, position),
+        UNIQUE (frontend_id, backend_id)
+    )""",
+    "INSERT INTO frontend_backends_3 (frontend_id, backend_id, position)"
+    " SELECT frontend_id, backend_id, position FROM frontend_backends",
+    "DROP TABLE frontend_backends",
+    "ALTER TABLE frontend_backends_3 RENAME TO frontend_backends",
+    "CREATE INDEX frontend_backends_backend ON frontend_backends (backend_id)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_RECORDS, _CONFIG_STATE, _LINKS_TO_ANY_BACKEND)
 LATEST = len(MIGRATIONS)
 
 _VERSION_TABLE = """CREATE TABLE schema_version (

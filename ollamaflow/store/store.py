@@ -11,7 +11,7 @@ itself on the next call.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -33,7 +33,6 @@ from ollamaflow.store.errors import (
     NotFound,
     StoreClosed,
     StoreUnavailable,
-    UnknownBackends,
     one_line,
 )
 from ollamaflow.store.migrations import migrate
@@ -605,38 +604,15 @@ def _update(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: date
     return created
 
 
-def _missing_backends(
-    cursor: Cursor, dialect: Dialect, identifiers: Iterable[str]
-) -> tuple[str, ...]:
-    missing = []
-    for identifier in identifiers:
-        row = dialect.execute(
-            cursor, "SELECT 1 FROM backends WHERE identifier = ?", (identifier,)
-        ).fetchone()
-        if row is None:
-            missing.append(identifier)
-    return tuple(missing)
-
-
 def _write_links(cursor: Cursor, dialect: Dialect, frontend: str, backends: Sequence[str]) -> None:
-    """Make ``frontend`` list exactly ``backends``, in order; refuses unknown backends."""
-    missing = _missing_backends(cursor, dialect, backends)
-    if missing:
-        raise UnknownBackends(missing)
+    """Make ``frontend`` list exactly ``backends``, in order; they need not exist yet."""
     dialect.execute(cursor, "DELETE FROM frontend_backends WHERE frontend_id = ?", (frontend,))
     for position, backend in enumerate(backends):
-        try:
-            dialect.execute(
-                cursor,
-                "INSERT INTO frontend_backends (frontend_id, backend_id, position)"
-                " VALUES (?, ?, ?)",
-                (frontend, backend, position),
-            )
-        except Exception as e:
-            # Only reachable if the check above raced a writer that ignores the write lock.
-            if dialect.is_integrity_error(e):
-                raise UnknownBackends((backend,)) from e
-            raise
+        dialect.execute(
+            cursor,
+            "INSERT INTO frontend_backends (frontend_id, backend_id, position) VALUES (?, ?, ?)",
+            (frontend, backend, position),
+        )
 
 
 def _create_frontend(cursor: Cursor, dialect: Dialect, fe: Frontend, now: datetime) -> Frontend:
