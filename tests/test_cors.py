@@ -34,6 +34,7 @@ from ollamaflow.cors import (
     decide,
     requested_headers,
 )
+from ollamaflow.daemon import Daemon
 from ollamaflow.listener import Listener, Root
 from ollamaflow.server.connection import HTTPConnection
 
@@ -583,6 +584,22 @@ async def test_the_settings_reach_the_daemons_listener(tmp_path: Path) -> None:
         assert plain.status == 200, "requests without Origin are not CORS"
     finally:
         await daemon.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_carry_the_cors_fields_so_scripts_can_read_them(daemon: Daemon) -> None:
+    """A 401 from the admin API, a 400 and a 404 from the gateway: a page learns why."""
+    origin = {"Origin": "http://localhost:3000"}
+    anonymous = Http.to(daemon, token=None)
+    unauthorized = await anonymous.get("/v1.0/backends", headers=origin)
+    assert unauthorized.status == 401
+    assert unauthorized.headers.getRawHeaders("access-control-allow-origin") == ["*"]
+    bad = await anonymous.request("POST", "/api/chat", raw=b"{not json", headers=origin)
+    assert bad.status == 400
+    assert bad.headers.getRawHeaders("access-control-allow-origin") == ["http://localhost:3000"]
+    missing = await anonymous.request("POST", "/v1.0/nowhere", headers=origin)
+    assert missing.status in (401, 404)
+    assert missing.headers.getRawHeaders("access-control-allow-origin") == ["*"]
 
 
 def _preflight(origin: str, method: str = "POST", headers: str = "content-type") -> dict[str, str]:
