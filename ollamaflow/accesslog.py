@@ -22,6 +22,7 @@ _FORMAT = (
     "model={model} bytes={bytes} queued_ms={queued_ms} ttfb_ms={ttfb_ms} "
     "duration_ms={duration_ms} retries={retries} id={request_id}"
 )
+_BACKENDS = " backends={backends}"
 _TOKENS = " tokens={eval_count} tokens_per_second={tokens_per_second}"
 _REQUEST_BODY = " request_body={request_body!r}"
 _RESPONSE_BODY = " response_body={response_body!r}"
@@ -62,6 +63,9 @@ class AccessLog:
             "duration_ms": _ms(c.duration),
             "retries": c.retries,
         }
+        if c.backends:
+            fmt += _BACKENDS
+            event["backends"] = ",".join(c.backends)
         if c.eval_count is not None:
             fmt += _TOKENS
             event["eval_count"] = c.eval_count

@@ -229,12 +229,17 @@ async def test_a_bug_at_any_step_answers_500_and_gives_the_slot_back(
         {
             "Backends": ["sim0"],
             "UseStickySessions": True,
-            "PinnedCompletionsProperties": {"options": {"seed": 1}},
         },
     )
     await fleet.http.put(
         "/v1.0/backends/sim0",
-        {"Hostname": "127.0.0.1", "Port": fleet.sims["sim0"].port, "MaxParallelRequests": 1},
+        {
+            "Hostname": "127.0.0.1",
+            "Port": fleet.sims["sim0"].port,
+            "MaxParallelRequests": 1,
+            # The backend's pins are merged once the slot is taken (the frontend's, before).
+            "PinnedCompletionsProperties": {"options": {"seed": 1}},
+        },
     )
     await until(lambda: fleet.daemon.runtime.state("sim0").healthy)
     owner, name = STEPS[step]

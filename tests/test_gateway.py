@@ -658,7 +658,7 @@ async def test_a_bug_in_the_gateway_is_a_json_500_not_an_html_page(
     body = await response.json()
     assert body["error"].startswith("internal error; see the log, reference ")
     response = await cluster.request("GET", "/v1/models")
-    assert (await response.json())["error"]["type"] == "server_error"
+    assert (await response.json())["error"]["type"] == "api_error"
 
 
 @pytest_twisted.ensureDeferred

@@ -6,7 +6,12 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import re
+import socket
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,8 @@ import pytest
 import pytest_twisted
 import treq
 from harness import Http, start_daemon, until
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.logger import Logger, LogLevel, globalLogPublisher, textFileLogObserver
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
@@ -29,9 +36,11 @@ from ollamaflow.logs import (
     json_line,
     logs_info,
     observer_for,
+    syslog_observer,
 )
-from ollamaflow.settings import LogFormat, Logging
+from ollamaflow.settings import LogFormat, Logging, SyslogServer
 from ollamaflow.sim import SimConfig
+from ollamaflow.syslog import MAX_DATAGRAM_BYTES, SyslogSender, datagram, header_field, resolve
 
 ACCESS_FIELDS = {
     "request_id",
@@ -575,5 +584,249 @@ async def test_a_huge_model_name_does_not_fill_the_log(
     assert any("hhhhhhhhhh" in line and "(551 characters)" in line for line in text), text
     for out in (captured.json_out, captured.text_out):
         lines = out.getvalue().splitlines()
-        assert all(len(line) < 1024 for line in lines if "hhhhhhhhhh" in line)
+        # The access line names it twice in JSON (message and model), each cut short.
+        assert all(len(line) < 2048 for line in lines if "hhhhhhhhhh" in line)
         assert len(out.getvalue()) < 100_000
+
+
+# -- syslog forwarding (Logging.Servers) --------------------------------------------------------
+
+SYSLOG = re.compile(
+    rb"<(?P<pri>\d{1,3})>1 (?P<time>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) "
+    rb"(?P<msgid>\S+) (?P<sd>-) (?P<msg>.*)",
+    re.DOTALL,
+)
+
+
+class Listener:
+    """A real UDP syslog server on 127.0.0.1: what arrived, in order, without waiting for
+    more (loopback datagrams are there as soon as ``sendto`` returns)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+
+    def received(self) -> list[bytes]:
+        out: list[bytes] = []
+        while True:
+            try:
+                out.append(self.sock.recv(65536))
+            except BlockingIOError:
+                return out
+
+    def messages(self) -> list[re.Match[bytes]]:
+        found = [SYSLOG.fullmatch(data) for data in self.received()]
+        assert all(found), found
+        return [m for m in found if m]
+
+
+@pytest.fixture
+def listeners() -> Any:
+    made: list[Listener] = []
+
+    def make() -> Listener:
+        made.append(Listener())
+        return made[-1]
+
+    yield make
+    for listener in made:
+        listener.sock.close()
+
+
+@pytest.fixture
+def senders() -> Any:
+    """``SyslogSender.open`` for a test, closed after it."""
+    made: list[SyslogSender] = []
+
+    def open_sender(*servers: SyslogServer) -> SyslogSender:
+        sender, problems = SyslogSender.open(servers)
+        assert problems == []
+        made.append(sender)
+        return sender
+
+    yield open_sender
+    for sender in made:
+        sender.close()
+
+
+def forwarding(sender: SyslogSender, console: io.StringIO | None = None, **kw: Any) -> Logger:
+    logging = Logging(format=LogFormat.JSON, console_logging=console is not None, **kw)
+    return Logger(
+        namespace="ollamaflow.test", observer=observer_for(logging, None, console, sender)
+    )
+
+
+def test_every_line_reaches_the_syslog_server_with_its_severity(
+    listeners: Any, senders: Any
+) -> None:
+    server = listeners()
+    log = forwarding(senders(SyslogServer("127.0.0.1", server.port)), minimum_severity=0)
+    before = time.time()
+    log.debug("d {n}", n=1)
+    log.info("i {n}", n=2)
+    log.warn("w")
+    log.error("e")
+    log.critical("c")
+    messages = server.messages()
+    # facility user (1): PRI = 8 + severity; debug 7, info 6, warn 4, error 3, critical 2
+    assert [int(m["pri"]) for m in messages] == [15, 14, 12, 11, 10]
+    assert [m["msg"] for m in messages] == [
+        b"[ollamaflow.test] d 1",
+        b"[ollamaflow.test] i 2",
+        b"[ollamaflow.test] w",
+        b"[ollamaflow.test] e",
+        b"[ollamaflow.test] c",
+    ]
+    for m in messages:
+        assert m["app"] == b"ollamaflow" and m["procid"] == str(os.getpid()).encode()
+        assert m["msgid"] == b"-" and m["host"] == socket.gethostname().encode()
+        stamp = datetime.strptime(m["time"].decode(), "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert abs(stamp.replace(tzinfo=UTC).timestamp() - before) < 60
+
+
+def test_lines_below_the_level_are_not_forwarded(listeners: Any, senders: Any) -> None:
+    server = listeners()
+    log = forwarding(senders(SyslogServer("127.0.0.1", server.port)), minimum_severity=2)
+    log.debug("d")
+    log.info("i")
+    log.warn("w")
+    log.info("i again")
+    assert [m["msg"] for m in server.messages()] == [b"[ollamaflow.test] w"]
+
+
+def test_two_servers_both_get_every_line_and_a_host_name_works(
+    listeners: Any, senders: Any
+) -> None:
+    first, second = listeners(), listeners()
+    sender = senders(SyslogServer("127.0.0.1", first.port), SyslogServer("localhost", second.port))
+    console = io.StringIO()
+    log = forwarding(sender, console)
+    log.info("one")
+    log.warn("two")
+    expected = [b"[ollamaflow.test] one", b"[ollamaflow.test] two"]
+    assert [m["msg"] for m in first.messages()] == expected
+    received = second.messages()
+    assert [m["msg"] for m in received] == expected, "localhost resolves (to 127.0.0.1)"
+    assert [line["message"] for line in lines_of(console)] == ["one", "two"], "console too"
+
+
+def test_a_syslog_line_is_one_bounded_datagram_escaped_like_a_text_line(
+    listeners: Any, senders: Any
+) -> None:
+    server = listeners()
+    log = forwarding(senders(SyslogServer("127.0.0.1", server.port)))
+    log.info("model {model}", model=FORGED)
+    log.info("nasty {value}", value=NASTY)
+    log.info("café {x}", x="ü" * 3000)
+    access(log, request_body="b" * 100_000)  # a body is not clipped: the datagram is cut
+    forged, nasty, accented, long = server.received()
+    assert b"\n" not in forged and b"x\\n2026-01-01" in forged
+    assert b"\x1b" not in nasty and b"\\x1b[2J" in nasty
+    assert all(len(data) <= MAX_DATAGRAM_BYTES for data in (forged, nasty, accented, long))
+    # Non-ASCII text: UTF-8 after a BOM (RFC 5424 §6.4), and never a broken character.
+    assert b"- - \xef\xbb\xbf[ollamaflow.test] caf\xc3\xa9 " in accented
+    assert accented.decode("utf-8").endswith("more characters]")  # clipped by the log first
+    assert len(long) > MAX_DATAGRAM_BYTES - 8, "cut, not shortened more than the marker needs"
+    assert re.search(rb"b\.\.\.\[\d+ more bytes\]$", long), long[-40:]
+
+
+def test_a_traceback_keeps_its_lines(listeners: Any, senders: Any) -> None:
+    server = listeners()
+    log = forwarding(senders(SyslogServer("127.0.0.1", server.port)))
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        log.failure("it \x1b broke")
+    (message,) = server.messages()
+    assert int(message["pri"]) == 8 + 2
+    text = message["msg"].decode()
+    assert text.startswith("[ollamaflow.test] it \\x1b broke\nTraceback")
+    assert "ZeroDivisionError" in text
+
+
+@given(st.text(max_size=3000), st.text(max_size=300))
+def test_datagram_is_bounded_whole_utf8_and_keeps_its_start(text: str, host: str) -> None:
+    data = datagram(LogLevel.info, 0.0, header_field(host), 123, text)
+    assert len(data) <= MAX_DATAGRAM_BYTES
+    head, _, msg = data.partition(b" - - ")
+    assert head.isascii() and b"\n" not in head
+    assert head.startswith(b"<14>1 1970-01-01T00:00:00.000Z ")
+    if msg.startswith(b"\xef\xbb\xbf"):
+        msg = msg[3:]
+    body = msg.decode("utf-8")  # whole characters only
+    full = text.encode("utf-8", "backslashreplace").decode()
+    if len(data) < MAX_DATAGRAM_BYTES - 40:
+        assert body == full
+    else:
+        kept, _, marker = body.rpartition("...[")
+        assert full.startswith(kept) and marker.endswith(" more bytes]")
+
+
+class Unsendable:
+    """A socket whose every send fails, as with a full buffer or an unreachable network."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def sendto(self, data: bytes, address: object) -> int:
+        self.attempts += 1
+        raise OSError(101, "Network is unreachable")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failed_send_never_raises_and_is_told_once_elsewhere() -> None:
+    (destination,), _ = resolve([SyslogServer("127.0.0.1", 9)])
+    broken = Unsendable()
+    sender = SyslogSender([destination], sockets={destination.family: broken})  # type: ignore[dict-item]
+    console = io.StringIO()
+    log = forwarding(sender, console)
+    for n in range(3):
+        log.info("line {n}", n=n)
+    assert broken.attempts == 3 == sender.dropped, "each line tried; none sent"
+    lines = lines_of(console)
+    warnings = [line for line in lines if line["level"] == "warn"]
+    assert len(warnings) == 1, "said once, to the console and file only (never to syslog)"
+    assert "syslog server 127.0.0.1:9: cannot send" in warnings[0]["message"]
+    assert [line["message"] for line in lines if line["level"] == "info"] == [
+        "line 0",
+        "line 1",
+        "line 2",
+    ]
+
+
+def test_a_server_that_does_not_resolve_is_named_and_left_out() -> None:
+    def getaddrinfo(host: str, port: int, *_: object) -> list[tuple[Any, ...]]:
+        if host == "nowhere.invalid":
+            raise socket.gaierror(-2, "Name or service not known")
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+
+    servers = [SyslogServer("nowhere.invalid", 514), SyslogServer("*", 514)]
+    servers.append(SyslogServer("127.0.0.1", 5514))
+    sender, problems = SyslogSender.open(servers, getaddrinfo)
+    try:
+        assert [str(d) for d in sender.destinations] == ["127.0.0.1:5514"]
+        assert problems[0] == "cannot resolve nowhere.invalid: [Errno -2] Name or service not known"
+        assert problems[1] == "'*' is not a syslog server's address"
+        assert len(problems) == 2
+    finally:
+        sender.close()
+    sender.send(b"after close")  # nowhere to go: no error either
+
+
+def test_an_odd_event_is_forwarded_or_dropped_never_raised(listeners: Any, senders: Any) -> None:
+    server = listeners()
+    observer = syslog_observer(senders(SyslogServer("127.0.0.1", server.port)), "h\x00st name")
+    observer({})  # no level, no time, no namespace, no format
+    observer({"log_format": "{x!r}", "x": Unrepresentable(), "log_level": LogLevel.warn})
+    first, second = server.messages()
+    assert first["host"] == b"h_st_name" and int(first["pri"]) == 14
+    assert int(second["pri"]) == 12
+
+
+class Unrepresentable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no")

@@ -89,7 +89,7 @@ async def test_metrics_after_traffic(daemon: Daemon, simulators: Any) -> None:
     assert m.value("ollamaflow_requests_total", backend="sim0", **ok) == 3  # round robin
     assert m.value("ollamaflow_requests_total", backend="sim1", **ok) == 2
     assert m.value("ollamaflow_requests_total", model="none", status="200") == 1  # /api/version
-    refused = {"backend": "none", "model": "none", "status": "404"}
+    refused = {"backend": "none", "model": "other", "status": "404"}  # a model none has
     assert m.value("ollamaflow_requests_total", **refused) == 1
     assert m.value("ollamaflow_ttfb_seconds_count", frontend="frontend1") >= 6
     assert m.value("ollamaflow_request_duration_seconds_count", frontend="frontend1") >= 7

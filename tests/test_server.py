@@ -32,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from ollamaflow.daemon import Daemon
+from ollamaflow.gateway.dialect import openai_error_type
 from ollamaflow.gateway.headers import to_client
 from ollamaflow.http1.rules import MAX_FIELDS, MAX_HEAD
 from ollamaflow.listener import OLLAMA_IS_RUNNING, Listener, Root
@@ -350,7 +351,7 @@ def error_message(response: Response, status: int, path: bytes = b"/api/tags") -
         assert set(document) == {"error"}
         error = document["error"]
         assert isinstance(error, dict) and isinstance(error["message"], str)
-        assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+        assert error["type"] == openai_error_type(status)
         return error["message"]
     assert set(document) == {"error"} and isinstance(document["error"], str)
     return str(document["error"])

@@ -41,3 +41,47 @@ def manages_models(method: bytes, path: bytes) -> bool:
     """Pull, delete, copy, create, push, and blob uploads (a blob's HEAD only asks)."""
     path = path.rstrip(b"/")
     return path in _MANAGING_MODELS or (path.startswith(_BLOBS) and method != b"HEAD")
+
+
+_GET = (b"GET", b"HEAD")
+_POST = (b"POST",)
+#: The methods Ollama serves on each of its routes (HEAD wherever GET is); any other method on
+#: them is answered 405 by Ollama, and by the gateway without asking a backend.
+_METHODS: dict[bytes, tuple[bytes, ...]] = {
+    b"/api/version": _GET,
+    b"/api/tags": _GET,
+    b"/api/ps": _GET,
+    b"/api/status": _GET,
+    b"/api/delete": (b"DELETE",),
+    b"/v1/models": _GET,
+    **{
+        path: _POST
+        for path in (
+            *_BY_PATH,
+            b"/api/pull",
+            b"/api/push",
+            b"/api/create",
+            b"/api/copy",
+            b"/api/show",
+            b"/api/me",
+            b"/api/signout",
+            b"/v1/audio/transcriptions",
+        )
+    },
+}
+_BLOB_METHODS = (b"HEAD", b"POST")
+_MODEL_PREFIX = b"/v1/models/"
+
+
+def allowed_methods(path: bytes) -> tuple[bytes, ...] | None:
+    """The methods Ollama answers on ``path``; None for a path it does not route (left to the
+    backend to answer)."""
+    path = path.rstrip(b"/") or b"/"
+    found = _METHODS.get(path)
+    if found is not None:
+        return found
+    if path.startswith(_BLOBS):
+        return _BLOB_METHODS
+    if path.startswith(_MODEL_PREFIX):
+        return _GET
+    return None

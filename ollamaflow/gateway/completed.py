@@ -37,6 +37,9 @@ class Completed:
     eval_duration_ns: int | None = None
     request_body: str | None = None
     response_body: str | None = None
+    #: The backends a request answered for the whole frontend reached (a fan-out, or the
+    #: catalog answered from their inventories); ``backend`` is None then.
+    backends: tuple[str, ...] = ()
 
     @property
     def tokens_per_second(self) -> float | None:

@@ -17,10 +17,20 @@ def quoted(value: str) -> str:
     return f"'{value[:QUOTED]}...' ({len(value)} characters)"
 
 
+def openai_error_type(status: int) -> str:
+    """The ``type`` of an OpenAI-style error, as Ollama's OpenAI layer names them (and a
+    rate-limit type for 429, which Ollama never answers)."""
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "api_error"
+
+
 def error_body(path: bytes, status: int, message: str) -> bytes:
     """OpenAI's error shape under ``/v1/``, Ollama's ``{"error": ...}`` everywhere else."""
     if path.startswith(b"/v1/"):
-        kind = "invalid_request_error" if status < 500 else "server_error"
+        kind = openai_error_type(status)
         return json.dumps(
             {"error": {"message": message, "type": kind, "param": None, "code": None}}
         ).encode()

@@ -70,6 +70,7 @@ def openai_models(inventory: Inventory, backends: Iterable[Backend]) -> bytes:
 
 
 def openai_model(inventory: Inventory, backends: Iterable[Backend], model: str) -> bytes | None:
+    """One model, its ``id`` the name as asked (as Ollama echoes it), or None if none has it."""
     try:
         key = modelnames.normalize(model)
     except modelnames.InvalidModelName:
@@ -77,5 +78,5 @@ def openai_model(inventory: Inventory, backends: Iterable[Backend], model: str) 
     for backend in backends:
         entry = inventory.entries(backend.identifier).get(key)
         if entry is not None:
-            return json.dumps(_openai_model(entry)).encode()
+            return json.dumps({**_openai_model(entry), "id": model}).encode()
     return None

@@ -48,6 +48,7 @@ from ollamaflow.gateway.balancer import (
 from ollamaflow.gateway.classify import (
     MODEL_TRANSFER_PATHS,
     RequestClass,
+    allowed_methods,
     classify,
     manages_models,
 )
@@ -215,6 +216,10 @@ class Gateway:
         if request.clientproto == b"HTTP/1.0" and frontend.block_http10:
             return self._refuse(request, frontend, 505, "HTTP/1.0 is not supported; use HTTP/1.1")
         path = request.path
+        allowed = allowed_methods(path)
+        if allowed is not None and request.method not in allowed:
+            request.setHeader(b"Allow", b", ".join(allowed))
+            return self._refuse(request, frontend, 405, "405 method not allowed")
         if (
             not frontend.allow_model_management
             and manages_models(request.method, path)
@@ -243,6 +248,10 @@ class Gateway:
                 document = _json_object(request.content)
             except ValueError as e:
                 return self._refuse(request, frontend, 400, str(e))
+            pinned = _frontend_pins(frontend, request_class)
+            if pinned:
+                # Before routing: a pinned "model" is the model the request is routed by.
+                document = deep_merge(document, pinned)
         elif path in _NAMES_A_MODEL and request.method == b"POST":
             try:
                 document = _json_object(request.content)
@@ -259,7 +268,9 @@ class Gateway:
             catalog, frontend, request_class, label.decode("latin-1") if label else None
         )
         if isinstance(found, NoCandidate):
-            return self._refuse(request, frontend, 503, found.message, retry_after=1)
+            return self._refuse(
+                request, frontend, 503, found.message, retry_after=1, model=model
+            )
         if path == b"/api/delete" and request.method == b"DELETE":
             return self._delete_everywhere(request, frontend, found)
         if path == b"/api/pull" and request.method == b"POST" and self.sync is not None:
@@ -267,13 +278,15 @@ class Gateway:
         inventory = self.inventory
         warm: frozenset[str] = frozenset()
         if inventory is not None:
-            answered = self._fleet(request, inventory, found)
+            answered = self._fleet(request, frontend, inventory, found)
             if answered is not None:
                 return answered
             if model is not None:
                 found, warm = self._with_model(inventory, found, model)
                 if not found:
-                    return self._refuse(request, frontend, 404, f"model {quoted(model)} not found")
+                    return self._refuse(
+                        request, frontend, 404, f"model {quoted(model)} not found", model=model
+                    )
         model_key = _model_key(model)
         holds = self.runtime.model_holds
         if holds and model_key is not None:
@@ -310,7 +323,9 @@ class Gateway:
         try:
             waiting = scheduler.wait(frontend, ordered, exchange.may_use, exchange.model)
         except QueueRefused as e:
-            return self._refuse(request, frontend, 429, str(e), retry_after=e.retry_after)
+            return self._refuse(
+                request, frontend, 429, str(e), retry_after=e.retry_after, model=model
+            )
         exchange.queue(waiting)
         return NOT_DONE_YET
 
@@ -322,8 +337,10 @@ class Gateway:
         message: str,
         *,
         retry_after: int | None = None,
+        model: str | None = None,
     ) -> bytes:
-        """Answer a request the gateway will not forward; logged and reported like any other."""
+        """Answer a request the gateway will not forward; logged and reported like any other
+        (``model``: the one it names, once known)."""
         request_id = self.new_id()
         request.setHeader(b"X-OllamaFlow-Request", request_id.encode())
         body = refuse(request, status, message, retry_after=retry_after)
@@ -340,7 +357,7 @@ class Gateway:
                     backend=None,
                     method=request.method.decode("latin-1"),
                     path=request.path.decode("latin-1"),
-                    model=None,
+                    model=_model_key(model),
                     status=status,
                     outcome="refused",
                     bytes=len(body),
@@ -351,6 +368,46 @@ class Gateway:
                 )
             )
         return body
+
+    def answering(
+        self,
+        request: ClientRequest,
+        frontend: Frontend,
+        model: str | None,
+        backends: Sequence[Backend],
+        size: int = 0,
+    ) -> str:
+        """A request the gateway answers for the whole frontend (the catalog, a fan-out over
+        ``backends``): its id, and its one report when it ends (``size``: its body, if known)."""
+        request_id = self.new_id()
+        request.setHeader(b"X-OllamaFlow-Request", request_id.encode())
+        if not self.observers:
+            return request_id
+        started = self.clock.seconds()
+
+        def ended(outcome: str) -> None:
+            self.report(
+                Completed(
+                    request_id=request_id,
+                    client=request.client_host,
+                    frontend=frontend.identifier,
+                    backend=None,
+                    method=request.method.decode("latin-1"),
+                    path=request.path.decode("latin-1"),
+                    model=_model_key(model),
+                    status=request.code,
+                    outcome=outcome,
+                    bytes=size,
+                    queued=0.0,
+                    ttfb=None,
+                    duration=self.clock.seconds() - started,
+                    retries=0,
+                    backends=tuple(b.identifier for b in backends),
+                )
+            )
+
+        request.watch(partial(ended, "ok"), lambda _: ended("client_gone"))
+        return request_id
 
     def report(self, completed: Completed) -> None:
         for observer in self.observers:
@@ -467,7 +524,9 @@ class Gateway:
                 503,
                 f"frontend {frontend.identifier!r} has no healthy Ollama backend to pull on",
                 retry_after=1,
+                model=model,
             )
+        self.answering(request, frontend, model, targets)
         merged = fanout.MergedPull(
             request, model, targets, stream=document.get("stream") is not False
         )
@@ -513,6 +572,7 @@ class Gateway:
             return parsed
         document, model = parsed
         body = jsonlimits.dumps(document)
+        self.answering(request, frontend, model, found)
 
         async def run() -> None:
             outcomes = await fanout.delete_everywhere(
@@ -557,7 +617,11 @@ class Gateway:
         return document, model
 
     def _fleet(
-        self, request: ClientRequest, inventory: fleet.Inventory, found: list[Backend]
+        self,
+        request: ClientRequest,
+        frontend: Frontend,
+        inventory: fleet.Inventory,
+        found: list[Backend],
     ) -> bytes | None:
         """Answer the model catalog routes from the inventory of the frontend's backends."""
         method, path = request.method, request.path
@@ -569,12 +633,17 @@ class Gateway:
         if not readable:
             return None  # nothing read yet: let a backend answer
         if path in _CATALOG_ROUTES:
-            return _json_answer(request, _CATALOG_ROUTES[path](inventory, readable), self.new_id())
+            body = _CATALOG_ROUTES[path](inventory, readable)
+            self.answering(request, frontend, None, readable, len(body))
+            return _json_answer(request, body)
         name = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
+        if len(name) > modelnames.MAX_LENGTH:
+            return self._refuse(request, frontend, 400, "the model name is too long")
         body = fleet.openai_model(inventory, readable, name)
         if body is None:
-            return self._refuse(request, None, 404, f"model {quoted(name)} not found")
-        return _json_answer(request, body, self.new_id())
+            return self._refuse(request, frontend, 404, f"model {quoted(name)} not found")
+        self.answering(request, frontend, name, readable, len(body))
+        return _json_answer(request, body)
 
     def _client_id(self, request: ClientRequest) -> bytes:
         for name in self.sticky_headers:
@@ -617,6 +686,15 @@ def _model_of(document: Mapping[str, Any], path: bytes) -> str | None:
     except modelnames.InvalidModelName:
         return None
     return name
+
+
+def _frontend_pins(frontend: Frontend, request_class: RequestClass) -> Mapping[str, Any]:
+    """The properties a frontend pins on requests of ``request_class`` (empty for others)."""
+    if request_class is RequestClass.EMBEDDINGS:
+        return frontend.pinned_embeddings_properties
+    if request_class is RequestClass.COMPLETIONS:
+        return frontend.pinned_completions_properties
+    return {}
 
 
 def _model_key(model: str | None) -> str | None:
@@ -670,10 +748,9 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
-def _json_answer(request: ClientRequest, body: bytes, request_id: str) -> bytes:
+def _json_answer(request: ClientRequest, body: bytes) -> bytes:
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Content-Length", b"%d" % len(body))
-    request.setHeader(b"X-OllamaFlow-Request", request_id.encode())
     return body
 
 
@@ -924,18 +1001,15 @@ class _Exchange:
         document = self.document
         request_class = self.request_class
         if document is not None and request_class is not RequestClass.OTHER:
-            pins = (
-                (self.frontend.pinned_embeddings_properties, backend.pinned_embeddings_properties)
+            # The frontend's pins are in the document already (they may name the model).
+            pinned = (
+                backend.pinned_embeddings_properties
                 if request_class is RequestClass.EMBEDDINGS
-                else (
-                    self.frontend.pinned_completions_properties,
-                    backend.pinned_completions_properties,
-                )
+                else backend.pinned_completions_properties
             )
-            if pins[0] or pins[1]:
-                for pinned in pins:
-                    if pinned:
-                        document = deep_merge(document, pinned)
+            if pinned:
+                return jsonlimits.dumps(deep_merge(document, pinned))
+            if _frontend_pins(self.frontend, request_class):
                 return jsonlimits.dumps(document)
         content = request.content
         if content is None:
@@ -1028,9 +1102,11 @@ class _Exchange:
         request.setResponseCode(response.code, response.phrase)
         hdrs.to_client(response.headers, request)
         if request.method == b"HEAD":
-            # The answer to HEAD says how long the GET's body would be; there is none here.
+            # The answer to HEAD says how long the GET's body would be (when the backend
+            # said); there is none here.
             length = response.headers.getRawHeaders(b"content-length")
-            request.setHeader(b"Content-Length", length[-1] if length else b"0")
+            if length:
+                request.setHeader(b"Content-Length", length[-1])
         elif response.length is not None and isinstance(response.length, int):
             request.setHeader(b"Content-Length", b"%d" % response.length)
         request.setHeader(b"X-OllamaFlow-Backend", backend.identifier.encode())
