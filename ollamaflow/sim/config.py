@@ -57,6 +57,10 @@ class SimConfig:
     """Seconds a pull spends downloading layers."""
     pull_tick: float = attrs.field(default=0.06, validator=_non_negative)
     """Seconds between pull progress lines (Ollama: about 60 ms)."""
+    create_time: float = attrs.field(default=0.0, validator=_non_negative)
+    """Seconds a create spends validating or quantizing a model layer (its progress lines)."""
+    push_time: float = attrs.field(default=0.0, validator=_non_negative)
+    """Seconds a push spends uploading layers."""
     pullable: tuple[str, ...] = DEFAULT_PULLABLE
     """Names `/api/pull` accepts; `*` accepts any valid name."""
     version: str = "0.32.15"

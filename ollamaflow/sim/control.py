@@ -1,9 +1,11 @@
 """`/_sim/`: read the simulator's knobs and counters, change knobs, reset counters.
 
-    GET  /_sim/state    {"config": {...}, "counters": {...}, "models": [...], "loaded": [...]}
+    GET  /_sim/state    {"config", "counters", "models", "loaded", "ps", "blobs", and the model
+                        operations done here: "pulled", "created", "copied", "deleted",
+                        "pushed", "unloaded" (see `events.Events`)}
     GET  /_sim/config   the knobs
     POST /_sim/config   a JSON object of knobs to change; unknown knob or bad value → 400
-    POST /_sim/reset    zero the counters
+    POST /_sim/reset    zero the counters and forget the model operations (blobs stay)
     POST /_sim/unload   unload every model (busy ones when idle)
 
 Control requests bypass faults and are not counted.
@@ -43,6 +45,7 @@ class ControlAPI:
             return self._patch(request)
         if path == b"/_sim/reset" and method == b"POST":
             self.state.counters.reset()
+            self.state.events.clear()
             return json_response(request, self.state.counters.as_json())
         if path == b"/_sim/unload" and method == b"POST":
             self.state.scheduler.unload_all()
@@ -52,13 +55,17 @@ class ControlAPI:
         return json_response(request, {"error": f"{status} {path.decode('latin-1')}"}, status)
 
     def snapshot(self) -> dict[str, Any]:
-        """Knobs, counters, installed and loaded models."""
+        """Knobs, counters, installed and loaded models, uploaded blobs, model operations."""
         state = self.state
+        ps = state.scheduler.loaded()
         return {
             "config": state.config.as_json(),
             "counters": state.counters.as_json(),
             "models": [m.name for m in state.catalog],
-            "loaded": [entry["name"] for entry in state.scheduler.loaded()],
+            "loaded": [entry["name"] for entry in ps],
+            "ps": ps,
+            "blobs": [{"digest": blob.digest, "size": blob.size} for blob in state.blobs],
+            **state.events.as_json(),
         }
 
     def _patch(self, request: Request) -> bytes:

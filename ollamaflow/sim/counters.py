@@ -30,6 +30,14 @@ class Counters:
     pulls: int = 0
     """Pulls that finished with `success`."""
     pull_failures: int = 0
+    creates: int = 0
+    """Creates that finished with `success`."""
+    create_failures: int = 0
+    pushes: int = 0
+    """Pushes that finished with `success`."""
+    push_failures: int = 0
+    blob_uploads: int = 0
+    """Blob uploads stored (201)."""
     tokens: int = 0
     """Tokens streamed or returned by generate, chat and the OpenAI routes."""
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ollamaflow import modelnames
 from ollamaflow.sim import content
-from ollamaflow.sim.catalog import InstalledModel, can_pull, spec_for
+from ollamaflow.sim.blobs import INVALID_DIGEST, Blob, blob_key, hash_stream, valid_digest
+from ollamaflow.sim.catalog import InstalledModel
 from ollamaflow.sim.emitter import Emitter, Script
 from ollamaflow.sim.generation import Format, OllamaFormat, generation_script, plan
+from ollamaflow.sim.progress import Steps, last_progress, stream_progress
 from ollamaflow.sim.responses import (
     JSON,
     NDJSON,
@@ -27,17 +29,32 @@ from ollamaflow.sim.responses import (
 from ollamaflow.sim.scheduler import BUSY_MESSAGE, Lease, ServerBusy, parse_keep_alive
 from ollamaflow.sim.state import SimState, model_field
 from ollamaflow.sim.timefmt import rfc3339
+from ollamaflow.sim.transfer import (
+    PULL_NOT_FOUND,
+    bind_error,
+    create_steps,
+    go_quote,
+    parse_create,
+    pull_steps,
+    push_steps,
+    stream_field,
+)
 
-PULL_NOT_FOUND = "pull model manifest: file does not exist"
+__all__ = ["PULL_NOT_FOUND", "OllamaAPI"]  # PULL_NOT_FOUND: where it used to live
 Body = dict[str, Any]
+
+
+def keep_alive_of(state: SimState, body: Body) -> float:
+    """The request's `keep_alive` in seconds (the default when absent); 400 when malformed."""
+    try:
+        return parse_keep_alive(body.get("keep_alive"), state.config.keep_alive)
+    except ValueError as e:
+        raise HTTPError(400, str(e)) from None
 
 
 def acquire(state: SimState, model: InstalledModel, body: Body) -> Deferred[Lease]:
     """A slot on `model` honouring the request's `keep_alive`; 400 or 503 errors raised."""
-    try:
-        keep_alive = parse_keep_alive(body.get("keep_alive"), state.config.keep_alive)
-    except ValueError as e:
-        raise HTTPError(400, str(e)) from None
+    keep_alive = keep_alive_of(state, body)
     try:
         return state.scheduler.acquire(model, keep_alive)
     except ServerBusy:
@@ -45,10 +62,14 @@ def acquire(state: SimState, model: InstalledModel, body: Body) -> Deferred[Leas
 
 
 def emit(
-    state: SimState, request: Request, script: Script, *, streaming: bool, ctype: bytes
+    state: SimState, request: Request, script: Script, *, streaming: bool, ctype: bytes | None
 ) -> int:
-    """Run a script as this request's response."""
-    request.setHeader(b"content-type", ctype)
+    """Run a script as this request's response (`ctype` None: no content type, as Ollama's
+    empty answers)."""
+    if ctype is None:
+        request.defaultContentType = None
+    else:
+        request.setHeader(b"content-type", ctype)
     faults = state.stream_faults() if streaming else None
     emitter = Emitter(request, state.clock, state.counters, script, streaming)
     if faults is not None:
@@ -115,6 +136,8 @@ class OllamaAPI:
                 raise HTTPError(400, "prompt must be a string")
             empty = not prompt
             prompt_tokens = content.count_tokens(prompt) if prompt else 0
+        if empty and body.get("keep_alive") is not None and keep_alive_of(state, body) == 0:
+            return self._unload(request, model, name, chat=chat)
         if model.spec.embedding_only:
             raise HTTPError(400, f'"{name}" does not support {"chat" if chat else "generate"}')
         fmt: Format = OllamaFormat(name, chat)
@@ -131,6 +154,20 @@ class OllamaAPI:
             state, request, script, streaming=streaming, ctype=NDJSON if streaming else JSON
         )
 
+    def _unload(self, request: Request, model: InstalledModel, name: str, *, chat: bool) -> bytes:
+        """An empty prompt with keep_alive 0 (`ollama stop`): the model unloads once idle and
+        the answer is one JSON object, streaming or not, as Ollama's."""
+        state = self.state
+        state.scheduler.unload(model.name)
+        reply: Body = {"model": name, "created_at": rfc3339(state.clock.seconds())}
+        if chat:
+            reply["message"] = {"role": "assistant", "content": ""}
+        else:
+            reply["response"] = ""
+        reply["done"] = True
+        reply["done_reason"] = "unload"
+        return json_response(request, reply)
+
     def _load_only(
         self,
         request: Request,
@@ -141,21 +178,14 @@ class OllamaAPI:
         chat: bool,
         streaming: bool,
     ) -> int | bytes:
-        """An empty prompt loads the model (`done_reason: load`) or, with keep_alive 0, unloads."""
+        """An empty prompt loads the model: `done_reason: load`."""
         state = self.state
-        reply: Body = {"model": name, "created_at": "", "done": True}
+        reply: Body = {"model": name, "created_at": ""}
         if chat:
             reply["message"] = {"role": "assistant", "content": ""}
         else:
             reply["response"] = ""
-        if body.get("keep_alive") in (0, "0", "0s"):
-            state.scheduler.unload(model.name)
-            reply["created_at"] = rfc3339(state.clock.seconds())
-            reply["done_reason"] = "unload"
-            if streaming:
-                request.setHeader(b"content-type", NDJSON)
-                return line(reply)
-            return json_response(request, reply)
+        reply["done"] = True
         acquired = acquire(state, model, body)
 
         def script() -> Script:
@@ -231,42 +261,111 @@ class OllamaAPI:
             modelnames.parse(name)
         except modelnames.InvalidModelName:
             raise HTTPError(400, "invalid model name") from None
-        steps = _pull_steps(self.state, name)
-        if _streams(body):
-            script = _stream_pull(steps)
+        return self._progress(request, pull_steps(self.state, name), streaming=_streams(body))
+
+    def create(self, request: Request, body: Body | None) -> int:
+        """`/api/create` from a model (`from`) or uploaded blobs (`files`, `adapters`)."""
+        assert body is not None
+        create = parse_create(body)
+        steps = create_steps(self.state, create)
+        return self._progress(request, steps, streaming=create.streaming)
+
+    def push(self, request: Request, body: Body | None) -> int:
+        """`/api/push`: progress per layer; every push of a model present here succeeds."""
+        assert body is not None
+        streaming = stream_field(body, "PushRequest")
+        insecure = body.get("insecure")
+        if insecure is not None and not isinstance(insecure, bool):
+            raise bind_error("PushRequest", "insecure", insecure, "bool")
+        name = model_field(body, legacy_name=True)
+        return self._progress(request, push_steps(self.state, name), streaming=streaming)
+
+    def _progress(self, request: Request, steps: Steps, *, streaming: bool) -> int:
+        if streaming:
+            script = stream_progress(request, steps)
             return emit(self.state, request, script, streaming=True, ctype=NDJSON)
-        return emit(self.state, request, _last_of_pull(request, steps), streaming=False, ctype=JSON)
+        script = last_progress(request, steps)
+        return emit(self.state, request, script, streaming=False, ctype=JSON)
 
     def delete(self, request: Request, body: Body | None) -> bytes:
         assert body is not None
+        state = self.state
         name = model_field(body, legacy_name=True)
         try:
-            removed = self.state.catalog.remove(name)
+            removed = state.catalog.remove(name)
         except modelnames.InvalidModelName:
             raise HTTPError(400, "invalid model name") from None
         if removed is None:
             raise model_not_found(name)
-        self.state.scheduler.unload(removed.name)
+        state.scheduler.unload(removed.name, "deleted")
+        state.forget_layers(removed)
+        state.events.deleted.append({"model": removed.name})
         return empty_response(request)
 
     def copy(self, request: Request, body: Body | None) -> bytes:
+        """Ollama's CopyHandler: names checked, then 404 `model "x" not found` (Go's %q)."""
         assert body is not None
-        source, destination = body.get("source"), body.get("destination")
-        for field, value in (("source", source), ("destination", destination)):
-            if not value or not isinstance(value, str):
-                raise HTTPError(400, f"{field} is required")
-        assert isinstance(source, str) and isinstance(destination, str)
-        try:
-            copied = self.state.catalog.copy(source, destination, self.state.clock.seconds())
-        except modelnames.InvalidModelName:
-            raise HTTPError(400, "invalid model name") from None
+        names: dict[str, str] = {}
+        for field in ("source", "destination"):
+            value = body.get(field)
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise bind_error("CopyRequest", field, value, "string")
+            try:
+                modelnames.parse(value)
+            except modelnames.InvalidModelName:
+                raise HTTPError(400, f"{field} {go_quote(value)} is invalid") from None
+            names[field] = value
+        source, destination = names["source"], names["destination"]
+        state = self.state
+        copied = state.catalog.copy(source, destination, state.clock.seconds())
         if copied is None:
-            raise model_not_found(source)
+            raise HTTPError(404, f"model {go_quote(source)} not found")
+        state.events.copied.append({"source": source, "destination": copied.name})
         return empty_response(request)
 
-    def not_implemented(self, request: Request, body: Body | None) -> bytes:
-        """Routes Ollama has but a simulator has no use for (push, create, blobs)."""
-        raise HTTPError(501, "not implemented by ollamaflow-sim")
+    def blob_head(self, request: Request, digest: str) -> bytes:
+        """`HEAD /api/blobs/:digest`: 200 if the blob is here, else 404."""
+        if not valid_digest(digest):
+            raise HTTPError(400, INVALID_DIGEST)
+        if not self.state.has_blob(blob_key(digest)):
+            raise HTTPError(404, f"blob {go_quote(digest)} not found")
+        return empty_response(request)
+
+    def blob_upload(self, request: Request, digest: str) -> int | bytes:
+        """`POST /api/blobs/:digest`: 200 if already here, else the body is hashed (a chunk per
+        reactor turn) and stored, 201, or 400 when its digest is not the one named (Ollama keeps
+        such a body under its real digest all the same)."""
+        if not valid_digest(digest):
+            raise HTTPError(400, INVALID_DIGEST)
+        state = self.state
+        if state.has_blob(blob_key(digest)):
+            return empty_response(request)
+        body = request.content
+        assert body is not None
+
+        def script() -> Script:
+            hashing = hash_stream(body)
+            while True:
+                try:
+                    next(hashing)
+                except StopIteration as done:
+                    blob: Blob = done.value
+                    break
+                yield deferLater(state.clock, 0, lambda: None)
+            state.blobs.add(blob)
+            if blob.digest != digest:
+                request.setResponseCode(400)
+                request.setHeader(b"content-type", JSON)
+                expected, got = go_quote(digest), go_quote(blob.digest)
+                yield dumps({"error": f"digest mismatch, expected {expected}, got {got}"})
+                return
+            state.counters.blob_uploads += 1
+            request.setResponseCode(201)
+            yield b""
+
+        return emit(state, request, script(), streaming=False, ctype=None)
 
 
 def one_shot(state: SimState, acquired: Deferred[Lease], result: Any) -> Script:
@@ -278,55 +377,3 @@ def one_shot(state: SimState, acquired: Deferred[Lease], result: Any) -> Script:
         yield result(lease, state.clock.seconds())
     finally:
         lease.release()
-
-
-def _pull_steps(state: SimState, name: str) -> Generator[float | Body, None, None]:
-    """Pull progress as Ollama reports it: pauses and message objects."""
-    yield {"status": "pulling manifest"}
-    config = state.config
-    if not can_pull(name, config.pullable):
-        state.counters.pull_failures += 1
-        yield {"error": PULL_NOT_FOUND}
-        return
-    spec = spec_for(name)
-    total = sum(layer.size for layer in spec.layers) or 1
-    for layer in spec.layers:
-        seconds = config.pull_time * layer.size / total
-        ticks = 1
-        if seconds > 0 and config.pull_tick > 0:
-            ticks = max(1, round(seconds / config.pull_tick))
-        status = f"pulling {layer.digest[7:19]}"
-        yield {"status": status, "digest": layer.digest, "total": layer.size}
-        for tick in range(1, ticks + 1):
-            if seconds > 0:
-                yield seconds / ticks
-            completed = layer.size * tick // ticks
-            yield {
-                "status": status,
-                "digest": layer.digest,
-                "total": layer.size,
-                "completed": completed,
-            }
-    yield {"status": "verifying sha256 digest"}
-    yield {"status": "writing manifest"}
-    state.catalog.add(name, state.clock.seconds(), spec=spec)
-    state.counters.pulls += 1
-    yield {"status": "success"}
-
-
-def _stream_pull(steps: Generator[float | Body, None, None]) -> Script:
-    for step in steps:
-        yield line(step) if isinstance(step, dict) else step
-
-
-def _last_of_pull(request: Request, steps: Generator[float | Body, None, None]) -> Script:
-    """`stream: false`: only the last object, or a 500 with the error."""
-    last: Body = {}
-    for step in steps:
-        if isinstance(step, dict):
-            last = step
-        else:
-            yield step
-    if "error" in last:
-        request.setResponseCode(500)
-    yield dumps(last)

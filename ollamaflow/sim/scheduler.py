@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from ollamaflow.sim.catalog import InstalledModel
 from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.counters import Counters
+from ollamaflow.sim.events import Events
 from ollamaflow.sim.timefmt import FOREVER_SECONDS, rfc3339
 
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
@@ -88,8 +89,11 @@ class _Runner:
     load_waiters: deque[_Waiter] = attrs.Factory(deque)
     slot_waiters: deque[_Waiter] = attrs.Factory(deque)
     expires_at: float | None = None
+    """Set when the model goes idle and kept while it serves, as Ollama's `expiresAt`."""
     timer: IDelayedCall | None = None
     """The pending load completion or keep_alive expiry."""
+    unload_reason: str = "keep_alive"
+    """Why it unloads when it goes idle with keep_alive 0 (an `Events.unloaded` reason)."""
 
     def idle(self) -> bool:
         return self.loaded and self.busy == 0 and not self.slot_waiters
@@ -119,6 +123,7 @@ class Scheduler:
     clock: IReactorTime
     config: SimConfig
     counters: Counters
+    events: Events = attrs.Factory(Events)
     _runners: dict[str, _Runner] = attrs.Factory(dict)
     _pending_loads: int = 0
     _grants: deque[tuple[Deferred[Lease], Lease]] = attrs.Factory(deque)
@@ -135,9 +140,9 @@ class Scheduler:
             if runner is None:
                 runner = self._start_load(model, key, keep_alive)
         runner.keep_alive = keep_alive
+        runner.unload_reason = "keep_alive"
         if runner.loaded:
             self._cancel_timer(runner)
-            runner.expires_at = None
             if runner.busy < self.config.num_parallel and not runner.slot_waiters:
                 runner.busy += 1
                 return succeed(Lease(self, runner, 0.0))
@@ -151,20 +156,23 @@ class Scheduler:
         return waiter.deferred
 
     def loaded(self) -> list[dict[str, Any]]:
-        """The `/api/ps` entries: every loaded model and when it will expire."""
+        """The `/api/ps` entries: every loaded model and when it will expire, the longest to
+        live first (Ollama's order). A model that has not yet gone idle expires its keep_alive
+        from now, as Ollama estimates it."""
         now = self.clock.seconds()
-        entries = []
+        expiring = []
         for runner in self._runners.values():
             if not runner.loaded:
                 continue
-            if runner.idle():
-                expires = runner.expires_at
-            elif runner.keep_alive >= 0:
+            expires = runner.expires_at
+            if expires is None and not runner.idle() and runner.keep_alive >= 0:
                 expires = now + runner.keep_alive
-            else:
-                expires = None
             if expires is None:
                 expires = now + FOREVER_SECONDS
+            expiring.append((runner, expires))
+        expiring.sort(key=lambda pair: -int(pair[1]))
+        entries = []
+        for runner, expires in expiring:
             model = runner.model
             entry = model.tag_entry()
             del entry["modified_at"]
@@ -179,19 +187,23 @@ class Scheduler:
         runner = self._runners.get(model_name.lower())
         return runner is not None and runner.loaded
 
-    def unload(self, model_name: str) -> None:
-        """Unload a model now, or as soon as its requests finish."""
+    def unload(self, model_name: str, reason: str = "keep_alive") -> None:
+        """Unload a model now, or as soon as its requests finish (Ollama's expireRunner)."""
         runner = self._runners.get(model_name.lower())
         if runner is None:
             return
         runner.keep_alive = 0.0
+        runner.unload_reason = reason
+        if runner.loaded:  # a loading model's timer is its load: it unloads once idle
+            runner.expires_at = self.clock.seconds()
+            self._cancel_timer(runner)
         if runner.idle():
-            self._unload(runner)
+            self._unload(runner, reason)
 
     def unload_all(self) -> None:
         """Unload every model (busy ones when they go idle)."""
         for runner in list(self._runners.values()):
-            self.unload(runner.model.name)
+            self.unload(runner.model.name, "control")
 
     def close(self) -> None:
         """Cancel every timer; used when the simulator stops."""
@@ -260,18 +272,19 @@ class Scheduler:
         self._cancel_timer(runner)
         keep_alive = runner.keep_alive
         if keep_alive == 0:
-            self._unload(runner)
+            self._unload(runner, runner.unload_reason)
         elif keep_alive < 0:
             runner.expires_at = None
         else:
             runner.expires_at = self.clock.seconds() + keep_alive
-            runner.timer = self.clock.callLater(keep_alive, self._unload, runner)
+            runner.timer = self.clock.callLater(keep_alive, self._unload, runner, "expired")
 
-    def _unload(self, runner: _Runner) -> None:
+    def _unload(self, runner: _Runner, reason: str) -> None:
         self._cancel_timer(runner)
         if self._runners.get(runner.key) is runner:
             del self._runners[runner.key]
             self.counters.unloads += 1
+            self.events.unloaded.append({"model": runner.model.name, "reason": reason})
 
     @staticmethod
     def _cancel_timer(runner: _Runner) -> None:

@@ -7,6 +7,7 @@ import json
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet import tcp
@@ -33,6 +34,7 @@ from ollamaflow.sim.state import SimState
 Handler = Callable[[Request, Any], bytes | int]
 _log = Logger()
 _MODELS_PREFIX = b"/v1/models/"
+_BLOBS_PREFIX = b"/api/blobs/"
 RESET_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: appl"
 """What the `reset_head` fault sends before the reset: a head cut off mid-field."""
 
@@ -63,8 +65,8 @@ def build_routes(ollama: OllamaAPI, openai: OpenAIAPI) -> dict[bytes, Route]:
         Route("/api/pull", {b"POST": o.pull}, json_body=True),
         Route("/api/delete", {b"DELETE": o.delete}, json_body=True),
         Route("/api/copy", {b"POST": o.copy}, json_body=True),
-        Route("/api/push", {b"POST": o.not_implemented}),
-        Route("/api/create", {b"POST": o.not_implemented}),
+        Route("/api/push", {b"POST": o.push}, json_body=True),
+        Route("/api/create", {b"POST": o.create}, json_body=True),
         Route("/v1/models", {b"GET": openai.models}, openai=True),
         Route("/v1/chat/completions", {b"POST": openai.chat_completions}, True, True),
         Route("/v1/completions", {b"POST": openai.completions}, True, True),
@@ -102,7 +104,8 @@ class SimResource(Resource):
         self.control = control
         self.loopback = loopback
         self.openai = OpenAIAPI(state)
-        self.routes = build_routes(OllamaAPI(state), self.openai)
+        self.ollama = OllamaAPI(state)
+        self.routes = build_routes(self.ollama, self.openai)
         self._hosts: dict[bytes, bool] = {}
 
     def render(self, request: Request) -> bytes | int:
@@ -153,6 +156,13 @@ class SimResource(Resource):
                 if method not in (b"GET", b"HEAD"):
                     raise HTTPError(405, "405 method not allowed")
                 return self.openai.model(request, path[len(_MODELS_PREFIX) :].decode())
+            digest = _blob_digest(path)
+            if digest is not None:
+                if method == b"HEAD":
+                    return self.ollama.blob_head(request, digest)
+                if method == b"POST":
+                    return self.ollama.blob_upload(request, digest)
+                raise HTTPError(405, "405 method not allowed")
             raise HTTPError(404, "404 page not found")
         handler = route.methods.get(method)
         if handler is None and method == b"HEAD":
@@ -201,7 +211,19 @@ class SimResource(Resource):
 
 
 def _other_name(path: bytes) -> str:
-    return "/v1/models/{model}" if path.startswith(_MODELS_PREFIX) else "other"
+    if path.startswith(_MODELS_PREFIX):
+        return "/v1/models/{model}"
+    return "/api/blobs/{digest}" if _blob_digest(path) is not None else "other"
+
+
+def _blob_digest(path: bytes) -> str | None:
+    """The `:digest` of `/api/blobs/:digest` (one non-empty segment, percent-decoded)."""
+    if not path.startswith(_BLOBS_PREFIX):
+        return None
+    segment = path[len(_BLOBS_PREFIX) :]
+    if not segment or b"/" in segment:
+        return None
+    return unquote_to_bytes(segment).decode("utf-8", "replace")
 
 
 def _read_json(request: Request) -> dict[str, Any]:

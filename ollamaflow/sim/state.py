@@ -8,35 +8,54 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from ollamaflow import modelnames
+from ollamaflow.sim.blobs import BlobStore
 from ollamaflow.sim.catalog import Catalog, InstalledModel
 from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.counters import Counters
 from ollamaflow.sim.emitter import Faults
+from ollamaflow.sim.events import Events
 from ollamaflow.sim.responses import HTTPError, model_not_found
 from ollamaflow.sim.scheduler import Scheduler
 
 
 @attrs.define
 class SimState:
-    """Clock, knobs, counters, installed models and the scheduler of one simulator."""
+    """Clock, knobs, counters, installed models, blobs, events and the scheduler of one
+    simulator."""
 
     clock: IReactorTime
     config: SimConfig
     counters: Counters
     catalog: Catalog
     scheduler: Scheduler
+    blobs: BlobStore = attrs.Factory(BlobStore)
+    events: Events = attrs.Factory(Events)
 
     @classmethod
     def create(cls, clock: IReactorTime, config: SimConfig, models: tuple[str, ...]) -> SimState:
         """A fresh state with `models` installed."""
         counters = Counters()
+        events = Events()
         return cls(
             clock=clock,
             config=config,
             counters=counters,
             catalog=Catalog.with_models(models, clock.seconds()),
-            scheduler=Scheduler(clock, config, counters),
+            scheduler=Scheduler(clock, config, counters, events),
+            events=events,
         )
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether a blob (a `blob_key`) is here: uploaded, or a layer of an installed model."""
+        return digest in self.blobs or digest in self.catalog.layer_digests()
+
+    def forget_layers(self, removed: InstalledModel) -> None:
+        """Drop the uploads only a removed model used, as Ollama prunes a deleted model's
+        layers."""
+        still_used = self.catalog.layer_digests()
+        for layer in removed.spec.layers:
+            if layer.digest not in still_used:
+                self.blobs.discard(layer.digest)
 
     def installed(self, name: str) -> InstalledModel:
         """The installed model `name` names, or the HTTPError Ollama answers."""
