@@ -1,4 +1,5 @@
-"""Log observers from the settings: the level filter, the console, and an optional log file.
+"""Log observers from the settings: the level filter, the console, an optional log file, and
+the syslog servers (:mod:`ollamaflow.syslog`).
 
 Each target writes text (twisted's classic lines) or JSON lines, one object per line:
 ``{"time", "level", "namespace", "message", ...the event's own fields}``.
@@ -12,8 +13,10 @@ being meant to be long and bounded already: tracebacks, and the access log's opt
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +24,7 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -31,6 +35,7 @@ from zope.interface import provider
 
 from ollamaflow.accesslog import NAMESPACE as ACCESS_NAMESPACE
 from ollamaflow.settings import LogFormat, Logging
+from ollamaflow.syslog import Destination, SyslogSender, datagram, header_field, utc_timestamp
 
 _LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error)
 
@@ -235,10 +240,6 @@ def is_terminal(stream: object) -> bool:
         return False
 
 
-def _utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
 def _jsonable(value: object) -> object:
     return value if isinstance(value, _SCALARS) else _cut(_repr(value))
 
@@ -272,7 +273,7 @@ def json_line(event: dict[str, Any]) -> str:
     safe = clipped(event)
     level = event.get("log_level")
     out: dict[str, object] = {
-        "time": _utc(event.get("log_time") or 0.0),
+        "time": utc_timestamp(event.get("log_time") or 0.0),
         "level": getattr(level, "name", str(level)),
         "namespace": event.get("log_namespace"),
         "message": _message(safe),
@@ -310,10 +311,49 @@ def target_observer(stream: IO[str], fmt: LogFormat) -> ILogObserver:
     return FileLogObserver(stream, json_line)
 
 
+def syslog_text(event: dict[str, Any]) -> str:
+    """An event as a syslog message: ``[namespace] message``, then its traceback if it has one.
+
+    Time, host and severity are in the syslog header. Values are clipped and escaped as in a
+    text line; line breaks are kept only in tracebacks (and a legacy error's text).
+    """
+    text = f"[{event.get('log_namespace') or '-'}] {_message(clipped(event))}"
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        text += "\n" + failure.getTraceback()
+    return _escape_lines(text)
+
+
+def syslog_observer(sender: SyslogSender, hostname: str | None = None) -> ILogObserver:
+    """An observer sending every event it sees to ``sender`` as one syslog datagram; nothing
+    it meets (an odd event, a failed send) raises into logging."""
+    host = header_field(socket.gethostname() if hostname is None else hostname)
+
+    @provider(ILogObserver)
+    def forward(event: dict[str, Any]) -> None:
+        try:
+            data = datagram(
+                event.get("log_level"),
+                event.get("log_time") or time.time(),
+                host,
+                os.getpid(),  # per event: twistd forks to daemonize after this observer is made
+                syslog_text(event),
+            )
+        except Exception:  # a bug formatting one event must not break every later one
+            return
+        sender.send(data)
+
+    return forward
+
+
 def observer_for(
-    logging: Logging, log_file: Path | None, console: IO[str] | None = None
+    logging: Logging,
+    log_file: Path | None,
+    console: IO[str] | None = None,
+    syslog: SyslogSender | None = None,
 ) -> ILogObserver:
-    """One observer writing to the console and/or the log file, above the configured level.
+    """One observer writing to the console and/or the log file, and forwarding to the syslog
+    servers of ``syslog`` (see :meth:`SyslogSender.open`), above the configured level.
 
     Files are opened here, at start-up, never while serving.
     """
@@ -323,11 +363,31 @@ def observer_for(
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         targets.append(target_observer(log_file.open("a", encoding="utf-8"), logging.format))
+    local = list(targets)
+    if syslog is not None:
+        targets.append(syslog_observer(syslog))
+
+        def unsent(destination: Destination, error: OSError) -> None:
+            """A server's first failed send, told to the console and file (not to syslog)."""
+            Logger(namespace=__name__, observer=local_out).warn(
+                "syslog server {server}: cannot send: {error}; lines it misses are dropped "
+                "(said once)",
+                server=str(destination),
+                error=str(error),
+            )
+
+        syslog.on_error = unsent
 
     @provider(ILogObserver)
     def fan_out(event: dict[str, object]) -> None:
         for target in targets:
             target(event)
 
+    @provider(ILogObserver)
+    def local_fan_out(event: dict[str, object]) -> None:
+        for target in local:
+            target(event)
+
     predicate = LogLevelFilterPredicate(defaultLogLevel=level_for(logging.minimum_severity))
+    local_out = FilteringLogObserver(local_fan_out, [predicate])
     return FilteringLogObserver(fan_out, [predicate])

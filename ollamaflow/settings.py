@@ -320,9 +320,4 @@ def _warnings(settings: Settings, unknown: list[str]) -> list[str]:
                 f"Database.{', Database.'.join(ignored)} ignored: Database.Driver is sqlite "
                 "(DatabaseFilename is used)"
             )
-    if settings.logging.servers:
-        out.append(
-            "Logging.Servers: syslog forwarding is not supported; logs go to the console "
-            "and Logging.LogFilename"
-        )
     return out

@@ -77,6 +77,19 @@ def test_unknown_keys_are_ignored_with_a_warning_naming_them(tmp_path: Path) -> 
     assert "unknown setting Webserver.Ssl ignored" in warnings
 
 
+def test_syslog_servers_are_used_not_warned_about(tmp_path: Path) -> None:
+    """Logging.Servers is forwarded to (ollamaflow.syslog), so no longer 'not supported'."""
+    path = tmp_path / "s.json"
+    servers = [{"Hostname": "logs.example", "Port": 5514}, {"Hostname": "127.0.0.1"}]
+    path.write_text(json.dumps({"AdminBearerTokens": ["t0ken"], "Logging": {"Servers": servers}}))
+    loaded = load_settings(path)
+    assert [(s.hostname, s.port) for s in loaded.settings.logging.servers] == [
+        ("logs.example", 5514),
+        ("127.0.0.1", 514),
+    ]
+    assert loaded.warnings == ()
+
+
 def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     for _ in range(2):
