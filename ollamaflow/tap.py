@@ -22,20 +22,49 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+#: The options, accepted before ``start`` and after it: ``start --config X`` as a unit file
+#: would put it, ``--config X start`` as twistd's own syntax has it.
+_PARAMETERS: list[list[Any]] = [
+    ["config", "c", "ollamaflow.json", "Settings file (created with defaults if missing)."],
+    ["worker", None, None, "Internal: run as worker N of a daemon with Workers > 1.", int],
+]
+
+
+def _no_arguments(args: tuple[str, ...]) -> None:
+    if args:
+        raise usage.UsageError(f"unexpected argument(s): {' '.join(args)}")
+
+
+class StartOptions(usage.Options):
+    """``start``: the same options, after the word; given there, they win."""
+
+    synopsis = "[--config PATH]"
+    optParameters = [[name, short, None, *rest] for name, short, _default, *rest in _PARAMETERS]
+
+    def parseArgs(self, *args: str) -> None:
+        _no_arguments(args)
+
+
 class Options(usage.Options):
-    synopsis = "[--config PATH] [start]"
+    synopsis = "[--config PATH] [start [--config PATH]]"
     longdesc = (
         "Run OllamaFlow. The settings file is created with defaults if it does not exist; "
         "frontends and backends live in the database it names."
     )
-    optParameters = [
-        ["config", "c", "ollamaflow.json", "Settings file (created with defaults if missing)."],
-        ["worker", None, None, "Internal: run as worker N of a daemon with Workers > 1.", int],
+    optParameters = _PARAMETERS
+    subCommands = [
+        ["start", None, StartOptions, "Run OllamaFlow: the same as no command (1.2's runbooks)."]
     ]
 
     def parseArgs(self, *args: str) -> None:
-        if args not in ((), ("start",)):
-            raise usage.UsageError(f"unexpected argument(s): {' '.join(args)} (only 'start')")
+        _no_arguments(args)  # only reached without a command: twisted takes "start" itself
+
+    def postOptions(self) -> None:
+        given = getattr(self, "subOptions", None)
+        if given is not None:
+            for name, *_ in _PARAMETERS:
+                if given[name] is not None:
+                    self[name] = given[name]
 
 
 def _console(options: Options) -> IO[str]:
@@ -70,7 +99,15 @@ def makeService(options: Options) -> IService:
     raise_open_files_limit(loaded.settings.webserver.max_connections)
     now = utc_clock(reactor.seconds)
     store, snapshot = prepare_store(loaded, reactor, now)
-    observer = observer_for(loaded.settings.logging, loaded.log_file, _console(options))
+    logging = loaded.settings.logging
+    syslog = None
+    if logging.servers:
+        from ollamaflow.syslog import SyslogSender
+
+        syslog, problems = SyslogSender.open(logging.servers)  # resolves: before the reactor
+        for problem in problems:
+            log.warn("Logging.Servers: {problem}; its lines are not sent", problem=problem)
+    observer = observer_for(logging, loaded.log_file, _console(options), syslog)
     worker: int | None = options["worker"]
     workers = loaded.settings.workers
     daemon = Daemon(

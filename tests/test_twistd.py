@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -19,10 +20,12 @@ import pytest_twisted
 import treq
 from harness import Collect, Http, until
 from twisted.internet import reactor
+from twisted.python import usage
 from twisted.web.client import ResponseDone
 
 import twisted
 from ollamaflow.sim import SimConfig, start_simulator
+from ollamaflow.tap import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,6 +90,44 @@ def test_bad_options_are_a_usage_error_not_a_traceback(twistd: Path, tmp_path: P
         assert result.returncode != 0
         assert "Traceback" not in result.stderr + result.stdout
         assert "Usage:" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "config", "worker"),
+    [
+        ([], "ollamaflow.json", None),
+        (["start"], "ollamaflow.json", None),
+        (["--config", "/etc/of.json"], "/etc/of.json", None),
+        (["--config", "/etc/of.json", "start"], "/etc/of.json", None),
+        (["start", "--config", "/etc/of.json"], "/etc/of.json", None),  # as a unit file has it
+        (["start", "-c", "/etc/of.json"], "/etc/of.json", None),
+        (["start", "--config=/etc/of.json", "--worker", "2"], "/etc/of.json", 2),
+        (["--worker", "3", "start", "--config", "a.json"], "a.json", 3),
+        (["--config", "a.json", "start", "--config", "b.json"], "b.json", None),  # the last wins
+        (["--config", "start"], "start", None),  # a value, not the command
+    ],
+)
+def test_options_on_either_side_of_start(args: list[str], config: str, worker: int | None) -> None:
+    options = Options()
+    options.parseOptions(args)
+    assert (options["config"], options["worker"]) == (config, worker)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["stop"], "Unknown command: stop"),
+        (["start", "again"], "unexpected argument(s): again"),
+        (["--config", "a.json", "start", "again"], "unexpected argument(s): again"),
+        (["start", "--bogus"], "option --bogus not recognized"),
+        (["start", "--config"], "option --config requires argument"),
+        (["start", "--worker", "two"], "invalid literal for int()"),
+    ],
+)
+def test_bad_options_on_either_side_of_start(args: list[str], error: str) -> None:
+    with pytest.raises(usage.UsageError) as raised:
+        Options().parseOptions(args)
+    assert error in str(raised.value)
 
 
 def test_bad_settings_stop_before_listening_in_one_line(twistd: Path, tmp_path: Path) -> None:
@@ -191,7 +232,16 @@ class Foreground:
     output_path: Path
 
     @classmethod
-    def start(cls, twistd: Path, folder: Path, **settings: object) -> Foreground:
+    def start(
+        cls,
+        twistd: Path,
+        folder: Path,
+        *args: str,
+        settings_file: Path | None = None,
+        **settings: object,
+    ) -> Foreground:
+        """``args`` follow ``ollamaflow``; ``settings_file`` (default: ollamaflow.json in
+        ``folder``) is where the settings are written."""
         port = free_port()
         written = {
             "Webserver": {"Hostname": "127.0.0.1", "Port": port},
@@ -199,11 +249,11 @@ class Foreground:
             "HealthCheckIntervalMs": 100,
             **settings,
         }
-        (folder / "ollamaflow.json").write_text(json.dumps(written))
+        (settings_file or folder / "ollamaflow.json").write_text(json.dumps(written))
         output_path = folder / "output.log"
         with output_path.open("wb") as output:
             proc = subprocess.Popen(
-                [str(twistd), "-n", "--pidfile=", "ollamaflow"],
+                [str(twistd), "-n", "--pidfile=", "ollamaflow", *args],
                 cwd=folder,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -323,3 +373,50 @@ async def test_sigterm_that_cuts_a_stream_off_exits_as_killed_by_it(
     finally:
         daemon.kill()
         await sim.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_then_config_as_a_unit_file_has_it_with_syslog(
+    twistd: Path, tmp_path: Path
+) -> None:
+    """``twistd -n ollamaflow start --config /etc/...`` (options after ``start``) runs with
+    those settings, whose Logging.Servers get every line over UDP: start-up, access log."""
+    syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    syslog.bind(("127.0.0.1", 0))
+    syslog.setblocking(False)
+    received: list[bytes] = []
+
+    def arrived(text: bytes) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received.append(syslog.recv(65536))
+        return any(text in data for data in received)
+
+    etc, run_in = tmp_path / "etc", tmp_path / "elsewhere"
+    etc.mkdir()
+    run_in.mkdir()
+    config = etc / "ollamaflow.json"
+    servers = [{"Hostname": "localhost", "Port": syslog.getsockname()[1]}]
+    daemon = Foreground.start(
+        twistd,
+        run_in,
+        "start",
+        "--config",
+        str(config),
+        settings_file=config,
+        Logging={"Servers": servers, "MinimumSeverity": 1},
+    )
+    try:
+        await daemon.ready()
+        assert (etc / "ollamaflow.db").exists() and not (run_in / "ollamaflow.json").exists()
+        reply = await daemon.http.request("POST", "/api/generate", {"model": "m", "prompt": "p"})
+        assert reply.status >= 400  # no backend has it: the gateway's own answer
+        line = b"[ollamaflow.access] POST /api/generate %d refused" % reply.status
+        await until(lambda: arrived(line), what="the access line")
+        listening = next(data for data in received if b"OllamaFlow listening on" in data)
+        assert re.match(rb"<14>1 \S+Z \S+ ollamaflow \d+ - - \[ollamaflow.daemon\] ", listening)
+        assert b"not supported" not in b"".join(received), "Logging.Servers is used now"
+        assert await daemon.terminate() == 0, daemon.output
+    finally:
+        daemon.kill()
+        syslog.close()
