@@ -135,6 +135,8 @@ class Backend:
     #: Set it to match the server and requests wait in OllamaFlow's queue for the first slot
     #: that frees anywhere, instead of inside one server behind one generation.
     model_parallel_requests: int = field(Int(0), default=0)
+    #: Requests sent to it at once, at most (with MaxParallelRequests, the lower applies):
+    #: never a refusal, those beyond wait in the frontend's queue.
     rate_limit_requests_threshold: int = field(Int(1), default=10)
     log_request_full: bool = field(Bool(), default=False)
     log_request_body: bool = field(Bool(), default=False)
@@ -154,6 +156,13 @@ class Backend:
     weight: int = field(Int(1, 1000), default=1)
     created_utc: datetime | None = field(_TIME, default=None, readonly=True)
     last_update_utc: datetime | None = field(_TIME, default=None, readonly=True)
+
+    @property
+    def slots(self) -> int:
+        """Requests sent to it at once: ``MaxParallelRequests``, or the rate limit when lower.
+        1.2 stored both and enforced neither; what is over the limit waits in the frontend's
+        queue, as Ollama itself queues, instead of being refused."""
+        return min(self.max_parallel_requests, self.rate_limit_requests_threshold)
 
     @property
     def base_url(self) -> str:

@@ -12,7 +12,7 @@ import pytest_twisted
 import treq
 from harness import Fleet, start_daemon, until
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 
 from ollamaflow.gateway.scheduler import Eligible, QueueRefused, Scheduler
@@ -136,16 +136,75 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
     assert not clock.getDelayedCalls(), "its timer went with it"
 
 
-def test_the_rate_limit_counts_active_and_queued_requests() -> None:
+def test_the_rate_limit_lowers_the_slots_and_the_rest_wait_in_the_queue() -> None:
+    """RateLimitRequestsThreshold counts requests sent to the backend, never those waiting:
+    below MaxParallelRequests it is the backend's slot count; it refuses nothing."""
     clock = task.Clock()
-    backend = Backend(identifier="a", max_parallel_requests=2, rate_limit_requests_threshold=3)
+    backend = Backend(identifier="a", max_parallel_requests=4, rate_limit_requests_threshold=2)
     fe = Frontend(identifier="f", backends=("a",))
     scheduler = Scheduler(clock, Runtime())
     scheduler.acquire(backend, None)
+    assert scheduler.has_slot(backend)
     scheduler.acquire(backend, None)
-    scheduler.wait(fe, [backend], among([backend]), None)
-    with pytest.raises(QueueRefused, match="RateLimitRequestsThreshold"):
-        scheduler.wait(fe, [backend], among([backend]), None)
+    assert not scheduler.has_slot(backend), "two in flight: the threshold is reached"
+    waiting = [fired(scheduler.wait(fe, [backend], among([backend]), None)) for _ in range(20)]
+    assert scheduler.depth("f") == 20 and scheduler.stats["f"].rejected == 0
+    scheduler.release(backend, None)
+    assert waiting[0] == [backend] and not scheduler.has_slot(backend)
+
+
+def serve_burst(clients: int, hold: float) -> tuple[int, int, float]:
+    """``clients`` requests at once on one backend at OllamaFlow 1.2's defaults (a migrated
+    configuration: MaxParallelRequests 4, RateLimitRequestsThreshold 10) behind a frontend at
+    ours, each holding its slot for ``hold`` seconds, admitted as the gateway admits them.
+    Returns how many were answered, how many refused (at once or timed out in the queue), and
+    the longest wait for a slot."""
+    clock = task.Clock()
+    backend = Backend(identifier="a")
+    fe = Frontend(identifier="f", backends=("a",))
+    scheduler = Scheduler(clock, Runtime())
+    waits: list[float] = []
+    refused: list[object] = []
+
+    def served(_: object, arrived: float) -> None:
+        waits.append(clock.seconds() - arrived)
+        clock.callLater(hold, scheduler.release, backend, None)
+
+    for _ in range(clients):
+        if scheduler.has_slot(backend):
+            scheduler.acquire(backend, None)
+            served(backend, clock.seconds())
+            continue
+        try:
+            waiting = scheduler.wait(fe, [backend], among([backend]), None)
+        except QueueRefused as e:
+            refused.append(e)
+            continue
+        waiting.addCallbacks(served, refused.append, callbackArgs=(clock.seconds(),))
+    while clock.getDelayedCalls():
+        clock.advance(hold)
+    assert len(waits) + len(refused) == clients
+    return len(waits), len(refused), max(waits)
+
+
+@pytest.mark.parametrize("clients", [50, 500])
+def test_a_burst_on_one_backend_at_1_2_defaults_is_queued_not_refused(clients: int) -> None:
+    """Ollama alone queues up to 512 requests; behind OllamaFlow with a 1.2 configuration
+    migrated as it is, a burst waits in the frontend's queue (MaxQueueDepth 512) for a slot
+    instead of getting 429s, as long as each gets one within QueueTimeoutMs (30 s)."""
+    answered, refused, longest = serve_burst(clients, hold=0.2)
+    assert (answered, refused) == (clients, 0)
+    assert longest == pytest.approx(0.2 * ((clients - 1) // 4)), "4 at a time, in turn"
+
+
+def test_a_burst_beyond_what_the_queue_holds_or_waits_for_is_refused_by_the_queue() -> None:
+    """The only 429s are the queue's: more waiting than MaxQueueDepth, or longer than
+    QueueTimeoutMs."""
+    answered, refused, _ = serve_burst(4 + 512 + 10, hold=0.01)
+    assert (answered, refused) == (4 + 512, 10)
+    answered, refused, longest = serve_burst(100, hold=2.0)
+    assert (answered, refused) == (4 * 30 // 2, 100 - 4 * 30 // 2), "4 slots every 2 s for 30 s"
+    assert longest == 28.0
 
 
 def test_a_retried_request_waits_in_its_old_place_with_its_old_deadline() -> None:
@@ -413,3 +472,33 @@ async def test_warm_backends_are_preferred_unless_saturated(setup: Setup) -> Non
     response = await first
     await response.content()
     assert response.headers.getRawHeaders("x-ollamaflow-backend") == ["warm"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_50_clients_at_once_on_one_backend_at_1_2_defaults_are_all_answered(
+    tmp_path: Path,
+) -> None:
+    """A 1.2 backend record as it is (MaxParallelRequests 4, RateLimitRequestsThreshold 10)
+    and a frontend at our defaults: the burst queues, as Ollama would queue it, and every
+    client gets its answer; the backend never has more than 4 at once."""
+    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+    try:
+        sim = await fleet.add("gpu", num_parallel=4, tokens=10, tokens_per_second=200)
+        record = (await fleet.http.get("/v1.0/backends/gpu")).json
+        assert (record["MaxParallelRequests"], record["RateLimitRequestsThreshold"]) == (4, 10)
+        await fleet.serve("gpu")
+        body = {"model": "llama3", "prompt": "hi", "stream": False}
+        responses = await gatherResults(
+            [treq.post(fleet.url + "/api/generate", json=body, persistent=False) for _ in range(50)]
+        )
+        assert [r.code for r in responses] == [200] * 50
+        for response in responses:
+            assert (await response.json())["done"] is True
+        assert sim.counters.peak_in_flight == 4
+        health = (await fleet.http.get("/v1.0/health")).json
+        queue = next(q for q in health["Queues"] if q["Identifier"] == "frontend1")
+        assert queue["Rejected"] == 0 and queue["TimedOut"] == 0
+        assert queue["PeakQueueDepth"] > 10, "the burst waited in the queue, past the threshold"
+        assert queue["ServedFromQueue"] == queue["Queued"]
+    finally:
+        await fleet.stop()

@@ -1,6 +1,7 @@
 """Backend slots and the wait for them.
 
-Every request holds a slot on the backend serving it (``MaxParallelRequests`` per backend) from
+Every request holds a slot on the backend serving it (``MaxParallelRequests`` per backend, or
+``RateLimitRequestsThreshold`` when lower) from
 its first attempt to its last byte. When every candidate is full the request waits in its
 frontend's FIFO queue and takes the first slot that frees on a backend it may use — one queue
 per frontend, not one per backend, so nobody waits behind a long generation while another box
@@ -25,8 +26,8 @@ from ollamaflow.runtime import Runtime
 
 
 class QueueRefused(Exception):
-    """The request cannot wait: the queue is full, the rate limit is reached, or it waited
-    too long. ``retry_after`` is a hint in seconds for the client."""
+    """The request cannot wait: the queue is full, or it waited too long. ``retry_after`` is
+    a hint in seconds for the client."""
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
@@ -88,7 +89,7 @@ class Scheduler:
         if state is None:
             return True
         active = state.active_requests
-        if active >= backend.max_parallel_requests or (active and state.probation):
+        if active >= backend.slots or (active and state.probation):
             return False
         per_model = backend.model_parallel_requests
         return not (per_model and model and state.active_by_model.get(model, 0) >= per_model)
@@ -136,7 +137,11 @@ class Scheduler:
     ) -> Deferred[Backend]:
         """Queue a request whose candidates (``backends``) are all full; fires with a backend
         ``eligible`` chose, whose slot is already taken for it, or fails with
-        :class:`QueueRefused`. Cancel it if the client leaves."""
+        :class:`QueueRefused`. Cancel it if the client leaves.
+
+        Only the queue refuses (``MaxQueueDepth`` waiting, ``QueueTimeoutMs``), as Ollama
+        queues a burst rather than refusing it: a backend's ``RateLimitRequestsThreshold``
+        counts the requests sent to it (see :attr:`Backend.slots`), not those waiting here."""
         stats = self.stats.setdefault(frontend.identifier, QueueStats())
         depth = self.depth(frontend.identifier)
         if depth >= frontend.max_queue_depth:
@@ -144,17 +149,6 @@ class Scheduler:
             raise QueueRefused(
                 f"frontend {frontend.identifier!r}: all backends are busy and "
                 f"{depth} requests are already waiting"
-            )
-        share = (depth + 1) / len(backends)
-        if all(
-            self.runtime.state(b.identifier).active_requests + share
-            > b.rate_limit_requests_threshold
-            for b in backends
-        ):
-            stats.rejected += 1
-            raise QueueRefused(
-                f"frontend {frontend.identifier!r}: every backend is at its "
-                "RateLimitRequestsThreshold of active and queued requests"
             )
 
         waiter = self._waiter(frontend, eligible, model, self.clock.seconds())
