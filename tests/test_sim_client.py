@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -103,6 +104,63 @@ async def test_pull_delete_and_unknown_model(simulators: Start) -> None:
     with pytest.raises(ollama.ResponseError) as unknown:
         await in_thread(lambda: c.pull("no-such-model"))
     assert unknown.value.status_code == 500
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_blob_then_create_from_files(simulators: Start, tmp_path: Path) -> None:
+    sim = await simulators(config=SimConfig(create_time=0.2, pull_tick=0.05))
+    c = client(sim)
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF" + bytes(range(256)) * 400)  # over Twisted's in-memory body size
+    digest = await in_thread(lambda: c.create_blob(weights))
+    assert sim.state.has_blob(digest)
+    assert await in_thread(lambda: c.create_blob(weights)) == digest, "a second upload: 200"
+    progress = await in_thread(
+        lambda: list(
+            c.create("mine", files={"model.gguf": digest}, template="{{ .Prompt }}", stream=True)
+        )
+    )
+    statuses = [p.status for p in progress]
+    assert statuses[0] == "parsing GGUF" and statuses[-2:] == ["writing manifest", "success"]
+    assert any(p.completed and p.completed < (p.total or 0) for p in progress), "paced progress"
+    shown = await in_thread(lambda: c.show("mine"))
+    assert shown.template == "{{ .Prompt }}" and shown.modelinfo is not None
+    reply = await in_thread(lambda: c.generate("mine", "hi"))
+    assert reply.done
+    done = await in_thread(lambda: c.create("mine2", from_="mine", quantize=None))
+    assert done.status == "success"
+    assert sim.state.events.created[-1]["from"] == "mine"
+
+    with pytest.raises(ollama.ResponseError) as missing:
+        await in_thread(lambda: c.create("x", files={"m.gguf": "sha256:" + "0" * 64}))
+    assert missing.value.status_code == 500 and "no such file" in missing.value.error
+    with pytest.raises(ollama.ResponseError) as streamed:
+        await in_thread(lambda: list(c.create("x", from_="no-such-model", stream=True)))
+    assert streamed.value.error == "pull model manifest: file does not exist"
+    with pytest.raises(ollama.ResponseError) as neither:
+        await in_thread(lambda: c.create("x"))
+    assert neither.value.status_code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_copy_and_stop(simulators: Start) -> None:
+    sim = await simulators()
+    c = client(sim)
+    progress = await in_thread(lambda: list(c.push("llama3", stream=True)))
+    assert progress[0].status == "retrieving manifest" and progress[-1].status == "success"
+    assert [e["model"] for e in sim.state.events.pushed] == ["llama3:latest"]
+    with pytest.raises(ollama.ResponseError) as absent:
+        await in_thread(lambda: c.push("nope"))
+    assert absent.value.status_code == 500
+    assert (await in_thread(lambda: c.copy("llama3", "mine"))).status == "success"
+    with pytest.raises(ollama.ResponseError) as unknown:
+        await in_thread(lambda: c.copy("nope", "mine"))
+    assert (unknown.value.status_code, unknown.value.error) == (404, 'model "nope" not found')
+    await in_thread(lambda: c.generate("llama3", "hi"))
+    assert [m.model for m in (await in_thread(c.ps)).models] == ["llama3:latest"]
+    stopped = await in_thread(lambda: c.generate("llama3", keep_alive=0))
+    assert stopped.done_reason == "unload"
+    assert (await in_thread(c.ps)).models == []
 
 
 @pytest_twisted.ensureDeferred

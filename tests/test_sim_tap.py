@@ -50,6 +50,8 @@ def test_all_options() -> None:
         "--num-parallel=4",
         "--max-queue=8",
         "--pull-time=0",
+        "--push-time=0.5",
+        "--create-time=0.25",
         "--fault=error500",
         "--fault=hang",
         "--drop-after=3",
@@ -63,6 +65,7 @@ def test_all_options() -> None:
     assert (config.num_parallel, config.max_queue, config.tokens) == (4, 8, 5)
     assert config.error500 and config.hang and not config.refuse and not config.check_host
     assert (config.drop_mid_stream_after, config.stall_after, config.stall_seconds) == (3, 2, 1.5)
+    assert (config.push_time, config.create_time) == (0.5, 0.25)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +81,8 @@ def test_all_options() -> None:
         ["--fault=explode"],
         ["--models=bad name"],
         ["--stall-after=-1"],
+        ["--push-time=-1"],
+        ["--create-time=-1"],
         ["--bogus"],
     ],
 )

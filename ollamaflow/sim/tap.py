@@ -25,8 +25,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "A simulated Ollama server: the Ollama HTTP API with fake models, paced token streams,"
-        " model loads, parallel slots, pulls and faults. Knobs can be changed at run time under"
-        " /_sim/ (GET /_sim/state, POST /_sim/config, POST /_sim/reset)."
+        " model loads, parallel slots, pulls, blobs, create, push and faults. Knobs can be"
+        " changed at run time under /_sim/ (GET /_sim/state, POST /_sim/config,"
+        " POST /_sim/reset)."
     )
     optFlags = [
         ["no-host-check", None, "Accept any Host header (Ollama on loopback rejects others: 403)."],
@@ -56,7 +57,9 @@ class Options(usage.Options):
         ["num-parallel", None, 1, "Parallel requests per loaded model (OLLAMA_NUM_PARALLEL).", int],
         ["max-queue", None, 512, "Requests waiting for loads before 503 (OLLAMA_MAX_QUEUE).", int],
         ["pull-time", None, 3.0, "Seconds a pull takes.", float],
-        ["pull-tick", None, 0.06, "Seconds between pull progress lines.", float],
+        ["pull-tick", None, 0.06, "Seconds between pull, push and create progress lines.", float],
+        ["push-time", None, 3.0, "Seconds a push takes.", float],
+        ["create-time", None, 2.0, "Seconds a create spends validating or quantizing.", float],
         ["drop-after", None, None, "Fault: close the connection after N stream messages.", int],
         ["stall-after", None, None, "Fault: stall once after N stream messages.", int],
         ["stall-seconds", None, 5.0, "How long the stall-after fault stalls.", float],
@@ -96,6 +99,8 @@ class Options(usage.Options):
                 max_queue=self["max-queue"],
                 pull_time=self["pull-time"],
                 pull_tick=self["pull-tick"],
+                push_time=self["push-time"],
+                create_time=self["create-time"],
                 pullable=pullable,
                 version=self["ollama-version"],
                 check_host=not self["no-host-check"],
