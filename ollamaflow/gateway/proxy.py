@@ -213,8 +213,7 @@ class Gateway:
         if frontend is None:
             name = host.decode("latin-1") if host else ""
             return self._refuse(request, None, 404, f"no frontend for host {quoted(name)}")
-        if request.clientproto == b"HTTP/1.0" and frontend.block_http10:
-            return self._refuse(request, frontend, 505, "HTTP/1.0 is not supported; use HTTP/1.1")
+        # HTTP/1.0 is served whatever BlockHttp10 says: 1.2 stores it (true) but never enforces it.
         path = request.path
         allowed = allowed_methods(path)
         if allowed is not None and request.method not in allowed:
