@@ -88,6 +88,8 @@ class Frontend:
     load_balancing: LoadBalancing = field(
         Choice(LoadBalancing, numbered=True), default=LoadBalancing.LEAST_OUTSTANDING
     )
+    #: Stored and shown for 1.2's sake, never enforced (1.2 does not either): HTTP/1.0 clients
+    #: such as ApacheBench and HAProxy's health check are served.
     block_http10: bool = field(Bool(), default=True)
     max_request_body_size: int = field(Int(1, 2**53), default=536870912)
     backends: tuple[str, ...] = field(_NAMES, default=())

@@ -10,6 +10,7 @@ import pytest_twisted
 import treq
 from harness import Fleet, Http, start_daemon, until
 from test_admin import assert_error
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from ollamaflow.daemon import Daemon
 
@@ -42,6 +43,28 @@ async def test_a_frontend_may_name_backends_not_created_yet_and_shows_them_missi
     assert (await http.get("/v1.0/frontends/f2")).json["MissingBackends"] == ["phantom"]
     ghost = (await http.get("/v1.0/backends/ghost/health")).json
     assert ghost["Frontends"] == ["f2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_backends_are_logged_once_when_they_appear(http: Http) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await http.put("/v1.0/frontends/frontend1", {"Backends": ["backend1", "later"]})
+        await http.put("/v1.0/frontends/frontend1", {"Backends": ["later", "backend1"]})
+        await http.put("/v1.0/backends", {"Identifier": "later"})
+        await http.put("/v1.0/frontends/frontend1", {"Backends": ["later", "again"]})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [
+        formatEvent(e) for e in events if e.get("log_level") is LogLevel.warn and "frontend" in e
+    ]
+    assert warnings == [
+        "frontend 'frontend1' lists backends that do not exist: 'later'; it is served by its"
+        " other backends, and by each of these once it is created",
+        "frontend 'frontend1' lists backends that do not exist: 'again'; it is served by its"
+        " other backends, and by each of these once it is created",
+    ]
 
 
 @pytest_twisted.ensureDeferred
