@@ -2,7 +2,9 @@
 
 Events carry the request's fields as structured keys (the JSON log writes them as they are) and
 a short ``log_format`` for text logs; nothing is formatted unless an observer formats it.
-Never a header, so never a token; bodies only when the gateway captured them on request.
+Headers only when a frontend or backend sets ``LogRequestFull``, and then with every credential
+redacted (:mod:`ollamaflow.gateway.requesthead`); bodies only when the gateway captured them on
+request.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _FORMAT = (
 )
 _BACKENDS = " backends={backends}"
 _TOKENS = " tokens={eval_count} tokens_per_second={tokens_per_second}"
+_REQUEST_HEAD = " request_head={request_head!r}"
 _REQUEST_BODY = " request_body={request_body!r}"
 _RESPONSE_BODY = " response_body={response_body!r}"
 
@@ -71,6 +74,9 @@ class AccessLog:
             event["eval_count"] = c.eval_count
             rate = c.tokens_per_second
             event["tokens_per_second"] = None if rate is None else round(rate, 1)
+        if c.request_head is not None:
+            fmt += _REQUEST_HEAD
+            event["request_head"] = c.request_head
         if c.request_body is not None:
             fmt += _REQUEST_BODY
             event["request_body"] = c.request_body

@@ -7,7 +7,8 @@ Each target writes text (twisted's classic lines) or JSON lines, one object per 
 Values often come from clients (model names, paths, backends' errors), so every value is cut to
 :data:`MAX_VALUE_CHARS` and, where it is formatted into a message, escaped: one event is one
 line, and no value can forge another line or reach a terminal as a control sequence. Exempt,
-being meant to be long and bounded already: tracebacks, and the access log's opt-in bodies.
+being meant to be long and bounded already: tracebacks, and the access log's opt-in request
+head and bodies.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ _MACHINERY = frozenset(
         "log_flattened",
     }
 )
-#: The access log's opt-in bodies: cut to 64 KiB by the gateway, written with ``!r`` or JSON.
-_BODIES = frozenset({"request_body", "response_body"})
+#: The access log's opt-in head and bodies: cut to 64 KiB by the gateway, written with ``!r``
+#: or JSON.
+_BODIES = frozenset({"request_head", "request_body", "response_body"})
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -9,7 +9,9 @@ import attrs
 
 #: How much of a completion's response is kept to read its usage from the final message.
 TAIL_BYTES = 4096
-#: How much of a body is kept when a frontend or backend asks for bodies to be logged.
+#: How much of a body is kept when a frontend or backend asks for bodies to be logged (and of
+#: a request head, for ``LogRequestFull``: ``requesthead.LOGGED_HEAD_BYTES``); a marker says
+#: how many bytes more there were.
 LOGGED_BODY_BYTES = 65536
 
 
@@ -37,6 +39,8 @@ class Completed:
     eval_duration_ns: int | None = None
     request_body: str | None = None
     response_body: str | None = None
+    #: The client's request line and header fields, credentials redacted (``LogRequestFull``).
+    request_head: str | None = None
     #: The backends a request answered for the whole frontend reached (a fan-out, or the
     #: catalog answered from their inventories); ``backend`` is None then.
     backends: tuple[str, ...] = ()
@@ -46,6 +50,15 @@ class Completed:
         if not self.eval_count or not self.eval_duration_ns:
             return None
         return self.eval_count / (self.eval_duration_ns / 1e9)
+
+
+def logged_text(kept: bytes, total: int, encoding: str = "utf-8") -> str:
+    """What the access log shows of a body (or head) of ``total`` bytes of which the first
+    were ``kept``: decoded (bad bytes replaced), then a marker if the rest was left out."""
+    text = kept.decode(encoding, "replace")
+    if total > len(kept):
+        text += f"...[{total - len(kept)} more bytes]"
+    return text
 
 
 _EVAL_COUNT = re.compile(rb'"eval_count"\s*:\s*(\d+)')

@@ -57,11 +57,13 @@ from ollamaflow.gateway.completed import (
     TAIL_BYTES,
     Completed,
     RequestIds,
+    logged_text,
     usage,
 )
 from ollamaflow.gateway.deadlines import Deadline, Deadlines
 from ollamaflow.gateway.dialect import finish_json, quoted, refuse
 from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.gateway.requesthead import logged_head
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.runtime import MODEL_HOLD, FailureKind, Runtime
@@ -364,6 +366,9 @@ class Gateway:
                     ttfb=None,
                     duration=0.0,
                     retries=0,
+                    request_head=logged_head(
+                        request, frontend, (), self.withheld, self.registry.catalog.backends
+                    ),
                 )
             )
         return body
@@ -402,6 +407,13 @@ class Gateway:
                     duration=self.clock.seconds() - started,
                     retries=0,
                     backends=tuple(b.identifier for b in backends),
+                    request_head=logged_head(
+                        request,
+                        frontend,
+                        (b.identifier for b in backends),
+                        self.withheld,
+                        self.registry.catalog.backends,
+                    ),
                 )
             )
 
@@ -1200,7 +1212,18 @@ class _Exchange:
                 eval_count=count,
                 eval_duration_ns=duration,
                 request_body=self.logged_body,
-                response_body=None if self.captured is None else _text(bytes(self.captured)),
+                response_body=(
+                    None
+                    if self.captured is None
+                    else logged_text(bytes(self.captured), self.relayed)
+                ),
+                request_head=logged_head(
+                    request,
+                    self.frontend,
+                    self.tried,
+                    gateway.withheld,
+                    gateway.registry.catalog.backends,
+                ),
             )
         )
 
@@ -1374,18 +1397,15 @@ class _Relay(Protocol):
         request.abort_connection()
 
 
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")
-
-
 def _body_text(request: ClientRequest) -> str | None:
     content = request.content
     if content is None:
         return None
     content.seek(0)
     raw = content.read(LOGGED_BODY_BYTES)
+    size = content.seek(0, 2)
     content.seek(0)
-    return _text(raw)
+    return logged_text(raw, size)
 
 
 def _producer(protocol: Protocol) -> IPushProducer:
