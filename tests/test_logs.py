@@ -757,11 +757,11 @@ def test_datagram_is_bounded_whole_utf8_and_keeps_its_start(text: str, host: str
         msg = msg[3:]
     body = msg.decode("utf-8")  # whole characters only
     full = text.encode("utf-8", "backslashreplace").decode()
-    if len(data) < MAX_DATAGRAM_BYTES - 40:
-        assert body == full
-    else:
+    if body != full:  # cut: only when it had to be, keeping the start, saying how much is left
+        assert len(data) - len(msg) + len(full.encode()) > MAX_DATAGRAM_BYTES
         kept, _, marker = body.rpartition("...[")
         assert full.startswith(kept) and marker.endswith(" more bytes]")
+        assert int(marker.split()[0]) == len(full.encode()) - len(kept.encode())
 
 
 class Unsendable:
