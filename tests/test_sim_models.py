@@ -603,3 +603,33 @@ def test_sim_state_shows_model_operations_and_reset_clears_them() -> None:
     state = sim.sim_state()
     assert all(state[k] == [] for k in ("created", "copied", "pushed", "deleted", "unloaded"))
     assert state["blobs"] != [], "blobs are what the server holds, not events"
+
+
+# -- hostile bodies ----------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_fields = st.sampled_from(
+    ["model", "name", "from", "files", "adapters", "template", "system", "license", "parameters",
+     "messages", "quantize", "stream", "source", "destination", "insecure", "keep_alive", "prompt"]
+)  # fmt: skip
+_values = _json | st.sampled_from(["llama3", GGUF_DIGEST, {"m.gguf": GGUF_DIGEST}, "q4_K_M", 0])
+
+
+@given(
+    st.sampled_from(["/api/create", "/api/push", "/api/copy", "/api/generate", "/api/chat"]),
+    st.dictionaries(_fields, _values, max_size=6),
+)
+def test_no_body_makes_a_model_operation_fail_inside(path: str, body: dict[str, Any]) -> None:
+    """Whatever the body, the answer is Ollama's: never the simulator's own internal error."""
+    sim = Sim()
+    upload(sim, GGUF)
+    conn = sim.request("POST", path, body)
+    sim.advance(0.01)
+    assert b"internal simulator error" not in conn.raw()
+    assert conn.status() in (200, 400, 404, 500)
