@@ -68,6 +68,15 @@ def parse(name: str) -> ModelName:
     return _parse(name)
 
 
+def is_valid(name: str) -> bool:
+    """Whether ``name`` is a model name Ollama would accept."""
+    try:
+        parse(name)
+    except InvalidModelName:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(name: str) -> ModelName:
     s = name.strip()

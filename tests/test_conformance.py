@@ -10,12 +10,14 @@ import pytest
 import pytest_twisted
 from harness import until
 from recorder import Recorder, start_recorder
-from test_gateway import Cluster, _raw, cluster, in_thread  # noqa: F401 - fixtures
+from test_gateway import Cluster, _raw, cluster, in_thread
 from twisted.internet import reactor
 
 from ollamaflow.gateway.classify import allowed_methods
 from ollamaflow.gateway.completed import Completed
 from ollamaflow.gateway.dialect import error_body
+
+__all__ = ["cluster"]  # a fixture, shared by import
 
 
 def _head_and_body(answer: bytes) -> tuple[bytes, bytes]:

@@ -398,8 +398,8 @@ async def test_application_errors_do_not_eject_backends(fleet: Fleet) -> None:
     await until(lambda: all(fleet.daemon.runtime.state(n).healthy for n in ("sim0", "sim1")))
     http = client(fleet)
     for _ in range(6):
-        reply = await http.request("POST", "/api/create", {"model": "x", "from": "llama3"})
-        assert reply.status == 501, "the backend's own answer reaches the client"
+        reply = await http.request("POST", "/api/push", {"model": "llama3", "insecure": 1})
+        assert reply.status == 400, "the backend's own answer reaches the client"
     states = fleet.daemon.runtime.states
     assert states["sim0"].healthy and states["sim1"].healthy
     assert (await http.request("POST", "/api/chat", chat())).status == 200

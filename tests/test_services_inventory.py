@@ -103,6 +103,26 @@ def test_reads_tags_and_ps_with_normalized_names(inv: Inv) -> None:
     assert record is not None and record.known and record.last_error is None
 
 
+def test_a_model_a_backend_answered_for_is_loaded_at_once_then_read_again(inv: Inv) -> None:
+    inv.world.publish(backend("b1"))
+    inv.world.mark_healthy("b1")
+    inv.inventory.learned("b1", "hf.co/Org/Model:Q4")
+    assert inv.calls("/api/tags") == [], "nothing to learn into before the first read"
+    inv.inventory.startService()
+    assert not inv.inventory.is_loaded("b1", "hf.co/Org/Model:Q4")
+    inv.answers["/api/tags"] = None  # reads from now on stay unanswered
+    inv.inventory.learned("b1", "hf.co/Org/Model:Q4")
+    assert inv.inventory.is_loaded("b1", "hf.co/org/model:q4"), "before the read answers"
+    assert inv.inventory.loaded_entries("b1")["hf.co/org/model:q4"]["size"] == 20
+    assert len(inv.calls("/api/tags")) == 2, "and read again at once for the details"
+    inv.inventory.learned("b1", "brand-new")
+    assert inv.inventory.has("b1", "brand-new:latest") is True
+    assert inv.inventory.is_loaded("b1", "brand-new")
+    inv.inventory.learned("b1", "llama3")
+    inv.inventory.learned("b1", "brand-new")
+    assert len(inv.calls("/api/tags")) == 2, "one read at a time; known models ask nothing"
+
+
 def test_refreshes_every_interval_only_healthy_ollama_backends(inv: Inv) -> None:
     inv.world.publish(backend("b1"), backend("sick"), backend("oai", api_format=ApiFormat.OPENAI))
     inv.world.mark_healthy("b1", "oai")

@@ -29,6 +29,9 @@ class Inventory(Protocol):
 
     def add_listener(self, listener: Callable[[str], None]) -> None: ...
 
+    def learned(self, backend_id: str, model: str) -> None:
+        """The backend answered a request for ``model``: it has it, loaded."""
+
 
 def _union(sources: Iterable[Mapping[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}

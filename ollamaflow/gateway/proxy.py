@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import IO, Any, cast
+from typing import Any, cast
 from urllib.parse import unquote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -61,11 +61,13 @@ from ollamaflow.gateway.completed import (
     usage,
 )
 from ollamaflow.gateway.deadlines import Deadline, Deadlines
-from ollamaflow.gateway.dialect import finish_json, quoted, refuse
+from ollamaflow.gateway.dialect import quoted, refuse
+from ollamaflow.gateway.modelops import ModelOperations, unloads
 from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.gateway.requestdoc import ModelNameTooLong, json_object, model_of
 from ollamaflow.gateway.requesthead import logged_head
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
-from ollamaflow.records import ApiFormat, Backend, Frontend
+from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import MODEL_HOLD, FailureKind, Runtime
 from ollamaflow.server.request import ClientRequest
 
@@ -119,7 +121,7 @@ class Gateway:
         inventory: fleet.Inventory | None = None,
         sync: fanout.Puller | None = None,
         on_failure: Callable[[Backend, str, FailureKind], None] | None = None,
-        on_models_changed: Callable[[str], object] | None = None,
+        on_models_changed: Callable[[str], Deferred[None]] | None = None,
         admin_tokens: Tokens = NO_TOKENS,
         withheld: Tokens = NO_TOKENS,
     ) -> None:
@@ -131,8 +133,6 @@ class Gateway:
         self.backends = BackendClient(reactor, CONNECT_TIMEOUT)
         #: For the fan-out requests (delete on every backend), off the hot path.
         self.http = http
-        #: Called with a backend id after the gateway changed its models (delete, pull).
-        self.on_models_changed = on_models_changed
         self.balancer = balancer or Balancer()
         self._frontends: tuple[Catalog | None, dict[bytes | None, Frontend | None]] = (None, {})
         self.new_id = RequestIds()
@@ -151,7 +151,10 @@ class Gateway:
         ] = {}
         if inventory is not None:
             inventory.add_listener(self._inventory_changed)
-        self.sync = sync
+        #: Pull, delete, copy, create, blobs and unloading across a frontend's backends.
+        self.model_ops = ModelOperations(
+            registry, http, self, reactor, withheld, sync=sync, refresh=on_models_changed
+        )
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges: set[_Exchange] = set()
         self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
@@ -164,8 +167,6 @@ class Gateway:
         self.draining = False
         self.admin_tokens = admin_tokens
         self.withheld = withheld
-        #: RequiredModels changes from clients' pulls and deletes, one at a time.
-        self._required_lock = DeferredLock()
         registry.subscribe(self._configuration_changed)
 
     def _configuration_changed(self, catalog: Catalog) -> None:
@@ -208,25 +209,25 @@ class Gateway:
     def render(self, request: ClientRequest) -> bytes | int:
         if self.draining:
             request.persistent = False
-            return self._refuse(request, None, 503, "OllamaFlow is shutting down", retry_after=1)
+            return self.refuse(request, None, 503, "OllamaFlow is shutting down", retry_after=1)
         catalog = self.registry.catalog
         host = request.getHeader(b"host")
         frontend = self._frontend_for(host)
         if frontend is None:
             name = host.decode("latin-1") if host else ""
-            return self._refuse(request, None, 404, f"no frontend for host {quoted(name)}")
+            return self.refuse(request, None, 404, f"no frontend for host {quoted(name)}")
         # HTTP/1.0 is served whatever BlockHttp10 says: 1.2 stores it (true) but never enforces it.
         path = request.path
         allowed = allowed_methods(path)
         if allowed is not None and request.method not in allowed:
             request.setHeader(b"Allow", b", ".join(allowed))
-            return self._refuse(request, frontend, 405, "405 method not allowed")
+            return self.refuse(request, frontend, 405, "405 method not allowed")
         if (
             not frontend.allow_model_management
             and manages_models(request.method, path)
             and not self.admin_tokens.match(request.getHeader(b"authorization"))
         ):
-            return self._refuse(
+            return self.refuse(
                 request,
                 frontend,
                 403,
@@ -237,7 +238,7 @@ class Gateway:
         if (request_class is RequestClass.EMBEDDINGS and not frontend.allow_embeddings) or (
             request_class is RequestClass.COMPLETIONS and not frontend.allow_completions
         ):
-            return self._refuse(
+            return self.refuse(
                 request,
                 frontend,
                 403,
@@ -246,46 +247,52 @@ class Gateway:
         document: dict[str, Any] | None = None
         if request_class is not RequestClass.OTHER:
             try:
-                document = _json_object(request.content)
+                document = json_object(request.content)
             except ValueError as e:
-                return self._refuse(request, frontend, 400, str(e))
-            pinned = _frontend_pins(frontend, request_class)
-            if pinned:
+                return self.refuse(request, frontend, 400, str(e))
+            pins = _frontend_pins(frontend, request_class)
+            if pins:
                 # Before routing: a pinned "model" is the model the request is routed by.
-                document = deep_merge(document, pinned)
+                document = deep_merge(document, pins)
         elif path in _NAMES_A_MODEL and request.method == b"POST":
             try:
-                document = _json_object(request.content)
+                document = json_object(request.content)
             except jsonlimits.TooDeep as e:
-                return self._refuse(request, frontend, 400, str(e))
+                return self.refuse(request, frontend, 400, str(e))
             except ValueError:
                 document = None  # the backend will say what is wrong with it
         try:
-            model = _model_of(document, path) if document is not None else None
+            model = model_of(document, path) if document is not None else None
         except ModelNameTooLong as e:
-            return self._refuse(request, frontend, 400, str(e))
+            return self.refuse(request, frontend, 400, str(e))
         label = request.getHeader(b"x-ollamaflow-label")
         found = self._candidates(
             catalog, frontend, request_class, label.decode("latin-1") if label else None
         )
         if isinstance(found, NoCandidate):
-            return self._refuse(
-                request, frontend, 503, found.message, retry_after=1, model=model
-            )
-        if path == b"/api/delete" and request.method == b"DELETE":
-            return self._delete_everywhere(request, frontend, found)
-        if path == b"/api/pull" and request.method == b"POST" and self.sync is not None:
-            return self._pull_everywhere(request, frontend, found, self.sync)
+            return self.refuse(request, frontend, 503, found.message, retry_after=1, model=model)
+        operation = self.model_ops.route(request.method, path)
+        if operation is not None:
+            return operation(request, frontend, found)
         inventory = self.inventory
         warm: frozenset[str] = frozenset()
         if inventory is not None:
             answered = self._fleet(request, frontend, inventory, found)
             if answered is not None:
                 return answered
+            if (
+                model is not None
+                and document is not None
+                and request_class is RequestClass.COMPLETIONS
+                and unloads(document, path)
+            ):
+                loaded = [b for b in found if inventory.is_loaded(b.identifier, model)]
+                if loaded:
+                    return self.model_ops.unload(request, frontend, loaded, document, model)
             if model is not None:
                 found, warm = self._with_model(inventory, found, model)
                 if not found:
-                    return self._refuse(
+                    return self.refuse(
                         request, frontend, 404, f"model {quoted(model)} not found", model=model
                     )
         model_key = _model_key(model)
@@ -324,13 +331,13 @@ class Gateway:
         try:
             waiting = scheduler.wait(frontend, ordered, exchange.may_use, exchange.model)
         except QueueRefused as e:
-            return self._refuse(
+            return self.refuse(
                 request, frontend, 429, str(e), retry_after=e.retry_after, model=model
             )
         exchange.queue(waiting)
         return NOT_DONE_YET
 
-    def _refuse(
+    def refuse(
         self,
         request: ClientRequest,
         frontend: Frontend | None,
@@ -518,115 +525,6 @@ class Gateway:
             return 0
         return state.active_by_model.get(model, 0) * 1_000_000 + state.active_requests
 
-    def _pull_everywhere(
-        self, request: ClientRequest, frontend: Frontend, found: list[Backend], sync: fanout.Puller
-    ) -> bytes | int:
-        """A client's pull runs on every healthy Ollama backend at once, with one merged
-        progress stream; the model joins RequiredModels so later backends get it too."""
-        parsed = self._model_document(request, frontend)
-        if isinstance(parsed, bytes):
-            return parsed
-        document, model = parsed
-        targets = [b for b in found if b.api_format is ApiFormat.OLLAMA]
-        if not targets:
-            return self._refuse(
-                request,
-                frontend,
-                503,
-                f"frontend {frontend.identifier!r} has no healthy Ollama backend to pull on",
-                retry_after=1,
-                model=model,
-            )
-        self.answering(request, frontend, model, targets)
-        merged = fanout.MergedPull(
-            request, model, targets, stream=document.get("stream") is not False
-        )
-        # Watched apart from the client, who may leave: the first backend that has the model
-        # makes it required (so boxes that join later get it too); none, and it is not.
-        pulls = [sync.ensure(b.identifier, model) for b in targets]
-        first = DeferredList(pulls, fireOnOneCallback=True, consumeErrors=True)
-        first.addCallback(self._pulled_somewhere, frontend, model)
-        _run_detached(request, merged.run(sync), "pull")
-        return NOT_DONE_YET
-
-    def _pulled_somewhere(self, result: object, frontend: Frontend, model: str) -> None:
-        """DeferredList's answer: a (value, index) pair when one pull succeeded, else a list."""
-        if isinstance(result, tuple):
-            self._require(frontend, model, keep=True)
-
-    def _require(self, frontend: Frontend, model: str, *, keep: bool) -> Deferred[None]:
-        """Add the model to (or drop it from) the frontend's RequiredModels, one change at a
-        time; fires when done. A write the store refuses (a full list, say) is logged, and the
-        client's answer stands."""
-
-        def failed(failure: Failure) -> None:
-            log.warn(
-                "RequiredModels of {frontend} not updated for {model}: {error}",
-                frontend=frontend.identifier,
-                model=model,
-                error=_describe(failure),
-            )
-
-        changed = self._required_lock.run(
-            lambda: Deferred.fromCoroutine(
-                fanout.with_required(self.registry, frontend, model, keep=keep)
-            )
-        )
-        return changed.addErrback(failed)
-
-    def _delete_everywhere(
-        self, request: ClientRequest, frontend: Frontend, found: list[Backend]
-    ) -> bytes | int:
-        """A client's delete reaches every healthy backend; the model leaves RequiredModels."""
-        parsed = self._model_document(request, frontend)
-        if isinstance(parsed, bytes):
-            return parsed
-        document, model = parsed
-        body = jsonlimits.dumps(document)
-        self.answering(request, frontend, model, found)
-
-        async def run() -> None:
-            outcomes = await fanout.delete_everywhere(
-                self.http,
-                request,
-                found,
-                body,
-                frontend.timeout_ms / 1000 or None,
-                self.withheld,
-            )
-            status, error = fanout.summarize_delete(model, outcomes)
-            if status == 200:
-                # Before the inventories are read again: model sync must not pull it back.
-                await self._require(frontend, model, keep=False)
-            for outcome in outcomes:
-                if outcome.status == 200 and self.on_models_changed is not None:
-                    self.on_models_changed(outcome.backend.identifier)
-            if not request.disconnected:
-                if error is None:
-                    request.setHeader(b"Content-Length", b"0")
-                    request.finish()
-                else:
-                    finish_json(request, status, error)
-
-        _run_detached(request, run(), "delete")
-        return NOT_DONE_YET
-
-    def _model_document(
-        self, request: ClientRequest, frontend: Frontend
-    ) -> tuple[dict[str, Any], str] | bytes:
-        """The JSON body of a pull or delete and the model it names, or the 400 answer."""
-        try:
-            document = _json_object(request.content)
-            model = _model_of(document, request.path)
-        except ValueError as e:
-            return self._refuse(request, frontend, 400, str(e))
-        if model is None:
-            named = document.get("model") or document.get("name")
-            if isinstance(named, str) and named:
-                return self._refuse(request, frontend, 400, f"invalid model name {quoted(named)}")
-            return self._refuse(request, frontend, 400, "model is required")
-        return document, model
-
     def _fleet(
         self,
         request: ClientRequest,
@@ -644,15 +542,15 @@ class Gateway:
         if not readable:
             return None  # nothing read yet: let a backend answer
         if path in _CATALOG_ROUTES:
-            body = _CATALOG_ROUTES[path](inventory, readable)
-            self.answering(request, frontend, None, readable, len(body))
-            return _json_answer(request, body)
+            catalog = _CATALOG_ROUTES[path](inventory, readable)
+            self.answering(request, frontend, None, readable, len(catalog))
+            return _json_answer(request, catalog)
         name = unquote(path[len(b"/v1/models/") :].decode("utf-8", "replace"))
         if len(name) > modelnames.MAX_LENGTH:
-            return self._refuse(request, frontend, 400, "the model name is too long")
+            return self.refuse(request, frontend, 400, "the model name is too long")
         body = fleet.openai_model(inventory, readable, name)
         if body is None:
-            return self._refuse(request, frontend, 404, f"model {quoted(name)} not found")
+            return self.refuse(request, frontend, 404, f"model {quoted(name)} not found")
         self.answering(request, frontend, name, readable, len(body))
         return _json_answer(request, body)
 
@@ -673,30 +571,6 @@ _CATALOG_ROUTES = {
 
 #: Non-completion requests that name a model which must exist on the chosen backend.
 _NAMES_A_MODEL = frozenset({b"/api/show", b"/api/copy", b"/api/push"})
-
-
-class ModelNameTooLong(ValueError):
-    """A model name longer than Ollama accepts: refused before it reaches any cache or log."""
-
-
-def _model_of(document: Mapping[str, Any], path: bytes) -> str | None:
-    """The model a request names (``model``, legacy ``name``, copy's ``source``), if valid;
-    None for a name that is not Ollama's (an OpenAI-style backend may still know it)."""
-    name = document.get("source") if path == b"/api/copy" else None
-    if name is None:
-        name = document.get("model") or document.get("name")
-    if not isinstance(name, str) or not name:
-        return None
-    if len(name) > modelnames.MAX_LENGTH:
-        raise ModelNameTooLong(
-            f"the model name is {len(name)} characters long; "
-            f"Ollama accepts at most {modelnames.MAX_LENGTH}"
-        )
-    try:
-        modelnames.parse(name)
-    except modelnames.InvalidModelName:
-        return None
-    return name
 
 
 def _frontend_pins(frontend: Frontend, request_class: RequestClass) -> Mapping[str, Any]:
@@ -732,17 +606,6 @@ def warm_first(ordered: Sequence[Backend], loaded: frozenset[str]) -> Sequence[B
     return [*warm, *cold] if warm and cold else ordered
 
 
-def _run_detached(request: ClientRequest, work: Coroutine[Any, Any, None], what: str) -> None:
-    """Run a fan-out; a bug becomes a logged 500 in the client's dialect, never a hang."""
-
-    def failed(failure: Failure) -> None:
-        log.failure("{what} across the fleet failed", failure, what=what)
-        if not request.disconnected and not request.finished:
-            finish_json(request, 500, {"error": f"{what} failed; see the gateway's log"})
-
-    Deferred.fromCoroutine(work).addErrback(failed)
-
-
 def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     """An entry into an exchange from outside it (the scheduler, the backend client, the
     relay, a timer): a bug there ends the request (500, or a cut-off response) and frees its
@@ -763,18 +626,6 @@ def _json_answer(request: ClientRequest, body: bytes) -> bytes:
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return body
-
-
-def _json_object(content: IO[bytes] | None) -> dict[str, Any]:
-    """The body as a JSON object (strict, and at most jsonlimits.MAX_DEPTH deep), or a
-    ValueError saying what is wrong with it."""
-    raw = content.read() if content is not None else b""
-    if content is not None:
-        content.seek(0)
-    document = jsonlimits.loads_strict(raw)
-    if not isinstance(document, dict):
-        raise ValueError("the request body must be a JSON object")
-    return document
 
 
 class _Exchange:
@@ -1376,6 +1227,14 @@ class _Relay(Protocol):
                 state.answered_whole(self.streamed)
             if runtime.model_holds and exchange.model is not None:
                 runtime.model_holds.answered(self.backend.identifier, exchange.model)
+            inventory = gateway.inventory
+            if (
+                inventory is not None
+                and exchange.model_name is not None
+                and exchange.request_class is not RequestClass.OTHER
+                and not inventory.is_loaded(self.backend.identifier, exchange.model_name)
+            ):
+                inventory.learned(self.backend.identifier, exchange.model_name)
         if complete or not exchange.answering:
             exchange.end_attempt()
             if exchange.answering:

@@ -145,6 +145,23 @@ class ModelInventory(Service):
         inventory = self._inventories.get(backend_id)
         return _EMPTY if inventory is None else MappingProxyType(inventory.loaded)
 
+    def learned(self, backend_id: str, model: str) -> None:
+        """The backend just answered a request for ``model``: so it has it and has it loaded.
+        Shown at once (``/api/ps`` must not lag a model just loaded by a refresh interval),
+        then the backend is read again for the details (size in VRAM, expiry)."""
+        inventory = self._inventories.get(backend_id)
+        key = _key(model)
+        if inventory is None or not inventory.known or key is None or key in inventory.loaded:
+            return
+        entry = inventory.entries.get(key)
+        if entry is None:
+            name = modelnames.display(model)
+            entry = {"name": name, "model": name}
+        inventory.loaded = {**inventory.loaded, key: entry}
+        if key not in inventory.entries:
+            inventory.entries = {**inventory.entries, key: entry}
+        self.refresh_now(backend_id)
+
     def inventory(self, backend_id: str) -> BackendInventory | None:
         """The whole record (with last refresh time and error); treat it as read-only."""
         return self._inventories.get(backend_id)
