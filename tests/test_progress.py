@@ -1,12 +1,15 @@
-"""Several backends' progress merged into one stream in Ollama's shapes (no reactor)."""
+"""Several backends' progress merged into one stream in Ollama's shapes, and which requests
+only unload a model (no reactor)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ollamaflow.gateway.modelops import unloads
 from ollamaflow.gateway.progress import MAX_LAYERS, ProgressMerger
 
 LAYER = "sha256:" + "8e" * 32
@@ -119,3 +122,39 @@ def test_a_status_the_caller_sent_itself_is_not_repeated() -> None:
     assert merger.message("a", layer(10)) == [
         {"status": "pulling 8e8e8e8e8e8e", "digest": LAYER, "total": 100}
     ], "b has not begun the layer: the bar shows what both have"
+
+
+# -- which requests only unload ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("document", "path", "expected"),
+    [
+        ({"model": "m", "keep_alive": 0}, b"/api/generate", True),
+        ({"model": "m", "keep_alive": 0.0}, b"/api/generate", True),
+        ({"model": "m", "keep_alive": "0"}, b"/api/generate", True),
+        ({"model": "m", "keep_alive": "0s"}, b"/api/generate", True),
+        ({"model": "m", "keep_alive": "0m0s"}, b"/api/generate", True),
+        ({"model": "m", "keep_alive": 0, "prompt": ""}, b"/api/generate", True),
+        ({"model": "m", "keep_alive": 0, "messages": []}, b"/api/chat", True),
+        ({"model": "m", "keep_alive": 0, "prompt": "hi"}, b"/api/generate", False),
+        ({"model": "m", "keep_alive": 0, "messages": [{"role": "user"}]}, b"/api/chat", False),
+        ({"model": "m", "keep_alive": "5m"}, b"/api/generate", False),
+        ({"model": "m", "keep_alive": "10s"}, b"/api/generate", False),
+        ({"model": "m", "keep_alive": -1}, b"/api/generate", False),
+        ({"model": "m", "keep_alive": False}, b"/api/generate", False),
+        ({"model": "m", "keep_alive": None}, b"/api/generate", False),
+        ({"model": "m"}, b"/api/generate", False),
+        ({"model": "m", "keep_alive": "0" * 100}, b"/api/generate", False),
+        ({"model": "m", "keep_alive": [0]}, b"/api/generate", False),
+    ],
+)
+def test_what_ollama_stop_sends_is_an_unload(
+    document: dict[str, Any], path: bytes, expected: bool
+) -> None:
+    assert unloads(document, path) is expected
+
+
+@given(st.text(max_size=80))
+def test_any_keep_alive_string_is_judged_without_error(value: str) -> None:
+    assert isinstance(unloads({"keep_alive": value}, b"/api/generate"), bool)
