@@ -24,6 +24,7 @@ from ollamaflow.credentials import Tokens
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.dialect import finish_json
 from ollamaflow.gateway.progress import ProgressMerger
+from ollamaflow.gateway.requestdoc import body_size
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.server.request import ClientRequest
 
@@ -112,10 +113,7 @@ def body_of(request: ClientRequest, in_memory: int) -> Body:
     content = request.content
     if content is None:
         return None
-    content.seek(0, 2)
-    size = content.tell()
-    content.seek(0)
-    if size <= in_memory:
+    if body_size(content) <= in_memory:
         return content.read()
     return lambda: FileBodyProducer(SharedFile(content))
 

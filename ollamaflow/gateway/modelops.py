@@ -166,15 +166,8 @@ class ModelOperations:
         self.answers.answering(request, frontend, model, found)
 
         async def run() -> None:
-            outcomes = await fanout.send_everywhere(
-                self.http,
-                request,
-                found,
-                "DELETE",
-                "/api/delete",
-                body,
-                frontend.timeout_ms / 1000 or None,
-                self.withheld,
+            outcomes = await self._send(
+                request, found, "DELETE", "/api/delete", body, frontend.timeout_ms / 1000 or None
             )
             failed = fanout.failures(outcomes, (200, 404))
             deleted = any(o.status == 200 for o in outcomes)
@@ -216,15 +209,8 @@ class ModelOperations:
         body = jsonlimits.dumps(document)
 
         async def run() -> None:
-            outcomes = await fanout.send_everywhere(
-                self.http,
-                request,
-                targets,
-                "POST",
-                "/api/copy",
-                body,
-                frontend.timeout_ms / 1000 or None,
-                self.withheld,
+            outcomes = await self._send(
+                request, targets, "POST", "/api/copy", body, frontend.timeout_ms / 1000 or None
             )
             await self._refreshed(outcomes, (200,))
             failed = fanout.failures(outcomes, (200, 404))
@@ -254,15 +240,13 @@ class ModelOperations:
         path = request.path.decode("latin-1")
 
         async def run() -> None:
-            outcomes = await fanout.send_everywhere(
-                self.http,
+            outcomes = await self._send(
                 request,
                 targets,
                 request.method.decode(),
                 path,
                 body,
                 None if head else TRANSFER_SECONDS,
-                self.withheld,
             )
             _finish_blob(request, outcomes, head)
 
@@ -313,15 +297,8 @@ class ModelOperations:
         path = request.path.decode("latin-1")
 
         async def run() -> None:
-            outcomes = await fanout.send_everywhere(
-                self.http,
-                request,
-                loaded,
-                "POST",
-                path,
-                body,
-                frontend.timeout_ms / 1000 or None,
-                self.withheld,
+            outcomes = await self._send(
+                request, loaded, "POST", path, body, frontend.timeout_ms / 1000 or None
             )
             await self._refreshed(outcomes, (200,))
             answered = [o for o in outcomes if o.status == 200] or [
@@ -401,6 +378,21 @@ class ModelOperations:
             )
         )
         return changed.addErrback(failed)
+
+    def _send(
+        self,
+        request: ClientRequest,
+        backends: Sequence[Backend],
+        method: str,
+        path: str,
+        body: fanout.Body,
+        seconds: float | None,
+    ) -> Deferred[list[fanout.Outcome]]:
+        return Deferred.fromCoroutine(
+            fanout.send_everywhere(
+                self.http, request, backends, method, path, body, seconds, self.withheld
+            )
+        )
 
     async def _refreshed(self, outcomes: Sequence[fanout.Outcome], ok: Sequence[int]) -> None:
         await self._refresh_each([o.backend for o in outcomes if o.status in ok])

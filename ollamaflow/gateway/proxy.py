@@ -64,7 +64,7 @@ from ollamaflow.gateway.deadlines import Deadline, Deadlines
 from ollamaflow.gateway.dialect import quoted, refuse
 from ollamaflow.gateway.modelops import ModelOperations, unloads
 from ollamaflow.gateway.pinning import deep_merge
-from ollamaflow.gateway.requestdoc import ModelNameTooLong, json_object, model_of
+from ollamaflow.gateway.requestdoc import ModelNameTooLong, body_size, json_object, model_of
 from ollamaflow.gateway.requesthead import logged_head
 from ollamaflow.gateway.scheduler import QueueRefused, QueueStats, Scheduler
 from ollamaflow.records import Backend, Frontend
@@ -876,9 +876,7 @@ class _Exchange:
         content = request.content
         if content is None:
             return None
-        content.seek(0, 2)
-        size = content.tell()
-        content.seek(0)
+        size = body_size(content)
         if size == 0 and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             return None
         if size <= _IN_MEMORY_BODY:

@@ -43,3 +43,11 @@ def json_object(content: IO[bytes] | None) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ValueError("the request body must be a JSON object")
     return document
+
+
+def body_size(content: IO[bytes]) -> int:
+    """The size of a request body, read back from its start afterwards."""
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    return size
