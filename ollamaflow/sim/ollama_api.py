@@ -30,7 +30,6 @@ from ollamaflow.sim.scheduler import BUSY_MESSAGE, Lease, ServerBusy, parse_keep
 from ollamaflow.sim.state import SimState, model_field
 from ollamaflow.sim.timefmt import rfc3339
 from ollamaflow.sim.transfer import (
-    PULL_NOT_FOUND,
     bind_error,
     create_steps,
     go_quote,
@@ -40,7 +39,6 @@ from ollamaflow.sim.transfer import (
     stream_field,
 )
 
-__all__ = ["PULL_NOT_FOUND", "OllamaAPI"]  # PULL_NOT_FOUND: where it used to live
 Body = dict[str, Any]
 
 
