@@ -70,8 +70,7 @@ async def test_post_api_generate_over_http_1_0_is_served_whole_and_streamed(
     streamed = json.dumps({"model": "llama3", "prompt": "hi"}).encode()
     head, body = await exchange(
         fleet,
-        b"POST /api/generate HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
-        % (len(streamed), streamed),
+        b"POST /api/generate HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(streamed), streamed),
     )
     assert head[0].split(b" ")[1] == b"200", head
     assert field(head, b"transfer-encoding") is None
