@@ -285,8 +285,42 @@ def test_parse_keep_alive_rejects(value: Any) -> None:
         parse_keep_alive(value, 300.0)
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("0", 0.0), ("-0", 0.0), ("5m", 300.0), ("-1s", -1.0), (1e300, -1.0)],
+)
+def test_parse_keep_alive_as_a_request_gives_it(value: Any, seconds: float) -> None:
+    assert parse_keep_alive(value, 300.0, units_required=True) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("30", 'time: missing unit in duration "30"'),
+        (" 5m", "invalid duration"),
+        ("inf", "invalid duration"),
+        ("1e3s", "invalid duration"),
+        ("9999999999h", "invalid duration"),
+        (float("nan"), "invalid keep_alive"),
+    ],
+)
+def test_parse_keep_alive_as_a_request_refuses(value: Any, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        parse_keep_alive(value, 300.0, units_required=True)
+
+
+def test_a_huge_keep_alive_keeps_the_model_forever() -> None:
+    sim = Sim()
+    conn = sim.request("POST", "/api/chat", chat(keep_alive=1e300))
+    assert conn.status() == 200
+    (loaded,) = sim.ps()
+    assert loaded["expires_at"] > "2300"
+
+
 def test_bad_keep_alive_is_a_400() -> None:
     sim = Sim()
     conn = sim.request("POST", "/api/chat", chat(keep_alive="soon"))
     assert conn.status() == 400
     assert "invalid duration" in conn.json()["error"]
+    conn = sim.request("POST", "/api/chat", chat(keep_alive="30"))
+    assert (conn.status(), conn.json()) == (400, {"error": 'time: missing unit in duration "30"'})

@@ -45,7 +45,9 @@ Body = dict[str, Any]
 def keep_alive_of(state: SimState, body: Body) -> float:
     """The request's `keep_alive` in seconds (the default when absent); 400 when malformed."""
     try:
-        return parse_keep_alive(body.get("keep_alive"), state.config.keep_alive)
+        return parse_keep_alive(
+            body.get("keep_alive"), state.config.keep_alive, units_required=True
+        )
     except ValueError as e:
         raise HTTPError(400, str(e)) from None
 

@@ -6,6 +6,7 @@ Requests for a model that is not loaded wait for its load and count against `max
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from typing import Any
@@ -23,6 +24,7 @@ from ollamaflow.sim.timefmt import FOREVER_SECONDS, rfc3339
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _UNIT_SECONDS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -38,26 +40,35 @@ class ServerBusy(Exception):
     """Too many requests are waiting for model loads."""
 
 
-def parse_keep_alive(value: Any, default: float) -> float:
-    """Seconds from a request's `keep_alive`: a number of seconds or a Go duration like `5m`.
+def parse_keep_alive(value: Any, default: float, *, units_required: bool = False) -> float:
+    """Seconds from a `keep_alive`: a number of seconds or a Go duration like `5m`.
 
-    Raises `ValueError` for anything else. Negative means "forever", 0 "unload when idle".
+    Raises `ValueError` for anything else. Negative means "forever", 0 "unload when idle"; a
+    duration past Go's longest (about 292 years) is forever too. `units_required`: a string
+    must be a Go duration, as in a request (Ollama's `time.ParseDuration` refuses "30").
     """
     if value is None:
         return default
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"invalid keep_alive {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str):
+    seconds = _duration(value, units_required) if isinstance(value, str) else float(value)
+    if math.isnan(seconds):
         raise ValueError(f"invalid keep_alive {value!r}")
-    text = value.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
+    return -1.0 if seconds > FOREVER_SECONDS else seconds
+
+
+def _duration(value: str, units_required: bool) -> float:
+    """Go's `time.ParseDuration` in seconds (or, unless `units_required`, a bare number)."""
+    text = value if units_required else value.strip()
     sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
+    body = text[1:] if text[:1] in ("+", "-") else text
+    if body == "0":
+        return 0.0
+    if not units_required:
+        try:
+            return float(text)
+        except ValueError:
+            pass
     total = 0.0
     position = 0
     for match in _DURATION_PART.finditer(body):
@@ -65,7 +76,9 @@ def parse_keep_alive(value: Any, default: float) -> float:
             break
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         position = match.end()
-    if not body or position != len(body):
+    if body and position == 0 and _NUMBER.fullmatch(body):
+        raise ValueError(f'time: missing unit in duration "{value}"')
+    if not body or position != len(body) or total > FOREVER_SECONDS:
         raise ValueError(f'time: invalid duration "{value}"')
     return sign * total
 
