@@ -15,6 +15,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 
+from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.scheduler import Eligible, QueueRefused, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import MODEL_HOLD, ModelHolds, Runtime
@@ -374,6 +375,16 @@ async def test_in_flight_returns_to_zero_on_every_exit_path(setup: Setup) -> Non
     await until(lambda: setup.in_flight("b") == (0, {}))
 
 
+async def loaded_and_known(daemon: Daemon, sim: RunningSimulator, backend: str) -> None:
+    """Load llama3 on the simulator and let the daemon read it, then zero its counters: the
+    gateway reads a backend's models again when it sees one loaded, and that read would count
+    among the requests the simulator has at once."""
+    await treq.post(sim.url + "/api/generate", json={"model": "llama3", "prompt": ""})
+    await daemon.inventory.refresh_now(backend)
+    assert daemon.inventory.is_loaded(backend, "llama3")
+    sim.counters.reset()
+
+
 class _Dropper(Protocol):
     """Reads the first chunk, then hangs up."""
 
@@ -385,6 +396,7 @@ class _Dropper(Protocol):
 async def test_max_parallel_requests_is_enforced_and_the_rest_wait(setup: Setup) -> None:
     sim = await setup.add("a", limit=2, tokens=10, tokens_per_second=100)
     await setup.serve("a")
+    await loaded_and_known(setup.daemon, sim, "a")
     responses = [setup.generate(str(i)) for i in range(6)]
     await until(lambda: setup.daemon.gateway.scheduler.depth("frontend1") == 4)
     health = (await setup.http.get("/v1.0/health")).json
@@ -487,6 +499,7 @@ async def test_50_clients_at_once_on_one_backend_at_1_2_defaults_are_all_answere
         record = (await fleet.http.get("/v1.0/backends/gpu")).json
         assert (record["MaxParallelRequests"], record["RateLimitRequestsThreshold"]) == (4, 10)
         await fleet.serve("gpu")
+        await loaded_and_known(fleet.daemon, sim, "gpu")
         body = {"model": "llama3", "prompt": "hi", "stream": False}
         responses = await gatherResults(
             [treq.post(fleet.url + "/api/generate", json=body, persistent=False) for _ in range(50)]
