@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import attrs
 
 from ollamaflow import modelnames
-from ollamaflow.wire import (
+from ollamaflow.jsonfields import (
     IDENTIFIER,
     Bool,
     Choice,

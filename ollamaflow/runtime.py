@@ -11,8 +11,8 @@ from enum import Enum
 
 import attrs
 
+from ollamaflow.jsonfields import format_utc
 from ollamaflow.records import Backend
-from ollamaflow.wire import format_utc
 
 
 def utc_clock(seconds: Callable[[], float]) -> Callable[[], datetime]:

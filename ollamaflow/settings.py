@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from ollamaflow.cors import MAX_ORIGIN, ORIGIN_ENTRY
-from ollamaflow.wire import (
+from ollamaflow.jsonfields import (
     Bool,
     Choice,
     FieldError,

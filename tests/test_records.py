@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ollamaflow import modelnames
 from ollamaflow.http1.rules import HOP_BY_HOP
+from ollamaflow.jsonfields import FieldError, MissingField, to_wire
 from ollamaflow.records import (
     ApiFormat,
     Backend,
@@ -20,7 +21,6 @@ from ollamaflow.records import (
     LoadBalancing,
     parse_record,
 )
-from ollamaflow.wire import FieldError, MissingField, to_wire
 
 NAN = math.nan
 BIG = 10**5000

@@ -21,6 +21,7 @@ from ollamaflow import __version__
 from ollamaflow.admin.errors import ApiError, write_error
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
+from ollamaflow.jsonfields import FieldError, to_wire
 from ollamaflow.jsonlimits import InvalidJson, loads_for_fields
 from ollamaflow.records import Backend, Frontend, parse_record
 from ollamaflow.runtime import Runtime, format_timespan
@@ -34,7 +35,6 @@ from ollamaflow.store import (
 from ollamaflow.store import (
     NotFound as RecordNotFound,
 )
-from ollamaflow.wire import FieldError, to_wire
 
 R = TypeVar("R", Frontend, Backend)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from ollamaflow.jsonfields import format_utc
 from ollamaflow.store.dialect import Cursor, Dialect
 from ollamaflow.store.errors import SchemaTooNew
-from ollamaflow.wire import format_utc
 
 Migration = Sequence[str] | Callable[[Cursor, Dialect], None]
 

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 
+from ollamaflow.jsonfields import FieldError, format_utc, from_wire, to_wire
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.store.dialect import POSTGRESQL, SQLITE, Cursor, Dialect
 from ollamaflow.store.errors import (
@@ -44,7 +45,6 @@ from ollamaflow.store.postgresql import (
     subscribe,
 )
 from ollamaflow.twisted_internals import dbapi_connection, owning_pool
-from ollamaflow.wire import FieldError, format_utc, from_wire, to_wire
 
 T = TypeVar("T")
 R = TypeVar("R", Frontend, Backend)
