@@ -62,12 +62,13 @@ class Catalog:
         return tuple(b for b in frontend.backends if b not in self.backends)
 
 
-Listener = Callable[[Catalog], None]
+#: Called with each catalog :meth:`Registry.publish` accepts (not an HTTP listener).
+CatalogSubscriber = Callable[[Catalog], None]
 
 
 @attrs.define
 class Registry:
-    """Writes go to the store, then the fresh catalog is published to every listener.
+    """Writes go to the store, then the fresh catalog is published to every subscriber.
 
     A snapshot older than the published one (two writes finishing out of order) is ignored.
     Stored records left out of a catalog are logged once each, when first seen.
@@ -75,7 +76,7 @@ class Registry:
 
     store: Store
     catalog: Catalog
-    _listeners: list[Listener] = attrs.field(factory=list)
+    _subscribers: list[CatalogSubscriber] = attrs.field(factory=list)
     _log: Logger = attrs.field(factory=Logger)
     #: The left-out records of the published catalog, already logged.
     _reported: frozenset[tuple[str, str, str]] = attrs.field(init=False, default=frozenset())
@@ -86,8 +87,8 @@ class Registry:
         self._report_left_out(self.catalog)
         self._report_missing(self.catalog)
 
-    def subscribe(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def subscribe(self, subscriber: CatalogSubscriber) -> None:
+        self._subscribers.append(subscriber)
 
     def publish(self, catalog: Catalog) -> None:
         if catalog.generation < self.catalog.generation:
@@ -95,11 +96,13 @@ class Registry:
         self.catalog = catalog
         self._report_left_out(catalog)
         self._report_missing(catalog)
-        for listener in self._listeners:
+        for subscriber in self._subscribers:
             try:
-                listener(catalog)
+                subscriber(catalog)
             except Exception:
-                self._log.failure("configuration listener {listener!r} failed", listener=listener)
+                self._log.failure(
+                    "configuration subscriber {subscriber!r} failed", subscriber=subscriber
+                )
 
     def _report_left_out(self, catalog: Catalog) -> None:
         """Warn about each left-out record not left out (for the same reason) last time."""
