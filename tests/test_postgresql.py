@@ -49,7 +49,7 @@ from ollamaflow.store import (
     postgresql_conninfo,
     prepare_postgresql,
 )
-from ollamaflow.store.dialect import POSTGRESQL_LOCK_KEY
+from ollamaflow.store.sql import POSTGRESQL_LOCK_KEY
 from ollamaflow.tap import prepare_store
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)

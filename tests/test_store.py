@@ -26,13 +26,13 @@ from ollamaflow.store import (
     SCHEMA_VERSION,
     SQLITE,
     BackendInUse,
-    Dialect,
     DuplicateIdentifier,
     InvalidRecord,
     InvalidStoredRecord,
     NotFound,
     SchemaTooNew,
     Snapshot,
+    SqlDialect,
     Store,
     StoreClosed,
     postgresql_conninfo,
@@ -63,7 +63,7 @@ class Database(Protocol):
     """One database under test and how to reach it behind the store's back."""
 
     kind: str
-    dialect: Dialect
+    dialect: SqlDialect
     integrity_error: type[Exception]
 
     async def open(self, now: FakeNow) -> Store: ...

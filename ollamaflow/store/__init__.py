@@ -1,6 +1,5 @@
 """The configuration store: frontends and backends in SQLite (the default) or PostgreSQL."""
 
-from ollamaflow.store.dialect import POSTGRESQL, SQLITE, Dialect
 from ollamaflow.store.errors import (
     BackendInUse,
     DatabaseRefused,
@@ -17,6 +16,7 @@ from ollamaflow.store.errors import (
 )
 from ollamaflow.store.migrations import LATEST as SCHEMA_VERSION
 from ollamaflow.store.postgresql import Subscription, describe_postgresql, postgresql_conninfo
+from ollamaflow.store.sql import POSTGRESQL, SQLITE, SqlDialect
 from ollamaflow.store.store import DEFAULT_POOL_SIZE, Snapshot, Store
 
 #: Synchronous opening for ``twistd``'s ``makeService``; see :meth:`Store.prepare_sqlite`.
@@ -31,7 +31,6 @@ __all__ = [
     "SQLITE",
     "BackendInUse",
     "DatabaseRefused",
-    "Dialect",
     "DriverMissing",
     "DuplicateIdentifier",
     "InvalidConnectionSettings",
@@ -40,6 +39,7 @@ __all__ = [
     "NotFound",
     "SchemaTooNew",
     "Snapshot",
+    "SqlDialect",
     "Store",
     "StoreClosed",
     "StoreError",

@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from ollamaflow.jsonfields import format_utc
-from ollamaflow.store.dialect import Cursor, Dialect
 from ollamaflow.store.errors import SchemaTooNew
+from ollamaflow.store.sql import Cursor, SqlDialect
 
-Migration = Sequence[str] | Callable[[Cursor, Dialect], None]
+Migration = Sequence[str] | Callable[[Cursor, SqlDialect], None]
 
 _RECORDS: tuple[str, ...] = (
     """CREATE TABLE frontends (
@@ -78,7 +78,7 @@ _VERSION_TABLE = """CREATE TABLE schema_version (
 )"""
 
 
-def current_version(cursor: Cursor, dialect: Dialect) -> int:
+def current_version(cursor: Cursor, dialect: SqlDialect) -> int:
     """The highest applied migration; 0 for a database without a ``schema_version`` table."""
     if not dialect.table_exists(cursor, "schema_version"):
         return 0
@@ -86,7 +86,7 @@ def current_version(cursor: Cursor, dialect: Dialect) -> int:
     return int(row[0]) if row is not None and row[0] is not None else 0
 
 
-def migrate(cursor: Cursor, dialect: Dialect, *, now: datetime, target: int = LATEST) -> int:
+def migrate(cursor: Cursor, dialect: SqlDialect, *, now: datetime, target: int = LATEST) -> int:
     """Apply the migrations after the current version up to ``target``; returns the version found.
 
     Call inside a write transaction (``dialect.begin_writing``) so that the check and the upgrade

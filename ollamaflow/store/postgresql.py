@@ -29,13 +29,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ollamaflow.store.dialect import Dialect
 from ollamaflow.store.errors import (
     DriverMissing,
     InvalidConnectionSettings,
     StoreUnavailable,
     one_line,
 )
+from ollamaflow.store.sql import SqlDialect
 
 #: Called with the generation a committed write announced (``None`` if the payload is not one).
 ChangeHandler = Callable[[int | None], None]
@@ -177,7 +177,7 @@ class Subscription:
             self._connection.close()
 
 
-def _connect_listening(dialect: Dialect, conninfo: str) -> Any:
+def _connect_listening(dialect: SqlDialect, conninfo: str) -> Any:
     """In a thread: a new autocommit connection that LISTENs on the dialect's channel."""
     try:
         connection = dialect.connect(conninfo)
@@ -193,7 +193,7 @@ def _connect_listening(dialect: Dialect, conninfo: str) -> Any:
 
 
 async def subscribe(
-    dialect: Dialect,
+    dialect: SqlDialect,
     conninfo: str,
     reactor: IReactorCore,
     *,

@@ -24,7 +24,6 @@ from twisted.internet.threads import deferToThreadPool
 
 from ollamaflow.jsonfields import FieldError, format_utc, from_wire, to_wire
 from ollamaflow.records import Backend, Frontend
-from ollamaflow.store.dialect import POSTGRESQL, SQLITE, Cursor, Dialect
 from ollamaflow.store.errors import (
     BackendInUse,
     DatabaseRefused,
@@ -44,6 +43,7 @@ from ollamaflow.store.postgresql import (
     driver_missing,
     subscribe,
 )
+from ollamaflow.store.sql import POSTGRESQL, SQLITE, Cursor, SqlDialect
 from ollamaflow.twisted_internals import dbapi_connection, owning_pool
 
 T = TypeVar("T")
@@ -81,7 +81,7 @@ class Store:
     :meth:`close`."""
 
     _pool: ConnectionPool
-    _dialect: Dialect
+    _dialect: SqlDialect
     _reactor: IReactorCore
     _now: Callable[[], datetime]
     #: What the driver's ``connect`` takes, for a dedicated LISTEN connection (PostgreSQL).
@@ -177,7 +177,7 @@ class Store:
     async def open(
         cls,
         pool: ConnectionPool,
-        dialect: Dialect,
+        dialect: SqlDialect,
         *,
         reactor: IReactorCore,
         now: Callable[[], datetime],
@@ -214,7 +214,7 @@ class Store:
         pool.close()
 
     @property
-    def dialect(self) -> Dialect:
+    def dialect(self) -> SqlDialect:
         return self._dialect
 
     @property
@@ -405,7 +405,7 @@ def _disconnect(pool: ConnectionPool) -> None:
         pool.disconnect(connection)
 
 
-def _open_database(cursor: Cursor, dialect: Dialect, now: datetime) -> None:
+def _open_database(cursor: Cursor, dialect: SqlDialect, now: datetime) -> None:
     # The write lock first: on PostgreSQL the first instance migrates, the others wait here and
     # then find the schema up to date.
     dialect.begin_writing(cursor)
@@ -419,7 +419,7 @@ def _open_database(cursor: Cursor, dialect: Dialect, now: datetime) -> None:
 
 
 def _in_write_transaction(
-    cursor: Cursor, dialect: Dialect, work: Callable[..., T], *args: Any
+    cursor: Cursor, dialect: SqlDialect, work: Callable[..., T], *args: Any
 ) -> T:
     dialect.begin_writing(cursor)
     _bump_generation(cursor, dialect)
@@ -428,16 +428,16 @@ def _in_write_transaction(
     return result
 
 
-def _bump_generation(cursor: Cursor, dialect: Dialect) -> None:
+def _bump_generation(cursor: Cursor, dialect: SqlDialect) -> None:
     dialect.execute(cursor, "UPDATE config_state SET generation = generation + 1 WHERE id = 1")
 
 
-def _read_generation(cursor: Cursor, dialect: Dialect) -> int:
+def _read_generation(cursor: Cursor, dialect: SqlDialect) -> int:
     row = dialect.execute(cursor, "SELECT generation FROM config_state WHERE id = 1").fetchone()
     return int(row[0])
 
 
-def _read_snapshot(cursor: Cursor, dialect: Dialect) -> Snapshot:
+def _read_snapshot(cursor: Cursor, dialect: SqlDialect) -> Snapshot:
     dialect.execute(cursor, dialect.begin_read)
     generation = _read_generation(cursor, dialect)
     links: dict[str, list[str]] = {}
@@ -558,7 +558,7 @@ def _unencodable(record: Frontend | Backend, error: Exception) -> str:
     return f"cannot be written as JSON ({type(error).__name__})"
 
 
-def _insert(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: datetime) -> None:
+def _insert(cursor: Cursor, dialect: SqlDialect, table: str, record: Any, now: datetime) -> None:
     kind = table[:-1]
     try:
         dialect.execute(
@@ -573,18 +573,18 @@ def _insert(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: date
         raise
 
 
-def _insert_backend(cursor: Cursor, dialect: Dialect, be: Backend, now: datetime) -> Backend:
+def _insert_backend(cursor: Cursor, dialect: SqlDialect, be: Backend, now: datetime) -> Backend:
     _insert(cursor, dialect, "backends", be, now)
     return attrs.evolve(be, created_utc=now, last_update_utc=now)
 
 
-def _insert_frontend(cursor: Cursor, dialect: Dialect, fe: Frontend, now: datetime) -> Frontend:
+def _insert_frontend(cursor: Cursor, dialect: SqlDialect, fe: Frontend, now: datetime) -> Frontend:
     _insert(cursor, dialect, "frontends", fe, now)
     _write_links(cursor, dialect, fe.identifier, fe.backends)
     return attrs.evolve(fe, created_utc=now, last_update_utc=now)
 
 
-def _created_utc(cursor: Cursor, dialect: Dialect, table: str, identifier: str) -> datetime:
+def _created_utc(cursor: Cursor, dialect: SqlDialect, table: str, identifier: str) -> datetime:
     row = dialect.execute(
         cursor, f"SELECT created_utc FROM {table} WHERE identifier = ?", (identifier,)
     ).fetchone()
@@ -593,7 +593,9 @@ def _created_utc(cursor: Cursor, dialect: Dialect, table: str, identifier: str) 
     return _parse_utc(row[0])
 
 
-def _update(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: datetime) -> datetime:
+def _update(
+    cursor: Cursor, dialect: SqlDialect, table: str, record: Any, now: datetime
+) -> datetime:
     """Rewrite a record's document; returns its CreatedUtc."""
     created = _created_utc(cursor, dialect, table, record.identifier)
     dialect.execute(
@@ -604,7 +606,9 @@ def _update(cursor: Cursor, dialect: Dialect, table: str, record: Any, now: date
     return created
 
 
-def _write_links(cursor: Cursor, dialect: Dialect, frontend: str, backends: Sequence[str]) -> None:
+def _write_links(
+    cursor: Cursor, dialect: SqlDialect, frontend: str, backends: Sequence[str]
+) -> None:
     """Make ``frontend`` list exactly ``backends``, in order; they need not exist yet."""
     dialect.execute(cursor, "DELETE FROM frontend_backends WHERE frontend_id = ?", (frontend,))
     for position, backend in enumerate(backends):
@@ -615,33 +619,33 @@ def _write_links(cursor: Cursor, dialect: Dialect, frontend: str, backends: Sequ
         )
 
 
-def _create_frontend(cursor: Cursor, dialect: Dialect, fe: Frontend, now: datetime) -> Frontend:
+def _create_frontend(cursor: Cursor, dialect: SqlDialect, fe: Frontend, now: datetime) -> Frontend:
     return _insert_frontend(cursor, dialect, fe, now)
 
 
-def _replace_frontend(cursor: Cursor, dialect: Dialect, fe: Frontend, now: datetime) -> Frontend:
+def _replace_frontend(cursor: Cursor, dialect: SqlDialect, fe: Frontend, now: datetime) -> Frontend:
     created = _update(cursor, dialect, "frontends", fe, now)
     _write_links(cursor, dialect, fe.identifier, fe.backends)
     return attrs.evolve(fe, created_utc=created, last_update_utc=now)
 
 
-def _delete_frontend(cursor: Cursor, dialect: Dialect, identifier: str) -> None:
+def _delete_frontend(cursor: Cursor, dialect: SqlDialect, identifier: str) -> None:
     dialect.execute(cursor, "DELETE FROM frontends WHERE identifier = ?", (identifier,))
     if cursor.rowcount == 0:
         raise NotFound("frontend", identifier)
 
 
-def _create_backend(cursor: Cursor, dialect: Dialect, be: Backend, now: datetime) -> Backend:
+def _create_backend(cursor: Cursor, dialect: SqlDialect, be: Backend, now: datetime) -> Backend:
     return _insert_backend(cursor, dialect, be, now)
 
 
-def _replace_backend(cursor: Cursor, dialect: Dialect, be: Backend, now: datetime) -> Backend:
+def _replace_backend(cursor: Cursor, dialect: SqlDialect, be: Backend, now: datetime) -> Backend:
     created = _update(cursor, dialect, "backends", be, now)
     return attrs.evolve(be, created_utc=created, last_update_utc=now)
 
 
 def _delete_backend(
-    cursor: Cursor, dialect: Dialect, identifier: str, force: bool, now: datetime
+    cursor: Cursor, dialect: SqlDialect, identifier: str, force: bool, now: datetime
 ) -> tuple[str, ...]:
     _created_utc(cursor, dialect, "backends", identifier)  # NotFound before BackendInUse
     users = tuple(

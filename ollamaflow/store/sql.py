@@ -1,7 +1,7 @@
 """Every difference between SQL databases and DB-API drivers the store cares about, in one place.
 
 The store and the migrations write SQL with ``?`` placeholders and ``{autoincrement}`` in DDL;
-a :class:`Dialect` turns that into what its driver expects and knows how to begin transactions,
+a :class:`SqlDialect` turns that into what its driver expects and knows how to begin transactions,
 serialize writers, announce a change, set up a connection and recognise an integrity error or a
 lost database. Drivers are imported only when used: SQLite always works, PostgreSQL needs psycopg.
 """
@@ -41,7 +41,7 @@ def _frozen_mapping(mapping: Mapping[str, object]) -> Mapping[str, object]:
 
 
 @attrs.frozen
-class Dialect:
+class SqlDialect:
     """One database and driver: its SQL flavour, transaction starts and connection setup."""
 
     #: Short name, for messages.
@@ -154,7 +154,7 @@ class Dialect:
 
 #: SQLite through the standard library. ``BEGIN IMMEDIATE`` takes the write lock at once, so
 #: two daemons on one file serialize their writes instead of failing at commit.
-SQLITE = Dialect(
+SQLITE = SqlDialect(
     name="sqlite",
     driver="sqlite3",
     paramstyle="qmark",
@@ -182,7 +182,7 @@ POSTGRESQL_CHANNEL = "ollamaflow_config"
 #: PostgreSQL through psycopg 3. Writers are serialized by the advisory lock (READ COMMITTED, so
 #: each statement after the lock sees what the previous writer committed); a snapshot is read in
 #: one REPEATABLE READ transaction. Connections are in autocommit mode: we begin transactions.
-POSTGRESQL = Dialect(
+POSTGRESQL = SqlDialect(
     name="postgresql",
     driver="psycopg",
     paramstyle="format",
