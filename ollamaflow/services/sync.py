@@ -67,7 +67,7 @@ class _Pull:
 
 
 @attrs.define(eq=False)
-class _Failure:
+class _FailedPull:
     """The last failed pull of a model on a backend, and when it may be tried again."""
 
     name: str
@@ -85,15 +85,15 @@ class _Failure:
 @attrs.define(eq=False)
 class _BackendPulls:
     pulls: dict[str, _Pull] = attrs.field(factory=dict)
-    failures: dict[str, _Failure] = attrs.field(factory=dict)
+    failures: dict[str, _FailedPull] = attrs.field(factory=dict)
 
     def running(self) -> int:
         return sum(1 for p in self.pulls.values() if p.running is not None)
 
     def drop_failure(self, key: str) -> None:
-        failure = self.failures.pop(key, None)
-        if failure is not None:
-            failure.cancel_timer()
+        failed = self.failures.pop(key, None)
+        if failed is not None:
+            failed.cancel_timer()
 
 
 def _key(model: str) -> str | None:
@@ -325,8 +325,8 @@ class ModelSync(Service):
                 continue
             if pulls is None:
                 pulls = self._backends[identifier] = _BackendPulls()
-            failure = pulls.failures.get(key)
-            if key in pulls.pulls or (failure is not None and failure.next_retry > now):
+            last = pulls.failures.get(key)
+            if key in pulls.pulls or (last is not None and last.next_retry > now):
                 continue
             pulls.pulls[key] = _Pull(key, name)
 
@@ -404,10 +404,10 @@ class ModelSync(Service):
         if previous is not None:
             previous.cancel_timer()
         delay = self.backoff(attempts)
-        failure = pulls.failures[key] = _Failure(
+        failed = pulls.failures[key] = _FailedPull(
             name, error, attempts, self.clock.seconds() + delay
         )
-        failure.timer = self.clock.callLater(delay, self._retry, identifier, failure)
+        failed.timer = self.clock.callLater(delay, self._retry, identifier, failed)
         log.warn(
             "pull of {model} on {backend} failed (attempt {attempts}): {error}; "
             "next try in {delay:g}s if still required",
@@ -426,8 +426,8 @@ class ModelSync(Service):
         except Exception:
             log.failure("pull listener failed for {backend}", backend=identifier)
 
-    def _retry(self, identifier: str, failure: _Failure) -> None:
-        failure.timer = None
+    def _retry(self, identifier: str, failed: _FailedPull) -> None:
+        failed.timer = None
         self._reconcile(identifier)
 
     def _pulled(self, identifier: str, p: _Pull) -> None:
