@@ -31,7 +31,7 @@ from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, Listener, Root
 from ollamaflow.logs import logs_info
-from ollamaflow.metrics import Fleet, KnownModels, Metrics, MetricsPage
+from ollamaflow.metrics import KnownModels, LiveState, Metrics, MetricsPage
 from ollamaflow.pool import connection_pool
 from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime, utc_clock
@@ -144,7 +144,7 @@ class Daemon(MultiService):
         if settings.metrics.enabled:
             self.metrics = Metrics(
                 known_model=KnownModels(self.registry, self.inventory),
-                fleet=Fleet(self.registry, self.runtime, self.gateway.scheduler.depth),
+                live=LiveState(self.registry, self.runtime, self.gateway.scheduler.depth),
             )
             self.gateway.observers.append(self.metrics)
             self.health.on_check = self.metrics.health_checked
@@ -203,7 +203,7 @@ class Daemon(MultiService):
         return self.gateway.body_limit(host)
 
     def _sweep_pins(self) -> None:
-        self.gateway.pins.sweep(self.reactor_time.seconds())
+        self.gateway.router.pins.sweep(self.reactor_time.seconds())
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd, the application's log observer is ours (level, console, file)."""

@@ -90,8 +90,8 @@ class KnownModels:
 
 
 @attrs.frozen
-class Fleet:
-    """The live state read at scrape time: configured backends and frontends, and queues."""
+class LiveState:
+    """What the scrape-time gauges read: configured backends and frontends, and queues."""
 
     registry: Registry
     runtime: Runtime
@@ -101,13 +101,13 @@ class Fleet:
 class _LiveCollector:
     """Scrape-time gauges: in-flight requests, queue depths, backend health."""
 
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
+    def __init__(self, live: LiveState) -> None:
+        self.live = live
 
     def collect(self) -> Iterator[Metric]:
-        fleet = self.fleet
-        catalog = fleet.registry.catalog
-        states = fleet.runtime.states
+        live = self.live
+        catalog = live.registry.catalog
+        states = live.runtime.states
         in_flight = GaugeMetricFamily(
             "ollamaflow_in_flight_requests",
             "Requests holding a slot on the backend right now.",
@@ -136,7 +136,7 @@ class _LiveCollector:
             labels=["frontend"],
         )
         for identifier in catalog.frontends:
-            depth.add_metric([identifier], fleet.queue_depth(identifier))
+            depth.add_metric([identifier], live.queue_depth(identifier))
         yield from (in_flight, depth, healthy, in_rotation)
 
 
@@ -266,7 +266,7 @@ class Metrics:
         self,
         *,
         known_model: Callable[[str], str | None] = lambda _model: None,
-        fleet: Fleet | None = None,
+        live: LiveState | None = None,
     ) -> None:
         self.known_model = known_model
         self.registry = registry = CollectorRegistry(auto_describe=False)
@@ -338,8 +338,8 @@ class Metrics:
             self.pulls,
         ):
             registry.register(family)
-        if fleet is not None:
-            registry.register(_LiveCollector(fleet))
+        if live is not None:
+            registry.register(_LiveCollector(live))
 
     def __call__(self, c: Completed) -> None:
         """Count one finished client request.
