@@ -203,7 +203,7 @@ class Daemon(MultiService):
         return self.gateway.body_limit(host)
 
     def _sweep_pins(self) -> None:
-        self.gateway.router.pins.sweep(self.reactor_time.seconds())
+        self.gateway.pins.sweep(self.reactor_time.seconds())
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd, the application's log observer is ours (level, console, file)."""
