@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from harness import Fleet, Http, start_daemon, until
+from harness import DaemonUnderTest, Http, start_daemon, until
+from ollamaflow.daemon import Daemon
 from test_admin import assert_error
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-
-from ollamaflow.daemon import Daemon
 
 # -- a frontend may name backends that do not exist yet ---------------------------------------
 
@@ -116,7 +115,7 @@ async def test_missing_backends_survive_a_restart(tmp_path: Path) -> None:
 async def test_requests_go_to_the_backends_that_exist_and_to_a_missing_one_once_created(
     tmp_path: Path,
 ) -> None:
-    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+    fleet = DaemonUnderTest(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
     try:
         await fleet.add("real")
         await fleet.serve("real")

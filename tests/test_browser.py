@@ -18,14 +18,13 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from harness import Fleet, start_daemon
+from harness import DaemonUnderTest, start_daemon
+from ollamaflow.daemon import Daemon
 from playwright.sync_api import Page, sync_playwright
 from twisted.internet import reactor, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-
-from ollamaflow.daemon import Daemon
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: A host name only the browser knows: its pages are an origin outside Ollama's defaults.
@@ -136,10 +135,10 @@ async def pages() -> AsyncIterator[Pages]:
     await port.stopListening()
 
 
-async def fleet_of(folder: Path, settings: dict[str, Any] | None = None) -> Fleet:
+async def fleet_of(folder: Path, settings: dict[str, Any] | None = None) -> DaemonUnderTest:
     """A daemon in front of one simulator streaming 8 tokens at 40 a second."""
     folder.mkdir(exist_ok=True)
-    fleet = Fleet(await start_daemon(folder, {**FAST, **(settings or {})}))
+    fleet = DaemonUnderTest(await start_daemon(folder, {**FAST, **(settings or {})}))
     await fleet.add("sim", tokens=8, tokens_per_second=40)
     await fleet.serve("sim")
     return fleet

@@ -12,15 +12,14 @@ import ollama
 import pytest
 import pytest_twisted
 import treq
-from harness import Fleet, Http, start_daemon, until
-from twisted.internet import reactor, task, threads
-
+from harness import DaemonUnderTest, Http, start_daemon, until
 from ollamaflow.sim.service import start_simulator
+from twisted.internet import reactor, task, threads
 
 FAST = {"HealthCheckIntervalMs": 100, "ModelRefreshIntervalMs": 1000, "HealthCheckTimeoutMs": 500}
 
 
-class Cluster(Fleet):
+class Cluster(DaemonUnderTest):
     """A fleet balanced round robin, so spreads are predictable."""
 
     async def serve(self, *names: str, **fields: Any) -> None:

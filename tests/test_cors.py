@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import treq
-from harness import Collect, Fleet, Http, start_daemon, until
+from harness import Collect, DaemonUnderTest, Http, start_daemon, until
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from recorder import start_recorder
-from test_server import Admin, Conn, Gateway, Server, answer, http
-from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.web.server import Request
-
 from ollamaflow import cors
 from ollamaflow.cors import (
     MAX_ORIGIN,
@@ -37,6 +28,14 @@ from ollamaflow.cors import (
 from ollamaflow.daemon import Daemon
 from ollamaflow.listener import Listener, Root
 from ollamaflow.server.connection import HTTPConnection
+from recorder import start_recorder
+from test_server import Admin, Conn, Gateway, Server, answer, http
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.server import Request
 
 EXAMPLES = settings(max_examples=300, deadline=None)
 
@@ -614,7 +613,7 @@ def _preflight(origin: str, method: str = "POST", headers: str = "content-type")
 async def test_a_daemon_answers_options_itself_and_hides_origin_from_backends(
     tmp_path: Path,
 ) -> None:
-    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 100}))
+    fleet = DaemonUnderTest(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 100}))
     recorder = start_recorder(reactor)
     try:
         reply = await fleet.http.put(

@@ -9,14 +9,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from harness import Collect, Fleet, Http, start_daemon, until
+from harness import Collect, DaemonUnderTest, Http, start_daemon, until
+from ollamaflow.daemon import Daemon
+from ollamaflow.sim.service import RunningSimulator, start_simulator
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import ResponseFailed
-
-from ollamaflow.daemon import Daemon
-from ollamaflow.sim.service import RunningSimulator, start_simulator
 
 
 def responses(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -59,7 +58,7 @@ NEXT_REQUEST = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
 async def serving(
     tmp_path: Path, settings: dict[str, Any], **sim: Any
 ) -> tuple[Daemon, RunningSimulator]:
-    fleet = Fleet(await start_daemon(tmp_path, settings))
+    fleet = DaemonUnderTest(await start_daemon(tmp_path, settings))
     simulator = await fleet.add("s", **sim)
     await fleet.serve("s")
     return fleet.daemon, simulator

@@ -15,12 +15,11 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from harness import Collect, Fleet, start_daemon, until
+from harness import Collect, DaemonUnderTest, start_daemon, until
+from ollamaflow.gateway.completed import Completed
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.client import ResponseDone
-
-from ollamaflow.gateway.completed import Completed
 
 #: Clients in a loop; the fleet has six slots, so about half of them wait in the queue.
 CLIENTS = 14
@@ -102,7 +101,7 @@ class Load:
 
 
 @attrs.define
-class Setup(Fleet):
+class Setup(DaemonUnderTest):
     completed: list[Completed] = attrs.field(factory=list)
 
 
@@ -295,7 +294,7 @@ async def test_a_retry_that_finds_no_slot_before_the_deadline_names_what_failed(
 ) -> None:
     """The attempt failed, the only other backend stays busy past the request's queue
     deadline (counted from its arrival): a 502 naming the backend tried and the wait."""
-    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+    fleet = DaemonUnderTest(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
     try:
         backend = {"MaxParallelRequests": 1}
         await fleet.add("dead", backend=backend)
@@ -332,7 +331,7 @@ async def test_a_request_every_backend_fails_is_502_naming_each_one_tried(
     tmp_path: Path,
 ) -> None:
     """It fails only when no candidate is left: each backend tried once, then the answer."""
-    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+    fleet = DaemonUnderTest(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
     try:
         for name in ("a", "b", "c"):
             await fleet.add(name)

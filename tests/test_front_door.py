@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from harness import Fleet, Http, Reply, start_daemon, until
+from harness import DaemonUnderTest, Http, Reply, start_daemon, until
+from ollamaflow import modelnames
+from ollamaflow.gateway import proxy
+from ollamaflow.gateway.backendhttp import BackendClient
+from ollamaflow.gateway.balancer import Balancer, StickyPins
+from ollamaflow.gateway.deadlines import Deadlines
+from ollamaflow.server.request import ClientRequest
 from recorder import Recorder, start_recorder
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -19,18 +25,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed
 
-from ollamaflow import modelnames
-from ollamaflow.gateway import proxy
-from ollamaflow.gateway.backendhttp import BackendClient
-from ollamaflow.gateway.balancer import Balancer, StickyPins
-from ollamaflow.gateway.deadlines import Deadlines
-from ollamaflow.server.request import ClientRequest
-
 
 @pytest_twisted.async_yield_fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+async def fleet(tmp_path: Path) -> AsyncIterator[DaemonUnderTest]:
     daemon = await start_daemon(tmp_path)
-    made = Fleet(daemon)
+    made = DaemonUnderTest(daemon)
     await made.add("sim0", num_parallel=8)
     await made.add("sim1", num_parallel=8)
     await made.serve("sim0", "sim1")
@@ -38,7 +37,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     await made.stop()
 
 
-def client(fleet: Fleet) -> Http:
+def client(fleet: DaemonUnderTest) -> Http:
     """An unauthenticated client, as anyone on the network is."""
     return Http(fleet.url, token=None)
 
@@ -65,11 +64,11 @@ def chat_text(deep: str) -> bytes:
     return json.dumps(chat(deep=0)).replace('"deep": 0', f'"deep": {deep}').encode()
 
 
-def in_flight(fleet: Fleet) -> dict[str, int]:
+def in_flight(fleet: DaemonUnderTest) -> dict[str, int]:
     return {n: s.active_requests for n, s in fleet.daemon.runtime.states.items()}
 
 
-async def no_slot_held(fleet: Fleet) -> None:
+async def no_slot_held(fleet: DaemonUnderTest) -> None:
     await until(lambda: not any(in_flight(fleet).values()), what=f"slots {in_flight(fleet)}")
 
 
@@ -85,7 +84,7 @@ def openai_error(reply: Reply) -> str:
     return str(error["message"])
 
 
-def required_models(fleet: Fleet) -> tuple[str, ...]:
+def required_models(fleet: DaemonUnderTest) -> tuple[str, ...]:
     return fleet.daemon.registry.catalog.frontends["frontend1"].required_models
 
 
@@ -95,7 +94,7 @@ def required_models(fleet: Fleet) -> tuple[str, ...]:
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("name", ["a" * 513, "h" * 300 + "/" + "n" * 300, "x" * 5_000_000])
 async def test_a_pull_of_a_name_ollama_refuses_is_400_and_stores_nothing(
-    fleet: Fleet, name: str, tmp_path: Path
+    fleet: DaemonUnderTest, name: str, tmp_path: Path
 ) -> None:
     reply = await client(fleet).request("POST", "/api/pull", {"model": name})
     assert reply.status == 400
@@ -109,7 +108,7 @@ async def test_a_pull_of_a_name_ollama_refuses_is_400_and_stores_nothing(
 
 @pytest_twisted.ensureDeferred
 async def test_a_pull_that_failed_on_every_backend_does_not_join_required_models(
-    fleet: Fleet,
+    fleet: DaemonUnderTest,
 ) -> None:
     longest = "h" * 350 + "/" + "n" * 80 + "/" + "m" * 80 + ":" + "t" * 80
     for name in ("nonexistent-model", longest):
@@ -121,7 +120,7 @@ async def test_a_pull_that_failed_on_every_backend_does_not_join_required_models
 
 @pytest_twisted.ensureDeferred
 async def test_a_pull_that_succeeded_joins_required_models_even_if_the_client_left(
-    fleet: Fleet,
+    fleet: DaemonUnderTest,
 ) -> None:
     for sim in fleet.sims.values():
         await sim.configure(pull_time=0.3)
@@ -153,7 +152,7 @@ class _Leaver(Protocol):
             self.first.callback(data)
 
 
-async def leave_after_first_bytes(fleet: Fleet, request: bytes) -> bytes:
+async def leave_after_first_bytes(fleet: DaemonUnderTest, request: bytes) -> bytes:
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", fleet.daemon.address.port)
     leaver = _Leaver(request)
     await connectProtocol(endpoint, leaver)
@@ -166,7 +165,7 @@ async def leave_after_first_bytes(fleet: Fleet, request: bytes) -> bytes:
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("depth", [65, 990, 100_000])
 async def test_a_body_nested_deeper_than_64_levels_is_refused_in_the_clients_dialect(
-    fleet: Fleet, depth: int
+    fleet: DaemonUnderTest, depth: int
 ) -> None:
     await fleet.http.put(
         "/v1.0/frontends/frontend1",
@@ -222,7 +221,7 @@ STEPS: dict[str, tuple[Any, str]] = {
 @pytest.mark.parametrize("queued", [False, True], ids=["direct", "from-the-queue"])
 @pytest.mark.parametrize("step", list(STEPS))
 async def test_a_bug_at_any_step_answers_500_and_gives_the_slot_back(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, step: str, queued: bool
+    fleet: DaemonUnderTest, monkeypatch: pytest.MonkeyPatch, step: str, queued: bool
 ) -> None:
     await fleet.http.put(
         "/v1.0/frontends/frontend1",
@@ -279,7 +278,7 @@ async def test_a_bug_at_any_step_answers_500_and_gives_the_slot_back(
 
 
 @pytest_twisted.async_yield_fixture
-async def recorded(fleet: Fleet) -> AsyncIterator[Recorder]:
+async def recorded(fleet: DaemonUnderTest) -> AsyncIterator[Recorder]:
     recorder = start_recorder(reactor, body=b'{"done": true}')
     host, port = recorder.address
     backend = {"Identifier": "rec", "Hostname": host, "Port": port}
@@ -310,7 +309,7 @@ async def recorded(fleet: Fleet) -> AsyncIterator[Recorder]:
     ],
 )
 async def test_an_encoded_path_is_classified_and_forwarded_decoded(
-    fleet: Fleet, recorded: Recorder, sent: str, classified: str
+    fleet: DaemonUnderTest, recorded: Recorder, sent: str, classified: str
 ) -> None:
     reply = await client(fleet).request("POST", sent, chat())
     assert reply.status == 200, reply.body
@@ -331,7 +330,9 @@ async def test_an_encoded_path_is_classified_and_forwarded_decoded(
 
 
 @pytest_twisted.ensureDeferred
-async def test_pinned_keys_cannot_be_overridden_by_case(fleet: Fleet, recorded: Recorder) -> None:
+async def test_pinned_keys_cannot_be_overridden_by_case(
+    fleet: DaemonUnderTest, recorded: Recorder
+) -> None:
     body = {
         "model": "llama3",
         "MODEL": "mine",
@@ -355,7 +356,7 @@ async def test_pinned_keys_cannot_be_overridden_by_case(fleet: Fleet, recorded: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_strings_do_not_grow_the_gateways_memory(fleet: Fleet) -> None:
+async def test_client_strings_do_not_grow_the_gateways_memory(fleet: DaemonUnderTest) -> None:
     gateway = fleet.daemon.gateway
     await fleet.http.put(
         "/v1.0/frontends/frontend1", {"Backends": ["sim0", "sim1"], "UseStickySessions": True}
@@ -388,7 +389,7 @@ async def test_client_strings_do_not_grow_the_gateways_memory(fleet: Fleet) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_application_errors_do_not_eject_backends(fleet: Fleet) -> None:
+async def test_application_errors_do_not_eject_backends(fleet: DaemonUnderTest) -> None:
     for name in ("sim0", "sim1"):
         backend = fleet.daemon.registry.catalog.backends[name]
         await fleet.http.put(
@@ -410,7 +411,7 @@ async def test_gateway_errors_still_count_against_a_backend(tmp_path: Path) -> N
     daemon = await start_daemon(tmp_path)
     bad = start_recorder(reactor, status=502, body=b'{"error": "bad gateway"}')
     try:
-        made = Fleet(daemon)
+        made = DaemonUnderTest(daemon)
         host, port = bad.address
         record = {"Identifier": "bad", "Hostname": host, "Port": port, "HealthCheckUrl": "/x"}
         assert (await made.http.put("/v1.0/backends", record)).status == 201
@@ -430,7 +431,9 @@ async def test_gateway_errors_still_count_against_a_backend(tmp_path: Path) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_admin_token_is_never_forwarded(fleet: Fleet, recorded: Recorder) -> None:
+async def test_an_admin_token_is_never_forwarded(
+    fleet: DaemonUnderTest, recorded: Recorder
+) -> None:
     from harness import TOKEN
 
     http = client(fleet)
@@ -463,7 +466,7 @@ MANAGING: list[tuple[str, str, dict[str, Any] | None]] = [
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(("method", "path", "body"), MANAGING)
 async def test_a_frontend_can_forbid_model_management_to_clients(
-    fleet: Fleet, method: str, path: str, body: dict[str, Any] | None
+    fleet: DaemonUnderTest, method: str, path: str, body: dict[str, Any] | None
 ) -> None:
     from harness import TOKEN
 

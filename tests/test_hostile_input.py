@@ -21,15 +21,14 @@ import attrs
 import h11
 import pytest
 import pytest_twisted
-from harness import TOKEN, Collect, Fleet, start_daemon, until
+from harness import TOKEN, Collect, DaemonUnderTest, start_daemon, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
 from ollamaflow.runtime import utc_clock
 from ollamaflow.server.connection import error_path
 from ollamaflow.store import Store
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 EXAMPLES = int(os.environ.get("OLLAMAFLOW_HYPOTHESIS_EXAMPLES", "150"))
 HOSTILE = settings(
@@ -194,9 +193,9 @@ def encoded(text: str) -> bytes:
 @pytest_twisted.async_yield_fixture(scope="module")
 async def admin_daemon(
     tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[tuple[Fleet, Path]]:
+) -> AsyncIterator[tuple[DaemonUnderTest, Path]]:
     folder = tmp_path_factory.mktemp("admin")
-    made = Fleet(await start_daemon(folder))
+    made = DaemonUnderTest(await start_daemon(folder))
     yield made, folder
     await made.stop()
 
@@ -209,7 +208,10 @@ async def admin_daemon(
 )
 @pytest_twisted.ensureDeferred
 async def test_the_admin_api_answers_hostile_input_with_a_json_4xx(
-    admin_daemon: tuple[Fleet, Path], body: tuple[str, bytes], identifier: str | None, method: str
+    admin_daemon: tuple[DaemonUnderTest, Path],
+    body: tuple[str, bytes],
+    identifier: str | None,
+    method: str,
 ) -> None:
     """One generated request (what it created is deleted again)."""
     fleet, _ = admin_daemon
@@ -234,7 +236,7 @@ async def test_the_admin_api_answers_hostile_input_with_a_json_4xx(
 
 @pytest_twisted.ensureDeferred
 async def test_afterwards_the_database_loads_in_a_fresh_daemon_which_serves(
-    admin_daemon: tuple[Fleet, Path],
+    admin_daemon: tuple[DaemonUnderTest, Path],
 ) -> None:
     """After the property above, on its daemon: the probes of the issue, then a fresh daemon
     on the same database."""
@@ -326,9 +328,9 @@ def bodies() -> st.SearchStrategy[bytes]:
 
 
 @pytest_twisted.async_yield_fixture(scope="module")
-async def gateway_fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
+async def gateway_fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DaemonUnderTest]:
     daemon = await start_daemon(tmp_path_factory.mktemp("gateway"))
-    made = Fleet(daemon)
+    made = DaemonUnderTest(daemon)
     await made.add("sim0", num_parallel=8)
     await made.add("sim1", num_parallel=8)
     await made.serve(
@@ -353,7 +355,7 @@ async def gateway_fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 )
 @pytest_twisted.ensureDeferred
 async def test_the_gateway_answers_hostile_requests_without_an_error_of_its_own(
-    gateway_fleet: Fleet,
+    gateway_fleet: DaemonUnderTest,
     method: str,
     target: bytes,
     body: bytes,
@@ -380,7 +382,9 @@ async def test_the_gateway_answers_hostile_requests_without_an_error_of_its_own(
 
 
 @pytest_twisted.ensureDeferred
-async def test_afterwards_no_slot_is_held_and_the_daemon_serves(gateway_fleet: Fleet) -> None:
+async def test_afterwards_no_slot_is_held_and_the_daemon_serves(
+    gateway_fleet: DaemonUnderTest,
+) -> None:
     """After the property above, on its daemon: the probes of the issue, then nothing is held
     and a plain chat works."""
     port = gateway_fleet.daemon.address.port

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest_twisted
-from harness import Collect, Fleet, start_daemon
+from harness import Collect, DaemonUnderTest, start_daemon
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 
 @pytest_twisted.async_yield_fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    made = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+async def fleet(tmp_path: Path) -> AsyncIterator[DaemonUnderTest]:
+    made = DaemonUnderTest(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
     await made.add("sim", tokens=3)
     await made.serve("sim", BlockHttp10=True)  # as 1.2 stores it, explicitly
     assert (await made.http.get("/v1.0/frontends/frontend1")).json["BlockHttp10"] is True
@@ -24,7 +24,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     await made.stop()
 
 
-async def exchange(fleet: Fleet, payload: bytes) -> tuple[list[bytes], bytes]:
+async def exchange(fleet: DaemonUnderTest, payload: bytes) -> tuple[list[bytes], bytes]:
     """Send ``payload`` on a new connection; the response's head lines and body, once the
     server has closed the connection (HTTP/1.0 without keep-alive ends there)."""
     proto = Collect(payload)
@@ -44,7 +44,7 @@ def field(head: list[bytes], name: bytes) -> bytes | None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_get_api_tags_over_http_1_0_is_served(fleet: Fleet) -> None:
+async def test_get_api_tags_over_http_1_0_is_served(fleet: DaemonUnderTest) -> None:
     head, body = await exchange(fleet, b"GET /api/tags HTTP/1.0\r\nHost: x\r\n\r\n")
     assert head[0].split(b" ")[1] == b"200", head
     assert field(head, b"transfer-encoding") is None, "an HTTP/1.0 client knows no chunks"
@@ -54,7 +54,7 @@ async def test_get_api_tags_over_http_1_0_is_served(fleet: Fleet) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_post_api_generate_over_http_1_0_is_served_whole_and_streamed(
-    fleet: Fleet,
+    fleet: DaemonUnderTest,
 ) -> None:
     whole = json.dumps({"model": "llama3", "prompt": "hi", "stream": False}).encode()
     head, body = await exchange(
@@ -79,7 +79,7 @@ async def test_post_api_generate_over_http_1_0_is_served_whole_and_streamed(
 
 
 @pytest_twisted.ensureDeferred
-async def test_haproxys_default_health_check_is_not_refused(fleet: Fleet) -> None:
+async def test_haproxys_default_health_check_is_not_refused(fleet: DaemonUnderTest) -> None:
     """``option httpchk`` sends ``OPTIONS / HTTP/1.0`` and wants a 2xx or 3xx."""
     head, _ = await exchange(fleet, b"OPTIONS / HTTP/1.0\r\n\r\n")
     assert head[0].split(b" ")[1][:1] in (b"2", b"3"), head

@@ -10,16 +10,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from harness import Fleet, start_daemon, until
-from twisted.internet import task
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.protocol import Protocol
-
+from harness import DaemonUnderTest, start_daemon, until
 from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.scheduler import Eligible, QueueRefused, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import MODEL_HOLD, ModelHolds, Runtime
 from ollamaflow.sim.service import RunningSimulator
+from twisted.internet import task
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Protocol
 
 # -- the scheduler alone, on a clock ----------------------------------------------------------
 
@@ -294,7 +293,7 @@ def test_a_model_a_backend_fails_while_others_answer_is_steered_away_from_it_alo
 # -- end to end -----------------------------------------------------------------------------
 
 
-class Setup(Fleet):
+class Setup(DaemonUnderTest):
     """A fleet whose backends have slot limits and simulators with room to spare."""
 
     async def add(self, name: str, *, limit: int = 4, **config: Any) -> RunningSimulator:
@@ -493,7 +492,7 @@ async def test_50_clients_at_once_on_one_backend_at_1_2_defaults_are_all_answere
     """A 1.2 backend record as it is (MaxParallelRequests 4, RateLimitRequestsThreshold 10)
     and a frontend at our defaults: the burst queues, as Ollama would queue it, and every
     client gets its answer; the backend never has more than 4 at once."""
-    fleet = Fleet(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
+    fleet = DaemonUnderTest(await start_daemon(tmp_path, {"HealthCheckIntervalMs": 60000}))
     try:
         sim = await fleet.add("gpu", num_parallel=4, tokens=10, tokens_per_second=200)
         record = (await fleet.http.get("/v1.0/backends/gpu")).json
