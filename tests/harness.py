@@ -13,16 +13,17 @@ from typing import Any
 import attrs
 import pytest
 import treq
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+
 from ollamaflow.daemon import Daemon
 from ollamaflow.runtime import utc_clock
 from ollamaflow.settings import DatabaseDriver, load_settings
 from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.service import RunningSimulator, start_simulator
 from ollamaflow.store import Store, postgresql_conninfo
-from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.python.failure import Failure
 
 TOKEN = "test-admin-token"
 

@@ -9,9 +9,10 @@ from typing import Any
 import pytest_twisted
 import treq
 from harness import DaemonUnderTest, Http, start_daemon, until
-from ollamaflow.daemon import Daemon
 from test_admin import assert_error
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from ollamaflow.daemon import Daemon
 
 # -- a frontend may name backends that do not exist yet ---------------------------------------
 

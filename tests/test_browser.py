@@ -19,12 +19,13 @@ import attrs
 import pytest
 import pytest_twisted
 from harness import DaemonUnderTest, start_daemon
-from ollamaflow.daemon import Daemon
 from playwright.sync_api import Page, sync_playwright
 from twisted.internet import reactor, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from ollamaflow.daemon import Daemon
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: A host name only the browser knows: its pages are an origin outside Ollama's defaults.

@@ -13,8 +13,9 @@ import pytest
 import pytest_twisted
 import treq
 from harness import DaemonUnderTest, Http, start_daemon, until
-from ollamaflow.sim.service import start_simulator
 from twisted.internet import reactor, task, threads
+
+from ollamaflow.sim.service import start_simulator
 
 FAST = {"HealthCheckIntervalMs": 100, "ModelRefreshIntervalMs": 1000, "HealthCheckTimeoutMs": 500}
 

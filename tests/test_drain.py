@@ -10,12 +10,13 @@ import pytest
 import pytest_twisted
 import treq
 from harness import Collect, DaemonUnderTest, Http, start_daemon, until
-from ollamaflow.daemon import Daemon
-from ollamaflow.sim.service import RunningSimulator, start_simulator
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import ResponseFailed
+
+from ollamaflow.daemon import Daemon
+from ollamaflow.sim.service import RunningSimulator, start_simulator
 
 
 def responses(data: bytes) -> list[tuple[bytes, bytes]]:

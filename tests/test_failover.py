@@ -16,10 +16,11 @@ import pytest
 import pytest_twisted
 import treq
 from harness import Collect, DaemonUnderTest, start_daemon, until
-from ollamaflow.gateway.completed import Completed
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.client import ResponseDone
+
+from ollamaflow.gateway.completed import Completed
 
 #: Clients in a loop; the fleet has six slots, so about half of them wait in the queue.
 CLIENTS = 14

@@ -24,11 +24,12 @@ import pytest_twisted
 from harness import TOKEN, Collect, DaemonUnderTest, start_daemon, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
 from ollamaflow.runtime import utc_clock
 from ollamaflow.server.connection import error_path
 from ollamaflow.store import Store
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 EXAMPLES = int(os.environ.get("OLLAMAFLOW_HYPOTHESIS_EXAMPLES", "150"))
 HOSTILE = settings(

@@ -11,14 +11,15 @@ import pytest
 import pytest_twisted
 import treq
 from harness import DaemonUnderTest, start_daemon, until
+from twisted.internet import task
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Protocol
+
 from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.scheduler import Eligible, QueueRefused, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import MODEL_HOLD, ModelHolds, Runtime
 from ollamaflow.sim.service import RunningSimulator
-from twisted.internet import task
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.protocol import Protocol
 
 # -- the scheduler alone, on a clock ----------------------------------------------------------
 
