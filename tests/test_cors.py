@@ -13,6 +13,15 @@ import treq
 from harness import Collect, DaemonUnderTest, Http, start_daemon, until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from recorder import start_recorder
+from test_server import Admin, Conn, Gateway, Server, answer, http
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.server import Request
+
 from ollamaflow import cors
 from ollamaflow.cors import (
     MAX_ORIGIN,
@@ -28,14 +37,6 @@ from ollamaflow.cors import (
 from ollamaflow.daemon import Daemon
 from ollamaflow.listener import Listener, Root
 from ollamaflow.server.connection import HTTPConnection
-from recorder import start_recorder
-from test_server import Admin, Conn, Gateway, Server, answer, http
-from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.web.server import Request
 
 EXAMPLES = settings(max_examples=300, deadline=None)
 

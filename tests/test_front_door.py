@@ -12,18 +12,19 @@ import pytest
 import pytest_twisted
 import treq
 from harness import DaemonUnderTest, Http, Reply, start_daemon, until
-from ollamaflow import modelnames
-from ollamaflow.gateway import proxy
-from ollamaflow.gateway.backendhttp import BackendClient
-from ollamaflow.gateway.balancer import Balancer, StickyPins
-from ollamaflow.gateway.deadlines import Deadlines
-from ollamaflow.server.request import ClientRequest
 from recorder import Recorder, start_recorder
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed
+
+from ollamaflow import modelnames
+from ollamaflow.gateway import proxy
+from ollamaflow.gateway.backendhttp import BackendClient
+from ollamaflow.gateway.balancer import Balancer, StickyPins
+from ollamaflow.gateway.deadlines import Deadlines
+from ollamaflow.server.request import ClientRequest
 
 
 @pytest_twisted.async_yield_fixture
