@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 
 from ollamaflow.jsonlimits import MAX_DEPTH, OverlongNumber
+from ollamaflow.utctime import format_utc
 
 T = TypeVar("T")
 
@@ -579,11 +580,6 @@ class ObjectList:
 
     def dump(self, value: tuple[Any, ...]) -> object:
         return [to_wire(v) for v in value]
-
-
-def format_utc(moment: datetime) -> str:
-    """ISO-8601 in UTC with a ``Z``, as OllamaFlow 1.2 writes dates."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @attrs.frozen
