@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ollamaflow import cors
 from ollamaflow.admin.errors import error_body as admin_error_body
-from ollamaflow.gateway.dialect import error_body as gateway_error_body
+from ollamaflow.gateway.clienterrors import error_body as gateway_error_body
 from ollamaflow.server.connection import GatewayExchange, HTTPConnection, error_response
 from ollamaflow.server.request import ClientRequest
 from ollamaflow.server.web import WebStream

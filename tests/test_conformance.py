@@ -14,8 +14,8 @@ from test_gateway import Cluster, _raw, cluster, in_thread
 from twisted.internet import reactor
 
 from ollamaflow.gateway.classify import allowed_methods
+from ollamaflow.gateway.clienterrors import error_body
 from ollamaflow.gateway.completed import Completed
-from ollamaflow.gateway.dialect import error_body
 
 __all__ = ["cluster"]  # a fixture, shared by import
 

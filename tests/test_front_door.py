@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed
 
 from ollamaflow import modelnames
-from ollamaflow.gateway import proxy
+from ollamaflow.gateway import exchange
 from ollamaflow.gateway.backendhttp import BackendClient
 from ollamaflow.gateway.balancer import Balancer, StickyPins
 from ollamaflow.gateway.deadlines import Deadlines
@@ -206,12 +206,12 @@ def raise_on_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: 
 
 #: Every step between taking a slot and giving it back, by what it calls.
 STEPS: dict[str, tuple[Any, str]] = {
-    "merge the pins": (proxy, "deep_merge"),
-    "encode the body": (proxy.jsonlimits, "dumps"),
-    "build the headers": (proxy.hdrs, "forwarded"),
+    "merge the pins": (exchange, "deep_merge"),
+    "encode the body": (exchange.jsonlimits, "dumps"),
+    "build the headers": (exchange.hdrs, "forwarded"),
     "send": (BackendClient, "send"),
     "arm the response deadline": (Deadlines, "add"),
-    "copy the response headers": (proxy.hdrs, "to_client"),
+    "copy the response headers": (exchange.hdrs, "to_client"),
     "pin the client": (StickyPins, "pin"),
     "relay the body": (ClientRequest, "write"),
     "remember the backend": (Balancer, "finished"),
@@ -380,10 +380,11 @@ async def test_client_strings_do_not_grow_the_gateways_memory(fleet: DaemonUnder
         await http.request("GET", "/api/version", headers={"Host": host})
         await http.request("POST", "/api/chat", chat(), headers={"X-Conversation-Id": conversation})
     assert modelnames._parse.cache_info().currsize == parse_cache
-    assert all(len(client) == 16 for _, client in gateway.pins._pins)
-    remembered_labels = [key[2] for key in gateway._remembered]
+    router = gateway.router
+    assert all(len(client) == 16 for _, client in router.pins._pins)
+    remembered_labels = [key[2] for key in router._candidates]
     assert all(label is None or len(label) <= 256 for label in remembered_labels)
-    assert all(host is None or len(host) <= 300 for host in gateway._frontends[1])
+    assert all(host is None or len(host) <= 300 for host in router._frontends[1])
 
 
 # -- 7. a client cannot take backends out of service -------------------------------------------

@@ -482,7 +482,7 @@ async def test_only_a_backend_that_answered_is_remembered_for_the_next_request(
 ) -> None:
     """Power of two choices' memory sends the next request where one just succeeded; a backend
     that failed must not be lent to it."""
-    balancer = cluster.daemon.gateway.balancer = _Remembering()
+    balancer = cluster.daemon.gateway.router.balancer = _Remembering()
     balancer.told = []
     await cluster.sims[0].configure(refuse=True)
     await cluster.frontend(["sim0", "sim1"], LoadBalancing="LeastOutstanding")

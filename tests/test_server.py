@@ -32,7 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from ollamaflow.daemon import Daemon
-from ollamaflow.gateway.dialect import openai_error_type
+from ollamaflow.gateway.clienterrors import openai_error_type
 from ollamaflow.gateway.headers import to_client
 from ollamaflow.http1.rules import MAX_FIELDS, MAX_HEAD
 from ollamaflow.listener import OLLAMA_IS_RUNNING, Listener, Root

@@ -12,7 +12,7 @@ import attrs
 
 from ollamaflow.catalog import Catalog
 from ollamaflow.gateway.classify import RequestClass
-from ollamaflow.gateway.dialect import quoted
+from ollamaflow.gateway.clienterrors import quoted
 from ollamaflow.records import Backend, Frontend, LoadBalancing
 from ollamaflow.runtime import Runtime
 

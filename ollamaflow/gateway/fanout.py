@@ -22,7 +22,7 @@ from ollamaflow import modelnames
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway import headers as hdrs
-from ollamaflow.gateway.dialect import finish_json
+from ollamaflow.gateway.clienterrors import finish_json
 from ollamaflow.gateway.progress import ProgressMerger
 from ollamaflow.gateway.requestdoc import body_size
 from ollamaflow.records import Backend, Frontend

@@ -25,7 +25,7 @@ from ollamaflow import jsonlimits, modelnames
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway import fanout
-from ollamaflow.gateway.dialect import finish_json, quoted
+from ollamaflow.gateway.clienterrors import finish_json, quoted
 from ollamaflow.gateway.requestdoc import json_object, model_of
 from ollamaflow.records import ApiFormat, Backend, Frontend
 from ollamaflow.server.request import ClientRequest
@@ -88,6 +88,24 @@ def unloads(document: dict[str, Any], path: bytes) -> bool:
     return not document.get("prompt")
 
 
+def operation_for(method: bytes, path: bytes, *, pulls: bool) -> str | None:
+    """The fleet-wide operation a request is, if it is one (``pulls``: whether pulls are;
+    without model synchronization a pull is proxied to one backend)."""
+    path = path.rstrip(b"/")
+    if method == b"DELETE" and path == b"/api/delete":
+        return "delete"
+    if method == b"POST":
+        if path == b"/api/pull":
+            return "pull" if pulls else None
+        if path == b"/api/copy":
+            return "copy"
+        if path == b"/api/create":
+            return "create"
+    if method in (b"HEAD", b"POST") and path.startswith(_BLOBS):
+        return "blob"
+    return None
+
+
 @attrs.define(eq=False)
 class ModelOperations:
     """Pull, delete, copy, create, blob uploads and unloading, across a frontend's backends."""
@@ -104,23 +122,16 @@ class ModelOperations:
     #: RequiredModels changes from clients' pulls and deletes, one at a time.
     _required_lock: DeferredLock = attrs.field(factory=DeferredLock)
 
-    def route(
-        self, method: bytes, path: bytes
-    ) -> Callable[[ClientRequest, Frontend, list[Backend]], Answer] | None:
-        """The operation for a request, if it is one done across the frontend."""
-        path = path.rstrip(b"/")
-        if method == b"DELETE" and path == b"/api/delete":
-            return self.delete
-        if method == b"POST":
-            if path == b"/api/pull":
-                return self.pull if self.sync is not None else None
-            if path == b"/api/copy":
-                return self.copy
-            if path == b"/api/create":
-                return self.create
-        if method in (b"HEAD", b"POST") and path.startswith(_BLOBS):
-            return self.blob
-        return None
+    def operation(self, name: str) -> Callable[[ClientRequest, Frontend, list[Backend]], Answer]:
+        """The operation :func:`operation_for` named."""
+        operations = {
+            "pull": self.pull,
+            "delete": self.delete,
+            "copy": self.copy,
+            "create": self.create,
+            "blob": self.blob,
+        }
+        return operations[name]
 
     # -- pull and delete ------------------------------------------------------------------------
 
