@@ -34,12 +34,13 @@ from ollamaflow.logs import logs_info
 from ollamaflow.metrics import KnownModels, LiveState, Metrics, MetricsPage
 from ollamaflow.pool import connection_pool
 from ollamaflow.records import Backend
-from ollamaflow.runtime import Runtime, utc_clock
+from ollamaflow.runtime import Runtime
 from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.services.follow import ConfigFollower
 from ollamaflow.settings import DatabaseDriver, LoadedSettings
 from ollamaflow.store import Snapshot, Store, describe_postgresql, postgresql_conninfo
 from ollamaflow.twisted_internals import forget_exit_signal
+from ollamaflow.utctime import utc_clock
 from ollamaflow.workers import listen_shared
 
 log = Logger()

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 
 from ollamaflow.jsonlimits import MAX_DEPTH, OverlongNumber
+from ollamaflow.utctime import format_utc
 
 T = TypeVar("T")
 
@@ -413,22 +414,25 @@ def _json_problem(value: object, path: str, max_depth: int) -> FieldError | None
                     trail.append((at, f"[{i}]"))
                     children.append((child, depth + 1, len(trail) - 1))
             stack.extend(reversed(children))
-        elif isinstance(node, str):
-            if not valid_text(node):
-                return FieldError(where(at), node, "strings in valid Unicode (no lone surrogates)")
-        elif node is None or isinstance(node, bool):
-            continue
-        elif isinstance(node, int):
-            if not _JSON_INT_MIN <= node <= _JSON_INT_MAX:
-                return FieldError(where(at), node, "an integer from -2^63 to 2^64-1")
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                return FieldError(where(at), node, "a finite number (no NaN or Infinity)")
         else:
-            return FieldError(
-                where(at), node, "JSON: objects, arrays, strings, numbers, true, false or null"
-            )
+            allowed = _scalar_problem(node)
+            if allowed is not None:
+                return FieldError(where(at), node, allowed)
     return None
+
+
+def _scalar_problem(node: object) -> str | None:
+    """What ``node`` (anything but an object or array) should have been, or None if it is
+    plain, finite JSON."""
+    if node is None or isinstance(node, bool):
+        return None
+    if isinstance(node, int):
+        return None if _JSON_INT_MIN <= node <= _JSON_INT_MAX else "an integer from -2^63 to 2^64-1"
+    if isinstance(node, float):
+        return None if math.isfinite(node) else "a finite number (no NaN or Infinity)"
+    if isinstance(node, str):
+        return None if valid_text(node) else "strings in valid Unicode (no lone surrogates)"
+    return "JSON: objects, arrays, strings, numbers, true, false or null"
 
 
 #: A DNS label as sent on the wire (after IDNA): letters, digits, '-' and '_'.
@@ -579,11 +583,6 @@ class ObjectList:
 
     def dump(self, value: tuple[Any, ...]) -> object:
         return [to_wire(v) for v in value]
-
-
-def format_utc(moment: datetime) -> str:
-    """ISO-8601 in UTC with a ``Z``, as OllamaFlow 1.2 writes dates."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @attrs.frozen

@@ -5,35 +5,14 @@ This is state of one daemon process, never stored: each instance judges backends
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable
+from datetime import datetime
 from enum import Enum
 
 import attrs
 
-from ollamaflow.jsonfields import format_utc
 from ollamaflow.records import Backend
-
-
-def utc_clock(seconds: Callable[[], float]) -> Callable[[], datetime]:
-    """Turn a reactor's ``seconds`` into a ``now()`` giving aware UTC datetimes."""
-    return lambda: datetime.fromtimestamp(seconds(), UTC)
-
-
-def format_timespan(span: timedelta) -> str:
-    """A duration as .NET writes a TimeSpan (``d.hh:mm:ss.fffffff``), as OllamaFlow 1.2 did."""
-    ticks = int(span.total_seconds() * 10_000_000)
-    days, rest = divmod(ticks, 86400 * 10_000_000)
-    hours, rest = divmod(rest, 3600 * 10_000_000)
-    minutes, rest = divmod(rest, 60 * 10_000_000)
-    seconds, fraction = divmod(rest, 10_000_000)
-    text = f"{hours:02}:{minutes:02}:{seconds:02}"
-    if days:
-        text = f"{days}.{text}"
-    if fraction:
-        text = f"{text}.{fraction:07}"
-    return text
-
+from ollamaflow.utctime import format_timespan, format_utc
 
 #: The longest a backend is held out for failures a health check cannot see, in seconds.
 MAX_HOLD = 300.0

@@ -90,7 +90,7 @@ def makeService(options: Options) -> IService:
 
     from ollamaflow.daemon import Daemon
     from ollamaflow.logs import observer_for
-    from ollamaflow.runtime import utc_clock
+    from ollamaflow.utctime import utc_clock
 
     try:
         loaded = load_settings(Path(options["config"]))

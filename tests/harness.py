@@ -19,11 +19,11 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from ollamaflow.daemon import Daemon
-from ollamaflow.runtime import utc_clock
 from ollamaflow.settings import DatabaseDriver, load_settings
 from ollamaflow.sim.config import SimConfig
 from ollamaflow.sim.service import RunningSimulator, start_simulator
 from ollamaflow.store import Store, postgresql_conninfo
+from ollamaflow.utctime import utc_clock
 
 TOKEN = "test-admin-token"
 

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from ollamaflow.runtime import utc_clock
 from ollamaflow.server.connection import error_path
 from ollamaflow.store import Store
+from ollamaflow.utctime import utc_clock
 
 EXAMPLES = int(os.environ.get("OLLAMAFLOW_HYPOTHESIS_EXAMPLES", "150"))
 HOSTILE = settings(

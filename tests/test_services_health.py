@@ -23,9 +23,10 @@ from twisted.web.http_headers import Headers
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend, Frontend, HealthCheckMethod
-from ollamaflow.runtime import MAX_HOLD, FailureKind, Runtime, utc_clock
+from ollamaflow.runtime import MAX_HOLD, FailureKind, Runtime
 from ollamaflow.services import HealthChecker
 from ollamaflow.store import Snapshot
+from ollamaflow.utctime import utc_clock
 
 # -- shared fakes ------------------------------------------------------------------------------
 

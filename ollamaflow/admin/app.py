@@ -24,7 +24,7 @@ from ollamaflow.credentials import Tokens
 from ollamaflow.jsonfields import FieldError, to_wire
 from ollamaflow.jsonlimits import InvalidJson, loads_for_fields
 from ollamaflow.records import Backend, Frontend, parse_record
-from ollamaflow.runtime import Runtime, format_timespan
+from ollamaflow.runtime import Runtime
 from ollamaflow.store import (
     BackendInUse,
     DuplicateIdentifier,
@@ -35,6 +35,7 @@ from ollamaflow.store import (
 from ollamaflow.store import (
     NotFound as RecordNotFound,
 )
+from ollamaflow.utctime import format_timespan
 
 R = TypeVar("R", Frontend, Backend)
 

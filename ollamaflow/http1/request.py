@@ -286,7 +286,7 @@ class RequestParser:
 
     # -- feeding llhttp --------------------------------------------------------------------
 
-    def _execute(self, data: bytes) -> None:
+    def _execute(self, data: bytes) -> None:  # noqa: C901 - the hot path, kept in one frame
         """One call into llhttp (its errors turned into :class:`BadMessage`), then the
         accounting: the head's bytes on the wire, a chunked body's bytes that made no progress,
         the chunked body data to report."""
@@ -404,7 +404,7 @@ class RequestParser:
         if self._trailers > MAX_FIELDS or self._trailer_size > MAX_HEAD:
             raise BadMessage(431, "the trailer section is too large")
 
-    def on_headers_complete(self) -> None:
+    def on_headers_complete(self) -> None:  # noqa: C901 - one branch per rule of the head
         """Read the head llhttp found well-formed: the rules of :mod:`.rules`, the framing."""
         if self.state is not _HEAD:
             return  # the head of a resynchronised parser

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import Backend
-from ollamaflow.runtime import FailureKind, Runtime, utc_clock
+from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.services.common import (
     NETWORK_ERRORS,
     backend_headers,
@@ -36,6 +36,7 @@ from ollamaflow.services.common import (
     describe,
     drain,
 )
+from ollamaflow.utctime import utc_clock
 
 log = Logger()
 

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from ollamaflow import modelnames
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.records import ApiFormat, Backend
-from ollamaflow.runtime import Runtime, utc_clock
+from ollamaflow.runtime import Runtime
 from ollamaflow.services.common import (
     NETWORK_ERRORS,
     backend_headers,
@@ -31,6 +31,7 @@ from ollamaflow.services.common import (
     describe,
     read_body,
 )
+from ollamaflow.utctime import utc_clock
 
 log = Logger()
 

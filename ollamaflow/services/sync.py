@@ -21,7 +21,6 @@ from twisted.python.failure import Failure
 
 from ollamaflow import modelnames
 from ollamaflow.catalog import Catalog, Registry
-from ollamaflow.jsonfields import format_utc
 from ollamaflow.records import ApiFormat, Backend
 from ollamaflow.runtime import Runtime
 from ollamaflow.services.common import describe
@@ -35,6 +34,7 @@ from ollamaflow.services.pull import (
     PullUnavailable,
     pull,
 )
+from ollamaflow.utctime import format_utc
 
 log = Logger()
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from ollamaflow.jsonfields import format_utc
 from ollamaflow.store.errors import SchemaTooNew
 from ollamaflow.store.sql import Cursor, SqlDialect
+from ollamaflow.utctime import format_utc
 
 Migration = Sequence[str] | Callable[[Cursor, SqlDialect], None]
 

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 
-from ollamaflow.jsonfields import FieldError, format_utc, from_wire, to_wire
+from ollamaflow.jsonfields import FieldError, from_wire, to_wire
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.store.errors import (
     BackendInUse,
@@ -45,6 +45,7 @@ from ollamaflow.store.postgresql import (
 )
 from ollamaflow.store.sql import POSTGRESQL, SQLITE, Cursor, SqlDialect
 from ollamaflow.twisted_internals import dbapi_connection, owning_pool
+from ollamaflow.utctime import format_utc
 
 T = TypeVar("T")
 R = TypeVar("R", Frontend, Backend)
