@@ -20,7 +20,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from twisted.web.client import Agent
 
 from ollamaflow import tcp
 from ollamaflow.accesslog import AccessLog
@@ -32,7 +31,7 @@ from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, Listener, Root
 from ollamaflow.logs import logs_info
 from ollamaflow.metrics import KnownModels, LiveState, Metrics, MetricsPage
-from ollamaflow.pool import connection_pool
+from ollamaflow.pool import connection_pool, services_agent
 from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime
 from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
@@ -93,7 +92,7 @@ class Daemon(MultiService):
         # Health checks, model inventory and model sync share one connection pool, apart from
         # the gateway's so that background traffic never queues behind client requests.
         self.services_pool = connection_pool(reactor)
-        http = HTTPClient(Agent(reactor, connectTimeout=5.0, pool=self.services_pool))
+        http = HTTPClient(services_agent(reactor, self.services_pool, connect_timeout=5.0))
         self.inventory = ModelInventory(
             registry=self.registry,
             runtime=self.runtime,
