@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed
 
 from ollamaflow import modelnames
-from ollamaflow.gateway import exchange
+from ollamaflow.gateway import exchange, outbound
 from ollamaflow.gateway.backendhttp import BackendClient
 from ollamaflow.gateway.balancer import Balancer, StickyPins
 from ollamaflow.gateway.deadlines import Deadlines
@@ -206,8 +206,8 @@ def raise_on_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: 
 
 #: Every step between taking a slot and giving it back, by what it calls.
 STEPS: dict[str, tuple[Any, str]] = {
-    "merge the pins": (exchange, "deep_merge"),
-    "encode the body": (exchange.jsonlimits, "dumps"),
+    "merge the pins": (outbound, "deep_merge"),
+    "encode the body": (outbound.jsonlimits, "dumps"),
     "build the headers": (exchange.hdrs, "forwarded"),
     "send": (BackendClient, "send"),
     "arm the response deadline": (Deadlines, "add"),

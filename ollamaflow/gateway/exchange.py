@@ -20,10 +20,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, PotentialDataLoss, ResponseDone
+from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IBodyProducer, IResponse
 
-from ollamaflow import jsonlimits
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.balancer import StickyPins
@@ -37,11 +36,10 @@ from ollamaflow.gateway.completed import (
     usage,
 )
 from ollamaflow.gateway.deadlines import Deadline, Deadlines
-from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.gateway.outbound import body_for, logged_body, target_for
 from ollamaflow.gateway.relay import Discard, Relay, describe, guarded
-from ollamaflow.gateway.requestdoc import body_size
 from ollamaflow.gateway.requesthead import logged_head
-from ollamaflow.gateway.routing import Forward, frontend_pins
+from ollamaflow.gateway.routing import Forward
 from ollamaflow.gateway.scheduler import QueueRefused, Scheduler
 from ollamaflow.records import Backend
 from ollamaflow.runtime import MODEL_HOLD, FailureKind, Runtime
@@ -51,8 +49,6 @@ log = Logger()
 
 #: Pulls and pushes may sit silent for minutes while a registry answers or layers are hashed.
 MODEL_TRANSFER_IDLE = 1800.0
-#: Bodies up to this size are replayed from memory on a retry; larger ones from the spool file.
-IN_MEMORY_BODY = 1 << 20
 #: Answers that say the backend, not the request, failed (as Envoy's gateway errors): retried
 #: on another backend while nothing reached the client, and counted against its health.
 GATEWAY_ERRORS = frozenset({502, 503, 504})
@@ -315,13 +311,9 @@ class Exchange:
         frontend = self.forward.frontend
         if self.logged_body is None and (frontend.log_request_body or backend.log_request_body):
             # Read now: the body is dropped once the response is finished.
-            self.logged_body = _body_text(request)
-        body = self._body_for(backend)  # strict JSON and validated pins: encodable
-        query = request.uri.partition(b"?")[2]
-        if backend.querystring:
-            extra = backend.querystring.encode()
-            query = query + b"&" + extra if query else extra
-        target = request.path + b"?" + query if query else request.path
+            self.logged_body = logged_body(request)
+        body = body_for(request, self.forward, backend)  # strict JSON, valid pins: encodable
+        target = target_for(request, backend)
         services = self.services
         try:
             attempt = services.backends.send(
@@ -343,33 +335,6 @@ class Exchange:
         ttfb = frontend.timeout_ms / 1000
         if ttfb:
             self._ttfb = services.deadlines.add(ttfb, partial(self._ttfb_expired, attempt))
-
-    def _body_for(self, backend: Backend) -> bytes | IBodyProducer | None:
-        """The body to send: bytes when it is in memory (sent with the head in one write)."""
-        request = self.request
-        forward = self.forward
-        document = forward.document
-        request_class = forward.request_class
-        if document is not None and request_class is not RequestClass.OTHER:
-            # The frontend's pins are in the document already (they may name the model).
-            pinned = (
-                backend.pinned_embeddings_properties
-                if request_class is RequestClass.EMBEDDINGS
-                else backend.pinned_completions_properties
-            )
-            if pinned:
-                return jsonlimits.dumps(deep_merge(document, pinned))
-            if frontend_pins(forward.frontend, request_class):
-                return jsonlimits.dumps(document)
-        content = request.content
-        if content is None:
-            return None
-        size = body_size(content)
-        if size == 0 and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
-            return None
-        if size <= IN_MEMORY_BODY:
-            return content.read()
-        return FileBodyProducer(content)
 
     @guarded
     def _ttfb_expired(self, attempt: Attempt) -> None:
@@ -686,14 +651,3 @@ class Exchange:
                 ),
             )
         )
-
-
-def _body_text(request: ClientRequest) -> str | None:
-    content = request.content
-    if content is None:
-        return None
-    content.seek(0)
-    raw = content.read(LOGGED_BODY_BYTES)
-    size = content.seek(0, 2)
-    content.seek(0)
-    return logged_text(raw, size)
