@@ -173,7 +173,7 @@ def forget_exit_signal(reactor: Any, signum: int) -> bool:
     return True
 
 
-# --- Response headers (ollamaflow/gateway/backendhttp.py) -------------------------------------
+# --- Response headers (ollamaflow/upstream/response.py) ---------------------------------------
 
 #: Header names seen, with the form ``Headers`` keeps them in: at most this many, this long.
 _MAX_NAMES = 1000

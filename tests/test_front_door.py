@@ -21,10 +21,10 @@ from twisted.web.client import ResponseFailed
 
 from ollamaflow import modelnames
 from ollamaflow.gateway import exchange, outbound
-from ollamaflow.gateway.backendhttp import BackendClient
 from ollamaflow.gateway.balancer import Balancer, StickyPins
 from ollamaflow.gateway.deadlines import Deadlines
 from ollamaflow.server.request import ClientRequest
+from ollamaflow.upstream import BackendClient
 
 
 @pytest_twisted.async_yield_fixture

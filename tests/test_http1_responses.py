@@ -33,6 +33,7 @@ from harness import Http, start_daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor, task
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -42,10 +43,11 @@ from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from ollamaflow.daemon import Daemon
-from ollamaflow.gateway.backendhttp import BackendClient, _Connection
 from ollamaflow.http1 import response as response_module
 from ollamaflow.http1.response import Head, ResponseReader
 from ollamaflow.http1.rules import MAX_FIELDS, MAX_HEAD, BadMessage
+from ollamaflow.upstream import BackendClient
+from ollamaflow.upstream.connection import Connection
 
 # -- what the caller gets ---------------------------------------------------------------------
 
@@ -117,11 +119,11 @@ def deliver(pieces: list[bytes], method: bytes = b"GET", close: bool = False) ->
     feed it ``pieces`` as separate reads (then a clean close if ``close``), and say what the
     caller got."""
     client = BackendClient(task.Clock(), 5.0)
-    client._known.add(WHERE)
-    connection = _Connection(client, WHERE)
+    client.pool.dialled(WHERE)
+    connection = Connection(client.pool, WHERE)
     transport = StringTransport()
     connection.makeConnection(transport)
-    client.release(connection)
+    client.pool.release(connection)
     got: dict[str, Any] = {}
     collect = Collect()
 
@@ -130,7 +132,7 @@ def deliver(pieces: list[bytes], method: bytes = b"GET", close: bool = False) ->
         response.deliverBody(collect)
 
     client.send(
-        Where,  # type: ignore[arg-type]
+        Where,
         method,
         b"/",
         [(b"Host", b"backend")],
@@ -140,7 +142,7 @@ def deliver(pieces: list[bytes], method: bytes = b"GET", close: bool = False) ->
     )
     for piece in pieces:
         connection.dataReceived(piece)
-    reused = client.idle.get(WHERE) == [connection] and not transport.disconnecting
+    reused = client.pool.idle(WHERE) == [connection] and not transport.disconnecting
     if close or transport.disconnecting:
         connection.connectionLost(Failure(ConnectionDone()))
     response = got.get("response")
@@ -157,7 +159,7 @@ def deliver(pieces: list[bytes], method: bytes = b"GET", close: bool = False) ->
     elif reason.check(PotentialDataLoss):
         end = "data loss"
     else:
-        assert reason.check(ResponseFailed), reason
+        assert isinstance(reason.value, ResponseFailed), reason
         end = "broken" if reason.value.reasons[0].check(BadMessage) else "cut"
     return Seen(
         end,
@@ -468,13 +470,13 @@ def test_the_corpus_covers_what_the_issue_lists() -> None:
 def test_a_head_refused_for_size_is_refused_before_it_ends() -> None:
     """Bytes of a head that never ends are not kept beyond MAX_HEAD."""
     client = BackendClient(task.Clock(), 5.0)
-    client._known.add(WHERE)
-    connection = _Connection(client, WHERE)
+    client.pool.dialled(WHERE)
+    connection = Connection(client.pool, WHERE)
     transport = StringTransport()
     connection.makeConnection(transport)
-    client.release(connection)
+    client.pool.release(connection)
     failures: list[Failure] = []
-    client.send(Where, b"GET", b"/", [(b"Host", b"h")], None, print, failures.append)  # type: ignore[arg-type]
+    client.send(Where, b"GET", b"/", [(b"Host", b"h")], None, print, failures.append)
     start = OK + b"X-Big: "
     connection.dataReceived(start)
     left = MAX_HEAD - len(start)
@@ -483,7 +485,8 @@ def test_a_head_refused_for_size_is_refused_before_it_ends() -> None:
         left -= min(left, 1000)
     assert not failures and not transport.disconnecting
     connection.dataReceived(b"a")
-    assert failures and failures[0].value.reasons[0].check(BadMessage)
+    assert failures and isinstance(failures[0].value, ResponseFailed)
+    assert failures[0].value.reasons[0].check(BadMessage)
     assert transport.disconnecting
 
 
@@ -1010,10 +1013,11 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
     )
     factory = Factory.forProtocol(FixedAnswer)
     factory.noisy = False
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
     daemon = await start_daemon(tmp_path)
     http = Http.to(daemon)
-    record = {"Identifier": "fixed", "Hostname": "127.0.0.1", "Port": port.getHost().port}
+    number = port.getHost().port  # type: ignore[attr-defined]
+    record = {"Identifier": "fixed", "Hostname": "127.0.0.1", "Port": number}
     assert (await http.put("/v1.0/backends", record)).status == 201
     assert (await http.put("/v1.0/frontends/frontend1", {"Backends": ["fixed"]})).status == 200
     state = daemon.runtime.state("fixed")
@@ -1021,7 +1025,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
         state.succeeded(daemon.now(), threshold=1)
     yield Gateway(daemon, port)
     await daemon.stopService()
-    await port.stopListening()
+    await maybeDeferred(port.stopListening)
 
 
 @pytest_twisted.ensureDeferred

@@ -19,7 +19,6 @@ from twisted.web.server import NOT_DONE_YET
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.credentials import NO_TOKENS, Tokens
 from ollamaflow.gateway import fanout
-from ollamaflow.gateway.backendhttp import BackendClient
 from ollamaflow.gateway.balancer import Balancer
 from ollamaflow.gateway.classify import RequestClass
 from ollamaflow.gateway.clienterrors import refuse
@@ -42,6 +41,7 @@ from ollamaflow.gateway.scheduler import QueueStats, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.server.request import ClientRequest
+from ollamaflow.upstream import BackendClient
 
 log = Logger()
 

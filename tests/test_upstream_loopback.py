@@ -1,5 +1,6 @@
-"""The lean backend HTTP client: real loopback servers (twisted.web and scripted raw ones), and
-its parser and pool driven directly where timing must be exact."""
+"""The backend client (``ollamaflow.upstream``) against real loopback servers (twisted.web and
+scripted raw ones), and its parser and pool driven directly where timing must be exact; the
+in-memory tests of every path are in test_upstream."""
 
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ollamaflow import tcp
-from ollamaflow.gateway.backendhttp import Attempt, BackendClient, _Connection
 from ollamaflow.http1.rules import MAX_HEAD, BadMessage
 from ollamaflow.records import Backend
+from ollamaflow.upstream import Attempt, BackendClient
+from ollamaflow.upstream.connection import Connection
 
 # -- loopback servers -----------------------------------------------------------------------
 
@@ -141,11 +143,12 @@ class Scripted:
         self.stopped = False
         factory = Factory.forProtocol(lambda: ScriptedConnection(self))
         factory.noisy = False
-        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
 
     @property
     def backend(self) -> Backend:
-        return Backend(identifier="scripted", hostname="127.0.0.1", port=self.port.getHost().port)
+        number = self.port.getHost().port  # type: ignore[attr-defined]
+        return Backend(identifier="scripted", hostname="127.0.0.1", port=number)
 
     async def stop(self) -> None:
         if self.stopped:
@@ -198,12 +201,13 @@ class Env:
     def site(self) -> Backend:
         factory = server.Site(Echo())
         factory.noisy = False
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
         self.sites.append(port)
-        return Backend(identifier="site", hostname="127.0.0.1", port=port.getHost().port)
+        number = port.getHost().port  # type: ignore[attr-defined]
+        return Backend(identifier="site", hostname="127.0.0.1", port=number)
 
-    def idle(self, backend: Backend) -> list[_Connection]:
-        return self.client.idle.get((backend.hostname, backend.port, backend.ssl), [])
+    def idle(self, backend: Backend) -> list[Connection]:
+        return self.client.pool.idle((backend.hostname, backend.port, backend.ssl))
 
 
 @pytest_twisted.async_yield_fixture
@@ -630,9 +634,9 @@ def test_empty_lines_on_an_idle_connection_are_skipped() -> None:
     ((connection, transport),) = _pooled(client, 1)
     connection.dataReceived(b"\r\n\r\n")
     assert not transport.disconnecting
-    assert client.idle[("10.0.0.1", 80, False)] == [connection]
+    assert client.pool.idle(("10.0.0.1", 80, False)) == [connection]
     connection.dataReceived(b"\r\nHTTP/1.1 408 Request Timeout\r\n\r\n")
-    assert transport.disconnecting and not any(client.idle.values())
+    assert transport.disconnecting and len(client.pool) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -785,7 +789,7 @@ async def test_stop_producing_mid_body_aborts_the_backend_connection(env: Env) -
     response.deliverBody(stopper)
     reason = await stopper.ended()
     assert stopper.body == b"first"
-    assert reason.check(ResponseFailed)
+    assert isinstance(reason.value, ResponseFailed)
     assert reason.value.reasons[0].check(ConnectionAborted)
     await until(lambda: scripted.lost == 1)
     assert env.idle(scripted.backend) == []
@@ -817,7 +821,7 @@ async def test_forget_and_close_close_idle_connections(env: Env) -> None:
     assert len(env.idle(second.backend)) == 1
     await env.client.close()
     await until(lambda: second.lost == 1)
-    assert env.client.idle == {}
+    assert len(env.client.pool) == 0
 
 
 # -- the pool and the parser, driven directly ---------------------------------------------------
@@ -827,16 +831,16 @@ class Where:
     hostname, port, ssl = "10.0.0.1", 80, False
 
 
-def _pooled(client: BackendClient, count: int) -> list[tuple[_Connection, StringTransport]]:
+def _pooled(client: BackendClient, count: int) -> list[tuple[Connection, StringTransport]]:
     """Connections on in-memory transports, as if connected, in the client's pool."""
     where = (Where.hostname, Where.port, Where.ssl)
-    client._known.add(where)
+    client.pool.dialled(where)
     out = []
     for _ in range(count):
-        connection = _Connection(client, where)
+        connection = Connection(client.pool, where)
         transport = StringTransport()
         connection.makeConnection(transport)
-        client.release(connection)
+        client.pool.release(connection)
         out.append((connection, transport))
     return out
 
@@ -851,11 +855,11 @@ def test_idle_connections_expire_in_one_periodic_sweep() -> None:
     clock.pump([1] * 6)  # t=12: the sweep at 10 closed the two idle since 0
     assert all(t.disconnecting for _, t in old)
     assert not new[0][1].disconnecting
-    assert client.idle[("10.0.0.1", 80, False)] == [new[0][0]]
+    assert client.pool.idle(("10.0.0.1", 80, False)) == [new[0][0]]
     clock.pump([1] * 4)  # t=16: idle for 10 s, closed by the sweep at 20 at the latest
     assert not new[0][1].disconnecting
     clock.pump([1] * 4)
-    assert new[0][1].disconnecting and client.idle == {}
+    assert new[0][1].disconnecting and len(client.pool) == 0
     assert clock.getDelayedCalls() == [], "no sweep while nothing is idle"
 
 
@@ -877,7 +881,7 @@ def _exchange(answer_pieces: list[bytes], method: bytes = b"GET") -> dict[str, A
         original(data)
 
     transport.write = counting  # type: ignore[method-assign]
-    attempt = request(client, Where, method, b"/x", [(b"Host", b"h")], b"body")  # type: ignore[arg-type]
+    attempt = request(client, Where, method, b"/x", [(b"Host", b"h")], b"body")
     collect = Collect()
     attempt.addCallback(lambda response: (out.update(response=response), response)[1])
     attempt.addCallback(lambda response: response.deliverBody(collect))
@@ -889,7 +893,7 @@ def _exchange(answer_pieces: list[bytes], method: bytes = b"GET") -> dict[str, A
         body=collect.body,
         reason=collect.reason,
         chunks=collect.chunks,
-        pooled=client.idle.get(("10.0.0.1", 80, False), []) == [connection],
+        pooled=client.pool.idle(("10.0.0.1", 80, False)) == [connection],
     )
     return out
 
@@ -962,9 +966,7 @@ def test_a_body_before_deliver_body_pauses_reading_until_then() -> None:
     client = BackendClient(task.Clock(), 5.0)
     ((connection, transport),) = _pooled(client, 1)
     responses: list[IResponse] = []
-    request(client, Where, b"GET", b"/", [(b"Host", b"h")], None).addCallback(  # type: ignore[arg-type]
-        responses.append
-    )
+    request(client, Where, b"GET", b"/", [(b"Host", b"h")], None).addCallback(responses.append)
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
     assert transport.producerState == "paused"
     collect = Collect()
@@ -972,7 +974,7 @@ def test_a_body_before_deliver_body_pauses_reading_until_then() -> None:
     assert collect.body == b"01234" and transport.producerState == "producing"
     connection.dataReceived(b"56789")
     assert collect.reason is not None and collect.reason.check(ResponseDone)
-    assert client.idle[("10.0.0.1", 80, False)] == [connection]
+    assert client.pool.idle(("10.0.0.1", 80, False)) == [connection]
 
 
 @implementer(IBodyProducer)
@@ -1003,14 +1005,12 @@ def test_a_response_before_the_request_body_is_sent_closes_the_connection() -> N
     ((connection, transport),) = _pooled(client, 1)
     producer = Endless()
     responses: list[IResponse] = []
-    request(client, Where, b"PUT", b"/", [(b"Host", b"h")], producer).addCallback(  # type: ignore[arg-type]
-        responses.append
-    )
+    request(client, Where, b"PUT", b"/", [(b"Host", b"h")], producer).addCallback(responses.append)
     assert transport.value().endswith(b"Content-Length: 1000\r\nHost: h\r\n\r\naaaaaaaaaa")
     connection.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
     assert responses[0].code == 413
     assert producer.stopped and transport.disconnecting
-    assert not any(client.idle.values())
+    assert len(client.pool) == 0
 
 
 def test_a_body_that_came_with_its_head_is_complete_when_the_caller_sees_it() -> None:
@@ -1028,7 +1028,7 @@ def test_a_body_that_came_with_its_head_is_complete_when_the_caller_sees_it() ->
             seen.append(reason.type)
 
     def responded(response: IResponse) -> None:
-        seen.append(("pooled", connection in client.idle[where]))
+        seen.append(("pooled", connection in client.pool.idle(where)))
         response.deliverBody(Reader())
         seen.append("delivered")
 
