@@ -180,7 +180,7 @@ class Http:
         raw: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
-        sent = dict(headers or {})
+        sent: dict[bytes | str, bytes | str] = {k: v for k, v in (headers or {}).items()}
         if self.token is not None:
             sent.setdefault("Authorization", f"Bearer {self.token}")
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
@@ -48,6 +49,7 @@ class Recorder(Resource):
     def address(self) -> tuple[str, int]:
         assert self.port is not None
         host = self.port.getHost()
+        assert isinstance(host, IPv4Address), host
         return host.host, host.port
 
 

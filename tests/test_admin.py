@@ -10,6 +10,7 @@ import attrs
 import pytest
 import pytest_twisted
 from harness import TOKEN, Http, Reply, start_daemon
+from logcapture import keeping
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from ollamaflow import records
@@ -61,14 +62,15 @@ async def test_missing_or_wrong_token_is_401(daemon: Daemon, authorization: str 
 async def test_any_configured_token_works_and_is_never_logged(tmp_path: Path) -> None:
     running = await start_daemon(tmp_path, {"AdminBearerTokens": ["first-token", "second-token"]})
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = keeping(events)
+    globalLogPublisher.addObserver(observer)
     try:
         for token in ["first-token", "second-token"]:
             assert (await Http.to(running, token).get("/v1.0/backends")).status == 200
         assert (await Http.to(running, "nope-token").get("/v1.0/backends")).status == 401
         await Http.to(running, "second-token").put("/v1.0/backends", {"Port": "x"})
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
         await running.stopService()
     text = repr(events)
     assert "first-token" not in text and "second-token" not in text and "nope-token" not in text
@@ -221,7 +223,8 @@ async def test_a_stored_record_that_does_not_load_is_left_out_logged_once_and_re
         )
     database.close()
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = keeping(events)
+    globalLogPublisher.addObserver(observer)
     try:
         second = await start_daemon(tmp_path)
         try:
@@ -249,7 +252,7 @@ async def test_a_stored_record_that_does_not_load_is_left_out_logged_once_and_re
         finally:
             await second.stopService()
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
 
 
 @pytest_twisted.ensureDeferred

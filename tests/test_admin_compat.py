@@ -9,6 +9,7 @@ from typing import Any
 import pytest_twisted
 import treq
 from harness import DaemonUnderTest, Http, start_daemon, until
+from logcapture import keeping
 from test_admin import assert_error
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
@@ -48,14 +49,15 @@ async def test_a_frontend_may_name_backends_not_created_yet_and_shows_them_missi
 @pytest_twisted.ensureDeferred
 async def test_missing_backends_are_logged_once_when_they_appear(http: Http) -> None:
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = keeping(events)
+    globalLogPublisher.addObserver(observer)
     try:
         await http.put("/v1.0/frontends/frontend1", {"Backends": ["backend1", "later"]})
         await http.put("/v1.0/frontends/frontend1", {"Backends": ["later", "backend1"]})
         await http.put("/v1.0/backends", {"Identifier": "later"})
         await http.put("/v1.0/frontends/frontend1", {"Backends": ["later", "again"]})
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     warnings = [
         formatEvent(e) for e in events if e.get("log_level") is LogLevel.warn and "frontend" in e
     ]
@@ -168,8 +170,8 @@ def _read_only_keys_filled(daemon: Daemon, backend: str) -> None:
     state.succeeded(now, threshold=1)
     state.unhealthy_since = now  # both times at once: every optional key is written
     state.begin("llama3:latest")
-    state.suspected(daemon.reactor.seconds() + 60)
-    daemon.runtime.model_holds.blamed(backend, "big:latest", daemon.reactor.seconds(), 1)
+    state.suspected(daemon.reactor_time.seconds() + 60)
+    daemon.runtime.model_holds.blamed(backend, "big:latest", daemon.reactor_time.seconds(), 1)
 
 
 async def _round_trip(http: Http, read: str, write: str) -> tuple[dict[str, Any], Any]:

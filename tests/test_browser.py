@@ -19,8 +19,9 @@ import attrs
 import pytest
 import pytest_twisted
 from harness import DaemonUnderTest, start_daemon
+from listening import listen_local, port_number, stop_listening
 from playwright.sync_api import Page, sync_playwright
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -110,7 +111,7 @@ class Pages:
 
     @property
     def number(self) -> int:
-        return int(self.port.getHost().port)
+        return port_number(self.port)
 
     def url(self, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.number}/"
@@ -131,9 +132,9 @@ async def pages() -> AsyncIterator[Pages]:
     require_chromium()  # before any daemon starts
     site = Site(AppPage())
     site.noisy = False
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    port = listen_local(site)
     yield Pages(port)
-    await port.stopListening()
+    await stop_listening(port)
 
 
 async def fleet_of(folder: Path, settings: dict[str, Any] | None = None) -> DaemonUnderTest:
@@ -182,7 +183,7 @@ def count_options(daemon: Daemon) -> list[bytes]:
             seen.append(path)
         return original(connection, method, uri, path, *rest)
 
-    listener.cross_origin = recording  # type: ignore[method-assign]
+    vars(listener)["cross_origin"] = recording  # this instance's, shadowing the method
     return seen
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_twisted
 from harness import until
+from listening import stop_listening
 from recorder import Recorder, start_recorder
 from test_gateway import Cluster, _raw, cluster, in_thread
 from twisted.internet import reactor
@@ -132,7 +133,7 @@ async def lone_recorder(cluster: Cluster) -> AsyncIterator[Recorder]:
     await cluster.frontend(["rec"])
     yield recorder
     assert recorder.port is not None
-    await recorder.port.stopListening()
+    await stop_listening(recorder.port)
 
 
 @pytest_twisted.ensureDeferred

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+from logcapture import keeping
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -38,7 +41,7 @@ def test_a_cancelled_deadline_never_fires_and_the_rest_still_do() -> None:
     clock = Clock()
     deadlines = Deadlines(clock)
     fired: list[int] = []
-    made = [deadlines.add(1.0, lambda i=i: fired.append(i)) for i in range(5)]
+    made = [deadlines.add(1.0, functools.partial(fired.append, i)) for i in range(5)]
     made[0].cancel()
     made[3].cancel()
     made[3].cancel()  # twice is harmless
@@ -102,11 +105,12 @@ def test_a_failing_callback_is_logged_and_the_others_still_fire() -> None:
     deadlines.add(1.0, broken)
     deadlines.add(1.0, lambda: fired.append(1))
     logged: list[dict[str, object]] = []
-    globalLogPublisher.addObserver(logged.append)
+    observer = keeping(logged)
+    globalLogPublisher.addObserver(observer)
     try:
         clock.advance(1.0)
     finally:
-        globalLogPublisher.removeObserver(logged.append)
+        globalLogPublisher.removeObserver(observer)
     assert fired == [1]
     failures = [e["log_failure"] for e in logged if "log_failure" in e]
     assert [f.value.args for f in failures] == [("bug",)]  # type: ignore[attr-defined]

@@ -86,6 +86,7 @@ async def test_shutdown_lets_a_running_stream_finish_and_refuses_new_work(tmp_pa
             await treq.get(f"http://127.0.0.1:{port}/api/version", persistent=False)
         assert not stopping.called, "the stream is still running"
         await lines.done
+        assert lines.reason is not None
         assert lines.reason.check(ResponseFailed) is None, "the stream ended normally"
         last = json.loads(lines.data.splitlines()[-1])
         assert last["done"] is True and len(lines.data.splitlines()) == 21
@@ -104,6 +105,7 @@ async def test_shutdown_cuts_off_what_outlives_the_drain_timeout(tmp_path: Path)
         await daemon.stopService()
         assert reactor.seconds() - started < 2
         await lines.done
+        assert lines.reason is not None
         assert lines.reason.check(ResponseFailed) is not None, (
             "cut off, never made to look complete"
         )
@@ -208,6 +210,7 @@ async def test_draining_a_backend_stops_new_requests_and_lets_running_ones_finis
             await response.content()
             assert response.headers.getRawHeaders("x-ollamaflow-backend") == ["o"]
         await lines.done
+        assert lines.reason is not None
         assert lines.reason.check(ResponseFailed) is None
         assert json.loads(lines.data.splitlines()[-1])["done"] is True
         health = (await http.get("/v1.0/backends/s/health")).json

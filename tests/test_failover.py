@@ -19,6 +19,7 @@ from harness import Collect, DaemonUnderTest, start_daemon, until
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 
 from ollamaflow.gateway.completed import Completed
 
@@ -49,6 +50,7 @@ class Outcome:
 
 async def one_request(url: str, n: int) -> Outcome:
     """A streamed generate, or (one in three) an embedding, read to its end."""
+    body: dict[str, Any]
     if n % 3 == 2:
         kind, path, body = "embed", "/api/embed", {"model": "all-minilm", "input": "x"}
     else:
@@ -309,7 +311,7 @@ async def test_a_retry_that_finds_no_slot_before_the_deadline_names_what_failed(
         held = await treq.post(
             fleet.url + "/api/generate",
             json={"model": "llama3", "prompt": "x"},
-            headers={"X-OllamaFlow-Label": "long"},
+            headers=Headers({"X-OllamaFlow-Label": ["long"]}),
             unbuffered=True,
         )
         assert held.headers.getRawHeaders("x-ollamaflow-backend") == ["busy"]

@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 import treq
 from harness import Collect, Http, start_daemon, until
+from listening import listen_local, port_number, stop_listening
 from recorder import Recorder, start_recorder
 from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred
@@ -517,7 +518,7 @@ async def test_a_503_from_a_backend_is_retried_and_each_backend_tried_once(
     finally:
         for recorder in busy:
             assert recorder.port is not None
-            await recorder.port.stopListening()
+            await stop_listening(recorder.port)
 
 
 @pytest_twisted.ensureDeferred
@@ -556,7 +557,7 @@ async def recorded(cluster: Cluster) -> AsyncIterator[Recorder]:
     )
     yield recorder
     assert recorder.port is not None
-    await recorder.port.stopListening()
+    await stop_listening(recorder.port)
 
 
 @pytest_twisted.ensureDeferred
@@ -722,7 +723,7 @@ class _HeadFirst(Protocol):
 async def test_a_streams_status_reaches_the_client_before_its_first_chunk(
     cluster: Cluster,
 ) -> None:
-    from twisted.internet.protocol import Factory
+    from twisted.internet.protocol import ServerFactory
 
     waiting: list[_HeadFirst] = []
 
@@ -731,9 +732,9 @@ async def test_a_streams_status_reaches_the_client_before_its_first_chunk(
         backend.waiting = waiting
         return backend
 
-    port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+    port = listen_local(ServerFactory.forProtocol(build))
     try:
-        await cluster.backend("early", port.getHost().port)
+        await cluster.backend("early", port_number(port))
         await cluster.frontend(["early"])
         responding = Deferred.fromCoroutine(cluster.request("GET", "/v1/stream"))
         await until(lambda: waiting)
@@ -743,7 +744,7 @@ async def test_a_streams_status_reaches_the_client_before_its_first_chunk(
         waiting[0].release()
         assert await response.content() == b"data:1"
     finally:
-        await port.stopListening()
+        await stop_listening(port)
 
 
 # -- the hot path ---------------------------------------------------------------------------

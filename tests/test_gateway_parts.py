@@ -349,8 +349,8 @@ def test_our_tokens_are_recognised_in_any_spelling_of_bearer() -> None:
     tokens = Tokens.of(["admin-token"], [None, "metrics-token"])
     for header in (b"Bearer admin-token", b"bearer  admin-token ", b"BEARER metrics-token"):
         assert tokens.match(header), header
-    for header in (None, b"", b"Bearer", b"Basic admin-token", b"Bearer admin", b"Bearer x"):
-        assert not tokens.match(header), header
+    for refused in (None, b"", b"Bearer", b"Basic admin-token", b"Bearer admin", b"Bearer x"):
+        assert not tokens.match(refused), refused
     assert not NO_TOKENS.match(b"Bearer ")
 
 

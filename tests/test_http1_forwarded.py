@@ -13,12 +13,12 @@ import attrs
 import pytest
 import pytest_twisted
 from harness import Collect, Http, start_daemon, until
+from listening import listen_local, port_number, stop_listening
 from test_http1_requests import ACCEPTED, Case, Seen
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.http1.rules import HOP_BY_HOP, connection_tokens
@@ -68,7 +68,7 @@ class Rig:
 
     @property
     def backend_host(self) -> bytes:
-        return b"127.0.0.1:%d" % self.port.getHost().port
+        return b"127.0.0.1:%d" % port_number(self.port)
 
     def forwarded(self) -> list[bytes]:
         return [r for r in self.seen if not r.startswith((b"GET / ", b"GET /api/"))]
@@ -77,17 +77,17 @@ class Rig:
 @pytest_twisted.async_yield_fixture(scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     seen: list[bytes] = []
-    port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Raw(seen)), interface="127.0.0.1")
+    port = listen_local(ServerFactory.forProtocol(lambda: _Raw(seen)))
     daemon = await start_daemon(Path(tmp_path_factory.mktemp("forwarded")))
     admin = Http.to(daemon)
-    record = {"Identifier": "raw", "Hostname": "127.0.0.1", "Port": port.getHost().port}
+    record = {"Identifier": "raw", "Hostname": "127.0.0.1", "Port": port_number(port)}
     assert (await admin.put("/v1.0/backends", record)).status == 201
     frontend = {"Backends": ["raw"], "BlockHttp10": False}
     assert (await admin.put("/v1.0/frontends/frontend1", frontend)).status == 200
     await until(lambda: daemon.runtime.state("raw").healthy, what="the raw backend is healthy")
     yield Rig(daemon, port, seen)
     await daemon.stopService()
-    await maybeDeferred(port.stopListening)
+    await stop_listening(port)
 
 
 def expected(seen: Seen, backend_host: bytes) -> bytes:

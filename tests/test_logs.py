@@ -22,6 +22,7 @@ import treq
 from harness import Http, start_daemon, until
 from hypothesis import given
 from hypothesis import strategies as st
+from logcapture import keeping
 from twisted.logger import Logger, LogLevel, globalLogPublisher, textFileLogObserver
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
@@ -159,9 +160,10 @@ def test_auto_is_text_on_a_terminal_and_json_otherwise(tmp_path: Path) -> None:
 
 def test_the_log_file_gets_the_same_format_choice(tmp_path: Path) -> None:
     auto_file, text_file = tmp_path / "logs" / "auto.log", tmp_path / "logs" / "text.log"
-    quiet = {"console_logging": False}
-    Logger(observer=observer_for(Logging(**quiet), auto_file)).info("to a file")
-    Logger(observer=observer_for(Logging(**quiet, format=LogFormat.TEXT), text_file)).info("t")
+    quiet = Logging(console_logging=False)
+    Logger(observer=observer_for(quiet, auto_file)).info("to a file")
+    text = attrs.evolve(quiet, format=LogFormat.TEXT)
+    Logger(observer=observer_for(text, text_file)).info("t")
     assert json.loads(auto_file.read_text())["message"] == "to a file"
     assert text_file.read_text().rstrip().endswith("t")
     assert not text_file.read_text().startswith("{")
@@ -172,7 +174,7 @@ def test_the_log_file_gets_the_same_format_choice(tmp_path: Path) -> None:
 
 def capture() -> tuple[list[dict[str, Any]], Logger]:
     events: list[dict[str, Any]] = []
-    return events, Logger(namespace=NAMESPACE, observer=events.append)
+    return events, Logger(namespace=NAMESPACE, observer=keeping(events))
 
 
 def test_access_event_fields_and_tokens() -> None:
@@ -394,7 +396,7 @@ def test_ordinary_values_are_written_exactly_as_before() -> None:
     """Short printable values: the event is not even copied, and text lines are twisted's own."""
     events, logger = capture()
     AccessLog(logger=logger)(completed(eval_count=100, eval_duration_ns=2_000_000_000))
-    log = Logger(namespace="ollamaflow.test", observer=events.append)
+    log = Logger(namespace="ollamaflow.test", observer=keeping(events))
     log.info("backend {backend} is healthy", backend="gpu1")
     log.warn(
         "n={n:>5} f={f()} {error} {thing!r} {legacy}",

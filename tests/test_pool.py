@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    _WrapperEndpoint,
+)
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import URI
 
@@ -24,5 +29,5 @@ def test_an_address_needs_no_lookup() -> None:
 def test_a_name_is_resolved_and_https_is_tls() -> None:
     assert isinstance(endpoint("http://gpu1.example:11434/"), HostnameEndpoint)
     wrapped = endpoint("https://10.0.0.5:443/")
-    assert type(wrapped).__name__ == "_WrapperEndpoint"
+    assert isinstance(wrapped, _WrapperEndpoint)
     assert isinstance(wrapped._wrappedEndpoint, TCP4ClientEndpoint)

@@ -28,9 +28,11 @@ from harness import (
     start_daemon,
     until,
 )
+from logcapture import keeping
 from twisted.internet import reactor, task, threads
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.daemon import Daemon
@@ -180,6 +182,7 @@ async def test_concurrent_writers_from_two_instances_take_turns(pg: PgDatabase) 
         # One wins, the other is refused cleanly (not a serialization error or a 500).
         assert sorted(ok for ok, _ in results) == [False, True]
         (refused,) = [outcome for ok, outcome in results if not ok]
+        assert isinstance(refused, Failure), refused
         assert refused.check(DuplicateIdentifier), refused
         writes = [
             Deferred.fromCoroutine(store.create_backend(Backend(identifier=f"b{i}")))
@@ -347,7 +350,8 @@ async def test_the_follower_survives_failures_and_logs_an_outage_once(
     clock = task.Clock()
     follower = ConfigFollower(registry=registry, clock=clock, interval=1.0, listen=False)
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = keeping(events)
+    globalLogPublisher.addObserver(observer)
     follower.startService()
     try:
 
@@ -367,7 +371,7 @@ async def test_the_follower_survives_failures_and_logs_an_outage_once(
         clock.advance(1.0)
         await until(lambda: "back" in registry.catalog.backends, 5.0)
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
         await follower.stopService()
         await store.close()
     texts = [
@@ -382,6 +386,21 @@ async def test_the_follower_survives_failures_and_logs_an_outage_once(
 # -- two daemons on one database --------------------------------------------------------------
 
 
+def listens(follower: ConfigFollower) -> Callable[[], bool]:
+    """Whether ``follower`` listens for changes now (for :func:`until`)."""
+    return lambda: follower.listening
+
+
+def frontend_backends(daemon: Daemon, frontend: str) -> Callable[[], object]:
+    """The backends ``daemon``'s published catalog lists for ``frontend`` (for :func:`until`)."""
+    return lambda: daemon.registry.catalog.frontends[frontend].backends
+
+
+def records_left_out(daemon: Daemon) -> Callable[[], object]:
+    """The records ``daemon``'s published catalog leaves out (for :func:`until`)."""
+    return lambda: daemon.registry.catalog.left_out
+
+
 @attrs.define
 class Pair:
     one: Daemon
@@ -394,8 +413,7 @@ class Pair:
 
     async def listening(self, seconds: float = 10.0) -> None:
         for daemon in (self.one, self.two):
-            follower = self.follower(daemon)
-            await until(lambda f=follower: f.listening, seconds, "the follower listens")
+            await until(listens(self.follower(daemon)), seconds, "the follower listens")
 
 
 @pytest_twisted.async_yield_fixture
@@ -473,7 +491,7 @@ async def route_to(pair: Pair, sim: RunningSimulator) -> None:
     assert (await one.put("/v1.0/frontends/frontend1", {"Backends": ["sim"]})).status == 200
     await until(lambda: "sim" in pair.two.registry.catalog.backends, 1.0)
     for daemon in (pair.one, pair.two):
-        await until(lambda d=daemon: d.registry.catalog.frontends["frontend1"].backends, 1.0)
+        await until(frontend_backends(daemon, "frontend1"), 1.0)
         state = daemon.runtime.state("sim")
         if not state.healthy:
             state.succeeded(daemon.now(), threshold=1)
@@ -568,7 +586,7 @@ async def test_the_postgresql_settings_reach_the_server(pg: PgDatabase, tmp_path
     """Separate fields instead of a Url, and a wrong password is a StoreError, not a hang."""
     parts = psycopg.conninfo.conninfo_to_dict(pg.url)
     path = tmp_path / "ollamaflow.json"
-    fields = {"Hostname": parts["host"], "Port": int(parts["port"]), "Name": pg.name}
+    fields = {"Hostname": parts["host"], "Port": int(str(parts["port"])), "Name": pg.name}
     path.write_text(
         json.dumps({"Database": {"Driver": "PostgreSQL", "User": "postgres", **fields}})
     )
@@ -602,7 +620,7 @@ async def test_a_row_another_writer_broke_is_left_out_on_every_instance_and_repa
         connection.execute("UPDATE config_state SET generation = generation + 1 WHERE id = 1")
         connection.execute(POSTGRESQL.notify)
     for http, daemon in ((one, pair.one), (two, pair.two)):
-        await until(lambda d=daemon: d.registry.catalog.left_out, what="gpu1 is left out")
+        await until(records_left_out(daemon), what="gpu1 is left out")
         [left_out] = daemon.registry.catalog.left_out
         assert "PinnedCompletionsProperties.t" in left_out.reason
         assert (await http.get("/v1.0/backends/gpu1")).status == 404

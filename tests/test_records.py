@@ -300,8 +300,8 @@ def accepted(cls: type, data: dict[str, object]) -> Any:
         "x" * 100_000,
         list(range(100_000)),
         {str(i): i for i in range(100_000)},
-        functools.reduce(lambda inner, _: [inner], range(100_000), []),
-        functools.reduce(lambda inner, _: {"k": inner}, range(100_000), {}),
+        functools.reduce(lambda inner, _: [inner], range(100_000), list[Any]()),
+        functools.reduce(lambda inner, _: {"k": inner}, range(100_000), dict[str, Any]()),
         Unprintable(),
     ],
     ids=[

@@ -627,7 +627,7 @@ async def test_simulator_goes_down_and_comes_back(simulators: Any, real_http: An
     from twisted.internet import reactor
 
     sim = await simulators()
-    world = World(http=real_http, clock=reactor)
+    world = World(http=real_http)  # its fake clock stays still: the services get the reactor
     world.publish(sim_backend("b1", sim, healthy_threshold=1, unhealthy_threshold=2))
     changes: list[bool] = []
     checker = HealthChecker(

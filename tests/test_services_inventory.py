@@ -269,7 +269,7 @@ async def test_reads_a_simulator(simulators: Any, real_http: Any) -> None:
     from twisted.internet import reactor
 
     sim = await simulators(models=["llama3", "qwen2.5:0.5b", "library/all-minilm"])
-    world = World(http=real_http, clock=reactor)
+    world = World(http=real_http)  # its fake clock stays still: the services get the reactor
     world.publish(sim_backend("b1", sim))
     world.mark_healthy("b1")
     inventory = ModelInventory(

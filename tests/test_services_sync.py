@@ -563,7 +563,7 @@ async def test_required_models_appear_on_simulators(simulators: Any, real_http: 
 
     has = await simulators(models=["llama3", "all-minilm"])
     lacks = await simulators(config=SimConfig(pull_time=0.2), models=["all-minilm"])
-    world = World(http=real_http, clock=reactor)
+    world = World(http=real_http)  # its fake clock stays still: the services get the reactor
     world.publish(
         sim_backend("has", has, healthy_threshold=1),
         sim_backend("lacks", lacks, healthy_threshold=1),

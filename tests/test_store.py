@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import pytest_twisted
 from harness import create_postgresql_database, drop_postgresql_database
+from logcapture import keeping
 from twisted.internet import reactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
@@ -838,7 +839,8 @@ async def test_a_backend_that_would_not_load_back_is_refused_before_commit(
 async def test_the_registry_logs_each_left_out_record_once(store: Store, db: Database) -> None:
     execute(db, "UPDATE backends SET doc = '{\"Port\": 0}'")
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = keeping(events)
+    globalLogPublisher.addObserver(observer)
     try:
         registry = Registry(store, Catalog.build(await store.snapshot()))
         await registry.refresh()
@@ -853,7 +855,7 @@ async def test_the_registry_logs_each_left_out_record_once(store: Store, db: Dat
         await registry.refresh()
         third = left_out_warnings(events)[len(first) + len(second) :]
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     assert len(first) == 1 and "backend 'backend1'" in first[0] and "Port: 0" in first[0]
     assert len(second) == 1 and "frontend 'frontend1'" in second[0] and "Hostname" in second[0]
     assert len(third) == 1 and "backend 'backend1'" in third[0], "broken again: said again"

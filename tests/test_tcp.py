@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest_twisted
 from harness import Collect, until
+from listening import port_number, stop_listening
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -47,11 +48,11 @@ async def _serve(
         port = tcp.listen(reactor, 0, factory, backlog=5, interface="127.0.0.1")
     try:
         client = Collect()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port_number(port))
         await connectProtocol(endpoint, client)
         await client.done
     finally:
-        await port.stopListening()
+        await stop_listening(port)
     return client, writers
 
 

@@ -158,7 +158,7 @@ async def test_foreground_daemon_in_an_empty_folder(twistd: Path, tmp_path: Path
         text=True,
     )
     try:
-        token = {"Authorization": "Bearer ollamaflowadmin"}
+        token: dict[bytes | str, bytes | str] = {"Authorization": "Bearer ollamaflowadmin"}
 
         async def answers() -> bool:
             response = await treq.get("http://127.0.0.1:43411/v1.0/backends", headers=token)
@@ -200,11 +200,10 @@ async def test_daemonized_with_a_pidfile(twistd: Path, tmp_path: Path) -> None:
     pidfile = tmp_path / "flow.pid"
     pid = int(pidfile.read_text())
     try:
+        token: dict[bytes | str, bytes | str] = {"Authorization": "Bearer t0k"}
 
         async def answers() -> bool:
-            response = await treq.get(
-                f"http://127.0.0.1:{port}/v1.0/health", headers={"Authorization": "Bearer t0k"}
-            )
+            response = await treq.get(f"http://127.0.0.1:{port}/v1.0/health", headers=token)
             body = await response.json()
             return bool(body["Status"] == "Running")
 

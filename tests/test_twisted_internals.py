@@ -29,7 +29,7 @@ def test_the_installed_twisted_passes() -> None:
     self_check()
 
 
-def _rename_in_init(cls: type, old: str, new: str) -> Callable[[pytest.MonkeyPatch], None]:
+def _rename_in_init(cls: type[Any], old: str, new: str) -> Callable[[pytest.MonkeyPatch], None]:
     """A Twisted whose ``cls.__init__`` keeps ``old`` under another name."""
 
     def patch(monkeypatch: pytest.MonkeyPatch) -> None:

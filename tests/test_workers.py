@@ -17,7 +17,7 @@ from harness import until
 from twisted.internet import reactor
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
-TOKEN = {"Authorization": "Bearer workers-token"}
+TOKEN: dict[bytes | str, bytes | str] = {"Authorization": "Bearer workers-token"}
 
 
 def free_port() -> int:
