@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 import treq
 from harness import DaemonUnderTest, Http, Reply, start_daemon, until
+from listening import stop_listening
 from recorder import Recorder, start_recorder
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -294,7 +295,7 @@ async def recorded(fleet: DaemonUnderTest) -> AsyncIterator[Recorder]:
     await until(lambda: fleet.daemon.runtime.state("rec").healthy, what="rec is healthy")
     yield recorder
     assert recorder.port is not None
-    await recorder.port.stopListening()
+    await stop_listening(recorder.port)
 
 
 @pytest_twisted.ensureDeferred
@@ -425,7 +426,7 @@ async def test_gateway_errors_still_count_against_a_backend(tmp_path: Path) -> N
         assert not state.healthy or state.consecutive_failures >= 2
     finally:
         assert bad.port is not None
-        await bad.port.stopListening()
+        await stop_listening(bad.port)
         await daemon.stopService()
 
 
