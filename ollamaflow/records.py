@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import attrs
 
 from ollamaflow import modelnames
-from ollamaflow.jsonfields import (
+from ollamaflow.fieldkinds import (
     IDENTIFIER,
     Bool,
     Choice,
@@ -21,9 +21,8 @@ from ollamaflow.jsonfields import (
     Str,
     StrList,
     Timestamp,
-    field,
-    from_wire,
 )
+from ollamaflow.jsonfields import field, from_wire
 
 # The enums are declared in OllamaFlow 1.2's order: a member's position is the number 1.2
 # accepts for it (``"LoadBalancing": 0`` is Random there); ours come after.

@@ -15,19 +15,9 @@ from typing import Any
 import attrs
 
 from ollamaflow.cors import MAX_ORIGIN, ORIGIN_ENTRY
-from ollamaflow.jsonfields import (
-    Bool,
-    Choice,
-    FieldError,
-    Int,
-    Nested,
-    ObjectList,
-    Str,
-    StrList,
-    field,
-    from_wire,
-    to_wire,
-)
+from ollamaflow.fielderrors import FieldError
+from ollamaflow.fieldkinds import Bool, Choice, Int, Str, StrList
+from ollamaflow.jsonfields import Nested, ObjectList, field, from_wire, to_wire
 
 DEFAULT_ADMIN_TOKEN = "ollamaflowadmin"
 

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ollamaflow import modelnames
+from ollamaflow.fielderrors import FieldError, MissingField
 from ollamaflow.http1.rules import HOP_BY_HOP
-from ollamaflow.jsonfields import FieldError, MissingField, to_wire
+from ollamaflow.jsonfields import to_wire
 from ollamaflow.records import (
     ApiFormat,
     Backend,

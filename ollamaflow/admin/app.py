@@ -21,7 +21,8 @@ from ollamaflow import __version__
 from ollamaflow.admin.errors import ApiError, write_error
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
-from ollamaflow.jsonfields import FieldError, to_wire
+from ollamaflow.fielderrors import FieldError
+from ollamaflow.jsonfields import to_wire
 from ollamaflow.jsonlimits import InvalidJson, loads_for_fields
 from ollamaflow.records import Backend, Frontend, parse_record
 from ollamaflow.runtime import Runtime

@@ -22,7 +22,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 
-from ollamaflow.jsonfields import FieldError, from_wire, to_wire
+from ollamaflow.fielderrors import FieldError
+from ollamaflow.jsonfields import from_wire, to_wire
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.store.errors import (
     BackendInUse,
