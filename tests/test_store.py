@@ -40,7 +40,7 @@ from ollamaflow.store import (
     prepare_postgresql,
     prepare_sqlite,
 )
-from ollamaflow.store import store as store_module
+from ollamaflow.store import rows as store_rows
 from ollamaflow.store.migrations import current_version, migrate
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -537,7 +537,7 @@ async def test_a_failure_mid_transaction_leaves_no_rows(
     def fail(*args: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(store_module, "_write_links", fail)
+    monkeypatch.setattr(store_rows, "_write_links", fail)
     with pytest.raises(RuntimeError):
         await store.create_frontend(Frontend(identifier="half", backends=("backend1",)))
     with pytest.raises(RuntimeError):

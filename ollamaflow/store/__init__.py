@@ -16,8 +16,9 @@ from ollamaflow.store.errors import (
 )
 from ollamaflow.store.migrations import LATEST as SCHEMA_VERSION
 from ollamaflow.store.postgresql import Subscription, describe_postgresql, postgresql_conninfo
+from ollamaflow.store.rows import Snapshot
 from ollamaflow.store.sql import POSTGRESQL, SQLITE, SqlDialect
-from ollamaflow.store.store import DEFAULT_POOL_SIZE, Snapshot, Store
+from ollamaflow.store.store import DEFAULT_POOL_SIZE, Store
 
 #: Synchronous opening for ``twistd``'s ``makeService``; see :meth:`Store.prepare_sqlite`.
 prepare_sqlite = Store.prepare_sqlite
