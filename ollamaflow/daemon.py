@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from treq.client import HTTPClient
@@ -27,7 +28,9 @@ from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.cors import Policy
 from ollamaflow.credentials import Tokens
+from ollamaflow.gateway.completed import Completed
 from ollamaflow.gateway.proxy import Gateway
+from ollamaflow.gateway.scheduler import Scheduler
 from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, Listener, Root
 from ollamaflow.logs import logs_info
 from ollamaflow.metrics import KnownModels, LiveState, Metrics, MetricsPage
@@ -39,10 +42,14 @@ from ollamaflow.services.follow import ConfigFollower
 from ollamaflow.settings import DatabaseDriver, LoadedSettings
 from ollamaflow.store import Snapshot, Store, describe_postgresql, postgresql_conninfo
 from ollamaflow.twisted_internals import forget_exit_signal
+from ollamaflow.upstream import BackendClient
 from ollamaflow.utctime import utc_clock
 from ollamaflow.workers import listen_shared
 
 log = Logger()
+
+#: Seconds to open a connection to a backend for a client's request.
+BACKEND_CONNECT_TIMEOUT = 5.0
 
 STICKY_SWEEP_SECONDS = 60.0
 
@@ -100,6 +107,20 @@ class Daemon(MultiService):
             http=http,
             interval=settings.model_refresh_interval_ms / 1000,
         )
+        # The slots and queues, shared by the gateway (which takes them) and the metrics.
+        scheduler = Scheduler(reactor, self.runtime)
+        observers: list[Callable[[Completed], None]] = []
+        if logs_info(settings.logging):
+            observers.append(AccessLog())
+        self.metrics: Metrics | None = None
+        metrics_page: MetricsPage | None = None
+        if settings.metrics.enabled:
+            self.metrics = Metrics(
+                known_model=KnownModels(self.registry, self.inventory),
+                live=LiveState(self.registry, self.runtime, scheduler.depth),
+            )
+            observers.append(self.metrics)
+            metrics_page = MetricsPage(self.metrics, settings.metrics.bearer_token)
         self.sync = ModelSync(
             registry=self.registry,
             runtime=self.runtime,
@@ -109,6 +130,7 @@ class Daemon(MultiService):
             max_concurrent=settings.max_concurrent_pulls,
             idle_timeout=settings.pull_idle_timeout_ms / 1000,
             automatic=worker is None,
+            on_pull_done=self.metrics.pull_done if self.metrics is not None else None,
         )
         self.health = HealthChecker(
             registry=self.registry,
@@ -119,6 +141,7 @@ class Daemon(MultiService):
             timeout=settings.health_check_timeout_ms / 1000,
             on_transition=self._health_changed,
             on_available=self._back_in_rotation,
+            on_check=self.metrics.health_checked if self.metrics is not None else None,
         )
         for service in (self.inventory, self.sync, self.health):
             service.setServiceParent(self)
@@ -127,6 +150,8 @@ class Daemon(MultiService):
             registry=self.registry,
             runtime=self.runtime,
             reactor=reactor,
+            upstream=BackendClient(reactor, BACKEND_CONNECT_TIMEOUT),
+            scheduler=scheduler,
             http=http,
             sticky_headers=settings.sticky_headers,
             inventory=self.inventory,
@@ -135,22 +160,8 @@ class Daemon(MultiService):
             on_models_changed=self.inventory.refresh_now,
             admin_tokens=admin_tokens,
             withheld=Tokens.of(settings.admin_bearer_tokens, [settings.metrics.bearer_token]),
+            observers=observers,
         )
-        # -- access log and metrics: gateway observers, health and pull hooks ---------------
-        if logs_info(settings.logging):
-            self.gateway.observers.append(AccessLog())
-        self.metrics: Metrics | None = None
-        metrics_page: MetricsPage | None = None
-        if settings.metrics.enabled:
-            self.metrics = Metrics(
-                known_model=KnownModels(self.registry, self.inventory),
-                live=LiveState(self.registry, self.runtime, self.gateway.scheduler.depth),
-            )
-            self.gateway.observers.append(self.metrics)
-            self.health.on_check = self.metrics.health_checked
-            self.sync.on_pull_done = self.metrics.pull_done
-            metrics_page = MetricsPage(self.metrics, settings.metrics.bearer_token)
-        # -- end of access log and metrics ------------------------------------------------------
         self.admin = AdminApi(
             self.registry,
             self.runtime,

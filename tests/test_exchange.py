@@ -21,8 +21,9 @@ from ollamaflow.credentials import NO_TOKENS
 from ollamaflow.gateway.balancer import StickyPins
 from ollamaflow.gateway.classify import RequestClass
 from ollamaflow.gateway.completed import Completed, RequestIds
+from ollamaflow.gateway.context import ExchangeContext
 from ollamaflow.gateway.deadlines import Deadlines
-from ollamaflow.gateway.exchange import Exchange, Services
+from ollamaflow.gateway.exchange import Exchange
 from ollamaflow.gateway.routing import Forward
 from ollamaflow.gateway.scheduler import Scheduler
 from ollamaflow.records import Backend, Frontend
@@ -162,8 +163,8 @@ class Attempt:
     backend: Backend
     target: bytes
     body: Any
-    on_response: Callable[[Any], None]
-    on_failure: Callable[[Failure], None]
+    on_response: Callable[[Any], object]
+    on_failure: Callable[[Failure], object]
     fired: bool = False
 
     def respond(self, response: Response) -> Response:
@@ -188,17 +189,23 @@ class Sender:
 
     def send(
         self,
-        backend: Backend,
+        backend: Any,
         method: bytes,
         target: bytes,
-        fields: list[tuple[bytes, bytes]],
+        fields: Any,
         body: Any,
-        on_response: Callable[[Any], None],
-        on_failure: Callable[[Failure], None],
+        on_response: Callable[[Any], object],
+        on_failure: Callable[[Failure], object],
     ) -> Attempt:
         attempt = Attempt(backend, target, body, on_response, on_failure)
         self.attempts.append(attempt)
         return attempt
+
+    def forget(self, keep: object) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     @property
     def last(self) -> Attempt:
@@ -211,7 +218,7 @@ class World:
     runtime: Runtime
     scheduler: Scheduler
     sender: Sender
-    services: Services
+    context: ExchangeContext
     backends: dict[str, Backend]
     frontend: Frontend
     failures: list[tuple[str, str, FailureKind]]
@@ -234,7 +241,7 @@ class World:
 
     def run(self, *order: str, **request: Any) -> tuple[Exchange, Request]:
         client = Request(**request)
-        exchange = Exchange(self.services, client, self.forward(*order))  # type: ignore[arg-type]
+        exchange = Exchange(self.context, client, self.forward(*order))  # type: ignore[arg-type]
         assert exchange.run() is None
         return exchange, client
 
@@ -264,10 +271,10 @@ def world(*names: str, slots: int = 4, **frontend: Any) -> World:
     def configured() -> Mapping[str, Backend]:
         return backends
 
-    services = Services(
+    context = ExchangeContext(
         clock=clock,
         scheduler=scheduler,
-        backends=sender,
+        upstream=sender,
         deadlines=Deadlines(clock),
         runtime=runtime,
         pins=StickyPins(),
@@ -281,7 +288,7 @@ def world(*names: str, slots: int = 4, **frontend: Any) -> World:
         configured=configured,
     )
     return World(
-        clock, runtime, scheduler, sender, services, backends, fe, failures, answered, completed
+        clock, runtime, scheduler, sender, context, backends, fe, failures, answered, completed
     )
 
 
@@ -303,7 +310,7 @@ def test_a_stream_is_relayed_as_it_comes_and_the_slot_given_back_at_its_end() ->
     response.end()
     assert client.finished and w.in_flight("a") == 0
     assert w.answered == [("a", True)]
-    assert w.services.running == set()
+    assert w.context.running == set()
     [done] = w.completed
     assert (done.backend, done.status, done.outcome, done.eval_count) == ("a", 200, "ok", 2)
     assert exchange.relay is None
@@ -378,7 +385,7 @@ def test_a_client_that_leaves_before_the_answer_cancels_the_attempt_and_frees_th
     _, client = w.run("a")
     client.leave()
     assert w.sender.last.fired, "the attempt was cancelled"
-    assert w.in_flight("a") == 0 and w.services.running == set()
+    assert w.in_flight("a") == 0 and w.context.running == set()
     assert w.completed[0].outcome == "client_gone"
 
 
@@ -426,7 +433,7 @@ def test_requests_queue_for_a_slot_and_take_the_first_to_free() -> None:
     waiting, third = w.run("a", "b")
     assert len(w.sender.attempts) == 2, "the third waits in the queue"
     client = Request()
-    refused = Exchange(w.services, client, w.forward("a", "b")).run()  # type: ignore[arg-type]
+    refused = Exchange(w.context, client, w.forward("a", "b")).run()  # type: ignore[arg-type]
     assert refused is not None, "the queue holds one"
     w.sender.attempts[1].respond(Response()).end()
     assert second.finished and w.sender.last.backend.identifier == "b"

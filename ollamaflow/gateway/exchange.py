@@ -3,29 +3,23 @@
 An :class:`Exchange` carries out a :class:`~ollamaflow.gateway.routing.Forward` decision. It
 owns the backend slot its request holds from the moment the slot is taken to
 :meth:`Exchange.end_attempt`; whatever way the request ends (finished, the client gone, a bug in
-any callback, see :func:`~ollamaflow.gateway.relay.guarded`), the slot is given back. Everything
-it talks to comes in through :class:`Services`, so it runs the same on a ``task.Clock`` with a
-fake backend client as on the reactor.
+any callback, see :func:`~ollamaflow.gateway.relay.guarded`), the slot is given back. All it
+talks to comes in its :class:`~ollamaflow.gateway.context.ExchangeContext`, so it runs the same
+on a ``task.Clock`` with a fake backend client as on the reactor.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Protocol
 
-import attrs
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.iweb import IBodyProducer, IResponse
 
-from ollamaflow.credentials import Tokens
 from ollamaflow.gateway import headers as hdrs
-from ollamaflow.gateway.balancer import StickyPins
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass
 from ollamaflow.gateway.clienterrors import refuse
 from ollamaflow.gateway.completed import (
@@ -35,15 +29,17 @@ from ollamaflow.gateway.completed import (
     logged_text,
     usage,
 )
-from ollamaflow.gateway.deadlines import Deadline, Deadlines
+from ollamaflow.gateway.context import ExchangeContext
+from ollamaflow.gateway.deadlines import Deadline
 from ollamaflow.gateway.outbound import body_for, logged_body, target_for
 from ollamaflow.gateway.relay import Discard, Relay, describe, guarded
 from ollamaflow.gateway.requesthead import logged_head
 from ollamaflow.gateway.routing import Forward
-from ollamaflow.gateway.scheduler import QueueRefused, Scheduler
+from ollamaflow.gateway.scheduler import QueueRefused
 from ollamaflow.records import Backend
-from ollamaflow.runtime import MODEL_HOLD, FailureKind, Runtime
+from ollamaflow.runtime import MODEL_HOLD, FailureKind
 from ollamaflow.server.request import ClientRequest
+from ollamaflow.upstream.contracts import Attempt, BackendResponse
 
 log = Logger()
 
@@ -55,59 +51,6 @@ GATEWAY_ERRORS = frozenset({502, 503, 504})
 #: A 500 may be the request's own fault: it is retried once elsewhere, and counts against the
 #: backend only when the other backend answered it (see ``Exchange._take``).
 SERVER_ERROR = 500
-
-
-class Attempt(Protocol):
-    """One request sent to a backend, until its response head (or its failure) comes."""
-
-    @property
-    def fired(self) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-
-class Sender(Protocol):
-    """The backend client: sends one request, calls back with the response or the failure."""
-
-    def send(
-        self,
-        backend: Backend,
-        method: bytes,
-        target: bytes,
-        fields: list[tuple[bytes, bytes]],
-        body: bytes | IBodyProducer | None,
-        on_response: Callable[[IResponse], None],
-        on_failure: Callable[[Failure], None],
-    ) -> Attempt: ...
-
-
-@attrs.frozen
-class Services:
-    """What an exchange uses, all given by whoever runs it (the gateway, or a test)."""
-
-    clock: IReactorTime
-    scheduler: Scheduler
-    backends: Sender
-    #: Each attempt's wait for its response head (the frontend's TimeoutMs).
-    deadlines: Deadlines
-    runtime: Runtime
-    pins: StickyPins
-    #: A request's candidates as they are now (health and inventories change meanwhile).
-    candidates_now: Callable[[Forward], Sequence[Backend]]
-    new_id: Callable[[], str]
-    #: Told about every finished request (the access log, the metrics); empty: no bookkeeping.
-    observers: list[Callable[[Completed], None]]
-    report: Callable[[Completed], None]
-    #: A backend failed a request (passive health): (backend, reason, kind).
-    backend_failed: Callable[[Backend, str, FailureKind], None]
-    #: A backend answered a request in full: (forward, backend, streamed).
-    answered: Callable[[Forward, Backend, bool], None]
-    #: Tokens of ours that never reach a backend (admin, metrics).
-    withheld: Tokens
-    #: The configured backends, for redacting their secrets from a logged request head.
-    configured: Callable[[], Mapping[str, Backend]]
-    #: The exchanges running now (for draining, metrics and tests).
-    running: set[Exchange] = attrs.field(factory=set)
 
 
 class Exchange:
@@ -122,6 +65,7 @@ class Exchange:
         "_ttfb",
         "answering",
         "captured",
+        "context",
         "first_byte",
         "forward",
         "keep_tail",
@@ -132,7 +76,6 @@ class Exchange:
         "relayed",
         "request",
         "request_id",
-        "services",
         "started",
         "status",
         "tail",
@@ -140,11 +83,11 @@ class Exchange:
         "waited",
     )
 
-    def __init__(self, services: Services, request: ClientRequest, forward: Forward) -> None:
-        self.services = services
+    def __init__(self, context: ExchangeContext, request: ClientRequest, forward: Forward) -> None:
+        self.context = context
         self.request = request
         self.forward = forward
-        self.request_id = services.new_id()
+        self.request_id = context.new_id()
         #: False once nobody is to be answered the usual way: the client left, or a bug ended it.
         self.answering = True
         self.relay: Relay | None = None
@@ -159,14 +102,12 @@ class Exchange:
         self._blamed: Backend | None = None
         self._timed_out = False  # the latest attempt ran out of time (504, not 502)
         self._reported = False
-        self.started = services.clock.seconds()
+        self.started = context.clock.seconds()
         self.waited = 0.0
         self.first_byte: float | None = None
         self.status = 0
         self.outcome = "ok"
-        self.keep_tail = (
-            bool(services.observers) and forward.request_class is not RequestClass.OTHER
-        )
+        self.keep_tail = bool(context.observers) and forward.request_class is not RequestClass.OTHER
         self.tail = b""
         self.captured: bytearray | None = None
         self.logged_body: str | None = None
@@ -185,7 +126,7 @@ class Exchange:
         """Start: on the first candidate with a free slot, else in the frontend's queue; the
         queue's refusal (nothing started) if it is full."""
         forward = self.forward
-        scheduler = self.services.scheduler
+        scheduler = self.context.scheduler
         model = self.model
         for backend in forward.ordered:
             if scheduler.has_slot(backend, model):
@@ -202,7 +143,7 @@ class Exchange:
     def start(self, backend: Backend) -> None:
         """The first attempt, on ``backend``, which has a free slot."""
         self._watch()
-        self.services.scheduler.acquire(backend, self.model)
+        self.context.scheduler.acquire(backend, self.model)
         self._active = backend
         self._send(backend)
 
@@ -214,7 +155,7 @@ class Exchange:
         waiting.addCallbacks(self._slot_granted, self._not_queued)
 
     def _watch(self) -> None:
-        self.services.running.add(self)
+        self.context.running.add(self)
         self.request.watch(self._finished, self._client_lost)
         self.request.setHeader(b"X-OllamaFlow-Request", self.request_id.encode())
 
@@ -222,7 +163,7 @@ class Exchange:
     def _slot_granted(self, backend: Backend) -> None:
         self._active = backend  # the scheduler took the slot for us: ours from now on
         self._attempt = None
-        self.waited = self.services.clock.seconds() - self.started
+        self.waited = self.context.clock.seconds() - self.started
         self._send(backend)
 
     @guarded
@@ -232,7 +173,7 @@ class Exchange:
             return
         error = failure.value
         if isinstance(error, QueueRefused):
-            self.waited = self.services.clock.seconds() - self.started
+            self.waited = self.context.clock.seconds() - self.started
             if self.tried:  # an attempt failed and no other backend freed a slot in time
                 self._give_up(f"; {error}")
             else:
@@ -249,7 +190,7 @@ class Exchange:
         identifier = backend.identifier
         if identifier in self.tried:
             return None
-        for candidate in self.services.candidates_now(self.forward):
+        for candidate in self.context.candidates_now(self.forward):
             if candidate.identifier == identifier:
                 return candidate
         return None
@@ -259,9 +200,9 @@ class Exchange:
         if not self.forward.frontend.allow_retries:
             return []
         tried = self.tried
-        states = self.services.runtime.states
+        states = self.context.runtime.states
         left = []
-        for backend in self.services.candidates_now(self.forward):
+        for backend in self.context.candidates_now(self.forward):
             if backend.identifier in tried:
                 continue
             state = states.get(backend.identifier)
@@ -278,12 +219,12 @@ class Exchange:
         if not left:
             self._give_up()
             return
-        services = self.services
-        scheduler = services.scheduler
+        context = self.context
+        scheduler = context.scheduler
         model = self.model
         free = [b for b in left if scheduler.has_slot(b, model)]
         if free:
-            states = services.runtime.states
+            states = context.runtime.states
 
             def load(backend: Backend) -> float:
                 state = states.get(backend.identifier)
@@ -314,13 +255,13 @@ class Exchange:
             self.logged_body = logged_body(request)
         body = body_for(request, self.forward, backend)  # strict JSON, valid pins: encodable
         target = target_for(request, backend)
-        services = self.services
+        context = self.context
         try:
-            attempt = services.backends.send(
+            attempt = context.upstream.send(
                 backend,
                 request.method,
                 target,
-                hdrs.forwarded(request, backend, services.withheld),
+                hdrs.forwarded(request, backend, context.withheld),
                 body,
                 self._responded,
                 self._failed,
@@ -334,7 +275,7 @@ class Exchange:
         self._attempt = attempt
         ttfb = frontend.timeout_ms / 1000
         if ttfb:
-            self._ttfb = services.deadlines.add(ttfb, partial(self._ttfb_expired, attempt))
+            self._ttfb = context.deadlines.add(ttfb, partial(self._ttfb_expired, attempt))
 
     @guarded
     def _ttfb_expired(self, attempt: Attempt) -> None:
@@ -351,7 +292,7 @@ class Exchange:
         """Give the backend's slot back, exactly once per attempt."""
         backend, self._active = self._active, None
         if backend is not None:
-            self.services.scheduler.release(backend, self.model)
+            self.context.scheduler.release(backend, self.model)
 
     @guarded
     def _failed(self, failure: Failure) -> None:
@@ -373,12 +314,12 @@ class Exchange:
             error=self.last_error,
         )
         # Out of rotation before its slot is given back, so no queued request takes it.
-        self.services.backend_failed(backend, self.last_error, FailureKind.VISIBLE)
+        self.context.backend_failed(backend, self.last_error, FailureKind.VISIBLE)
         self.end_attempt()
         self._retry()
 
     @guarded
-    def _responded(self, response: IResponse) -> None:
+    def _responded(self, response: BackendResponse) -> None:
         try:
             self._take(response)
         except Exception:
@@ -386,7 +327,7 @@ class Exchange:
                 response.deliverBody(Discard(close=True))
             raise
 
-    def _take(self, response: IResponse) -> None:
+    def _take(self, response: BackendResponse) -> None:
         """The response head is here: retry past it, or relay it to the client."""
         backend = self._active
         assert backend is not None, "a response comes while its backend slot is held"
@@ -405,15 +346,15 @@ class Exchange:
         if code < SERVER_ERROR and self._blamed is not None:
             self._blame(self._blamed, backend)
         if code in GATEWAY_ERRORS:
-            self.services.backend_failed(backend, f"answered {code}", FailureKind.VISIBLE)
+            self.context.backend_failed(backend, f"answered {code}", FailureKind.VISIBLE)
         self._relay(response, backend)
 
-    def _relay(self, response: IResponse, backend: Backend) -> None:
+    def _relay(self, response: BackendResponse, backend: Backend) -> None:
         """Send the response's head to the client and start moving its body."""
         request = self.request
-        services = self.services
+        context = self.context
         frontend = self.forward.frontend
-        self.first_byte = services.clock.seconds()
+        self.first_byte = context.clock.seconds()
         self.status = response.code
         if frontend.log_response_body or backend.log_response_body:
             self.captured = bytearray()
@@ -431,8 +372,8 @@ class Exchange:
         client = self.forward.client
         if client is not None:
             expiry = frontend.sticky_session_expiration_ms / 1000
-            services.pins.pin(
-                frontend.identifier, client, backend.identifier, services.clock.seconds() + expiry
+            context.pins.pin(
+                frontend.identifier, client, backend.identifier, context.clock.seconds() + expiry
             )
         if request.method == b"HEAD":
             response.deliverBody(Discard())
@@ -442,7 +383,7 @@ class Exchange:
         idle = frontend.timeout_ms / 1000
         if request.path in MODEL_TRANSFER_PATHS:
             idle = max(idle, MODEL_TRANSFER_IDLE)
-        self.relay = relay = Relay(self, backend, idle, services.clock)
+        self.relay = relay = Relay(self, backend, idle, context.clock)
         response.deliverBody(relay)
         # A small answer is complete by now; a stream's status and headers go out at once, as
         # the backend sent them, not with its first chunk.
@@ -458,9 +399,9 @@ class Exchange:
         model = self.model
         if model is None:
             return
-        services = self.services
-        steered = services.runtime.model_holds.blamed(
-            blamed.identifier, model, services.clock.seconds(), blamed.unhealthy_threshold
+        context = self.context
+        steered = context.runtime.model_holds.blamed(
+            blamed.identifier, model, context.clock.seconds(), blamed.unhealthy_threshold
         )
         if steered:
             log.warn(
@@ -472,7 +413,7 @@ class Exchange:
                 other=answering.identifier,
             )
 
-    def _retry_past(self, response: IResponse, backend: Backend, left: list[Backend]) -> None:
+    def _retry_past(self, response: BackendResponse, backend: Backend, left: list[Backend]) -> None:
         """A gateway error, or a first 500, before anything reached the client: read it away
         and try another backend. A gateway error takes the backend out of rotation at once; a
         500 only counts against it, for this model, once another backend answers the same
@@ -483,7 +424,7 @@ class Exchange:
         if code == SERVER_ERROR:
             self._blamed = backend
         else:
-            self.services.backend_failed(backend, self.last_error, FailureKind.VISIBLE)
+            self.context.backend_failed(backend, self.last_error, FailureKind.VISIBLE)
         response.deliverBody(Discard())
         self.end_attempt()
         self._retry(left)
@@ -508,7 +449,7 @@ class Exchange:
         self.relay = None  # no cycle left: the exchange is freed as soon as it ends
         complete = isinstance(reason.value, ResponseDone | PotentialDataLoss)
         if complete and self.status < SERVER_ERROR:
-            self.services.answered(self.forward, backend, streamed)
+            self.context.answered(self.forward, backend, streamed)
         request = self.request
         if complete or not self.answering:
             self.end_attempt()
@@ -523,7 +464,7 @@ class Exchange:
             backend=backend.identifier,
             error=describe(reason),
         )
-        self.services.backend_failed(backend, "broke off a response", FailureKind.CUT_STREAM)
+        self.context.backend_failed(backend, "broke off a response", FailureKind.CUT_STREAM)
         self.end_attempt()
         self.outcome = "aborted"
         # No terminating chunk: the client sees a truncated response, never a complete one.
@@ -564,12 +505,12 @@ class Exchange:
         self.request.abort_connection()
 
     def _finished(self) -> None:
-        self.services.running.discard(self)
+        self.context.running.discard(self)
         self._stop_everything()  # nothing left to stop on every usual path; kept certain
         self._report()
 
     def _client_lost(self, reason: Failure) -> None:
-        self.services.running.discard(self)
+        self.context.running.discard(self)
         if self.outcome == "ok":
             self.outcome = "client_gone"
         self._report()
@@ -613,14 +554,14 @@ class Exchange:
 
     def _report(self) -> None:
         """Tell the observers how this request went, once."""
-        services = self.services
-        if self._reported or not services.observers:
+        context = self.context
+        if self._reported or not context.observers:
             return
         self._reported = True
         count, duration = usage(self.tail) if self.tail else (None, None)
         request = self.request
         captured = self.captured
-        services.report(
+        context.report(
             Completed(
                 request_id=self.request_id,
                 client=request.client_host,
@@ -634,7 +575,7 @@ class Exchange:
                 bytes=self.relayed,
                 queued=self.waited,
                 ttfb=None if self.first_byte is None else self.first_byte - self.started,
-                duration=services.clock.seconds() - self.started,
+                duration=context.clock.seconds() - self.started,
                 retries=max(0, len(self.tried) - 1),
                 eval_count=count,
                 eval_duration_ns=duration,
@@ -646,8 +587,8 @@ class Exchange:
                     request,
                     self.forward.frontend,
                     self.tried,
-                    services.withheld,
-                    services.configured(),
+                    context.withheld,
+                    context.configured(),
                 ),
             )
         )

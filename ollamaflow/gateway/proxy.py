@@ -23,8 +23,9 @@ from ollamaflow.gateway.balancer import Balancer
 from ollamaflow.gateway.classify import RequestClass
 from ollamaflow.gateway.clienterrors import refuse
 from ollamaflow.gateway.completed import Completed, RequestIds
+from ollamaflow.gateway.context import ExchangeContext
 from ollamaflow.gateway.deadlines import Deadlines
-from ollamaflow.gateway.exchange import Exchange, Sender, Services
+from ollamaflow.gateway.exchange import Exchange
 from ollamaflow.gateway.modelcatalog import Inventory
 from ollamaflow.gateway.modelops import ModelOperations
 from ollamaflow.gateway.requesthead import logged_head
@@ -41,11 +42,9 @@ from ollamaflow.gateway.scheduler import QueueStats, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.server.request import ClientRequest
-from ollamaflow.upstream import BackendClient
+from ollamaflow.upstream.contracts import UpstreamClient
 
 log = Logger()
-
-CONNECT_TIMEOUT = 5.0
 
 
 class Gateway:
@@ -57,6 +56,8 @@ class Gateway:
         registry: Registry,
         runtime: Runtime,
         reactor: Any,
+        upstream: UpstreamClient,
+        scheduler: Scheduler,
         http: HTTPClient,
         sticky_headers: tuple[str, ...] = (),
         balancer: Balancer | None = None,
@@ -66,15 +67,17 @@ class Gateway:
         on_models_changed: Callable[[str], Deferred[None]] | None = None,
         admin_tokens: Tokens = NO_TOKENS,
         withheld: Tokens = NO_TOKENS,
-        backends: Sender | None = None,
+        observers: Sequence[Callable[[Completed], None]] = (),
     ) -> None:
-        """``admin_tokens`` may manage models where a frontend does not let clients;
-        ``withheld``: tokens of ours that must never reach a backend (admin, metrics);
-        ``backends``: the backend client (by default one of our own on ``reactor``)."""
+        """``upstream``: the client requests are forwarded with; ``scheduler``: the slots and
+        queues; ``http``: the client of fan-outs (off the hot path); ``admin_tokens`` may
+        manage models where a frontend does not let clients; ``withheld``: tokens of ours that
+        must never reach a backend (admin, metrics); ``observers`` are told about every
+        finished request (the access log, the metrics)."""
         self.registry = registry
         self.runtime = runtime
         self.clock: IReactorTime = reactor
-        self.client = BackendClient(reactor, CONNECT_TIMEOUT) if backends is None else None
+        self.upstream = upstream
         self.inventory = inventory
         self.router = Router(
             registry=registry,
@@ -87,15 +90,14 @@ class Gateway:
             pulls=sync is not None,
         )
         self.new_id = RequestIds()
-        self.scheduler = Scheduler(reactor, runtime)
-        #: Told about every finished request (the access log, the metrics).
-        self.observers: list[Callable[[Completed], None]] = []
+        self.scheduler = scheduler
+        self.observers = list(observers)
         self.on_failure = on_failure
         self.withheld = withheld
-        self.services = Services(
+        self.context = ExchangeContext(
             clock=reactor,
-            scheduler=self.scheduler,
-            backends=backends if backends is not None else self.client,  # type: ignore[arg-type]
+            scheduler=scheduler,
+            upstream=upstream,
             deadlines=Deadlines(reactor),
             runtime=runtime,
             pins=self.router.pins,
@@ -109,7 +111,7 @@ class Gateway:
             configured=lambda: registry.catalog.backends,
         )
         #: Requests being proxied right now (for draining, metrics and tests).
-        self.exchanges = self.services.running
+        self.exchanges = self.context.running
         #: Pull, delete, copy, create, blobs and unloading across a frontend's backends.
         self.model_ops = ModelOperations(
             registry, http, self, reactor, withheld, sync=sync, refresh=on_models_changed
@@ -119,8 +121,7 @@ class Gateway:
         registry.subscribe(self._configuration_changed)
 
     def _configuration_changed(self, catalog: Catalog) -> None:
-        if self.client is not None:
-            self.client.forget({(b.hostname, b.port, b.ssl) for b in catalog.backends.values()})
+        self.upstream.forget({(b.hostname, b.port, b.ssl) for b in catalog.backends.values()})
         self.router.configuration_changed(catalog)
         self.scheduler.forget(lambda f: f in catalog.frontends)
         for backend in catalog.backends.values():
@@ -132,8 +133,7 @@ class Gateway:
             self.scheduler.wake(backend)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
+        await self.upstream.close()
 
     def body_limit(self, host: bytes | None) -> int:
         """The request body limit for a Host: its frontend's MaxRequestBodySize."""
@@ -149,7 +149,7 @@ class Gateway:
         # HTTP/1.0 is served whatever BlockHttp10 says: 1.2 stores it (true) but never enforces it.
         decision = self.router.decide(request)
         if isinstance(decision, Forward):
-            exchange = Exchange(self.services, request, decision)
+            exchange = Exchange(self.context, request, decision)
             refused = exchange.run()
             if refused is not None:
                 return self.refuse(
