@@ -2,10 +2,11 @@
 
 It knows backends only by host, port and TLS, and nothing of frontends, routing or clients.
 ``contracts`` says what the gateway may rely on (the client, a sent request, a response);
-``client`` is the client itself, built from a connection ``pool``, a ``dial``\\ler (the only
-module that opens sockets, injected so tests can hand out in-memory transports), the request
-``serializer`` and body writer in ``request``, the ``response`` handed to the gateway, and the
-``connection`` state machine that ties one request to one response on a socket.
+``client`` is the client itself, built from the connection ``pool``, the dialler in ``dial``
+(the only module that opens sockets, injected so tests hand out in-memory transports), the
+request ``Message`` and its body writer in ``request``, the ``response`` handed to the
+gateway, and the ``connection`` state machine that carries one request and its response at a
+time on a socket.
 """
 
 from ollamaflow.upstream.client import BackendClient
