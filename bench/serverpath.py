@@ -28,8 +28,9 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from ollamaflow.listener import Listener, Root
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.frontdoor import FrontDoor, Root
+from ollamaflow.server.acceptor import Acceptor
+from ollamaflow.server.interfaces import ClientRequest
 
 BODY = json.dumps(
     {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -61,8 +62,9 @@ class _Page(Resource):
 
 def ollamaflow_server() -> Callable[[], None]:
     """One request through OllamaFlow's HTTPConnection, as the gateway sees it."""
-    listener = Listener(_Answering(), Root(_Page()), lambda path, host: 1 << 20, Clock())
-    connection = listener.buildProtocol(PEER)
+    front_door = FrontDoor(_Answering(), Root(_Page()), lambda host: 1 << 20)
+    connection = Acceptor(front_door, Clock()).buildProtocol(PEER)
+    assert connection is not None
     transport = StringTransport(peerAddress=PEER)
     connection.makeConnection(transport)
 

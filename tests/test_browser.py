@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from ollamaflow.daemon import Daemon
+from ollamaflow.server.interfaces import RequestHead
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: A host name only the browser knows: its pages are an origin outside Ollama's defaults.
@@ -173,17 +174,18 @@ def in_browser(work: Callable[[Callable[[str], Page]], Any]) -> Any:
 
 
 def count_options(daemon: Daemon) -> list[bytes]:
-    """Record the path of every OPTIONS the daemon's listener answers (preflights included)."""
+    """Record the path of every OPTIONS the daemon's front door answers (preflights
+    included)."""
     seen: list[bytes] = []
-    listener = daemon.listener
-    original = listener.cross_origin
+    front_door = daemon.listener.front_door
+    original = front_door.cross_origin
 
-    def recording(connection: Any, method: bytes, uri: bytes, path: bytes, *rest: Any) -> Any:
-        if method == b"OPTIONS":
-            seen.append(path)
-        return original(connection, method, uri, path, *rest)
+    def recording(connection: Any, head: RequestHead) -> Any:
+        if head.method == b"OPTIONS":
+            seen.append(head.path)
+        return original(connection, head)
 
-    vars(listener)["cross_origin"] = recording  # this instance's, shadowing the method
+    front_door.cross_origin = recording  # type: ignore[method-assign]
     return seen
 
 

@@ -21,12 +21,16 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ollamaflow import tap
 from ollamaflow.daemon import Daemon
-from ollamaflow.listener import LINGER_SECONDS, MAX_LINGERING, Refusal, refusal_response
+from ollamaflow.frontdoor import FrontDoor, Root
+from ollamaflow.server.acceptor import REFUSAL_LOG_SECONDS, Acceptor
+from ollamaflow.server.connection import HTTPConnection
+from ollamaflow.server.refusal import LINGER_SECONDS, MAX_LINGERING, Refusal
 from ollamaflow.settings import DEFAULT_MAX_CONNECTIONS
 
 # -- over real sockets ----------------------------------------------------------------------------
@@ -191,10 +195,59 @@ class HalfClosingTransport(StringTransport):
         self.write_closed = True
 
 
-def test_the_answer_is_fixed_bytes_in_ollamas_error_shape() -> None:
-    answer = refusal_response(b"Tue, 01 Jan 2030 00:00:00 GMT")
+class Unused:
+    """A gateway or resource these tests never reach."""
+
+    def render(self, request: object) -> bytes:
+        raise AssertionError("no request is served")
+
+
+def acceptor_of(max_connections: int, clock: Clock) -> Acceptor:
+    front_door = FrontDoor(Unused(), Root(Unused()), lambda host: 1 << 20)
+    return Acceptor(front_door, clock, max_connections=max_connections)
+
+
+def accept(acceptor: Acceptor) -> tuple[Any, HalfClosingTransport]:
+    """A connection made as a listening port makes it: built, then connected."""
+    protocol = acceptor.buildProtocol(None)
+    assert protocol is not None
+    transport = HalfClosingTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_in_memory_the_connection_over_the_cap_is_refused_in_ollamas_error_shape() -> None:
+    clock = Clock()
+    clock.advance(1_900_000_000)
+    acceptor = acceptor_of(2, clock)
+    served = [accept(acceptor)[0] for _ in range(2)]
+    assert all(isinstance(p, HTTPConnection) for p in served)
+    refused, transport = accept(acceptor)
+    assert isinstance(refused, Refusal)
+    answer = transport.value()
     assert_refused(answer)
-    assert b"Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n" in answer
+    assert b"Date: Sun, 17 Mar 2030 17:46:40 GMT\r\n" in answer
+    assert acceptor.refused == 1 and acceptor.lingering == {refused}
+    served[0].connectionLost(Failure(error.ConnectionDone()))
+    assert isinstance(accept(acceptor)[0], HTTPConnection), "a place is free again"
+
+
+def test_refusals_are_each_counted_and_logged_once_a_minute_at_most() -> None:
+    clock = Clock()
+    acceptor = acceptor_of(1, clock)
+    accept(acceptor)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        for _ in range(3):
+            accept(acceptor)
+        clock.advance(REFUSAL_LOG_SECONDS)
+        accept(acceptor)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    warnings = [e for e in logged if "MaxConnections" in e.get("log_format", "")]
+    assert [e["refused"] for e in warnings] == [1, 4]
+    assert acceptor.refused == 4
 
 
 def test_a_refusal_half_closes_reads_and_discards_then_closes_after_lingering() -> None:

@@ -1,4 +1,4 @@
-"""CORS: the decision (origins, preflight answers, bounds) as plain functions, the listener
+"""CORS: the decision (origins, preflight answers, bounds) as plain functions, the front door
 answering every OPTIONS itself in memory, and the settings reaching a real daemon."""
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from ollamaflow.cors import (
     requested_headers,
 )
 from ollamaflow.daemon import Daemon
-from ollamaflow.listener import Listener, Root
+from ollamaflow.frontdoor import FrontDoor, Root
+from ollamaflow.server.acceptor import Acceptor
 from ollamaflow.server.connection import HTTPConnection
 
 EXAMPLES = settings(max_examples=300, deadline=None)
@@ -331,7 +332,7 @@ def test_any_request_gets_a_decision_and_never_credentials(
     assert allowed in (None, b"*", origin)
 
 
-# -- the listener, in memory -----------------------------------------------------------------------
+# -- the front door, in memory ---------------------------------------------------------------------
 
 
 def test_haproxys_options_health_check_is_200_with_allow_and_never_reaches_the_gateway() -> None:
@@ -431,7 +432,7 @@ def test_a_disallowed_origin_is_403_with_an_empty_body_and_its_body_dropped() ->
 
 def test_admin_origins_when_configured_refuse_the_others() -> None:
     server = Server()
-    server.listener.cors = Policy.of(admin=["https://ui.example"])
+    server.front_door.cors = Policy.of(admin=["https://ui.example"])
     conn = server.connect()
     conn.send(
         http(b"GET", b"/v1.0/backends", b"Origin: https://evil.example"),
@@ -525,7 +526,7 @@ def test_a_client_that_leaves_before_the_answer_is_forgotten() -> None:
     conn.send(b"OPTIONS /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     conn.lose()
     assert conn.transport.value() == b""
-    assert server.listener.connections == set()
+    assert server.acceptor.connections == set()
 
 
 class Metrics:
@@ -534,14 +535,13 @@ class Metrics:
 
 
 def test_metrics_allow_the_admin_origins() -> None:
-    listener = Listener(
+    front_door = FrontDoor(
         Gateway(answer),
         Root(Admin(), metrics=Metrics()),
-        lambda path, host: 1 << 20,
-        Clock(),
+        lambda host: 1 << 20,
         cors_policy=Policy.of(admin=["https://grafana.example"]),
     )
-    proto = listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    proto = Acceptor(front_door, Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     assert isinstance(proto, HTTPConnection)
     transport = StringTransport()
     proto.makeConnection(transport)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from ollamaflow.server.connection import error_path
+from ollamaflow.server.errors import error_path
 from ollamaflow.store import Store
 from ollamaflow.utctime import utc_clock
 

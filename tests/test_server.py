@@ -1,4 +1,4 @@
-"""The main listener's lean HTTP/1.1 server: parsing, routing, response framing, body limits,
+"""The lean HTTP/1.1 server and the front door: parsing, routing, response framing, body limits,
 backpressure, the idle sweep and drain; in memory over a StringTransport, and over a real
 socket."""
 
@@ -32,12 +32,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from ollamaflow.daemon import Daemon
+from ollamaflow.frontdoor import ADMIN_MAX_BODY, OLLAMA_IS_RUNNING, FrontDoor, Root
 from ollamaflow.gateway.clienterrors import openai_error_type
 from ollamaflow.gateway.headers import to_client
 from ollamaflow.http1.rules import MAX_FIELDS, MAX_HEAD
-from ollamaflow.listener import OLLAMA_IS_RUNNING, Listener, Root
-from ollamaflow.server.connection import IN_MEMORY_BODY, HTTPConnection
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.acceptor import Acceptor, Timeouts
+from ollamaflow.server.body import IN_MEMORY_BODY
+from ollamaflow.server.connection import HTTPConnection
+from ollamaflow.server.interfaces import ClientRequest, RequestHead
 
 #: The clock's time when a test starts: a real date, so the Date header means something.
 NOW = 1_700_000_000.0
@@ -288,7 +290,8 @@ class Conn:
 
 
 class Server:
-    """A Listener with a gateway double, the Admin resource and a fake clock."""
+    """An Acceptor of a FrontDoor with a gateway double, the Admin resource and a fake
+    clock."""
 
     def __init__(
         self,
@@ -302,22 +305,28 @@ class Server:
         self.clock.advance(NOW)
         self.gateway = Gateway(handler)
         self.limit = limit
-        self.limit_calls: list[tuple[bytes, bytes | None]] = []
-        self.listener = Listener(
-            self.gateway,
-            Root(Admin(), metrics=None),
-            self.body_limit,
-            self.clock,
-            idle_timeout=idle_timeout,
-            read_timeout=read_timeout,
+        #: The Host of each client request whose body limit was asked.
+        self.limit_calls: list[bytes | None] = []
+        self.front_door = FrontDoor(self.gateway, Root(Admin(), metrics=None), self.body_limit)
+        #: The path of each request whose body limit the connection asked the front door.
+        self.limit_paths: list[bytes] = []
+        asked = self.front_door.body_limit
+
+        def body_limit(head: RequestHead) -> int:
+            self.limit_paths.append(head.path)
+            return asked(head)
+
+        self.front_door.body_limit = body_limit  # type: ignore[method-assign]
+        self.acceptor = Acceptor(
+            self.front_door, self.clock, timeouts=Timeouts(idle_timeout, read_timeout)
         )
 
-    def body_limit(self, path: bytes, host: bytes | None) -> int:
-        self.limit_calls.append((path, host))
+    def body_limit(self, host: bytes | None) -> int:
+        self.limit_calls.append(host)
         return self.limit
 
     def connect(self) -> Conn:
-        proto = self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        proto = self.acceptor.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
         assert isinstance(proto, HTTPConnection)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 40000))
         proto.makeConnection(transport)
@@ -333,9 +342,9 @@ class Server:
 def sweeping() -> Iterator[Server]:
     """A server whose idle sweep runs on its clock."""
     server = Server()
-    server.listener.startFactory()
+    server.acceptor.startFactory()
     yield server
-    server.listener.stopFactory()
+    server.acceptor.stopFactory()
 
 
 def error_message(response: Response, status: int, path: bytes = b"/api/tags") -> str:
@@ -843,7 +852,7 @@ def test_two_equal_content_length_fields_are_refused() -> None:
     [
         (b"Content-Length: 3\r\nContent-Length: 4\r\n", 400),
         (b"Transfer-Encoding: gzip\r\n", 501),
-        (b"Content-Length: 100\r\n", 413),
+        (b"Content-Length: %d\r\n" % (ADMIN_MAX_BODY + 1), 413),  # over either limit
     ],
 )
 def test_errors_are_in_the_dialect_of_the_path(path: bytes, fields: bytes, status: int) -> None:
@@ -867,7 +876,7 @@ def test_a_malformed_request_after_a_good_one_closes_the_connection() -> None:
 
 
 def test_a_field_name_without_a_colon_is_refused_even_when_seen_before() -> None:
-    """The listener remembers valid field names; that must not skip the colon check."""
+    """The acceptor remembers valid field names; that must not skip the colon check."""
     server = Server()
     first = server.connect()
     first.send(get(b"/a", b"X-Trace: 1"))
@@ -949,7 +958,7 @@ def test_content_length_over_the_limit_is_413_before_any_body_byte() -> None:
     conn.send(http(b"POST", b"/api/generate?x=1", host=b"big.example", body=b"x" * 101)[:-101])
     message = assert_rejected(server, conn, 413)
     assert "100" in message
-    assert server.limit_calls == [(b"/api/generate", b"big.example")]
+    assert (server.limit_paths, server.limit_calls) == ([b"/api/generate"], [b"big.example"])
 
 
 def test_content_length_at_the_limit_is_served() -> None:
@@ -957,7 +966,17 @@ def test_content_length_at_the_limit_is_served() -> None:
     conn = server.connect()
     conn.send(http(b"POST", b"/api/generate", body=b"x" * 100))
     assert server.gateway.bodies == [b"x" * 100]
-    assert server.limit_calls == [(b"/api/generate", b"flow.example")]
+    assert (server.limit_paths, server.limit_calls) == ([b"/api/generate"], [b"flow.example"])
+
+
+def test_the_admin_apis_limit_is_the_front_doors_own_and_the_gateways_is_not_asked() -> None:
+    server = Server(limit=10)
+    conn = server.connect()
+    conn.send(http(b"PUT", b"/v1.0/x/../backends/a", body=b"x" * ADMIN_MAX_BODY))
+    assert json.loads(conn.response().body)["body"] == "x" * ADMIN_MAX_BODY
+    conn.send(http(b"PUT", b"/v1.0/backends/a", body=b"x" * (ADMIN_MAX_BODY + 1))[:-100])
+    assert_rejected(server, conn, 413, b"/v1.0/backends/a")
+    assert server.limit_calls == []
 
 
 def test_chunked_body_growing_past_the_limit_is_413() -> None:
@@ -971,7 +990,8 @@ def test_chunked_body_growing_past_the_limit_is_413() -> None:
     assert conn.transport.value() == b"", "at the limit"
     conn.send(b"e")
     assert_rejected(server, conn, 413, b"/v1/chat/completions")
-    assert server.limit_calls == [(b"/v1/chat/completions", b"flow.example")]
+    assert server.limit_paths == [b"/v1/chat/completions"]
+    assert server.limit_calls == [b"flow.example"]
 
 
 def test_chunked_body_at_the_limit_is_served() -> None:
@@ -981,18 +1001,16 @@ def test_chunked_body_at_the_limit_is_served() -> None:
     assert server.gateway.bodies == [b"abcdefghij"]
 
 
-def test_the_limit_is_asked_for_each_request_with_its_path_and_host() -> None:
+def test_the_limit_is_asked_for_each_client_request_with_its_host() -> None:
+    """Once a request, of the gateway's limit by Host; the admin API's is the front door's."""
     server = Server()
     conn = server.connect()
     conn.send(
         get(b"/v1.0/backends?x=1"), http(b"POST", b"/api/chat", host=b"b.example", body=b"{}")
     )
     conn.send(b"GET /nohost HTTP/1.0\r\n\r\n")
-    assert server.limit_calls == [
-        (b"/v1.0/backends", b"flow.example"),
-        (b"/api/chat", b"b.example"),
-        (b"/nohost", None),
-    ]
+    assert server.limit_calls == [b"b.example", None]
+    assert server.limit_paths == [b"/v1.0/backends", b"/api/chat", b"/nohost"]
 
 
 # -- 9. Expect: 100-continue -----------------------------------------------------------------------
@@ -1182,7 +1200,7 @@ def test_client_leaving_during_an_admin_request_body() -> None:
     conn = server.connect()
     conn.send(http(b"POST", b"/v1.0/x", body=b"abcdef")[:-3])
     conn.lose()
-    assert server.listener.connections == set()
+    assert server.acceptor.connections == set()
     assert conn.transport.value() == b""
 
 
@@ -1241,7 +1259,7 @@ def test_client_leaving_tells_every_watcher_and_stops_the_producer() -> None:
     assert [f.check(ConnectionDone) for f in failures] == [ConnectionDone, ConnectionDone]
     assert finished == [], "a response the client never got is not finished"
     assert producer.calls == ["stop"]
-    assert server.listener.connections == set()
+    assert server.acceptor.connections == set()
     request.write(b"more")
     request.finish()
     request.unregisterProducer()
@@ -1268,7 +1286,7 @@ def test_client_leaving_while_the_body_arrives() -> None:
     conn.send(http(b"POST", b"/api/chat", body=b"x" * (IN_MEMORY_BODY + 10))[:-5])
     conn.lose()
     assert server.gateway.requests == []
-    assert server.listener.connections == set()
+    assert server.acceptor.connections == set()
 
 
 # -- 13. backpressure ------------------------------------------------------------------------------
@@ -1401,7 +1419,7 @@ def test_a_request_being_served_is_left_alone_however_long_it_takes(sweeping: Se
 
 def test_stop_factory_stops_the_sweep(sweeping: Server) -> None:
     conn = sweeping.connect()
-    sweeping.listener.stopFactory()
+    sweeping.acceptor.stopFactory()
     sweeping.clock.advance(100)
     assert not conn.closed
     assert sweeping.clock.getDelayedCalls() == []
@@ -1415,7 +1433,7 @@ def test_drain_closes_idle_connections_at_once() -> None:
     fresh, used = server.connect(), server.connect()
     used.send(get(b"/a"))
     used.response()
-    server.listener.drain()
+    server.acceptor.drain()
     assert fresh.closed and used.closed
     assert fresh.transport.value() == used.transport.value() == b""
 
@@ -1424,7 +1442,7 @@ def test_drain_closes_a_busy_connection_after_its_response() -> None:
     server = Server(hold)
     conn = server.connect()
     conn.send(get(b"/api/generate"), get(b"/pipelined"))
-    server.listener.drain()
+    server.acceptor.drain()
     assert not conn.closed
     reply(server.held, b"last")
     response = conn.response()
@@ -1439,7 +1457,7 @@ def test_drain_during_a_streamed_response_closes_after_it() -> None:
     conn = server.connect()
     conn.send(get(b"/api/generate"))
     server.held.write(b"started")
-    server.listener.drain()
+    server.acceptor.drain()
     server.held.write(b" and done")
     assert not conn.closed
     server.held.finish()
@@ -1451,7 +1469,7 @@ def test_drain_during_an_admin_request_answers_with_connection_close() -> None:
     server = Server()
     conn = server.connect()
     conn.send(http(b"POST", b"/v1.0/x", body=b"abcd")[:-2])
-    server.listener.drain()
+    server.acceptor.drain()
     assert not conn.closed
     conn.send(b"cd")
     response = conn.response()
@@ -1471,7 +1489,7 @@ def test_an_absolute_form_target_gives_path_uri_and_host() -> None:
     assert request.path == b"/api/tags"
     assert request.uri == b"/api/tags?x=1"
     assert request.getHeader(b"host") == b"flow.example"
-    assert server.limit_calls == [(b"/api/tags", b"flow.example")]
+    assert (server.limit_paths, server.limit_calls) == ([b"/api/tags"], [b"flow.example"])
     assert conn.response().body == b"gateway GET /api/tags?x=1"
 
 
@@ -1598,7 +1616,7 @@ def test_the_gateway_sees_the_decoded_normalised_path_and_the_query_as_received(
     conn.send(http(b"POST", target, body=b"{}"))
     (request,) = server.gateway.requests
     assert (request.path, request.uri) == (path, uri)
-    assert server.limit_calls == [(path, b"flow.example")]
+    assert (server.limit_paths, server.limit_calls) == ([path], [b"flow.example"])
     assert conn.response().body == b"gateway POST " + uri
     assert not conn.closed
 
@@ -1684,7 +1702,7 @@ def test_every_path_that_normalises_under_v1_0_goes_to_the_admin_side(
         uri.decode(),
     )
     assert server.gateway.requests == []
-    assert server.limit_calls == [(path, b"flow.example")]
+    assert (server.limit_paths, server.limit_calls) == ([path], []), "the admin API's limit"
 
 
 @pytest.mark.parametrize("target", [b"//", b"/./", b"/a/..", b"/%2e/"])
@@ -1711,7 +1729,7 @@ def test_only_short_header_names_are_remembered() -> None:
     assert request.getHeader(long.lower()) == b"2"
     assert request.getHeader(huge.lower()) == b"3"
     assert conn.response().status == 200
-    names = server.listener.header_names
+    names = server.acceptor.header_names
     assert names[short] == short.lower()
     assert long not in names and huge not in names
 
@@ -1722,7 +1740,7 @@ def test_header_names_remembered_stay_within_count_and_bytes() -> None:
     for i in range(1200):
         conn.send(get(b"/a", b"X-%d-%s: 1" % (i, b"n" * 58), b"X-%d-%s: 1" % (i, b"n" * 900)))
     assert len(conn.responses()) == 1200
-    names = server.listener.header_names
+    names = server.acceptor.header_names
     assert len(names) <= 1000
     assert all(len(name) <= 64 for name in names)
     assert sum(len(name) + len(lower) for name, lower in names.items()) <= 1000 * 2 * 64
@@ -1848,13 +1866,13 @@ def test_a_read_of_many_pipelined_requests_is_parsed_a_slice_at_a_time() -> None
     queued requests at once. The rest waits, unparsed, and each is answered in order."""
     server = Server(hold)
     made: list[bytes] = []
-    exchange = server.listener.exchange
+    receiver = server.front_door.receiver
 
-    def counting(*args: Any) -> Any:
-        made.append(args[2])
-        return exchange(*args)
+    def counting(connection: Any, head: RequestHead) -> Any:
+        made.append(head.target)
+        return receiver(connection, head)
 
-    server.listener.exchange = counting  # type: ignore[method-assign]
+    server.front_door.receiver = counting  # type: ignore[method-assign]
     conn = server.connect()
     count = 1500
     conn.send(b"".join(get(b"/r%d" % i) for i in range(count)))
@@ -1911,7 +1929,7 @@ def test_a_connection_closed_by_a_drain_while_paused_stops_being_the_producer() 
     conn.send(get(b"/a"))
     conn.response()
     conn.proto.pauseProducing()  # the last response filled the send buffer
-    server.listener.drain()
+    server.acceptor.drain()
     assert conn.closed
     assert conn.transport.producer is None
 
@@ -1958,10 +1976,10 @@ class RawClient(Protocol):
         self.transport.write(data)
 
 
-async def gone(listener: Listener) -> None:
+async def gone(acceptor: Acceptor) -> None:
     """Wait (on the reactor, at most 5 s) until the server saw its connections close."""
     for _ in range(500):
-        if not listener.connections:
+        if not acceptor.connections:
             return
         await task.deferLater(reactor, 0.01, lambda: None)
     raise AssertionError("server connections still open")
@@ -1984,7 +2002,7 @@ async def close(port: Any, client: RawClient | None) -> None:
 @pytest_twisted.ensureDeferred
 async def test_over_a_socket_keep_alive_gateway_admin_and_chunked_requests() -> None:
     server = Server()
-    port = reactor.listenTCP(0, server.listener, interface="127.0.0.1")
+    port = reactor.listenTCP(0, server.acceptor, interface="127.0.0.1")
     client = None
     try:
         client = await connect_raw(port)
@@ -2000,11 +2018,11 @@ async def test_over_a_socket_keep_alive_gateway_admin_and_chunked_requests() -> 
         assert server.gateway.bodies == [b"", b"body"]
         (request,) = {r.client_host for r in server.gateway.requests}
         assert request == "127.0.0.1"
-        assert len(server.listener.connections) == 1
+        assert len(server.acceptor.connections) == 1
         assert client.transport is not None
         client.transport.loseConnection()
         await client.closed
-        await gone(server.listener)
+        await gone(server.acceptor)
     finally:
         await close(port, client)
 
@@ -2026,7 +2044,7 @@ async def test_over_a_socket_a_large_body_after_100_continue_and_a_streamed_answ
         return NOT_DONE_YET
 
     server = Server(stream)
-    port = reactor.listenTCP(0, server.listener, interface="127.0.0.1")
+    port = reactor.listenTCP(0, server.acceptor, interface="127.0.0.1")
     client = None
     try:
         client = await connect_raw(port)
@@ -2045,7 +2063,7 @@ async def test_over_a_socket_a_large_body_after_100_continue_and_a_streamed_answ
         assert final.chunked
         assert final.header(b"connection") == b"close"
         assert final.body == b"3 2 1 " + hashlib.sha256(body).hexdigest().encode()
-        await gone(server.listener)
+        await gone(server.acceptor)
     finally:
         await close(port, client)
 
@@ -2063,7 +2081,7 @@ async def test_over_a_socket_a_last_response_larger_than_the_send_buffer_closes(
         return big
 
     server = Server(large)
-    port = reactor.listenTCP(0, server.listener, interface="127.0.0.1")
+    port = reactor.listenTCP(0, server.acceptor, interface="127.0.0.1")
     client = None
     try:
         client = await connect_raw(port)
@@ -2077,17 +2095,17 @@ async def test_over_a_socket_a_last_response_larger_than_the_send_buffer_closes(
             client.send(get(b"/api/tags"))
         await until(lambda: len(server.gateway.requests) == 1, what="request served")
         await task.deferLater(reactor, 0.2, lambda: None)
-        (connection,) = server.listener.connections
+        (connection,) = server.acceptor.connections
         if how == "drain":
             # The response was whole, the connection kept: a drain closes it as idle.
             assert connection.idle()
-            server.listener.drain()
+            server.acceptor.drain()
         client.transport.resumeProducing()
         await client.closed.addTimeout(10, reactor)
         (response,) = parse_responses(client.data, eof=True)
         assert hashlib.sha256(response.body).digest() == hashlib.sha256(big).digest()
         assert response.header(b"connection") == (None if how == "drain" else b"close")
-        await gone(server.listener)
+        await gone(server.acceptor)
     finally:
         await close(port, client)
 

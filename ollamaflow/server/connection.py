@@ -1,13 +1,14 @@
-"""One client connection of the main listener: HTTP/1.1 requests parsed by llhttp.
+"""One client connection of the HTTP server: HTTP/1.1 requests parsed by llhttp.
 
 Twisted's ``HTTPChannel`` and ``Request`` cost more than everything else a proxied request does
 (a line callback per header field, a ``Headers`` object each way, a dozen attributes and
 Deferreds per request): on two cores they cap a do-nothing ``Site`` at a tenth of what nginx
 proxies. Here llhttp parses (:class:`ollamaflow.http1.request.RequestParser`), and each request
-goes to one of two handlers that the listener chooses from its method and its path, decoded and
-normalised as Ollama routes it (:mod:`ollamaflow.server.target`, :meth:`Listener.exchange`):
-client traffic to the gateway as a :class:`ClientRequest`, the admin API and the other pages as
-ordinary twisted.web requests carried by :class:`WebStream`.
+goes, its path decoded and normalised as Ollama routes it (:mod:`ollamaflow.server.target`), to
+the receiver its :class:`~ollamaflow.server.interfaces.RequestHandler` chooses from its head:
+for the front door, client traffic to the gateway as a request of
+:mod:`ollamaflow.server.request`, the admin API and the other pages as ordinary twisted.web
+requests carried by :class:`~ollamaflow.server.web.WebStream`.
 
 Requests on one connection are answered one at a time, in order. llhttp parses all that a read
 holds, so requests completed behind the one being answered wait in a queue; bytes that arrive
@@ -16,37 +17,31 @@ while a response is in progress wait unparsed, and reading pauses while more tha
 response side is the transport's producer, so a client that reads slowly pauses whatever feeds
 its response.
 
-Deadlines, checked by :meth:`Listener.sweep` (as nginx's ``client_header_timeout`` and
-``client_body_timeout``): a head must be whole within the read timeout of its first byte,
-however its bytes trickle in (:attr:`head_since`); a body may pause for no longer than it
-(:attr:`body_since`); a connection idle between requests closes after the idle timeout
-(:attr:`since`).
+Deadlines, checked by :meth:`ollamaflow.server.acceptor.Acceptor.sweep` (as nginx's
+``client_header_timeout`` and ``client_body_timeout``): a head must be whole within the read
+timeout of its first byte, however its bytes trickle in (:attr:`head_since`); a body may pause
+for no longer than it (:attr:`body_since`); a connection idle between requests closes after the
+idle timeout (:attr:`since`).
 """
 
 from __future__ import annotations
 
 import enum
-import tempfile
 from collections import deque
-from io import BytesIO
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
 
 from ollamaflow.http1.request import RequestParser, State
-from ollamaflow.http1.rules import BadMessage, split_target
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.http1.rules import BadMessage
+from ollamaflow.server.dates import DateCache
+from ollamaflow.server.errors import error_path, error_response
+from ollamaflow.server.interfaces import BodyReceiver, RequestHandler, RequestHead
 from ollamaflow.server.target import PLAIN_TARGET, PathError, normalize_target
 
-if TYPE_CHECKING:
-    from ollamaflow.listener import Listener
-
-#: Bodies up to this size are kept in memory; larger ones go to a temporary file.
-IN_MEMORY_BODY = 1 << 20
 #: Bytes received while a response is in progress before reading pauses.
 _MAX_PENDING = 256 * 1024
 #: A read is parsed this many bytes at a time, stopping once a request is whole: llhttp parses
@@ -54,6 +49,9 @@ _MAX_PENDING = 256 * 1024
 #: requests at once.
 _SLICE = 16 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: ``RequestHead(...)`` without the Python-level ``__new__`` of a NamedTuple (a third of the
+#: record's cost, on every request).
+_new_head = tuple.__new__
 _BODY = State.BODY
 
 
@@ -73,91 +71,31 @@ _ANSWERING = Phase.ANSWERING
 _CLOSED = Phase.CLOSED
 
 
-class Exchange(Protocol):
-    """What receives one request's body and then serves it: the gateway's request or a
-    twisted.web request (:class:`ollamaflow.server.web.WebStream`)."""
-
-    def body(self, data: bytes) -> None: ...
-
-    def complete(self) -> None: ...
-
-    def connection_lost(self, reason: Failure) -> None: ...
-
-
-class GatewayExchange:
-    """Collects the body of a request for the gateway, then hands the request over."""
-
-    __slots__ = ("_file", "_parts", "listener", "request", "size")
-
-    def __init__(self, listener: Listener, request: ClientRequest) -> None:
-        self.listener = listener
-        self.request = request
-        self._parts: list[bytes] = []
-        self._file: IO[bytes] | None = None
-        self.size = 0
-
-    def body(self, data: bytes) -> None:
-        self.size += len(data)
-        if self._file is not None:
-            self._file.write(data)
-        elif self.size > IN_MEMORY_BODY:
-            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - the request owns it
-            self._file.write(b"".join(self._parts))
-            self._file.write(data)
-            self._parts = []
-        else:
-            self._parts.append(data)
-
-    def complete(self) -> None:
-        request = self.request
-        if self._file is not None:
-            self._file.seek(0)
-            request.content = self._file
-        elif self.size:
-            parts = self._parts
-            request.content = BytesIO(parts[0] if len(parts) == 1 else b"".join(parts))
-        self.listener.serve(request)
-
-    def connection_lost(self, reason: Failure) -> None:
-        self.request.connection_lost(reason)
-        if self._file is not None:
-            self._file.close()
-
-
-def error_response(status: int, body: bytes, date: bytes, fields: bytes = b"") -> bytes:
-    """A whole JSON error response that ends the connection (``fields``: more, each ending
-    in CRLF)."""
-    return (
-        b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n%sConnection: close\r\n\r\n%s"
-        % (status, RESPONSES.get(status, b"Error"), date, len(body), fields, body)
-    )
-
-
-def error_path(target: bytes) -> bytes:
-    """The path whose dialect an error about a request is in, from its target as received:
-    normalised if it can be, else as sent (``//v1.0/...`` is still the admin API's)."""
-    try:
-        origin = split_target(target)[0]
-    except BadMessage:
-        return b"/"
-    try:
-        return normalize_target(origin)[1]
-    except PathError:
-        return b"/" + origin.partition(b"?")[0].lstrip(b"/")
-
-
 class HTTPConnection(TwistedProtocol):
-    """Parses requests, hands each to its exchange in turn, and writes nothing itself but
-    errors and ``100 Continue``."""
+    """Parses requests, hands each to its receiver in turn, and writes nothing itself but
+    errors and ``100 Continue``.
 
-    factory: Listener
+    ``handler`` chooses each request's receiver and body limit; ``connections`` holds the
+    open connections of the server (this one from ``connectionMade`` to ``connectionLost``);
+    ``header_names`` is the parser's cache of field names, shared by them."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        handler: RequestHandler,
+        clock: IReactorTime,
+        dates: DateCache,
+        connections: set[HTTPConnection],
+        header_names: dict[bytes, bytes],
+    ) -> None:
+        self.handler = handler
+        self.clock = clock
+        self.dates = dates
+        self._connections = connections
+        self._header_names = header_names
         self._phase = _READING
         self._parser: RequestParser
         #: The request whose head has come and whose body is arriving.
-        self._receiving: Exchange | None = None
+        self._receiving: BodyReceiver | None = None
         self._limit = 0
         self._received = 0
         #: Its normalised path (for the dialect of an error); empty between requests.
@@ -165,8 +103,8 @@ class HTTPConnection(TwistedProtocol):
         #: It asked for ``100 Continue`` and has not had it (nor sent its body) yet.
         self._continue = False
         #: Whole requests waiting for their turn; the one being answered.
-        self._ready: deque[Exchange] = deque()
-        self._answering: Exchange | None = None
+        self._ready: deque[BodyReceiver] = deque()
+        self._answering: BodyReceiver | None = None
         #: A request refused behind others: answered in its turn (status, message, path).
         self._refused: tuple[int, str, bytes] | None = None
         #: Bytes received while a response was in progress, not parsed yet.
@@ -179,7 +117,7 @@ class HTTPConnection(TwistedProtocol):
         self._now = 0.0
         self.peer_host = ""
         self.secure = False
-        #: Set when the listener drains: the connection closes after the current response, or
+        #: Set when the server drains: the connection closes after the current response, or
         #: (that one begun before) after the request pipelined behind it, answered in its turn.
         self.closing = False
         #: When the connection last became idle (for the idle timeout).
@@ -193,21 +131,20 @@ class HTTPConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
-        factory = self.factory
         self.peer_host = str(getattr(transport.getPeer(), "host", ""))
         self.secure = ISSLTransport.providedBy(transport)
         if hasattr(transport, "setTcpNoDelay"):
             # Every write is a whole response or a whole chunk of a stream: send it now.
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        self._parser = RequestParser(self, factory.header_names)
-        self.since = self._now = factory.clock.seconds()
-        factory.connections.add(self)
+        self._parser = RequestParser(self, self._header_names)
+        self.since = self._now = self.clock.seconds()
+        self._connections.add(self)
 
     def dataReceived(self, data: bytes) -> None:
         phase = self._phase
         if phase is _READING:
-            self._now = now = self.factory.clock.seconds()
+            self._now = now = self.clock.seconds()
             parser = self._parser
             if parser.state is _BODY:
                 self.body_since = now
@@ -230,20 +167,20 @@ class HTTPConnection(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = _CLOSED
-        self.factory.connections.discard(self)
+        self._connections.discard(self)
         self._parser.close()
         producer, self._producer = self._producer, None
-        self._drop_exchanges(reason)
+        self._drop_receivers(reason)
         if producer is not None:
             producer.stopProducing()
 
-    def _drop_exchanges(self, reason: Failure) -> None:
+    def _drop_receivers(self, reason: Failure) -> None:
         """Every request of the connection, answering or waiting its turn, hears it ended."""
-        exchanges = [e for e in (self._answering, *self._ready, self._receiving) if e]
+        receivers = [e for e in (self._answering, *self._ready, self._receiving) if e]
         self._answering = self._receiving = None
         self._ready.clear()
-        for exchange in exchanges:
-            exchange.connection_lost(reason)
+        for receiver in receivers:
+            receiver.connection_lost(reason)
 
     # -- the parser's consumer --------------------------------------------------------------
 
@@ -266,16 +203,17 @@ class HTTPConnection(TwistedProtocol):
             except PathError as e:  # (its dialect: see error_path)
                 raise BadMessage(400, str(e)) from None
         self._path = path
-        factory = self.factory
-        limit = factory.body_limit(path, fields.get(b"host"))
+        head = _new_head(
+            RequestHead, (method, target, path, version, headers, fields, keep_alive, length)
+        )
+        handler = self.handler
+        limit = handler.body_limit(head)
         if length is not None and length > limit:
             raise BadMessage(413, f"the request body is larger than {limit} bytes")
         self._limit = limit
         self._received = 0
         self.body_since = self._now
-        self._receiving = factory.exchange(
-            self, method, target, path, version, headers, fields, keep_alive, length
-        )
+        self._receiving = handler.receiver(self, head)
         if (
             length != 0
             and version == b"HTTP/1.1"
@@ -288,20 +226,20 @@ class HTTPConnection(TwistedProtocol):
         self._received += len(data)
         if self._received > self._limit:
             raise BadMessage(413, f"the request body is larger than {self._limit} bytes")
-        exchange = self._receiving
-        assert exchange is not None
-        exchange.body(data)
+        receiver = self._receiving
+        assert receiver is not None
+        receiver.body(data)
 
     def request_complete(self) -> None:
-        exchange = self._receiving
-        assert exchange is not None
+        receiver = self._receiving
+        assert receiver is not None
         self._receiving = None
         self._path = b""
         self._continue = False
-        self._ready.append(exchange)
+        self._ready.append(receiver)
         self.head_since = self._now  # a next head may start in the same read
 
-    # -- the response side: called by the exchange ----------------------------------------
+    # -- the response side: called by the request being answered ---------------------------
 
     def request_done(self, persistent: bool) -> None:
         """The response is complete: answer the next request, or close."""
@@ -316,7 +254,7 @@ class HTTPConnection(TwistedProtocol):
         # behind it is still answered in its turn (refused while draining, and closing).
         self._phase = _READING
         # The clocks start again: bytes that waited were not the client's delay.
-        self.since = self.head_since = self.body_since = self._now = self.factory.clock.seconds()
+        self.since = self.head_since = self.body_since = self._now = self.clock.seconds()
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
@@ -334,7 +272,7 @@ class HTTPConnection(TwistedProtocol):
     def unregister_producer(self) -> None:
         self._producer = None
 
-    # -- for the listener -------------------------------------------------------------------
+    # -- for the acceptor --------------------------------------------------------------------
 
     def idle(self) -> bool:
         """Whether the connection waits for a request and has none of one yet."""
@@ -406,10 +344,10 @@ class HTTPConnection(TwistedProtocol):
         try:
             while self._phase is _READING:
                 if self._ready:
-                    exchange = self._ready.popleft()
+                    receiver = self._ready.popleft()
                     self._phase = _ANSWERING
-                    self._answering = exchange
-                    exchange.complete()
+                    self._answering = receiver
+                    receiver.complete()
                 elif self._refused is not None:
                     self._reject(*self._refused)
                 elif self._waiting:
@@ -437,7 +375,7 @@ class HTTPConnection(TwistedProtocol):
     def _reject(self, status: int, message: str, path: bytes) -> None:
         self._phase = _CLOSED
         self._refused = None
-        body = self.factory.error_body(path, status, message)
-        self.transport.write(error_response(status, body, self.factory.date()))  # type: ignore[union-attr]
+        body = self.handler.error_body(path, status, message)
+        self.transport.write(error_response(status, body, self.dates.value()))  # type: ignore[union-attr]
         self.close()
-        self._drop_exchanges(Failure(BadMessage(status, message)))
+        self._drop_receivers(Failure(BadMessage(status, message)))

@@ -1,4 +1,5 @@
-"""One client request as the gateway sees it, and its response.
+"""One client request on a connection of ours, and its response
+(:class:`ollamaflow.server.interfaces.ClientRequest` is what the gateway sees of it).
 
 The methods the gateway calls keep twisted.web's names and meaning (``setResponseCode``,
 ``setHeader``, ``write``, ``finish``, ``registerProducer``), but there is no
@@ -9,20 +10,19 @@ request's fields are the raw pairs the connection parsed, the response's are wri
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
-if TYPE_CHECKING:
-    from ollamaflow.server.connection import HTTPConnection
+from ollamaflow.server.interfaces import ClientConnection, RequestHead
 
 #: Status codes whose responses never have a body.
 _NO_BODY = frozenset({204, 304})
 
 
-class ClientRequest:
+class ConnectionRequest:
     """A parsed request (method, target, header fields, body) and the response being written."""
 
     __slots__ = (
@@ -46,31 +46,25 @@ class ClientRequest:
         "uri",
     )
 
-    def __init__(
-        self,
-        connection: HTTPConnection,
-        method: bytes,
-        uri: bytes,
-        path: bytes,
-        clientproto: bytes,
-        headers: list[tuple[bytes, bytes]],
-        fields: dict[bytes, bytes],
-        persistent: bool,
-    ) -> None:
+    def __init__(self, connection: ClientConnection, head: RequestHead) -> None:
         self._connection = connection
-        self.method = method
-        #: The request target (the path, then the query as received) and its path; the path
-        #: is percent-decoded and normalised (:mod:`ollamaflow.server.target`).
-        self.uri = uri
-        self.path = path
-        self.clientproto = clientproto
-        #: The header fields as received, in order: (name, value) with the name as sent.
-        self.headers = headers
-        self._fields = fields
+        #: ``uri``: the request target (the path, then the query as received) and ``path``
+        #: its path, percent-decoded and normalised (:mod:`ollamaflow.server.target`);
+        #: ``headers``: the header fields as received, in order, with names as sent;
+        #: ``persistent``: whether the connection stays open after this response. (One
+        #: unpacking, not eight attribute reads: this is on every request's path.)
+        (
+            self.method,
+            self.uri,
+            self.path,
+            self.clientproto,
+            self.headers,
+            self._fields,
+            self.persistent,
+            _,
+        ) = head
         #: The body, complete, once the gateway sees the request; None when there is none.
         self.content: IO[bytes] | None = None
-        #: Whether the connection stays open after this response.
-        self.persistent = persistent
         self.code = 200
         self.phrase: bytes | None = None
         self._headers: dict[bytes, tuple[bytes, list[bytes]]] = {}
@@ -83,9 +77,16 @@ class ClientRequest:
 
     # -- the request ------------------------------------------------------------------------
 
-    def getHeader(self, name: bytes) -> bytes | None:
-        """The last value of a request header field; ``name`` in lower case."""
-        return self._fields.get(name)
+    def header(self, name: bytes) -> bytes | None:
+        """The last value of a request header field, None if it has none; ``name`` in any
+        case (the fields are kept by lower-case name, so lower case is the fast path)."""
+        found = self._fields.get(name)
+        if found is None and not name.islower():
+            return self._fields.get(name.lower())
+        return found
+
+    #: The name a twisted.web request has (kept until the last caller moves to ``header``).
+    getHeader = header
 
     @property
     def client_host(self) -> str:
@@ -195,7 +196,7 @@ class ClientRequest:
         elif self.clientproto != b"HTTP/1.1":
             headers[b"connection"] = (b"Connection", [b"keep-alive"])
         if b"date" not in headers:
-            headers[b"date"] = (b"Date", [connection.factory.date()])
+            headers[b"date"] = (b"Date", [connection.dates.value()])
         phrase = self.phrase or RESPONSES.get(code, b"Unknown")
         lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
         for name, values in headers.values():
@@ -212,3 +213,8 @@ class ClientRequest:
         watchers, self._watchers = self._watchers, []
         for _, lost in watchers:
             lost(reason)
+
+
+#: The former name, for callers not moved yet to the Protocol
+#: (:class:`ollamaflow.server.interfaces.ClientRequest`).
+ClientRequest = ConnectionRequest

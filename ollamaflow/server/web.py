@@ -3,45 +3,85 @@
 A ``twisted.web.server.Request`` talks to its channel through a small interface (write the head,
 write data, the request is done, register a producer, who is the peer); Twisted's own HTTP/2
 stream implements it, and so does :class:`WebStream`, one per request. The Klein app and the
-other resources run exactly as they would under ``HTTPChannel``.
+other resources run exactly as they would under ``HTTPChannel``, in a :class:`WebSite` whose
+requests answer a bug with a JSON 500 (:func:`ollamaflow.server.failures.fail`).
 """
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress, IPushProducer
-from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from twisted.web.server import Request, Site
+from collections.abc import Callable
 
-from ollamaflow.server.connection import HTTPConnection
-from ollamaflow.twisted_internals import BAD_REQUEST_HOOK
+from twisted.internet.interfaces import IAddress, IPushProducer, ITransport
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+
+from ollamaflow.server.failures import fail
+from ollamaflow.server.interfaces import ClientConnection, RequestHead
+from ollamaflow.twisted_internals import BAD_REQUEST_HOOK, request_disconnected
+
+#: The JSON 500 body for a bug below a request to a path (it logs the bug): ``(path, bug)``.
+InternalError = Callable[[bytes, Failure], bytes]
+
+
+class WebRequest(server.Request):
+    """A twisted.web request that answers a bug below it with a JSON 500, never an HTML page;
+    it is a :class:`~ollamaflow.server.interfaces.ResponseWriter`."""
+
+    site: WebSite
+
+    @property
+    def started(self) -> bool:
+        return bool(self.startedWriting)
+
+    @property
+    def disconnected(self) -> bool:
+        return request_disconnected(self)
+
+    def abort_connection(self) -> None:
+        transport: ITransport | None = self.channel.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def processingFailed(self, reason: Failure) -> None:
+        fail(self, self.site.internal_error(self.path, reason))
+
+
+class WebSite(server.Site):
+    """The site of the twisted.web side; it never logs a line per request (the gateway's
+    access log covers client traffic). ``internal_error``: the body of the 500 a bug below a
+    request becomes."""
+
+    requestFactory = WebRequest
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, root: Resource, internal_error: InternalError) -> None:
+        # Neither the admin API nor the pages read form submissions; parsing them would also
+        # parse the Content-Type of every POST with the email package.
+        super().__init__(root, parsePOSTFormSubmission=False)
+        self.internal_error = internal_error
+
+    def log(self, request: http.Request) -> None:
+        pass
 
 
 class WebStream:
     """The channel of one twisted.web request on a connection."""
 
-    def __init__(
-        self,
-        connection: HTTPConnection,
-        site: Site,
-        method: bytes,
-        uri: bytes,
-        version: bytes,
-        headers: list[tuple[bytes, bytes]],
-        persistent: bool,
-        length: int | None,
-    ) -> None:
+    def __init__(self, connection: ClientConnection, site: server.Site, head: RequestHead) -> None:
         self.connection = connection
         self.site = site
         #: ``Request.finish`` logs through its channel's factory.
         self.factory = site
         self.transport = connection.transport
-        self.persistent = persistent
-        self._method, self._uri, self._version = method, uri, version
-        request: Request = site.requestFactory(self)
-        for name, value in headers:
+        self.persistent = head.keep_alive
+        self._method, self._uri, self._version = head.method, head.target, head.version
+        request: server.Request = site.requestFactory(self)
+        for name, value in head.headers:
             request.requestHeaders.addRawHeader(name, value)
-        request.gotLength(length)
+        request.gotLength(head.length)
         self.request = request
 
     # -- from the connection ----------------------------------------------------------------
@@ -95,7 +135,7 @@ class WebStream:
     def writeSequence(self, data: list[bytes]) -> None:
         self.transport.writeSequence(data)  # type: ignore[union-attr]
 
-    def requestDone(self, request: Request) -> None:
+    def requestDone(self, request: server.Request) -> None:
         self.connection.request_done(self.persistent)
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
