@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import resource
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from harness import start_daemon, until
+from logcapture import keeping
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred
@@ -70,6 +72,11 @@ async def connect(daemon: Daemon, send: bytes = b"") -> RawClient:
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.address.port)
     client: RawClient = await connectProtocol(endpoint, RawClient(send))
     return client
+
+
+def answered(client: RawClient) -> Callable[[], bool]:
+    """Whether ``client`` got the root page's answer (for :func:`until`)."""
+    return lambda: client.received.endswith(b"Ollama is running")
 
 
 def connect_and_send_now(daemon: Daemon, data: bytes) -> RawClient:
@@ -130,7 +137,7 @@ async def test_a_connection_over_the_cap_is_answered_503_and_closed_cleanly(
         for _ in range(3):
             client = await connect(daemon, KEEP_ALIVE)
             held.append(client)
-            await until(lambda c=client: c.received.endswith(b"Ollama is running"))
+            await until(answered(client))
         assert len(daemon.listener.connections) == 3
 
         # Says nothing: answered at once all the same, then a FIN, not a reset.
@@ -237,14 +244,15 @@ def test_refusals_are_each_counted_and_logged_once_a_minute_at_most() -> None:
     acceptor = acceptor_of(1, clock)
     accept(acceptor)
     logged: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(logged.append)
+    observer = keeping(logged)
+    globalLogPublisher.addObserver(observer)
     try:
         for _ in range(3):
             accept(acceptor)
         clock.advance(REFUSAL_LOG_SECONDS)
         accept(acceptor)
     finally:
-        globalLogPublisher.removeObserver(logged.append)
+        globalLogPublisher.removeObserver(observer)
     warnings = [e for e in logged if "MaxConnections" in e.get("log_format", "")]
     assert [e["refused"] for e in warnings] == [1, 4]
     assert acceptor.refused == 4

@@ -13,6 +13,7 @@ import treq
 from harness import Collect, DaemonUnderTest, Http, start_daemon, until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from listening import stop_listening
 from recorder import start_recorder
 from test_server import Admin, Conn, Gateway, Server, answer, http
 from twisted.internet import reactor
@@ -641,9 +642,8 @@ async def test_a_daemon_answers_options_itself_and_hides_origin_from_backends(
         haproxy = await _raw(fleet.daemon.address.port, b"OPTIONS / HTTP/1.0\r\n\r\n")
         assert haproxy.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nAllow: " in haproxy
         assert all(s.method != b"OPTIONS" for s in recorder.seen), "none reached the backend"
-        tags = await treq.get(
-            fleet.url + "/api/tags", headers={"Origin": "http://localhost:3000"}, persistent=False
-        )
+        origin: dict[bytes | str, bytes | str] = {"Origin": "http://localhost:3000"}
+        tags = await treq.get(fleet.url + "/api/tags", headers=origin, persistent=False)
         await tags.content()
         assert tags.code == 200
         assert tags.headers.getRawHeaders("access-control-allow-origin") == [
@@ -655,7 +655,7 @@ async def test_a_daemon_answers_options_itself_and_hides_origin_from_backends(
         assert seen.header("origin") == []
     finally:
         assert recorder.port is not None
-        await recorder.port.stopListening()
+        await stop_listening(recorder.port)
         await fleet.daemon.stopService()
 
 
