@@ -12,10 +12,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -34,66 +33,13 @@ from ollamaflow.services.pull import (
     PullUnavailable,
     pull,
 )
+from ollamaflow.services.pullstate import BackendPulls, FailedPull, Pull, Watcher, detach, notify
 from ollamaflow.utctime import format_utc
 
 log = Logger()
 
 #: Told when a pull ends: the backend, the model (as asked for), and whether it succeeded.
 PullDoneCallback = Callable[[str, str, bool], None]
-
-
-@attrs.define(eq=False)
-class _Watcher:
-    """Someone waiting for a pull: a gateway request, via :meth:`ModelSync.ensure`."""
-
-    done: Deferred[None]
-    on_progress: ProgressCallback | None
-
-
-@attrs.define(eq=False)
-class _Pull:
-    """One pull of one model on one backend: queued, running, or finishing (re-reading tags)."""
-
-    key: str
-    name: str
-    progress: PullProgress = attrs.field(factory=PullProgress)
-    watchers: list[_Watcher] = attrs.field(factory=list)
-    running: Deferred[None] | None = None
-    finishing: bool = False
-
-    @property
-    def queued(self) -> bool:
-        return self.running is None and not self.finishing
-
-
-@attrs.define(eq=False)
-class _FailedPull:
-    """The last failed pull of a model on a backend, and when it may be tried again."""
-
-    name: str
-    error: str
-    attempts: int
-    next_retry: float
-    timer: IDelayedCall | None = None
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-
-@attrs.define(eq=False)
-class _BackendPulls:
-    pulls: dict[str, _Pull] = attrs.field(factory=dict)
-    failures: dict[str, _FailedPull] = attrs.field(factory=dict)
-
-    def running(self) -> int:
-        return sum(1 for p in self.pulls.values() if p.running is not None)
-
-    def drop_failure(self, key: str) -> None:
-        failed = self.failures.pop(key, None)
-        if failed is not None:
-            failed.cancel_timer()
 
 
 def _key(model: str) -> str | None:
@@ -145,7 +91,7 @@ class ModelSync(Service):
         #: False in all but one of several worker processes: one of them keeps RequiredModels
         #: in step, the others only run the pulls clients ask for.
         self.automatic = automatic
-        self._backends: dict[str, _BackendPulls] = {}
+        self._backends: dict[str, BackendPulls] = {}
         inventory.add_listener(self._reconcile)
         registry.subscribe(self.configuration_changed)
 
@@ -182,7 +128,7 @@ class ModelSync(Service):
         entries = self.inventory.entries(backend_id)
         loaded = self.inventory.loaded_entries(backend_id)
         required = self._required(self.registry.catalog, backend_id)
-        pulls = self._backends.get(backend_id) or _BackendPulls()
+        pulls = self._backends.get(backend_id) or BackendPulls()
         names: dict[str, str] = {}
         for source in (entries, loaded):
             for key, entry in source.items():
@@ -238,15 +184,15 @@ class ModelSync(Service):
             return fail(PullUnavailable("model synchronization is not running"))
         if backend is None or not _eligible(backend):
             return fail(PullUnavailable(f"backend {backend_id} is not an active Ollama backend"))
-        pulls = self._backends.setdefault(backend_id, _BackendPulls())
+        pulls = self._backends.setdefault(backend_id, BackendPulls())
         found = pulls.pulls.get(key)
         if found is None:
-            found = pulls.pulls[key] = _Pull(key, model)
-        watcher = _Watcher(Deferred(lambda _d: _detach(found, watcher)), on_progress)
+            found = pulls.pulls[key] = Pull(key, model)
+        watcher = Watcher(Deferred(lambda _d: detach(found, watcher)), on_progress)
         found.watchers.append(watcher)
         if on_progress is not None and found.running is not None:
             for message in found.progress.replay():
-                _notify(watcher, message)
+                notify(watcher, message)
         self._pump(backend_id)
         return watcher.done
 
@@ -324,11 +270,11 @@ class ModelSync(Service):
                     pulls.drop_failure(key)
                 continue
             if pulls is None:
-                pulls = self._backends[identifier] = _BackendPulls()
+                pulls = self._backends[identifier] = BackendPulls()
             last = pulls.failures.get(key)
             if key in pulls.pulls or (last is not None and last.next_retry > now):
                 continue
-            pulls.pulls[key] = _Pull(key, name)
+            pulls.pulls[key] = Pull(key, name)
 
     def _pump(self, identifier: str) -> None:
         """Start queued pulls, oldest first, while fewer than ``max_concurrent`` run."""
@@ -344,7 +290,7 @@ class ModelSync(Service):
                 return
             self._start(backend, queued)
 
-    def _start(self, backend: Backend, p: _Pull) -> None:
+    def _start(self, backend: Backend, p: Pull) -> None:
         log.info("pulling {model} on {backend}", model=p.name, backend=backend.identifier)
         p.progress.status = "starting"
         running = Deferred.fromCoroutine(
@@ -360,12 +306,12 @@ class ModelSync(Service):
         p.running = running
         running.addBoth(self._finished, backend.identifier, p)
 
-    def _progress(self, p: _Pull, message: dict[str, Any]) -> None:
+    def _progress(self, p: Pull, message: dict[str, Any]) -> None:
         p.progress.update(message)
         for watcher in list(p.watchers):
-            _notify(watcher, message)
+            notify(watcher, message)
 
-    def _finished(self, result: object, identifier: str, p: _Pull) -> None:
+    def _finished(self, result: object, identifier: str, p: Pull) -> None:
         p.running = None
         pulls = self._backends.get(identifier)
         if pulls is None or pulls.pulls.get(p.key) is not p:
@@ -381,7 +327,7 @@ class ModelSync(Service):
             refreshed.addBoth(lambda _: self._pulled(identifier, p))
         self._pump(identifier)
 
-    def _failed(self, identifier: str, pulls: _BackendPulls, p: _Pull, result: Failure) -> None:
+    def _failed(self, identifier: str, pulls: BackendPulls, p: Pull, result: Failure) -> None:
         error = result.value
         if not isinstance(error, PullError):
             if not result.check(CancelledError):
@@ -397,14 +343,14 @@ class ModelSync(Service):
         p.watchers = []
 
     def _note_failure(
-        self, identifier: str, pulls: _BackendPulls, key: str, name: str, error: str
+        self, identifier: str, pulls: BackendPulls, key: str, name: str, error: str
     ) -> None:
         previous = pulls.failures.pop(key, None)
         attempts = 1 if previous is None else previous.attempts + 1
         if previous is not None:
             previous.cancel_timer()
         delay = self.backoff(attempts)
-        failed = pulls.failures[key] = _FailedPull(
+        failed = pulls.failures[key] = FailedPull(
             name, error, attempts, self.clock.seconds() + delay
         )
         failed.timer = self.clock.callLater(delay, self._retry, identifier, failed)
@@ -418,7 +364,7 @@ class ModelSync(Service):
             delay=delay,
         )
 
-    def _done(self, identifier: str, p: _Pull, ok: bool) -> None:
+    def _done(self, identifier: str, p: Pull, ok: bool) -> None:
         if self.on_pull_done is None:
             return
         try:
@@ -426,11 +372,11 @@ class ModelSync(Service):
         except Exception:
             log.failure("pull listener failed for {backend}", backend=identifier)
 
-    def _retry(self, identifier: str, failed: _FailedPull) -> None:
+    def _retry(self, identifier: str, failed: FailedPull) -> None:
         failed.timer = None
         self._reconcile(identifier)
 
-    def _pulled(self, identifier: str, p: _Pull) -> None:
+    def _pulled(self, identifier: str, p: Pull) -> None:
         """After the re-read of tags that follows a successful pull: release the watchers."""
         pulls = self._backends.get(identifier)
         if pulls is None or pulls.pulls.get(p.key) is not p:
@@ -454,17 +400,3 @@ class ModelSync(Service):
             if not watcher.done.called:
                 watcher.done.callback(None)
         self._reconcile(identifier)
-
-
-def _detach(p: _Pull, watcher: _Watcher) -> None:
-    if watcher in p.watchers:
-        p.watchers.remove(watcher)
-
-
-def _notify(watcher: _Watcher, message: dict[str, Any]) -> None:
-    if watcher.on_progress is None:
-        return
-    try:
-        watcher.on_progress(message)
-    except Exception:
-        log.failure("pull progress listener failed")
