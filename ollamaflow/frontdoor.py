@@ -33,6 +33,7 @@ from ollamaflow.server.failures import fail
 from ollamaflow.server.interfaces import (
     BodyReceiver,
     ClientConnection,
+    ClientRequest,
     RequestHead,
 )
 from ollamaflow.server.request import ConnectionRequest
@@ -56,7 +57,7 @@ class Gateway(Protocol):
     """What the front door needs of the gateway: serve a whole client request (bytes to
     answer with, or ``NOT_DONE_YET`` when it answers later)."""
 
-    def render(self, request: ConnectionRequest) -> bytes | int: ...
+    def render(self, request: ClientRequest) -> bytes | int: ...
 
 
 #: The largest body of a client request, from its ``Host`` field (the frontend's limit).

@@ -65,7 +65,7 @@ class Request:
     def __attrs_post_init__(self) -> None:
         self.content = io.BytesIO(self.body)
 
-    def getHeader(self, name: bytes) -> bytes | None:
+    def header(self, name: bytes) -> bytes | None:
         for field, value in self.headers:
             if field.lower() == name:
                 return value

@@ -24,7 +24,7 @@ from ollamaflow import modelnames
 from ollamaflow.gateway import exchange, outbound
 from ollamaflow.gateway.balancer import Balancer, StickyPins
 from ollamaflow.gateway.deadlines import Deadlines
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.request import ConnectionRequest
 from ollamaflow.upstream import BackendClient
 
 
@@ -214,7 +214,7 @@ STEPS: dict[str, tuple[Any, str]] = {
     "arm the response deadline": (Deadlines, "add"),
     "copy the response headers": (exchange.hdrs, "to_client"),
     "pin the client": (StickyPins, "pin"),
-    "relay the body": (ClientRequest, "write"),
+    "relay the body": (ConnectionRequest, "write"),
     "remember the backend": (Balancer, "finished"),
 }
 

@@ -64,7 +64,7 @@ def serve(pieces: list[bytes]) -> Outcome:
     conn = server.connect()
     conn.send(*pieces)
     seen = tuple(
-        Seen(r.method, r.uri, tuple(r.headers), body, r.getHeader(b"host"))
+        Seen(r.method, r.uri, tuple(r.headers), body, r.header(b"host"))
         for r, body in zip(server.gateway.requests, server.gateway.bodies, strict=True)
     )
     answers = tuple((r.status, r.body) for r in conn.responses())

@@ -45,7 +45,7 @@ class Request:
         raw = self.body if isinstance(self.body, bytes) else json.dumps(self.body).encode()
         return io.BytesIO(raw)
 
-    def getHeader(self, name: bytes) -> bytes | None:
+    def header(self, name: bytes) -> bytes | None:
         return self.headers.get(name)
 
 

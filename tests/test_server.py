@@ -404,9 +404,9 @@ def test_get_reaches_the_gateway_with_its_request_line_fields_and_peer() -> None
         (b"accept", b"*/*"),
         (b"X-Trace", b"b"),
     ]
-    assert request.getHeader(b"host") == b"flow.example"
-    assert request.getHeader(b"x-trace") == b"b"
-    assert request.getHeader(b"accept") == b"*/*"
+    assert request.header(b"host") == b"flow.example"
+    assert request.header(b"x-trace") == b"b"
+    assert request.header(b"accept") == b"*/*"
     assert request.client_host == "10.0.0.7"
     assert request.secure is False
     assert request.content is None
@@ -523,7 +523,7 @@ def test_chunked_body_is_decoded(how: str) -> None:
     conn = server.connect()
     conn.send(*_pieces(how))
     assert server.gateway.bodies == [b"hello, world"]
-    assert server.gateway.requests[0].getHeader(b"transfer-encoding") == b"chunked"
+    assert server.gateway.requests[0].header(b"transfer-encoding") == b"chunked"
     assert conn.response().status == 200
     conn.send(get(b"/after"))
     assert conn.response().body == b"gateway GET /after"
@@ -747,7 +747,7 @@ def test_http10_without_host_is_served() -> None:
     conn = server.connect()
     conn.send(b"GET /api/tags HTTP/1.0\r\n\r\n")
     assert conn.response().status == 200
-    assert server.gateway.requests[0].getHeader(b"host") is None
+    assert server.gateway.requests[0].header(b"host") is None
 
 
 def test_write_after_finish_raises_and_the_watchers_hear_of_the_end() -> None:
@@ -1488,7 +1488,7 @@ def test_an_absolute_form_target_gives_path_uri_and_host() -> None:
     (request,) = server.gateway.requests
     assert request.path == b"/api/tags"
     assert request.uri == b"/api/tags?x=1"
-    assert request.getHeader(b"host") == b"flow.example"
+    assert request.header(b"host") == b"flow.example"
     assert (server.limit_paths, server.limit_calls) == ([b"/api/tags"], [b"flow.example"])
     assert conn.response().body == b"gateway GET /api/tags?x=1"
 
@@ -1500,7 +1500,7 @@ def test_an_absolute_form_target_without_a_path_is_the_root() -> None:
     assert conn.response().body == OLLAMA_IS_RUNNING
     conn.send(b"POST http://flow.example:8080 HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
     (request,) = server.gateway.requests
-    assert (request.uri, request.getHeader(b"host")) == (b"/", b"flow.example:8080")
+    assert (request.uri, request.header(b"host")) == (b"/", b"flow.example:8080")
 
 
 def test_an_absolute_form_target_with_a_query_and_no_path() -> None:
@@ -1627,7 +1627,7 @@ def test_an_absolute_form_target_is_normalised_too() -> None:
     conn.send(b"GET http://flow.example//api/%74ags?x=%2F HTTP/1.1\r\n\r\n")
     (request,) = server.gateway.requests
     assert (request.path, request.uri) == (b"/api/tags", b"/api/tags?x=%2F")
-    assert request.getHeader(b"host") == b"flow.example"
+    assert request.header(b"host") == b"flow.example"
 
 
 #: Paths that cannot be decoded, or climb above the root; the path whose dialect the 400 is in.
@@ -1726,8 +1726,8 @@ def test_only_short_header_names_are_remembered() -> None:
     conn.send(get(b"/api/tags", short + b": 1", long + b": 2", huge + b": 3"))
     (request,) = server.gateway.requests
     assert [value for _, value in request.headers[1:]] == [b"1", b"2", b"3"]
-    assert request.getHeader(long.lower()) == b"2"
-    assert request.getHeader(huge.lower()) == b"3"
+    assert request.header(long.lower()) == b"2"
+    assert request.header(huge.lower()) == b"3"
     assert conn.response().status == 200
     names = server.acceptor.header_names
     assert names[short] == short.lower()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.interfaces import ClientRequest
 
 #: How much of a client's string an error message quotes back.
 QUOTED = 200

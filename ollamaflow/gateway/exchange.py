@@ -38,7 +38,7 @@ from ollamaflow.gateway.routing import Forward
 from ollamaflow.gateway.scheduler import QueueRefused
 from ollamaflow.records import Backend
 from ollamaflow.runtime import MODEL_HOLD, FailureKind
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.interfaces import ClientRequest
 from ollamaflow.upstream.contracts import Attempt, BackendResponse
 
 log = Logger()

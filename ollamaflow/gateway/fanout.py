@@ -26,7 +26,7 @@ from ollamaflow.gateway.clienterrors import finish_json
 from ollamaflow.gateway.progress import ProgressMerger
 from ollamaflow.gateway.requestdoc import body_size
 from ollamaflow.records import Backend, Frontend
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.interfaces import ClientRequest
 
 #: What is kept of each backend's answer to a fan-out (errors, an unload's JSON).
 KEPT_BODY = 65536

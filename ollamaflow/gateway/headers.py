@@ -11,7 +11,7 @@ from twisted.web.http_headers import Headers
 from ollamaflow.credentials import Tokens
 from ollamaflow.http1.rules import HOP_BY_HOP, connection_tokens
 from ollamaflow.records import Backend
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.interfaces import ClientRequest
 
 #: Never copied to the backend: the agent writes its own Host and Content-Length.
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
@@ -78,9 +78,9 @@ def forwarded(request: ClientRequest, backend: Backend, withheld: Tokens | None 
         request.headers,
         backend,
         client_ip=request.client_host,
-        host=request.getHeader(b"host"),
+        host=request.header(b"host"),
         proto=b"https" if request.secure else b"http",
-        connection=request.getHeader(b"connection") or b"",
+        connection=request.header(b"connection") or b"",
         withheld=withheld,
     )
     out.append((b"Host", host_header(backend)))

@@ -28,7 +28,7 @@ from ollamaflow.gateway import fanout
 from ollamaflow.gateway.clienterrors import finish_json, quoted
 from ollamaflow.gateway.requestdoc import json_object, model_of
 from ollamaflow.records import ApiFormat, Backend, Frontend
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.interfaces import ClientRequest
 
 log = Logger()
 

@@ -41,7 +41,7 @@ from ollamaflow.gateway.routing import (
 from ollamaflow.gateway.scheduler import QueueStats, Scheduler
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import FailureKind, Runtime
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.interfaces import ClientRequest
 from ollamaflow.upstream.contracts import UpstreamClient
 
 log = Logger()

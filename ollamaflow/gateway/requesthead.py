@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.completed import LOGGED_BODY_BYTES, logged_text
 from ollamaflow.records import Backend, Frontend
-from ollamaflow.server.request import ClientRequest
+from ollamaflow.server.interfaces import ClientRequest
 
 #: The most of a request head the access log keeps: the bodies' bound. (The HTTP parser takes
 #: heads of 64 KiB at most already; this bound holds whatever it takes.)

@@ -68,7 +68,7 @@ class RoutedRequest(Protocol):
     @property
     def client_host(self) -> str: ...
 
-    def getHeader(self, name: bytes) -> bytes | None: ...
+    def header(self, name: bytes) -> bytes | None: ...
 
 
 # -- decisions --------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ class Router:
 
     def decide(self, request: RoutedRequest) -> Decision:
         """What to do with ``request``, whose body is complete."""
-        host = request.getHeader(b"host")
+        host = request.header(b"host")
         frontend = self.frontend_for(host)
         if frontend is None:
             name = host.decode("latin-1") if host else ""
@@ -229,7 +229,7 @@ class Router:
         if isinstance(read, Refusal):
             return read
         document, model = read
-        label_value = request.getHeader(b"x-ollamaflow-label")
+        label_value = request.header(b"x-ollamaflow-label")
         label = label_value.decode("latin-1") if label_value else None
         found = self.candidates(self.registry.catalog, frontend, request_class, label)
         if isinstance(found, NoCandidate):
@@ -270,7 +270,7 @@ class Router:
         if (
             not frontend.allow_model_management
             and manages_models(method, path)
-            and not self.admin_tokens.match(request.getHeader(b"authorization"))
+            and not self.admin_tokens.match(request.header(b"authorization"))
         ):
             return Refusal(
                 frontend,
@@ -456,7 +456,7 @@ class Router:
 
     def _client_id(self, request: RoutedRequest) -> bytes:
         for name in self.sticky_headers:
-            value = request.getHeader(name)
+            value = request.header(name)
             if value:
                 return value
         return request.client_host.encode()

@@ -85,9 +85,6 @@ class ConnectionRequest:
             return self._fields.get(name.lower())
         return found
 
-    #: The name a twisted.web request has (kept until the last caller moves to ``header``).
-    getHeader = header
-
     @property
     def client_host(self) -> str:
         """The client's IP address."""
@@ -213,8 +210,3 @@ class ConnectionRequest:
         watchers, self._watchers = self._watchers, []
         for _, lost in watchers:
             lost(reason)
-
-
-#: The former name, for callers not moved yet to the Protocol
-#: (:class:`ollamaflow.server.interfaces.ClientRequest`).
-ClientRequest = ConnectionRequest
