@@ -370,6 +370,20 @@ def test_catalog_changes_start_and_drop_pulls(s: Sync) -> None:
     assert s.sync.pulling("b1", "phi3") is not None  # running: left to finish
 
 
+def test_a_failed_model_no_longer_required_is_forgotten_and_not_retried(s: Sync) -> None:
+    s.start(backend("b1"), frontend("f1", ("b1",), "nosuchmodel", "mistral"))
+    s.ollama.fail(s.ollama.pulls[0])
+    s.ollama.succeed(s.ollama.pulls[1])
+    assert s.model("nosuchmodel:latest")["Failed"]["Attempts"] == 1
+    s.world.publish(backend("b1"), frontend("f1", ("b1",), "mistral"))
+    assert all(m["Name"] != "nosuchmodel:latest" for m in s.sync.models("b1"))
+    s.world.clock.advance(60)  # past every backoff: the retry went with the failure
+    assert [p.model for p in s.ollama.pulls] == ["nosuchmodel", "mistral"]
+    s.world.publish(backend("b1"), frontend("f1", ("b1",), "nosuchmodel", "mistral"))
+    assert [p.model for p in s.ollama.pulls] == ["nosuchmodel", "mistral", "nosuchmodel"]
+    assert "Failed" not in s.model("nosuchmodel:latest")  # a fresh start, not attempt 2
+
+
 def test_no_pulls_on_unhealthy_or_unknown_backends(s: Sync) -> None:
     s.start(
         backend("b1"),

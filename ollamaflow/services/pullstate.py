@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -65,6 +66,16 @@ class BackendPulls:
 
     def running(self) -> int:
         return sum(1 for p in self.pulls.values() if p.running is not None)
+
+    def keep_only(self, required: Collection[str]) -> None:
+        """Forget what is no longer required: queued pulls nobody waits for, and the failures
+        of models neither required nor pulling."""
+        for key, p in list(self.pulls.items()):
+            if p.queued and not p.watchers and key not in required:
+                del self.pulls[key]
+        for key in list(self.failures):
+            if key not in required and key not in self.pulls:
+                self.drop_failure(key)
 
     def drop_failure(self, key: str) -> None:
         failed = self.failures.pop(key, None)

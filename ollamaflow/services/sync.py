@@ -243,6 +243,8 @@ class ModelSync(Service):
             log.failure("model synchronization of {backend} failed", backend=identifier)
 
     def _plan(self, identifier: str) -> None:
+        """Queue each required model the backend lacks, unless it is pulling or waits for its
+        next retry; forget what is no longer required."""
         if not self.running:
             return
         catalog = self.registry.catalog
@@ -251,16 +253,8 @@ class ModelSync(Service):
         required = self._required(catalog, identifier)
         pulls = self._backends.get(identifier)
         if pulls is not None:
-            for key, p in list(pulls.pulls.items()):
-                if p.queued and not p.watchers and key not in required:
-                    del pulls.pulls[key]
-            for key in list(pulls.failures):
-                if key not in required and key not in pulls.pulls:
-                    pulls.drop_failure(key)
-        state = self.runtime.states.get(identifier)
-        if not self.automatic or state is None or not state.healthy:
-            return
-        if not self.inventory.known(identifier):
+            pulls.keep_only(required)
+        if not self._pulls_now(identifier):
             return
         present = self.inventory.entries(identifier)
         now = self.clock.seconds()
@@ -275,6 +269,13 @@ class ModelSync(Service):
             if key in pulls.pulls or (last is not None and last.next_retry > now):
                 continue
             pulls.pulls[key] = Pull(key, name)
+
+    def _pulls_now(self, identifier: str) -> bool:
+        """Whether missing models are pulled on the backend now: synchronization is automatic,
+        the backend is healthy and its tags have been read."""
+        state = self.runtime.states.get(identifier)
+        healthy = state is not None and state.healthy
+        return self.automatic and healthy and self.inventory.known(identifier)
 
     def _pump(self, identifier: str) -> None:
         """Start queued pulls, oldest first, while fewer than ``max_concurrent`` run."""
