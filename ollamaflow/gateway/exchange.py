@@ -21,7 +21,7 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 
 from ollamaflow.gateway import headers as hdrs
 from ollamaflow.gateway.classify import MODEL_TRANSFER_PATHS, RequestClass
-from ollamaflow.gateway.clienterrors import refuse
+from ollamaflow.gateway.clienterrors import error_body, refuse
 from ollamaflow.gateway.completed import (
     LOGGED_BODY_BYTES,
     TAIL_BYTES,
@@ -38,6 +38,7 @@ from ollamaflow.gateway.routing import Forward
 from ollamaflow.gateway.scheduler import QueueRefused
 from ollamaflow.records import Backend
 from ollamaflow.runtime import MODEL_HOLD, FailureKind
+from ollamaflow.server.failures import fail
 from ollamaflow.server.interfaces import ClientRequest
 from ollamaflow.upstream.contracts import Attempt, BackendResponse
 
@@ -537,17 +538,11 @@ class Exchange:
         self.outcome = "error"
         self._stop_everything()
         request = self.request
-        if request.finished or request.disconnected:
-            return
-        if request.started:
-            request.abort_connection()
-            return
+        if not request.started:
+            self.status = 500
+        message = f"internal error; see the gateway's log, request {self.request_id}"
         try:
-            self._answer(
-                500,
-                f"internal error; see the gateway's log, request {self.request_id}",
-                outcome="error",
-            )
+            fail(request, error_body(request.path, 500, message))
         except Exception:
             log.failure("request {rid}: the 500 could not be sent", rid=self.request_id)
             request.abort_connection()

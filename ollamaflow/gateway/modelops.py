@@ -25,9 +25,10 @@ from ollamaflow import jsonlimits, modelnames
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway import fanout
-from ollamaflow.gateway.clienterrors import finish_json, quoted
+from ollamaflow.gateway.clienterrors import error_body, finish_json, quoted
 from ollamaflow.gateway.requestdoc import json_object, model_of
 from ollamaflow.records import ApiFormat, Backend, Frontend
+from ollamaflow.server.failures import fail
 from ollamaflow.server.interfaces import ClientRequest
 
 log = Logger()
@@ -430,11 +431,7 @@ class ModelOperations:
 
         def failed(failure: Failure) -> None:
             log.failure("{what} across the fleet failed", failure, what=what)
-            if not request.disconnected and not request.finished:
-                if request.started:
-                    request.abort_connection()
-                else:
-                    finish_json(request, 500, {"error": f"{what} failed; see the gateway's log"})
+            fail(request, error_body(request.path, 500, f"{what} failed; see the gateway's log"))
 
         Deferred.fromCoroutine(work).addErrback(failed)
 
