@@ -473,6 +473,8 @@ async def serve(daemon: Daemon, sim_port: int, backend: dict[str, Any], **fronte
     reply = await admin.put("/v1.0/frontends/frontend1", {"Backends": ["sim0"], **frontend})
     assert reply.status == 200, reply.body
     await until(lambda: daemon.runtime.state("sim0").healthy)
+    # Its models too, so a model it lacks is the gateway's 404 (read right after the check).
+    await until(lambda: daemon.inventory.known("sim0"))
     return Http.to(daemon, token=None)
 
 
