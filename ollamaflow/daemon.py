@@ -1,4 +1,4 @@
-"""The daemon as a Twisted service: live configuration, admin API and the main listener.
+"""The daemon as a Twisted service: live configuration, admin API and the main port.
 
 Built from an open store and its first snapshot, so ``twistd`` can prepare the database before
 the reactor runs and tests can build one in-process on port 0.
@@ -28,15 +28,17 @@ from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.cors import Policy
 from ollamaflow.credentials import Tokens
+from ollamaflow.frontdoor import FrontDoor, Root
 from ollamaflow.gateway.completed import Completed
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.gateway.scheduler import Scheduler
-from ollamaflow.listener import ADMIN_MAX_BODY, ADMIN_PREFIX, Listener, Root
 from ollamaflow.logs import logs_info
 from ollamaflow.metrics import KnownModels, LiveState, Metrics, MetricsPage
 from ollamaflow.pool import connection_pool, services_agent
 from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime
+from ollamaflow.server.acceptor import Acceptor
+from ollamaflow.server.interfaces import ListenFunction
 from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.services.follow import ConfigFollower
 from ollamaflow.settings import DatabaseDriver, LoadedSettings
@@ -47,6 +49,9 @@ from ollamaflow.utctime import utc_clock
 from ollamaflow.workers import listen_shared
 
 log = Logger()
+
+#: Connections the kernel holds for us before we accept them.
+LISTEN_BACKLOG = 1024
 
 #: Seconds to open a connection to a backend for a client's request.
 BACKEND_CONNECT_TIMEOUT = 5.0
@@ -80,13 +85,19 @@ class Daemon(MultiService):
         port: int | None = None,
         log_observer: ILogObserver | None = None,
         worker: int | None = None,
+        listen: ListenFunction | None = None,
     ) -> None:
-        """``worker``: this process is worker N of a daemon with ``Workers`` > 1."""
+        """``worker``: this process is worker N of a daemon with ``Workers`` > 1; ``listen``
+        starts listening (by default :func:`ollamaflow.tcp.listen`, or with SO_REUSEPORT when
+        several workers share the port)."""
         super().__init__()
         self.loaded = loaded
         self.worker = worker
         #: Several processes on one port: each binds it with SO_REUSEPORT.
         self.shared_port = loaded.settings.workers > 1
+        if listen is None:
+            listen = listen_shared if self.shared_port else tcp.listen
+        self.listen: ListenFunction = listen
         self.store = store
         self.reactor: IReactorTCP = reactor
         self.reactor_time: IReactorTime = reactor
@@ -173,18 +184,21 @@ class Daemon(MultiService):
             worker=worker or 0,
         )
         self.root = Root(self.admin.resource(), metrics=metrics_page)
-        self.listener = Listener(
+        #: Where each request goes: the admin API, our pages, a CORS answer, or the gateway.
+        self.front_door = FrontDoor(
             self.gateway,
             self.root,
-            self._body_limit,
-            reactor,
-            max_connections=settings.webserver.max_connections,
+            self.gateway.body_limit,
             cors_policy=Policy.of(
                 settings.cors.allowed_origins, settings.cors.admin_allowed_origins
             ),
         )
+        #: The client connections: the cap, idle and slow ones swept, the drain.
+        self.acceptor = Acceptor(
+            self.front_door, reactor, max_connections=settings.webserver.max_connections
+        )
         if self.metrics is not None:
-            self.metrics.watch_connections(self.listener)
+            self.metrics.watch_connections(self.acceptor)
         sweeper = TimerService(STICKY_SWEEP_SECONDS, self._sweep_pins)
         sweeper.clock = reactor
         sweeper.setServiceParent(self)
@@ -208,11 +222,6 @@ class Daemon(MultiService):
         """A backend that failed a request passed a check: queued requests may use it again."""
         self.gateway.backend_available(backend, True)
 
-    def _body_limit(self, path: bytes, host: bytes | None) -> int:
-        if path.startswith(ADMIN_PREFIX):
-            return ADMIN_MAX_BODY
-        return self.gateway.body_limit(host)
-
     def _sweep_pins(self) -> None:
         self.gateway.router.pins.sweep(self.reactor_time.seconds())
 
@@ -223,16 +232,14 @@ class Daemon(MultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
-        factory: Any = self.listener
         try:
-            if self.shared_port:
-                self.listening = listen_shared(
-                    self.reactor, self.port_number, self.interface, factory
-                )
-            else:
-                self.listening = tcp.listen(
-                    self.reactor, self.port_number, factory, backlog=1024, interface=self.interface
-                )
+            self.listening = self.listen(
+                self.reactor,
+                self.port_number,
+                self.acceptor,
+                backlog=LISTEN_BACKLOG,
+                interface=self.interface,
+            )
         except (CannotListenError, OSError) as e:
             reason = e.socketError if isinstance(e, CannotListenError) else e.strerror
             raise SystemExit(
@@ -288,7 +295,7 @@ class Daemon(MultiService):
         all finished in time (none had to be cut off)."""
         gateway = self.gateway
         gateway.draining = True
-        self.listener.drain()
+        self.acceptor.drain()
         clock = self.reactor_time
         deadline = clock.seconds() + seconds
         if gateway.exchanges:

@@ -129,7 +129,7 @@ def quiet_connection_pool(pool: HTTPConnectionPool) -> HTTPConnectionPool:
     return pool
 
 
-# --- twisted.web requests (ollamaflow/listener.py, ollamaflow/server/web.py) ------------------
+# --- twisted.web requests (ollamaflow/frontdoor.py, ollamaflow/server/web.py) -----------------
 
 
 def request_disconnected(request: Request) -> bool:

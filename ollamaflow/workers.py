@@ -33,15 +33,18 @@ log = Logger()
 _RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 
 
-def listen_shared(reactor: Any, port: int, interface: str, factory: Any) -> IListeningPort:
-    """Listen on ``interface:port`` with SO_REUSEPORT, so sibling processes can too."""
+def listen_shared(
+    reactor: Any, port: int, factory: Any, *, backlog: int, interface: str
+) -> IListeningPort:
+    """Listen on ``interface:port`` with SO_REUSEPORT, so sibling processes can too (a
+    ``ListenFunction``, as :func:`ollamaflow.tcp.listen` is)."""
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
-        sock.listen(1024)
+        sock.listen(backlog)
         sock.setblocking(False)
         listening: IListeningPort = tcp.adopt(reactor, sock, factory)
     finally:

@@ -177,7 +177,7 @@ def count_options(daemon: Daemon) -> list[bytes]:
     """Record the path of every OPTIONS the daemon's front door answers (preflights
     included)."""
     seen: list[bytes] = []
-    front_door = daemon.listener.front_door
+    front_door = daemon.front_door
     original = front_door.cross_origin
 
     def recording(connection: Any, head: RequestHead) -> Any:

@@ -133,12 +133,12 @@ async def test_a_connection_over_the_cap_is_answered_503_and_closed_cleanly(
     daemon = await start_daemon(tmp_path, {"Webserver": {"MaxConnections": 3}})
     held: list[RawClient] = []
     try:
-        assert daemon.listener.max_connections == 3
+        assert daemon.acceptor.max_connections == 3
         for _ in range(3):
             client = await connect(daemon, KEEP_ALIVE)
             held.append(client)
             await until(answered(client))
-        assert len(daemon.listener.connections) == 3
+        assert len(daemon.acceptor.connections) == 3
 
         # Says nothing: answered at once all the same, then a FIN, not a reset.
         silent = await connect(daemon)
@@ -153,9 +153,9 @@ async def test_a_connection_over_the_cap_is_answered_503_and_closed_cleanly(
         head = b"POST /api/chat HTTP/1.1\r\nHost: flow\r\nContent-Length: %d\r\n\r\n"
         streaming = await connect(daemon, head % len(body) + body)
         assert_refused(await whole_answer(streaming))
-        assert len(daemon.listener.connections) == 3
-        assert daemon.listener.refused == 3
-        await until(lambda: not daemon.listener.lingering, 1.0)  # they closed: no waiting
+        assert len(daemon.acceptor.connections) == 3
+        assert daemon.acceptor.refused == 3
+        await until(lambda: not daemon.acceptor.lingering, 1.0)  # they closed: no waiting
 
         # The three are still served (keep-alive) while the others were refused.
         before = held[0].received
@@ -165,7 +165,7 @@ async def test_a_connection_over_the_cap_is_answered_503_and_closed_cleanly(
 
         # One of the three leaves: a new connection is served again.
         held.pop().transport.loseConnection()  # type: ignore[union-attr]
-        await until(lambda: len(daemon.listener.connections) == 2)
+        await until(lambda: len(daemon.acceptor.connections) == 2)
         scrape_request = b"GET /metrics HTTP/1.1\r\nHost: flow\r\nConnection: close\r\n\r\n"
         scrape = await connect(daemon, scrape_request)
         status, _fields, text = parse(await whole_answer(scrape))
@@ -186,8 +186,8 @@ async def test_a_connection_over_the_cap_is_answered_503_and_closed_cleanly(
 
 @pytest_twisted.ensureDeferred
 async def test_the_default_cap_is_set_and_counted_from_zero(daemon: Daemon) -> None:
-    assert daemon.listener.max_connections == DEFAULT_MAX_CONNECTIONS
-    assert daemon.listener.refused == 0
+    assert daemon.acceptor.max_connections == DEFAULT_MAX_CONNECTIONS
+    assert daemon.acceptor.refused == 0
 
 
 # -- the refusal, on a fake clock -----------------------------------------------------------------

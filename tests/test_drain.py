@@ -155,7 +155,7 @@ async def test_a_request_pipelined_behind_a_stream_during_drain_is_503_after_it(
         if sent == "while it streams":
             transport.write(NEXT_REQUEST)
             await until(
-                lambda: any(c._waiting for c in daemon.listener.connections),
+                lambda: any(c._waiting for c in daemon.acceptor.connections),
                 what="the next request's bytes wait at the daemon",
             )
         stopping = daemon.stopService()

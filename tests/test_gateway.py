@@ -780,7 +780,13 @@ async def test_proxied_requests_never_touch_the_database(cluster: Cluster) -> No
 # -- memory -------------------------------------------------------------------------------
 
 #: The modules whose objects a proxied request creates.
-_HOT_PATH = ("ollamaflow.gateway", "ollamaflow.server", "ollamaflow.listener", "ollamaflow.tcp")
+_HOT_PATH = (
+    "ollamaflow.gateway",
+    "ollamaflow.server",
+    "ollamaflow.upstream",
+    "ollamaflow.frontdoor",
+    "ollamaflow.tcp",
+)
 
 
 @pytest_twisted.ensureDeferred

@@ -43,7 +43,7 @@ async def _serve(
 
     factory = Factory.forProtocol(build)
     if shared:  # Workers > 1: a socket bound with SO_REUSEPORT, adopted by the reactor
-        port = listen_shared(reactor, 0, "127.0.0.1", factory)
+        port = listen_shared(reactor, 0, factory, backlog=1024, interface="127.0.0.1")
     else:
         port = tcp.listen(reactor, 0, factory, backlog=5, interface="127.0.0.1")
     try:
