@@ -105,7 +105,6 @@ class Daemon(MultiService):
         self.started = self.now()
         self.runtime = Runtime()
         self.registry = Registry(store, Catalog.build(snapshot))
-        self.registry.subscribe(lambda catalog: self.runtime.forget_all_but(catalog.backends))
         settings = loaded.settings
         # Health checks, model inventory and model sync share one connection pool, apart from
         # the gateway's so that background traffic never queues behind client requests.
@@ -125,9 +124,11 @@ class Daemon(MultiService):
             observers.append(AccessLog())
         self.metrics: Metrics | None = None
         metrics_page: MetricsPage | None = None
+        known_models: KnownModels | None = None
         if settings.metrics.enabled:
+            known_models = KnownModels(self.registry, self.inventory)
             self.metrics = Metrics(
-                known_model=KnownModels(self.registry, self.inventory),
+                known_model=known_models,
                 live=LiveState(self.registry, self.runtime, scheduler.depth),
             )
             observers.append(self.metrics)
@@ -173,6 +174,23 @@ class Daemon(MultiService):
             withheld=Tokens.of(settings.admin_bearer_tokens, [settings.metrics.bearer_token]),
             observers=observers,
         )
+        # Who hears of a configuration change, in this order: the runtime forgets deleted
+        # backends, the inventory and model sync forget and reconcile, the health checker
+        # starts and stops checks (a changed backend is checked at once), the gateway drops
+        # pins and idle connections and hands freed slots to the queue, the metrics re-read
+        # model names.
+        registry = self.registry
+        registry.subscribe(self._forget_deleted)
+        registry.subscribe(self.inventory.configuration_changed)
+        registry.subscribe(self.sync.configuration_changed)
+        registry.subscribe(self.health.configuration_changed)
+        registry.subscribe(self.gateway.configuration_changed)
+        # Who hears that a backend's models were read: routing, model sync, the metrics.
+        self.inventory.add_listener(self.gateway.router.inventory_changed)
+        self.inventory.add_listener(self.sync.models_read)
+        if known_models is not None:
+            registry.subscribe(known_models.changed)
+            self.inventory.add_listener(known_models.changed)
         self.admin = AdminApi(
             self.registry,
             self.runtime,
@@ -213,6 +231,9 @@ class Daemon(MultiService):
         self.interface = listen_interface(settings.webserver.hostname)
         self.listening: IListeningPort | None = None
         self.log_observer = log_observer
+
+    def _forget_deleted(self, catalog: Catalog) -> None:
+        self.runtime.forget_all_but(catalog.backends)
 
     def _health_changed(self, backend: Backend, healthy: bool) -> None:
         self.inventory.health_changed(backend, healthy)

@@ -62,11 +62,8 @@ class KnownModels:
     inventory: ModelInventory
     _names: dict[str, str] | None = None
 
-    def __attrs_post_init__(self) -> None:
-        self.inventory.add_listener(self._changed)
-        self.registry.subscribe(self._changed)
-
-    def _changed(self, _what: str | Catalog) -> None:
+    def changed(self, _what: str | Catalog) -> None:
+        """A registry subscriber and an inventory listener: the names are read again."""
         self._names = None
 
     def __call__(self, model: str) -> str | None:

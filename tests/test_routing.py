@@ -118,6 +118,7 @@ def fleet(*backends: Backend, healthy: tuple[str, ...] | None = None, **frontend
         inventory=inventory,
         admin_tokens=Tokens.of(["admin"]),
     )
+    inventory.add_listener(router.inventory_changed)
     return Fleet(catalog, runtime, inventory, router, now)
 
 

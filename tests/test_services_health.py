@@ -215,6 +215,7 @@ def health() -> Any:
         timeout=3.0,
         on_transition=lambda be, healthy: transitions.append((be.identifier, healthy)),
     )
+    world.registry.subscribe(checker.configuration_changed)
     yield Health(world, checker, transitions, status)
     checker.stopService()
     assert world.clock.getDelayedCalls() == []
@@ -639,6 +640,7 @@ async def test_simulator_goes_down_and_comes_back(simulators: Any, real_http: An
         timeout=1.0,
         on_transition=lambda be, healthy: changes.append(healthy),
     )
+    world.registry.subscribe(checker.configuration_changed)
     checker.startService()
     try:
         await until(lambda: changes == [True])

@@ -70,6 +70,7 @@ def inv() -> Any:
         interval=30.0,
         timeout=10.0,
     )
+    world.registry.subscribe(inventory.configuration_changed)
     refreshed: list[str] = []
     inventory.add_listener(refreshed.append)
     yield Inv(world, inventory, answers, refreshed)
@@ -275,6 +276,7 @@ async def test_reads_a_simulator(simulators: Any, real_http: Any) -> None:
     inventory = ModelInventory(
         registry=world.registry, runtime=world.runtime, clock=reactor, http=real_http, interval=60
     )
+    world.registry.subscribe(inventory.configuration_changed)
     inventory.startService()
     try:
         await until(lambda: inventory.known("b1"))

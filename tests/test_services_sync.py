@@ -127,6 +127,7 @@ def s() -> Any:
         http=world.http,
         interval=30.0,
     )
+    world.registry.subscribe(inventory.configuration_changed)
     sync = ModelSync(
         registry=world.registry,
         runtime=world.runtime,
@@ -138,6 +139,8 @@ def s() -> Any:
         backoff_base=5.0,
         backoff_max=40.0,
     )
+    world.registry.subscribe(sync.configuration_changed)
+    inventory.add_listener(sync.models_read)
     yield Sync(world, ollama, inventory, sync)
     sync.stopService()
     inventory.stopService()
@@ -586,6 +589,7 @@ async def test_required_models_appear_on_simulators(simulators: Any, real_http: 
     inventory = ModelInventory(
         registry=world.registry, runtime=world.runtime, clock=reactor, http=real_http, interval=60
     )
+    world.registry.subscribe(inventory.configuration_changed)
     checker = HealthChecker(
         registry=world.registry,
         runtime=world.runtime,
@@ -595,6 +599,7 @@ async def test_required_models_appear_on_simulators(simulators: Any, real_http: 
         timeout=2,
         on_transition=inventory.health_changed,
     )
+    world.registry.subscribe(checker.configuration_changed)
     sync = ModelSync(
         registry=world.registry,
         runtime=world.runtime,
@@ -606,6 +611,8 @@ async def test_required_models_appear_on_simulators(simulators: Any, real_http: 
         backoff_base=0.1,
         backoff_max=0.4,
     )
+    world.registry.subscribe(sync.configuration_changed)
+    inventory.add_listener(sync.models_read)
     services = [inventory, sync, checker]
     for service in services:
         service.startService()

@@ -118,9 +118,10 @@ class Gateway:
         )
         #: Set while the daemon shuts down: requests in flight finish, new ones are refused.
         self.draining = False
-        registry.subscribe(self._configuration_changed)
 
-    def _configuration_changed(self, catalog: Catalog) -> None:
+    def configuration_changed(self, catalog: Catalog) -> None:
+        """A registry subscriber: forget what deleted backends and frontends left behind, and
+        hand slots of changed backends to the queue."""
         self.upstream.forget({(b.hostname, b.port, b.ssl) for b in catalog.backends.values()})
         self.router.configuration_changed(catalog)
         self.scheduler.forget(lambda f: f in catalog.frontends)

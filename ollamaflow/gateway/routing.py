@@ -198,14 +198,13 @@ class Router:
         self._with_model: dict[
             tuple[int, str], tuple[list[Backend], int, list[Backend], frozenset[str]]
         ] = {}
-        if inventory is not None:
-            inventory.add_listener(self._inventory_changed)
 
     def configuration_changed(self, catalog: Catalog) -> None:
         self.pins.prune(catalog)
         self.balancer.forget(catalog)
 
-    def _inventory_changed(self, backend_id: str) -> None:
+    def inventory_changed(self, backend_id: str) -> None:
+        """An inventory listener: which candidates have a model is worked out again."""
         self._inventory_version += 1
 
     # -- the decision ---------------------------------------------------------------------------

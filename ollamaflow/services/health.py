@@ -94,7 +94,6 @@ class HealthChecker(Service):
         self.on_available = on_available
         self.now = utc_clock(clock.seconds)
         self._loops: dict[str, _Loop] = {}
-        registry.subscribe(self.configuration_changed)
 
     def startService(self) -> None:
         super().startService()

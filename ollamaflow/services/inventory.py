@@ -113,7 +113,6 @@ class ModelInventory(Service):
         self._listeners: list[InventoryListener] = []
         self._loop = LoopingCall(self._refresh_all)
         self._loop.clock = clock
-        registry.subscribe(self.configuration_changed)
 
     # -- read side (hot path) ---------------------------------------------------------------
 

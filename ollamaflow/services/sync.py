@@ -92,8 +92,6 @@ class ModelSync(Service):
         #: in step, the others only run the pulls clients ask for.
         self.automatic = automatic
         self._backends: dict[str, BackendPulls] = {}
-        inventory.add_listener(self._reconcile)
-        registry.subscribe(self.configuration_changed)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -233,6 +231,10 @@ class ModelSync(Service):
                     watcher.done.errback(PullUnavailable(reason))
 
     # -- the work -------------------------------------------------------------------------------
+
+    def models_read(self, identifier: str) -> None:
+        """An inventory listener: a backend's models were read; pull what it lacks."""
+        self._reconcile(identifier)
 
     def _reconcile(self, identifier: str) -> None:
         """Queue the missing required models of one backend, then start what may start."""
