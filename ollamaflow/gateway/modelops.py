@@ -187,12 +187,7 @@ class ModelOperations:
                 # Before the inventories are read again: model sync must not pull it back.
                 await self._require(frontend, model, keep=False)
             await self._refreshed(outcomes, (200,))
-            if failed:
-                _finish(request, 502, {"error": f"delete of {quoted(model)} failed on {failed}"})
-            elif not deleted:
-                _finish(request, 404, {"error": f"model {quoted(model)} not found"})
-            else:
-                _finish_empty(request, 200)
+            _finish_done_somewhere(request, "delete", model, outcomes)
 
         self._detached(request, run(), "delete")
         return NOT_DONE_YET
@@ -225,13 +220,7 @@ class ModelOperations:
                 request, targets, "POST", "/api/copy", body, frontend.timeout_ms / 1000 or None
             )
             await self._refreshed(outcomes, (200,))
-            failed = fanout.failures(outcomes, (200, 404))
-            if failed:
-                _finish(request, 502, {"error": f"copy of {quoted(source)} failed on {failed}"})
-            elif not any(o.status == 200 for o in outcomes):
-                _finish(request, 404, {"error": f"model {quoted(source)} not found"})
-            else:
-                _finish_empty(request, 200)
+            _finish_done_somewhere(request, "copy", source, outcomes)
 
         self._detached(request, run(), "copy")
         return NOT_DONE_YET
@@ -453,6 +442,21 @@ def _finish_empty(request: ClientRequest, status: int) -> None:
         request.setResponseCode(status)
         request.setHeader(b"Content-Length", b"0")
         request.finish()
+
+
+def _finish_done_somewhere(
+    request: ClientRequest, what: str, model: str, outcomes: Sequence[fanout.Outcome]
+) -> None:
+    """Ollama's answer to a delete or a copy done across the fleet: 200 and an empty body if
+    some backend did it and none failed (a 404 is a backend without the model), 404 if none
+    had the model, else 502 naming the backends that failed."""
+    failed = fanout.failures(outcomes, (200, 404))
+    if failed:
+        _finish(request, 502, {"error": f"{what} of {quoted(model)} failed on {failed}"})
+    elif not any(o.status == 200 for o in outcomes):
+        _finish(request, 404, {"error": f"model {quoted(model)} not found"})
+    else:
+        _finish_empty(request, 200)
 
 
 def _finish_blob(request: ClientRequest, outcomes: Sequence[fanout.Outcome], head: bool) -> None:
