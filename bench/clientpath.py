@@ -13,12 +13,12 @@ reactor: what is left is serializing the request, parsing the answer and the poo
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from report import best_microseconds
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -125,23 +125,7 @@ CASES: dict[str, Callable[[], Callable[[], None]]] = {
 def measure(one: Callable[[], None], seconds: float) -> float:
     """CPU microseconds per call, best of ten rounds of ``seconds`` / 10 each (CPU time: other
     processes on the machine move it less than wall time)."""
-    for _ in range(200):
-        one()
-    best = float("inf")
-    for _ in range(10):
-        gc.collect()
-        count = 0
-        start = time.process_time()
-        deadline = start + seconds / 10
-        while True:
-            for _ in range(200):
-                one()
-            count += 200
-            now = time.process_time()
-            if now >= deadline:
-                break
-        best = min(best, (now - start) / count * 1e6)
-    return best
+    return best_microseconds(one, seconds, rounds=10, batch=200, clock=time.process_time)
 
 
 def calls(one: Callable[[], None]) -> int:

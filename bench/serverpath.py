@@ -14,7 +14,6 @@ write the answer — which is where the case for a lean server of our own is mad
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import h11
+from report import best_microseconds
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -122,24 +122,7 @@ SERVERS: dict[str, Callable[[], Callable[[], None]]] = {
 
 def per_request_us(make: Callable[[], Callable[[], None]], seconds: float) -> float:
     """The best of five rounds of ``seconds``/5 each, in microseconds per request."""
-    one = make()
-    for _ in range(200):  # warm up: header-name caches, code paths
-        one()
-    best = float("inf")
-    for _ in range(5):
-        count = 0
-        gc.collect()
-        began = time.perf_counter()
-        deadline = began + seconds / 5
-        while True:
-            for _ in range(100):
-                one()
-            count += 100
-            now = time.perf_counter()
-            if now >= deadline:
-                break
-        best = min(best, (now - began) / count * 1e6)
-    return best
+    return best_microseconds(make(), seconds, rounds=5, batch=100, clock=time.perf_counter)
 
 
 def measure(seconds: float) -> dict[str, float]:
