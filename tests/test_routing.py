@@ -259,3 +259,16 @@ def test_what_is_remembered_follows_health_and_inventories() -> None:
         None,
     )
     assert made.router.candidates_now(forward) == []
+
+
+def test_a_push_goes_where_the_model_is_known_to_be() -> None:
+    made = fleet(Backend(identifier="a"), Backend(identifier="b"), Backend(identifier="c"))
+    made.inventory.models = {"a": {}, "b": {"me/mine:latest": False}}  # c not read yet
+    for _ in range(3):
+        decision = made.decide(path=b"/api/push", body={"model": "me/mine"})
+        assert isinstance(decision, Forward)
+        assert [b.identifier for b in decision.ordered] == ["b"]
+    made.inventory.models["b"] = {}
+    made.inventory.changed("b")
+    unknown = made.decide(path=b"/api/push", body={"model": "me/mine"})
+    assert isinstance(unknown, Forward) and [b.identifier for b in unknown.ordered] == ["c"]

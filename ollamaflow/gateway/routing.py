@@ -44,6 +44,7 @@ _CATALOG_ROUTES = {
     b"/v1/models": modelcatalog.openai_models,
 }
 _MODEL_ROUTE = b"/v1/models/"
+_PUSH = b"/api/push"
 
 
 class CatalogSource(Protocol):
@@ -255,6 +256,10 @@ class Router:
                 found, warm = self.having(inventory, found, model)
                 if not found:
                     return Refusal(frontend, 404, f"model {quoted(model)} not found", model=model)
+                if path == _PUSH:
+                    # A push must start where the model is: a box whose models are not read
+                    # yet goes only if no box is known to have it.
+                    found = [b for b in found if inventory.has(b.identifier, model)] or found
         key = model_key(model)
         holds = self.runtime.model_holds
         if holds and key is not None:
