@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -2085,8 +2085,9 @@ async def test_over_a_socket_a_last_response_larger_than_the_send_buffer_closes(
     client = None
     try:
         client = await connect_raw(port)
-        assert client.transport is not None
-        client.transport.pauseProducing()  # the client reads nothing for now
+        assert IPushProducer.providedBy(client.transport)  # a TCP connection is one
+        transport = cast(IPushProducer, client.transport)
+        transport.pauseProducing()  # the client reads nothing for now
         if how == "http10":
             client.send(get(b"/api/tags", version=b"HTTP/1.0"))
         elif how == "connection-close":
@@ -2100,7 +2101,7 @@ async def test_over_a_socket_a_last_response_larger_than_the_send_buffer_closes(
             # The response was whole, the connection kept: a drain closes it as idle.
             assert connection.idle()
             server.acceptor.drain()
-        client.transport.resumeProducing()
+        transport.resumeProducing()
         await client.closed.addTimeout(10, reactor)
         (response,) = parse_responses(client.data, eof=True)
         assert hashlib.sha256(response.body).digest() == hashlib.sha256(big).digest()
