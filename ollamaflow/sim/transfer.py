@@ -298,89 +298,139 @@ def create_steps(state: SimState, request: CreateRequest) -> Steps:
         yield step
 
 
-def _create(state: SimState, request: CreateRequest) -> Generator[Step, None, bool]:  # noqa: C901 - known debt, to split
+def _create(state: SimState, request: CreateRequest) -> Generator[Step, None, bool]:
+    """Ollama's create, step by step: the layers it starts from, the model layers re-written
+    (validated or quantized), the layers the request adds, then the manifest."""
+    started = yield from _starting_layers(state, request)
+    if started is None:
+        return False
+    base, drafts = started
+    layers = _NewLayers(state)
+    quantized = yield from _rewrite_models(state, request, drafts, layers)
+    if quantized is None:
+        return False
+    parameters = yield from _added_layers(request, base, drafts, layers)
+    if parameters is _FAILED:
+        return False
+    for draft in drafts:
+        yield {"status": draft.status}
+    yield {"status": "writing manifest"}
+    _install(state, request, base, drafts, quantized, parameters)
+    yield {"status": "success"}
+    return True
+
+
+#: An added-layers step that failed (its error was yielded).
+_FAILED: Any = object()
+
+
+@attrs.define
+class _NewLayers:
+    """Layers made by this create: "creating new" unless stored already (or made twice)."""
+
+    state: SimState
+    created: set[str] = attrs.field(factory=set)
+
+    def make(self, content: bytes | str, kind: str, size: int | None = None) -> _Draft:
+        digest = f"sha256:{_sha(content)}"
+        existing = digest in self.created or self.state.has_blob(digest)
+        self.created.add(digest)
+        if size is None:
+            size = len(content.encode() if isinstance(content, str) else content)
+        verb = "using existing" if existing else "creating new"
+        return _Draft(Layer(digest, size, kind), f"{verb} layer {digest}")
+
+
+def _starting_layers(
+    state: SimState, request: CreateRequest
+) -> Generator[Step, None, tuple[ModelSpec, list[_Draft]] | None]:
+    """The model created from (``from``, pulled first if absent) or its uploaded files, and
+    adapters: the layers to start with; None after an error."""
     drafts: list[_Draft] = []
     base: ModelSpec
     if request.source:
-        try:
-            modelnames.parse(request.source)
-        except modelnames.InvalidModelName:
+        if not modelnames.is_valid(request.source):
             yield Failed(INVALID_NAME, 400)
-            return False
+            return None
         source = state.catalog.get(request.source)
         if source is None:
             source = yield from pull_steps(state, request.source)
             if source is None:
-                return False
+                return None
         base = source.spec
         for layer in base.layers:
-            kind = layer.kind
+            model = layer.kind == "model"
             drafts.append(
                 _Draft(
                     layer,
                     f"using existing layer {layer.digest}",
-                    file_type=base.quantization_level if kind == "model" else "",
-                    parent=source.name if kind == "model" else "",
+                    file_type=base.quantization_level if model else "",
+                    parent=source.name if model else "",
                 )
             )
     elif request.files:
         base = spec_for(request.name)
         made = yield from _from_files(state, request.files, "model")
         if made is None:
-            return False
+            return None
         drafts += made
     else:
         yield Failed(NEITHER, 400)
-        return False
+        return None
     if request.adapters:
         made = yield from _from_files(state, request.adapters, "adapter")
         if made is None:
-            return False
+            return None
         drafts += made
-    created: set[str] = set()
+    return base, drafts
 
-    def new_layer(content: bytes | str, kind: str, size: int | None = None) -> _Draft:
-        digest = f"sha256:{_sha(content)}"
-        existing = digest in created or state.has_blob(digest)
-        created.add(digest)
-        if size is None:
-            size = len(content.encode() if isinstance(content, str) else content)
-        verb = "using existing" if existing else "creating new"
-        return _Draft(Layer(digest, size, kind), f"{verb} layer {digest}")
 
+def _rewrite_models(
+    state: SimState, request: CreateRequest, drafts: list[_Draft], layers: _NewLayers
+) -> Generator[Step, None, str | None]:
+    """Quantize the model layers when asked (from F16/BF16/F32 only), else validate those made
+    from files; the type quantized to ("" for none), or None after an error."""
     quantized = ""
     for i, draft in enumerate(drafts):
         if draft.layer.kind != "model":
             continue
-        source_type, rewrite = draft.file_type, draft.rewrite
+        source_type = draft.file_type
         if request.quantize:
             want = QUANTIZE_TYPES.get(request.quantize)
             if want is None:
                 yield Failed(UNSUPPORTED_QUANTIZE.format(request.quantize))
-                return False
+                return None
             if source_type not in QUANTIZE_SOURCES:
                 yield Failed(QUANTIZE_ONLY)
-                return False
+                return None
             if source_type != want:
                 status = f"quantizing {source_type} model to {request.quantize}"
                 size = int(draft.layer.size * _BITS[want] / _BITS[source_type])
                 yield from _convert(state, status, draft.layer.size)
-                drafts[i] = new_layer(f"{draft.layer.digest}/{want}", "model", size)
+                drafts[i] = layers.make(f"{draft.layer.digest}/{want}", "model", size)
                 drafts[i].file_type = quantized = want
                 continue
-        if rewrite:
+        if draft.rewrite:
             yield from _convert(state, "validating GGUF model", draft.layer.size)
-            drafts[i] = new_layer(f"{draft.layer.digest}/validated", "model", draft.layer.size)
+            drafts[i] = layers.make(f"{draft.layer.digest}/validated", "model", draft.layer.size)
             drafts[i].file_type = source_type
+    return quantized
+
+
+def _added_layers(
+    request: CreateRequest, base: ModelSpec, drafts: list[_Draft], layers: _NewLayers
+) -> Generator[Step, None, Any]:
+    """The layers the request adds or replaces (template, system, licenses, parameters,
+    messages); the model's parameters, or :data:`_FAILED` after an error."""
 
     def replace(kind: str, draft: _Draft) -> None:
         drafts[:] = [d for d in drafts if d.layer.kind != kind]
         drafts.append(draft)
 
     if request.template:
-        replace("template", new_layer(request.template, "template"))
+        replace("template", layers.make(request.template, "template"))
     if request.system:
-        replace("system", new_layer(request.system, "system"))
+        replace("system", layers.make(request.system, "system"))
     licenses = request.license
     if isinstance(licenses, str):
         licenses = [licenses] if licenses else []
@@ -389,19 +439,27 @@ def _create(state: SimState, request: CreateRequest) -> Generator[Step, None, bo
     if not isinstance(licenses, list) or not all(isinstance(x, str) for x in licenses):
         kind = _json_kind(licenses if not isinstance(licenses, list) else licenses[0])
         yield Failed(f"json: cannot unmarshal {kind} into Go value of type []string")
-        return False
+        return _FAILED
     for text in licenses:
-        drafts.append(new_layer(text, "license"))
+        drafts.append(layers.make(text, "license"))
     parameters = base.parameters
     if request.parameters:
         parameters = dict(base.parameters or {}) | request.parameters
-        replace("params", new_layer(go_json(parameters), "params"))
+        replace("params", layers.make(go_json(parameters), "params"))
     if request.messages:
-        replace("messages", new_layer(go_json(request.messages), "messages"))
+        replace("messages", layers.make(go_json(request.messages), "messages"))
+    return parameters
 
-    for draft in drafts:
-        yield {"status": draft.status}
-    yield {"status": "writing manifest"}
+
+def _install(
+    state: SimState,
+    request: CreateRequest,
+    base: ModelSpec,
+    drafts: list[_Draft],
+    quantized: str,
+    parameters: Any,
+) -> None:
+    """The manifest written: the model is installed (replacing one of its name)."""
     model_types = [d.file_type for d in drafts if d.layer.kind == "model" and d.file_type]
     layers = tuple(d.layer for d in drafts)
     spec = attrs.evolve(
@@ -429,8 +487,6 @@ def _create(state: SimState, request: CreateRequest) -> Generator[Step, None, bo
         }
     )
     state.counters.creates += 1
-    yield {"status": "success"}
-    return True
 
 
 def _convert(state: SimState, status: str, total: int) -> Generator[Step, None, None]:
