@@ -207,3 +207,22 @@ async def test_every_client_request_is_reported_once_with_its_model(cluster: Clu
         assert fleet_wide[path].backends == ("sim0", "sim1", "sim2"), path
         assert fleet_wide[path].backend is None
     assert seen[4].outcome == "refused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_model_route_naming_no_valid_model_is_404_not_500(cluster: Cluster) -> None:
+    """Found by the hostile-input property test: ``/v1/models/llama3/..`` normalises to
+    ``/v1/models/``, whose empty name broke the access-log record of the refusal."""
+    await inventories_read(cluster)
+    seen: list[Completed] = []
+    cluster.daemon.gateway.observers.append(seen.append)
+    for path in (b"/%76%31/%6D%6F%64%65%6C%73/%6C%6C%61%6D%61%33/..", b"/v1/models/a%20b"):
+        answer = await _raw(
+            cluster.daemon.address.port,
+            b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        head, body = _head_and_body(answer)
+        assert head.startswith(b"HTTP/1.1 404 "), head
+        assert json.loads(body)["error"]["type"] == "not_found_error"
+    await until(lambda: len(seen) == 2)
+    assert [c.model for c in seen] == [None, None]

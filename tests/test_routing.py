@@ -22,6 +22,7 @@ from ollamaflow.gateway.routing import (
     Refusal,
     Router,
     Unload,
+    model_key,
 )
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import Runtime
@@ -272,3 +273,8 @@ def test_a_push_goes_where_the_model_is_known_to_be() -> None:
     made.inventory.changed("b")
     unknown = made.decide(path=b"/api/push", body={"model": "me/mine"})
     assert isinstance(unknown, Forward) and [b.identifier for b in unknown.ordered] == ["c"]
+
+
+def test_a_string_that_is_no_model_name_counts_as_none() -> None:
+    assert model_key("llama3") == "llama3:latest"
+    assert model_key("") is None and model_key("a b") is None and model_key(None) is None

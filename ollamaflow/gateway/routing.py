@@ -148,8 +148,14 @@ def frontend_pins(frontend: Frontend, request_class: RequestClass) -> Mapping[st
 
 
 def model_key(model: str | None) -> str | None:
-    """How in-flight requests per model are counted: the name as Ollama displays it."""
-    return modelnames.display(model) if model is not None else None
+    """How in-flight requests per model are counted and reported: the name as Ollama displays
+    it; None for no name, or one that is not Ollama's (a client's string is not a model)."""
+    if model is None:
+        return None
+    try:
+        return modelnames.display(model)
+    except modelnames.InvalidModelName:
+        return None
 
 
 def warm_first(ordered: Sequence[Backend], loaded: frozenset[str]) -> Sequence[Backend]:
