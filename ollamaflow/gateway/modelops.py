@@ -141,14 +141,10 @@ class ModelOperations:
         RequiredModels so backends that join later get it too."""
         assert self.sync is not None, "routed here only with model synchronization"
         sync = self.sync
-        parsed = self._named(request, frontend)
-        if isinstance(parsed, bytes):
-            return parsed
-        document, model = parsed
-        targets = self._targets(request, frontend, found, model, "pull on")
-        if isinstance(targets, bytes):
-            return targets
-        self.answers.answering(request, frontend, model, targets)
+        begun = self._begin(request, frontend, found, "pull on")
+        if isinstance(begun, bytes):
+            return begun
+        document, model, targets = begun
         merged = fanout.MergedProgress(
             request, f"pull of {quoted(model)}", targets, stream=document.get("stream") is not False
         )
@@ -257,14 +253,10 @@ class ModelOperations:
     def create(self, request: ClientRequest, frontend: Frontend, found: list[Backend]) -> Answer:
         """Every healthy backend creates the model (its blobs went to each of them), reported as
         one progress stream."""
-        parsed = self._named(request, frontend)
-        if isinstance(parsed, bytes):
-            return parsed
-        document, model = parsed
-        targets = self._targets(request, frontend, found, model, "create on")
-        if isinstance(targets, bytes):
-            return targets
-        self.answers.answering(request, frontend, model, targets)
+        begun = self._begin(request, frontend, found, "create on")
+        if isinstance(begun, bytes):
+            return begun
+        document, model, targets = begun
         stream = document.get("stream") is not False
         # Each backend streams, whatever the client asked: its progress is what is merged.
         body = jsonlimits.dumps({k: v for k, v in document.items() if k != "stream"})
@@ -340,25 +332,28 @@ class ModelOperations:
             return self.answers.refuse(request, frontend, 400, "model is required")
         return document, model
 
-    def _targets(
-        self,
-        request: ClientRequest,
-        frontend: Frontend,
-        found: list[Backend],
-        model: str,
-        doing: str,
-    ) -> list[Backend] | bytes:
+    def _begin(
+        self, request: ClientRequest, frontend: Frontend, found: list[Backend], doing: str
+    ) -> tuple[dict[str, Any], str, list[Backend]] | bytes:
+        """A streamed operation on one model (pull, create) on every healthy Ollama backend:
+        its body, the model, and the backends it runs on, reported from now on; or the
+        refusal."""
+        parsed = self._named(request, frontend)
+        if isinstance(parsed, bytes):
+            return parsed
+        document, model = parsed
         targets = [b for b in found if b.api_format is ApiFormat.OLLAMA]
-        if targets:
-            return targets
-        return self.answers.refuse(
-            request,
-            frontend,
-            503,
-            f"frontend {frontend.identifier!r} has no healthy Ollama backend to {doing}",
-            retry_after=1,
-            model=model,
-        )
+        if not targets:
+            return self.answers.refuse(
+                request,
+                frontend,
+                503,
+                f"frontend {frontend.identifier!r} has no healthy Ollama backend to {doing}",
+                retry_after=1,
+                model=model,
+            )
+        self.answers.answering(request, frontend, model, targets)
+        return document, model, targets
 
     def _require(self, frontend: Frontend, model: str, *, keep: bool) -> Deferred[None]:
         """Add the model to (or drop it from) the frontend's RequiredModels, one change at a

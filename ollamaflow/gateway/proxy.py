@@ -232,25 +232,7 @@ class Gateway:
         )
         if self.observers:
             self.report(
-                Completed(
-                    request_id=request_id,
-                    client=request.client_host,
-                    frontend=frontend.identifier if frontend else "",
-                    backend=None,
-                    method=request.method.decode("latin-1"),
-                    path=request.path.decode("latin-1"),
-                    model=model_key(model),
-                    status=status,
-                    outcome="refused",
-                    bytes=len(body),
-                    queued=0.0,
-                    ttfb=None,
-                    duration=0.0,
-                    retries=0,
-                    request_head=logged_head(
-                        request, frontend, (), self.withheld, self.registry.catalog.backends
-                    ),
-                )
+                self._own_answer(request_id, request, frontend, model, status, "refused", len(body))
             )
         return body
 
@@ -272,34 +254,57 @@ class Gateway:
 
         def ended(outcome: str) -> None:
             self.report(
-                Completed(
-                    request_id=request_id,
-                    client=request.client_host,
-                    frontend=frontend.identifier,
-                    backend=None,
-                    method=request.method.decode("latin-1"),
-                    path=request.path.decode("latin-1"),
-                    model=model_key(model),
-                    status=request.code,
-                    outcome=outcome,
-                    bytes=size,
-                    queued=0.0,
-                    ttfb=None,
+                self._own_answer(
+                    request_id,
+                    request,
+                    frontend,
+                    model,
+                    request.code,
+                    outcome,
+                    size,
                     duration=self.clock.seconds() - started,
-                    retries=0,
                     backends=tuple(b.identifier for b in backends),
-                    request_head=logged_head(
-                        request,
-                        frontend,
-                        (b.identifier for b in backends),
-                        self.withheld,
-                        self.registry.catalog.backends,
-                    ),
                 )
             )
 
         request.watch(partial(ended, "ok"), lambda _: ended("client_gone"))
         return request_id
+
+    def _own_answer(
+        self,
+        request_id: str,
+        request: ClientRequest,
+        frontend: Frontend | None,
+        model: str | None,
+        status: int,
+        outcome: str,
+        size: int,
+        *,
+        duration: float = 0.0,
+        backends: tuple[str, ...] = (),
+    ) -> Completed:
+        """The record of a request the gateway answered itself (refused, or for the whole
+        frontend): no backend of its own, ``backends`` those it reached."""
+        return Completed(
+            request_id=request_id,
+            client=request.client_host,
+            frontend=frontend.identifier if frontend else "",
+            backend=None,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            model=model_key(model),
+            status=status,
+            outcome=outcome,
+            bytes=size,
+            queued=0.0,
+            ttfb=None,
+            duration=duration,
+            retries=0,
+            backends=backends,
+            request_head=logged_head(
+                request, frontend, backends, self.withheld, self.registry.catalog.backends
+            ),
+        )
 
     def report(self, completed: Completed) -> None:
         for observer in self.observers:

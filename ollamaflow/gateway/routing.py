@@ -227,10 +227,10 @@ class Router:
         allowed = allowed_methods(path)
         if allowed is not None and method not in allowed:
             return Refusal(frontend, 405, "405 method not allowed", allow=b", ".join(allowed))
-        refused = self._permitted(request, frontend)
+        request_class = classify(path)
+        refused = self._permitted(request, frontend, request_class)
         if refused is not None:
             return refused
-        request_class = classify(path)
         read = self._document(request, frontend, request_class)
         if isinstance(read, Refusal):
             return read
@@ -274,7 +274,9 @@ class Router:
         ordered = self._order(frontend, found, key, warm, client)
         return Forward(frontend, ordered, request_class, document, model, key, label, client)
 
-    def _permitted(self, request: RoutedRequest, frontend: Frontend) -> Refusal | None:
+    def _permitted(
+        self, request: RoutedRequest, frontend: Frontend, request_class: RequestClass
+    ) -> Refusal | None:
         """A refusal if the frontend does not allow this kind of request."""
         method, path = request.method, request.path
         if (
@@ -288,7 +290,6 @@ class Router:
                 f"frontend {frontend.identifier!r} does not allow model management (pull, "
                 "delete, copy, create, push, blob uploads) without an admin token",
             )
-        request_class = classify(path)
         if (request_class is RequestClass.EMBEDDINGS and not frontend.allow_embeddings) or (
             request_class is RequestClass.COMPLETIONS and not frontend.allow_completions
         ):
