@@ -226,8 +226,9 @@ class MergedProgress:
         else:
             finish_json(request, 200 if not failed else status, message)
 
-    async def pull(self, puller: Puller, model: str) -> None:
-        """Run the pulls (joining any already running) and report them."""
+    async def pull(self, puller: Puller, model: str, settled: Deferred[Any] | None = None) -> None:
+        """Run the pulls (joining any already running) and report them; the last line waits
+        for ``settled`` too (what the pull changes besides the backends)."""
         pulls = [
             puller.ensure(
                 b.identifier, model, on_progress=functools.partial(self.progressed, b.identifier)
@@ -246,6 +247,8 @@ class MergedProgress:
             self._line({"status": "pulling manifest"})
             self.merger.already_sent("pulling manifest")
         results = await DeferredList(pulls, consumeErrors=True)
+        if settled is not None:
+            await settled
         self.finish(
             [
                 f"{backend.identifier}: {_reason(result)}"

@@ -149,20 +149,24 @@ class ModelOperations:
             request, f"pull of {quoted(model)}", targets, stream=document.get("stream") is not False
         )
         # Watched apart from the client, who may leave: the first backend that has the model
-        # makes it required (so boxes that join later get it too); none, and it is not.
+        # makes it required (so boxes that join later get it too); none, and it is not. The
+        # client hears the end only once that is written, so what it reads next is true.
         first = DeferredList(
             [sync.ensure(b.identifier, model) for b in targets],
             fireOnOneCallback=True,
             consumeErrors=True,
         )
-        first.addCallback(self._pulled_somewhere, frontend, model)
-        self._detached(request, merged.pull(sync, model), "pull")
+        required = first.addCallback(self._pulled_somewhere, frontend, model)
+        self._detached(request, merged.pull(sync, model, settled=required), "pull")
         return NOT_DONE_YET
 
-    def _pulled_somewhere(self, result: object, frontend: Frontend, model: str) -> None:
+    def _pulled_somewhere(
+        self, result: object, frontend: Frontend, model: str
+    ) -> Deferred[None] | None:
         """DeferredList's answer: a (value, index) pair when one pull succeeded, else a list."""
         if isinstance(result, tuple):
-            self._require(frontend, model, keep=True)
+            return self._require(frontend, model, keep=True)
+        return None
 
     def delete(self, request: ClientRequest, frontend: Frontend, found: list[Backend]) -> Answer:
         """Every healthy backend deletes the model; it leaves RequiredModels."""
