@@ -1,4 +1,5 @@
-"""Frontend and Backend: the configuration records, with OllamaFlow 1.2's fields and defaults."""
+"""Frontend and Backend: the configuration records, with OllamaFlow 1.2's fields and defaults;
+ApiKey, a client's key (ours: 1.2 has none), and UsageRow, what one key used in one hour."""
 
 from __future__ import annotations
 
@@ -69,6 +70,15 @@ _MODELS = StrList(
         max_length=modelnames.MAX_LENGTH,
     )
 )
+#: A model name, or a pattern where ``*`` stands for any run of characters ("llama3*").
+_MODEL_PATTERNS = StrList(
+    item=Str(
+        allowed=f"a model name or '*' pattern without whitespace, at most "
+        f"{modelnames.MAX_LENGTH} characters",
+        pattern=r"\S+",
+        max_length=modelnames.MAX_LENGTH,
+    )
+)
 _LABELS = StrList(item=Str(allowed="a label without whitespace", pattern=r"\S+", max_length=256))
 _HEADERS = HeaderFields()
 _OBJECT = JsonObject()
@@ -107,6 +117,9 @@ class Frontend:
     #: through this frontend; when false only requests carrying an admin token may.
     allow_model_management: bool = field(Bool(), default=True)
     active: bool = field(Bool(), default=True)
+    #: Whether client requests need an API key (``Authorization: Bearer <key>``) valid for
+    #: this frontend; false keeps Ollama's behaviour: anyone who can connect may ask.
+    require_api_key: bool = field(Bool(), default=False)
     #: Requests that may wait for a free backend slot, and for how long, before a 429.
     max_queue_depth: int = field(Int(0, 1_000_000), default=512)
     queue_timeout_ms: int = field(Int(0), default=30000)
@@ -171,6 +184,58 @@ class Backend:
         return f"{'https' if self.ssl else 'http'}://{host}:{self.port}"
 
 
+@attrs.frozen
+class ApiKey:
+    """A client's key: which frontends and models it may use, how much, and how urgently.
+
+    The secret itself is never stored: only its SHA-256 (``secret_hash``, not on the wire) and
+    the first characters (``key_prefix``) by which an operator recognises it.
+    """
+
+    identifier: str = field(IDENTIFIER)
+    name: str | None = field(_TEXT, default=None)
+    active: bool = field(Bool(), default=True)
+    #: After this moment the key is refused (401), as if it did not exist.
+    expires_utc: datetime | None = field(_TIME, default=None)
+    #: The frontends it may be used on; empty: all.
+    frontends: tuple[str, ...] = field(_NAMES, default=())
+    #: The models it may name (names, or ``*`` patterns); empty: all.
+    models: tuple[str, ...] = field(_MODEL_PATTERNS, default=())
+    #: Whether it may pull, delete, copy, create and push models (and upload blobs).
+    allow_model_management: bool = field(Bool(), default=False)
+    #: 0: no limit.
+    requests_per_minute: int = field(Int(0), default=0)
+    tokens_per_minute: int = field(Int(0), default=0)
+    max_concurrent_requests: int = field(Int(0), default=0)
+    #: Higher goes first in a frontend's queue; FIFO within one priority.
+    priority: int = field(Int(-1000, 1000), default=0)
+    key_prefix: str | None = field(_TEXT, default=None, readonly=True)
+    created_utc: datetime | None = field(_TIME, default=None, readonly=True)
+    last_update_utc: datetime | None = field(_TIME, default=None, readonly=True)
+    #: Hex SHA-256 of the secret; kept out of the wire form.
+    secret_hash: str = attrs.field(default="", repr=False)
+
+
+#: Usage is accounted under these names for requests made without a key (or with an admin
+#: token); no key may take them as its Identifier.
+ANONYMOUS = "anonymous"
+ADMIN = "admin"
+RESERVED_KEY_IDENTIFIERS = frozenset({ANONYMOUS, ADMIN})
+
+
+@attrs.frozen
+class UsageRow:
+    """What one key used of one model in one hour (``hour``: its start, UTC)."""
+
+    key_id: str
+    model: str
+    hour: datetime
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 #: Keys the admin API writes beside a record's fields — runtime state (1.2's and the health
 #: records') and what is derived from the configuration — accepted and ignored on input, so
 #: that any record read with GET can be sent back with PUT. Any other unknown key is refused.
@@ -199,10 +264,12 @@ FRONTEND_RUNTIME_KEYS = ("MissingBackends",)
 _IGNORED: dict[type, frozenset[str]] = {
     Backend: frozenset(k.lower() for k in BACKEND_RUNTIME_KEYS),
     Frontend: frozenset(k.lower() for k in FRONTEND_RUNTIME_KEYS),
+    # The secret, which a create or rotate answers once: sent back, it is not a way to set one.
+    ApiKey: frozenset({"key"}),
 }
 
 
-R = TypeVar("R", Frontend, Backend)
+R = TypeVar("R", Frontend, Backend, ApiKey)
 
 
 def parse_record(cls: type[R], data: object) -> tuple[R, list[str]]:

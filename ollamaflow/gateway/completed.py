@@ -37,6 +37,12 @@ class Completed:
     retries: int
     eval_count: int | None = None
     eval_duration_ns: int | None = None
+    #: Prompt tokens the backend reported (Ollama ``prompt_eval_count``, OpenAI
+    #: ``usage.prompt_tokens``).
+    prompt_eval_count: int | None = None
+    #: The API key the request was made with (its Identifier), ``admin`` for an admin token,
+    #: ``anonymous`` for none.
+    api_key: str = "anonymous"
     request_body: str | None = None
     response_body: str | None = None
     #: The client's request line and header fields, credentials redacted (``LogRequestFull``).

@@ -1,0 +1,68 @@
+"""API key secrets: how they are made, stored (hashed) and recognised, and which models a
+key's patterns allow. No I/O: the admin API makes secrets, the gateway recognises them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from collections.abc import Sequence
+from functools import lru_cache
+
+from ollamaflow import modelnames
+
+#: What every secret starts with, so a leaked one is recognisable (secret scanners, logs).
+SECRET_PREFIX = "ofk_"
+#: Random bytes per secret: 256 bits, so a fast hash is as good as a slow one for storing it.
+SECRET_BYTES = 32
+#: Characters of a secret shown after it is created: the prefix and 8 of its own.
+SHOWN = len(SECRET_PREFIX) + 8
+#: Longest bearer value worth hashing: every secret of ours is shorter.
+MAX_SECRET = 128
+
+
+def new_secret() -> str:
+    """A fresh secret: ``ofk_`` and 43 URL-safe base64 characters."""
+    raw = base64.urlsafe_b64encode(secrets.token_bytes(SECRET_BYTES)).rstrip(b"=")
+    return SECRET_PREFIX + raw.decode("ascii")
+
+
+def hash_secret(secret: bytes | str) -> str:
+    """What is stored, and looked up, for a secret: its SHA-256 in hex."""
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    return hashlib.sha256(secret).hexdigest()
+
+
+def shown(secret: str) -> str:
+    """The part of a secret an operator may see again (``KeyPrefix``)."""
+    return secret[:SHOWN]
+
+
+def model_allowed(patterns: Sequence[str], model: str) -> bool:
+    """Whether a key limited to ``patterns`` (names or ``*`` patterns; none: any) may use
+    ``model``. Names compare as Ollama's do ("llama3" is "llama3:latest"); patterns match the
+    name as written or as Ollama displays it, in any case."""
+    if not patterns:
+        return True
+    try:
+        display = modelnames.display(model)
+    except modelnames.InvalidModelName:
+        display = model
+    for pattern in patterns:
+        if "*" in pattern:
+            compiled = _pattern(pattern)
+            if compiled.fullmatch(model) or compiled.fullmatch(display):
+                return True
+        elif modelnames.same_model(pattern, model):
+            return True
+    return False
+
+
+@lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """``*`` is any run of characters; every other character stands for itself."""
+    return re.compile(
+        ".*".join(re.escape(part) for part in pattern.split("*")), re.IGNORECASE | re.DOTALL
+    )
