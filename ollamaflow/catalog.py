@@ -10,7 +10,7 @@ from urllib.parse import quote
 import attrs
 from twisted.logger import Logger
 
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import ApiKey, Backend, Frontend
 from ollamaflow.store import InvalidStoredRecord, Snapshot, Store
 
 CATCH_ALL = "*"
@@ -18,13 +18,17 @@ CATCH_ALL = "*"
 
 @attrs.frozen
 class Catalog:
-    """Frontends and backends by identifier (creation order), and frontends by Host."""
+    """Frontends, backends and API keys by identifier (creation order), frontends by Host,
+    and keys by their secret's hash."""
 
     generation: int
     frontends: Mapping[str, Frontend]
     backends: Mapping[str, Backend]
     by_host: Mapping[str, Frontend]
     catch_all: Frontend | None
+    api_keys: Mapping[str, ApiKey] = attrs.field(factory=dict)
+    #: Every key, active or not, expired or not (whoever recognises one judges that).
+    keys_by_hash: Mapping[str, ApiKey] = attrs.field(factory=dict)
     #: Stored records that did not load, left out of this catalog (see :class:`Snapshot`).
     left_out: tuple[InvalidStoredRecord, ...] = attrs.field(
         default=(), eq=lambda errors: tuple(e.key for e in errors)
@@ -42,6 +46,8 @@ class Catalog:
             backends={be.identifier: be for be in snapshot.backends},
             by_host=by_host,
             catch_all=by_host.get(CATCH_ALL),
+            api_keys={key.identifier: key for key in snapshot.api_keys},
+            keys_by_hash={key.secret_hash: key for key in snapshot.api_keys if key.secret_hash},
             left_out=snapshot.left_out,
         )
 
@@ -164,3 +170,22 @@ class Registry:
         removed_from = await self.store.delete_backend(identifier, force=force)
         await self.refresh()
         return removed_from
+
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        stored = await self.store.create_api_key(key)
+        await self.refresh()
+        return stored
+
+    async def replace_api_key(self, key: ApiKey) -> ApiKey:
+        stored = await self.store.replace_api_key(key)
+        await self.refresh()
+        return stored
+
+    async def rotate_api_key(self, identifier: str, secret_hash: str, key_prefix: str) -> ApiKey:
+        stored = await self.store.rotate_api_key(identifier, secret_hash, key_prefix)
+        await self.refresh()
+        return stored
+
+    async def delete_api_key(self, identifier: str) -> None:
+        await self.store.delete_api_key(identifier)
+        await self.refresh()

@@ -34,9 +34,10 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from ollamaflow.apikeys import hash_secret, shown
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.daemon import Daemon
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import ApiKey, Backend, Frontend, UsageRow
 from ollamaflow.services.follow import SERVICE_NAME, ConfigFollower
 from ollamaflow.settings import SettingsError, load_settings
 from ollamaflow.sim import RunningSimulator
@@ -217,6 +218,52 @@ async def test_every_committed_write_notifies_its_generation_and_failures_do_not
         subscription.close()
         await listener.close()
         await writer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_writes_notify_and_usage_does_not(pg: PgDatabase) -> None:
+    listener, writer = await pg.open(), await pg.open()
+    heard: list[int | None] = []
+    subscription = await listener.listen(heard.append, lambda _: None)
+    try:
+        key = ApiKey(identifier="k", secret_hash=hash_secret("s1"), key_prefix=shown("s1"))
+        await writer.create_api_key(key)
+        await writer.add_usage([UsageRow("k", "llama3", T0.replace(minute=0), requests=1)])
+        await writer.rotate_api_key("k", hash_secret("s2"), shown("s2"))
+        await writer.add_usage([UsageRow("k", "llama3", T0.replace(minute=0), requests=1)])
+        await writer.replace_api_key(ApiKey(identifier="k", priority=3))
+        await writer.delete_api_key("k")
+        await until(lambda: len(heard) >= 4, 2.0, "four notifications")
+        await sleep(0.1)
+        assert heard == [2, 3, 4, 5], "one per key write, none for usage"
+        assert (await listener.snapshot()).api_keys == ()
+    finally:
+        subscription.close()
+        await listener.close()
+        await writer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_instances_adding_usage_at_once_lose_no_count(pg: PgDatabase) -> None:
+    """Upserts of the same rows from several instances at once: every count is added, and
+    no transaction deadlocks (each batch locks its rows in the same order)."""
+    stores = [await pg.open(pool_size=2) for _ in range(3)]
+    hours = [datetime(2025, 1, 2, h, tzinfo=UTC) for h in range(3)]
+
+    def batch(i: int) -> list[UsageRow]:
+        rows = [UsageRow("k", m, h, requests=1, prompt_tokens=i) for h in hours for m in "abc"]
+        return rows[::-1] if i % 2 else rows  # given in opposite orders
+
+    try:
+        await gatherResults(
+            [Deferred.fromCoroutine(stores[i % 3].add_usage(batch(i))) for i in range(12)]
+        )
+        found = await stores[0].read_usage("k", hours[0], 100)
+        assert len(found) == 9
+        assert {(r.requests, r.prompt_tokens) for r in found} == {(12, sum(range(12)))}
+    finally:
+        for store in stores:
+            await store.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -20,8 +20,9 @@ from logcapture import keeping
 from twisted.internet import reactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from ollamaflow.apikeys import hash_secret, new_secret, shown
 from ollamaflow.catalog import Catalog, Registry
-from ollamaflow.records import Backend, Frontend, LoadBalancing
+from ollamaflow.records import ApiKey, Backend, Frontend, LoadBalancing, UsageRow
 from ollamaflow.store import (
     POSTGRESQL,
     SCHEMA_VERSION,
@@ -261,8 +262,9 @@ async def test_connections_use_wal_foreign_keys_and_a_busy_timeout(store: Store)
 
 @pytest_twisted.ensureDeferred
 async def test_the_schema_is_at_the_latest_version(store: Store, db: Database) -> None:
-    assert SCHEMA_VERSION == 3
-    assert rows(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
+    assert SCHEMA_VERSION == 4
+    versions = rows(db, "SELECT version FROM schema_version ORDER BY version")
+    assert versions == [(1,), (2,), (3,), (4,)]
 
 
 @pytest_twisted.ensureDeferred
@@ -570,6 +572,243 @@ async def test_the_database_drops_a_deleted_frontends_links_and_allows_missing_b
     assert rows(db, "SELECT * FROM frontend_backends") == []
 
 
+# -- API keys ----------------------------------------------------------------------------------
+
+
+def with_secret(key: ApiKey, secret: str | None = None) -> tuple[ApiKey, str]:
+    """``key`` carrying a (new) secret's hash and prefix, as the admin API makes it; and the
+    secret."""
+    secret = secret or new_secret()
+    return attrs.evolve(key, secret_hash=hash_secret(secret), key_prefix=shown(secret)), secret
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_api_key_is_stored_with_its_secret_hashed_and_survives_a_restart(
+    store: Store, db: Database, opener: Opener, now: FakeNow
+) -> None:
+    t1 = now.advance(7)
+    key, secret = with_secret(
+        ApiKey(
+            identifier="team-a",
+            name="Team A",
+            expires_utc=T0 + timedelta(days=30),
+            frontends=("frontend1",),
+            models=("llama3*", "all-minilm"),
+            requests_per_minute=60,
+            priority=5,
+        )
+    )
+    created = await store.create_api_key(key)
+    assert created == attrs.evolve(key, created_utc=t1, last_update_utc=t1)
+    snapshot = await store.snapshot()
+    assert snapshot.api_keys == (created,)
+    assert snapshot.api_keys[0].secret_hash == hash_secret(secret)
+    assert snapshot.api_keys[0].key_prefix == secret[:12]
+
+    [stored_row] = rows(db, "SELECT * FROM apikeys")
+    assert not any(secret in str(column) for column in stored_row), "only the hash is stored"
+    assert not any(secret[12:20] in str(column) for column in stored_row)
+    [(doc,)] = rows(db, "SELECT doc FROM apikeys")
+    assert "KeyPrefix" not in doc and "Identifier" not in doc and "secret" not in doc.lower()
+    assert '"RequestsPerMinute":60' in doc
+
+    again = await (await opener.reopen(store)).snapshot()
+    assert again.api_keys == (created,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replace_keeps_the_secret_and_rotate_keeps_the_record(
+    store: Store, now: FakeNow
+) -> None:
+    created = await store.create_api_key(with_secret(ApiKey(identifier="k", priority=1))[0])
+    generation = await store.generation()
+
+    t2 = now.advance(5)
+    replaced = await store.replace_api_key(ApiKey(identifier="k", name="renamed"))
+    assert (replaced.name, replaced.priority) == ("renamed", 0), "a full replace"
+    assert (replaced.secret_hash, replaced.key_prefix) == (created.secret_hash, created.key_prefix)
+    assert (replaced.created_utc, replaced.last_update_utc) == (T0, t2)
+    assert (await store.snapshot()).api_keys == (replaced,)
+
+    t3 = now.advance(5)
+    secret = new_secret()
+    rotated = await store.rotate_api_key("k", hash_secret(secret), shown(secret))
+    assert rotated == attrs.evolve(
+        replaced, secret_hash=hash_secret(secret), key_prefix=shown(secret), last_update_utc=t3
+    )
+    assert rotated.secret_hash != created.secret_hash
+    assert (await store.snapshot()).api_keys == (rotated,)
+    assert await store.generation() == generation + 2, "each write bumps the generation"
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_key_deletes_its_usage_and_nothing_else(
+    store: Store, db: Database
+) -> None:
+    for name in ("a", "b"):
+        await store.create_api_key(with_secret(ApiKey(identifier=name))[0])
+    hour = datetime(2025, 1, 2, 3, tzinfo=UTC)
+    await store.add_usage(
+        [UsageRow("a", "llama3", hour, requests=1), UsageRow("b", "llama3", hour, requests=2)]
+    )
+    await store.delete_api_key("a")
+    assert [k.identifier for k in (await store.snapshot()).api_keys] == ["b"]
+    assert rows(db, "SELECT key_id, requests FROM apikey_usage") == [("b", 2)]
+    with pytest.raises(NotFound) as caught:
+        await store.delete_api_key("a")
+    assert str(caught.value) == "API key 'a' does not exist"
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_key_writes_that_are_refused_leave_everything_as_it_was(
+    store: Store, db: Database
+) -> None:
+    key, _ = with_secret(ApiKey(identifier="k"))
+    await store.create_api_key(key)
+    other = await store.create_api_key(with_secret(ApiKey(identifier="other"))[0])
+    before = db.fingerprint()
+    with pytest.raises(DuplicateIdentifier) as duplicate:
+        await store.create_api_key(with_secret(ApiKey(identifier="k"))[0])
+    assert str(duplicate.value) == "an API key with identifier 'k' already exists"
+    with pytest.raises(InvalidRecord, match="same secret"):
+        await store.create_api_key(attrs.evolve(key, identifier="third"))
+    for reserved in ("anonymous", "admin", "Admin"):
+        with pytest.raises(InvalidRecord, match="reserved"):
+            await store.create_api_key(with_secret(ApiKey(identifier=reserved))[0])
+    for bad_hash in ("", "0" * 63, "A" * 64, hash_secret("x") + "0"):
+        with pytest.raises(InvalidRecord, match="hash") as caught:
+            await store.create_api_key(attrs.evolve(key, identifier="new", secret_hash=bad_hash))
+        assert bad_hash not in str(caught.value) or not bad_hash
+        with pytest.raises(InvalidRecord, match="hash"):
+            await store.rotate_api_key("k", bad_hash, "ofk_12345678")
+    with pytest.raises(InvalidRecord, match="KeyPrefix"):
+        await store.rotate_api_key("k", hash_secret("y"), "with space")
+    with pytest.raises(InvalidRecord, match="same secret"):
+        await store.rotate_api_key("k", other.secret_hash, "ofk_same")
+    with pytest.raises(InvalidRecord, match="Models"):
+        await store.replace_api_key(ApiKey(identifier="k", models=("llama 3",)))
+    for missing in (
+        store.replace_api_key(ApiKey(identifier="ghost")),
+        store.rotate_api_key("ghost", hash_secret("z"), "ofk_ghost"),
+        store.delete_api_key("ghost"),
+    ):
+        with pytest.raises(NotFound):
+            await missing
+    assert db.fingerprint() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_key_that_does_not_load_is_left_out_until_replaced(
+    store: Store, db: Database
+) -> None:
+    key, _ = with_secret(ApiKey(identifier="k"))
+    await store.create_api_key(key)
+    await store.create_api_key(with_secret(ApiKey(identifier="fine"))[0])
+    execute(db, "UPDATE apikeys SET doc = '{\"Priority\": 5000}' WHERE identifier = 'k'")
+    snapshot = await store.snapshot()
+    assert [k.identifier for k in snapshot.api_keys] == ["fine"]
+    [left_out] = snapshot.left_out
+    assert (left_out.kind, left_out.identifier) == ("apikey", "k")
+    assert left_out.reason.startswith("Priority: 5000 is not allowed")
+    before = db.fingerprint()
+    with pytest.raises(InvalidStoredRecord):
+        await store.rotate_api_key("k", hash_secret("new"), "ofk_new")
+    assert db.fingerprint() == before, "rotation rolled back"
+    replaced = await store.replace_api_key(ApiKey(identifier="k", priority=9))
+    assert replaced.secret_hash == key.secret_hash
+    snapshot = await store.snapshot()
+    assert snapshot.left_out == () and [k.priority for k in snapshot.api_keys] == [9, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_registry_publishes_keys_by_identifier_and_by_hash(store: Store) -> None:
+    registry = Registry(store, Catalog.build(await store.snapshot()))
+    assert registry.catalog.api_keys == {} and registry.catalog.keys_by_hash == {}
+    created = await registry.create_api_key(with_secret(ApiKey(identifier="k"))[0])
+    assert registry.catalog.api_keys == {"k": created}
+    assert registry.catalog.keys_by_hash == {created.secret_hash: created}
+    replaced = await registry.replace_api_key(ApiKey(identifier="k", active=False))
+    assert registry.catalog.keys_by_hash == {created.secret_hash: replaced}, "inactive: kept"
+    rotated = await registry.rotate_api_key("k", hash_secret("s2"), "ofk_s2")
+    assert registry.catalog.keys_by_hash == {hash_secret("s2"): rotated}
+    await registry.delete_api_key("k")
+    assert registry.catalog.api_keys == {} and registry.catalog.keys_by_hash == {}
+
+
+# -- usage -------------------------------------------------------------------------------------
+
+H0 = datetime(2025, 1, 2, 3, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_usage_accumulates_and_bumps_no_generation(store: Store) -> None:
+    generation = await store.generation()
+    await store.add_usage(
+        [
+            UsageRow("k", "llama3", H0, requests=1, prompt_tokens=10, completion_tokens=20),
+            UsageRow("k", "llama3", H0 + timedelta(minutes=59), requests=1, errors=1),
+            UsageRow("k", "llama3", H0 + HOUR, requests=4),
+        ]
+    )
+    await store.add_usage(
+        [UsageRow("k", "llama3", H0, requests=2, prompt_tokens=5, completion_tokens=2**40)]
+    )
+    await store.add_usage([])
+    assert await store.read_usage("k", H0, 100) == [
+        UsageRow("k", "llama3", H0, requests=4, errors=1, prompt_tokens=15,
+                 completion_tokens=2**40 + 20),
+        UsageRow("k", "llama3", H0 + HOUR, requests=4),
+    ]  # fmt: skip
+    assert await store.generation() == generation, "usage is not configuration"
+    assert await store.read_usage("other", H0, 100) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_usage_starts_at_the_hour_containing_since_and_orders_by_hour_then_model(
+    store: Store,
+) -> None:
+    models = ["b", "B", "a", "llama3:8b"]
+    await store.add_usage(
+        [UsageRow("k", m, H0 + i * HOUR, requests=1) for i in range(4) for m in models]
+    )
+    found = await store.read_usage("k", H0 + HOUR + timedelta(minutes=30), 100)
+    expected_models = sorted(models)  # byte order, on every database: "B" < "a"
+    assert [(r.hour, r.model) for r in found] == [
+        (H0 + i * HOUR, m) for i in (1, 2, 3) for m in expected_models
+    ]
+    assert [(r.hour, r.model) for r in await store.read_usage("k", H0, 5)] == [
+        (H0, "B"), (H0, "a"), (H0, "b"), (H0, "llama3:8b"), (H0 + HOUR, "B")
+    ]  # fmt: skip
+    assert await store.read_usage("k", H0 + 4 * HOUR, 100) == []
+    assert len(await store.read_usage("k", datetime(1, 1, 1, tzinfo=UTC), 100)) == 16
+    assert await store.read_usage("k", H0, 0) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_usage_is_all_or_nothing_and_stores_any_name(store: Store, db: Database) -> None:
+    with pytest.raises(ValueError, match="usage counts"):
+        await store.add_usage(
+            [UsageRow("k", "m", H0, requests=1), UsageRow("k", "m", H0, errors=-1)]
+        )
+    with pytest.raises(ValueError):
+        await store.add_usage([UsageRow("k", "m", H0, requests=True)])
+    assert rows(db, "SELECT * FROM apikey_usage") == []
+    # Names PostgreSQL would refuse (NUL) or no database can encode (a lone surrogate) must not
+    # fail the batch with them.
+    await store.add_usage(
+        [
+            UsageRow("k", "a\x00b", H0, requests=1),
+            UsageRow("k", "\ud800", H0, requests=1),
+            UsageRow("k", "x" * 5000, H0, requests=1),
+            UsageRow("k", "llama3", H0, requests=1),
+        ]
+    )
+    found = await store.read_usage("k", H0, 100)
+    assert len(found) == 4 and all(r.requests == 1 for r in found)
+    assert {len(r.model) for r in found} >= {1024, len("llama3")}
+
+
 # -- migrations ------------------------------------------------------------------------------
 
 
@@ -631,7 +870,7 @@ async def test_a_newer_schema_is_refused_and_left_untouched(
     assert (caught.value.found, caught.value.supported) == (7, SCHEMA_VERSION)
     setting = {"sqlite": "DatabaseFilename", "postgresql": "Database"}[db.kind]
     assert str(caught.value) == (
-        "database schema version 7 is newer than this OllamaFlow supports (3);"
+        "database schema version 7 is newer than this OllamaFlow supports (4);"
         f" upgrade OllamaFlow or use another {setting}"
     )
     assert db.fingerprint() == before
@@ -639,9 +878,43 @@ async def test_a_newer_schema_is_refused_and_left_untouched(
 
 def test_migrate_refuses_a_target_it_does_not_know(db: Database) -> None:
     connection = db.connect()
-    with pytest.raises(ValueError, match="target version 4"):
+    with pytest.raises(ValueError, match="target version 5"):
         migrate(connection.cursor(), db.dialect, now=T0, target=SCHEMA_VERSION + 1)
     connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_3_database_gains_api_keys_and_keeps_its_records(
+    db: Database, opener: Opener
+) -> None:
+    connection = db.connect()
+    cursor = connection.cursor()
+    db.dialect.begin_writing(cursor)
+    assert migrate(cursor, db.dialect, now=T0, target=3) == 0
+    stamp = "2020-01-01T00:00:00.000000Z"
+    db.dialect.execute(cursor, "UPDATE config_state SET generation = 41")
+    for table, doc in (("backends", '{"Port":1234}'), ("frontends", '{"Hostname":"fe.lan"}')):
+        db.dialect.execute(
+            cursor,
+            f"INSERT INTO {table} (identifier, doc, created_utc, last_update_utc)"
+            " VALUES ('old', ?, ?, ?)",
+            (doc, stamp, stamp),
+        )
+    db.dialect.execute(cursor, "INSERT INTO frontend_backends VALUES ('old', 'gone', 0)")
+    db.dialect.execute(cursor, "COMMIT")
+    connection.close()
+
+    store = await opener()
+    assert rows(db, "SELECT MAX(version) FROM schema_version") == [(4,)]
+    snapshot = await store.snapshot()
+    assert snapshot.generation == 41 and snapshot.api_keys == () and snapshot.left_out == ()
+    assert [(b.identifier, b.port) for b in snapshot.backends] == [("old", 1234)]
+    [fe] = snapshot.frontends
+    assert (fe.identifier, fe.hostname, fe.backends) == ("old", "fe.lan", ("gone",))
+    assert fe.require_api_key is False
+    await store.create_api_key(with_secret(ApiKey(identifier="k"))[0])
+    await store.add_usage([UsageRow("k", "m", H0, requests=1)])
+    assert [k.identifier for k in (await store.snapshot()).api_keys] == ["k"]
 
 
 # -- opening before the reactor runs (twistd's makeService) ----------------------------------

@@ -1,16 +1,15 @@
-"""The admin routes: frontends, backends, and health, read from the live catalog."""
+"""The admin routes: frontends, backends, and health, read from the live catalog; the API
+keys' routes are in :mod:`ollamaflow.admin.apikeys`."""
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
 import attrs
-from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -18,18 +17,20 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ollamaflow import __version__
+from ollamaflow.admin.apikeys import ApiKeyRoutes, UsageSource
 from ollamaflow.admin.errors import ApiError, write_error
+from ollamaflow.admin.routing import answer, query_values, read_json, routes, unknown_fields
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
 from ollamaflow.fielderrors import FieldError
 from ollamaflow.jsonfields import to_wire
-from ollamaflow.jsonlimits import InvalidJson, loads_for_fields
 from ollamaflow.records import Backend, Frontend, parse_record
 from ollamaflow.runtime import Runtime
 from ollamaflow.store import (
     BackendInUse,
     DuplicateIdentifier,
     InvalidRecord,
+    InvalidStoredRecord,
     StoreError,
     StoreUnavailable,
 )
@@ -45,41 +46,14 @@ _STORE_ERRORS: dict[type[StoreError], int] = {
     DuplicateIdentifier: 409,
     BackendInUse: 409,
     InvalidRecord: 400,
+    # A stored row that does not load (rotating a key left out): replace it first.
+    InvalidStoredRecord: 409,
     StoreUnavailable: 503,
 }
 
-#: Unknown keys named in one answer; the rest are counted.
-_UNKNOWN_NAMED = 10
-
-
-def _json(request: IRequest, data: object, status: int = 200) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(data).encode()
-
-
-def _read_json(request: IRequest) -> object:
-    """The body as JSON, with the numbers the fields judge kept as written (NaN, Infinity,
-    huge integers) so that the error names the field; 400 if it is not JSON in UTF-8 or
-    nests deeper than the limit."""
-    raw = request.content.read() if request.content is not None else b""
-    if not raw.strip():
-        raise ApiError(400, "the request has no body; a JSON object is expected")
-    try:
-        return loads_for_fields(raw)
-    except InvalidJson as e:
-        raise ApiError(400, str(e)) from e
-
-
-def _unknown_fields(unknown: list[str]) -> str:
-    named = ", ".join(unknown[:_UNKNOWN_NAMED])
-    more = len(unknown) - _UNKNOWN_NAMED
-    tail = f" and {more} more" if more > 0 else ""
-    return f"unknown field{'s' if len(unknown) > 1 else ''}: {named}{tail}"
-
 
 def _parse(cls: type[R], request: IRequest, identifier: str | None = None) -> R:
-    data = _read_json(request)
+    data = read_json(request)
     if identifier is not None and isinstance(data, dict):
         data = {k: v for k, v in data.items() if k.lower() != "identifier"}
         data["Identifier"] = identifier
@@ -88,12 +62,12 @@ def _parse(cls: type[R], request: IRequest, identifier: str | None = None) -> R:
     except FieldError as e:
         raise ApiError(400, str(e)) from e
     if unknown:
-        raise ApiError(400, _unknown_fields(unknown))
+        raise ApiError(400, unknown_fields(unknown))
     return record
 
 
 def _flag(request: IRequest, name: bytes) -> bool:
-    values: Sequence[bytes] = (request.args or {}).get(name, [])
+    values = query_values(request, name)
     if not values:
         return False
     value = values[-1].lower()
@@ -105,7 +79,7 @@ def _flag(request: IRequest, name: bytes) -> bool:
 
 
 @attrs.define
-class AdminApi:
+class AdminApi(ApiKeyRoutes):
     """The ``/v1.0/`` routes; ``render`` checks the bearer token before any route runs."""
 
     registry: Registry
@@ -119,9 +93,11 @@ class AdminApi:
     queues: Callable[[], list[dict[str, object]]] = list
     #: Which worker process this is, when the daemon runs several (0 = the main one).
     worker: int = 0
+    #: A key's usage since a time, unflushed counts included; ``None``: the store's alone.
+    usage_of: UsageSource | None = None
     _log: Logger = attrs.field(factory=Logger)
 
-    app = Klein()
+    app = routes
 
     def resource(self) -> _Authenticated:
         return _Authenticated(self, self.app.resource())
@@ -134,21 +110,21 @@ class AdminApi:
     @app.route("/v1.0/frontends", methods=["GET"])
     def list_frontends(self, request: IRequest) -> bytes:
         frontends = self.registry.catalog.frontends.values()
-        return _json(request, [self._frontend_wire(fe) for fe in frontends])
+        return answer(request, [self._frontend_wire(fe) for fe in frontends])
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["GET"])
     def get_frontend(self, request: IRequest, identifier: str) -> bytes:
-        return _json(request, self._frontend_wire(self._frontend(identifier)))
+        return answer(request, self._frontend_wire(self._frontend(identifier)))
 
     @app.route("/v1.0/frontends", methods=["PUT", "POST"])
     async def create_frontend(self, request: IRequest) -> bytes:
         stored = await self.registry.create_frontend(_parse(Frontend, request))
-        return _json(request, self._frontend_wire(stored), 201)
+        return answer(request, self._frontend_wire(stored), 201)
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["PUT"])
     async def replace_frontend(self, request: IRequest, identifier: str) -> bytes:
         stored = await self.registry.replace_frontend(_parse(Frontend, request, identifier))
-        return _json(request, self._frontend_wire(stored))
+        return answer(request, self._frontend_wire(stored))
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["DELETE"])
     async def delete_frontend(self, request: IRequest, identifier: str) -> bytes:
@@ -160,23 +136,23 @@ class AdminApi:
 
     @app.route("/v1.0/backends", methods=["GET"])
     def list_backends(self, request: IRequest) -> bytes:
-        return _json(request, [to_wire(be) for be in self.registry.catalog.backends.values()])
+        return answer(request, [to_wire(be) for be in self.registry.catalog.backends.values()])
 
     @app.route("/v1.0/backends/health", methods=["GET"])
     def all_health(self, request: IRequest) -> bytes:
-        return _json(request, [self._health(be) for be in self.registry.catalog.backends.values()])
+        return answer(request, [self._health(be) for be in self.registry.catalog.backends.values()])
 
     @app.route("/v1.0/backends/<string:identifier>", methods=["GET"])
     def get_backend(self, request: IRequest, identifier: str) -> bytes:
-        return _json(request, to_wire(self._backend(identifier)))
+        return answer(request, to_wire(self._backend(identifier)))
 
     @app.route("/v1.0/backends/<string:identifier>/health", methods=["GET"])
     def backend_health(self, request: IRequest, identifier: str) -> bytes:
-        return _json(request, self._health(self._backend(identifier)))
+        return answer(request, self._health(self._backend(identifier)))
 
     @app.route("/v1.0/backends/<string:identifier>/models", methods=["GET"])
     def backend_models(self, request: IRequest, identifier: str) -> bytes:
-        return _json(request, self.models(self._backend(identifier).identifier))
+        return answer(request, self.models(self._backend(identifier).identifier))
 
     @app.route("/v1.0/backends/<string:identifier>/drain", methods=["POST", "PUT"])
     async def drain_backend(self, request: IRequest, identifier: str) -> bytes:
@@ -187,7 +163,7 @@ class AdminApi:
         if backend.active:
             backend = await self.registry.replace_backend(attrs.evolve(backend, active=False))
         state = self.runtime.state(identifier)
-        return _json(
+        return answer(
             request,
             {
                 "Identifier": identifier,
@@ -200,12 +176,12 @@ class AdminApi:
     @app.route("/v1.0/backends", methods=["PUT", "POST"])
     async def create_backend(self, request: IRequest) -> bytes:
         stored = await self.registry.create_backend(_parse(Backend, request))
-        return _json(request, to_wire(stored), 201)
+        return answer(request, to_wire(stored), 201)
 
     @app.route("/v1.0/backends/<string:identifier>", methods=["PUT"])
     async def replace_backend(self, request: IRequest, identifier: str) -> bytes:
         stored = await self.registry.replace_backend(_parse(Backend, request, identifier))
-        return _json(request, to_wire(stored))
+        return answer(request, to_wire(stored))
 
     @app.route("/v1.0/backends/<string:identifier>", methods=["DELETE"])
     async def delete_backend(self, request: IRequest, identifier: str) -> bytes:
@@ -222,7 +198,7 @@ class AdminApi:
             1 for be in catalog.backends.values() if self.runtime.state(be.identifier).healthy
         )
         now = self.now()
-        return _json(
+        return answer(
             request,
             {
                 "Status": "Running",

@@ -1,4 +1,5 @@
-"""The configuration store: frontends and backends in SQLite (the default) or PostgreSQL."""
+"""The configuration store: frontends, backends and API keys in SQLite (the default) or
+PostgreSQL, and what each key used."""
 
 from ollamaflow.store.errors import (
     BackendInUse,
@@ -16,7 +17,7 @@ from ollamaflow.store.errors import (
 )
 from ollamaflow.store.migrations import LATEST as SCHEMA_VERSION
 from ollamaflow.store.postgresql import Subscription, describe_postgresql, postgresql_conninfo
-from ollamaflow.store.rows import Snapshot
+from ollamaflow.store.rows import Snapshot, hour_start
 from ollamaflow.store.sql import POSTGRESQL, SQLITE, SqlDialect
 from ollamaflow.store.store import DEFAULT_POOL_SIZE, Store
 
@@ -47,6 +48,7 @@ __all__ = [
     "StoreUnavailable",
     "Subscription",
     "describe_postgresql",
+    "hour_start",
     "postgresql_conninfo",
     "prepare_postgresql",
     "prepare_sqlite",

@@ -17,7 +17,7 @@ class NotFound(StoreError):
     identifier: str
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.identifier!r} does not exist"
+        return f"{_kind(self.kind)} {self.identifier!r} does not exist"
 
 
 @attrs.define(auto_exc=True)
@@ -28,7 +28,9 @@ class DuplicateIdentifier(StoreError):
     identifier: str
 
     def __str__(self) -> str:
-        return f"a {self.kind} with identifier {self.identifier!r} already exists"
+        kind = _kind(self.kind)
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        return f"{article} {kind} with identifier {self.identifier!r} already exists"
 
 
 @attrs.define(auto_exc=True)
@@ -79,7 +81,7 @@ class InvalidStoredRecord(StoreError):
         return (self.kind, self.identifier, self.reason)
 
     def __str__(self) -> str:
-        return f"stored {self.kind} {_name(self.identifier)} is not valid: {self.reason}"
+        return f"stored {_kind(self.kind)} {_name(self.identifier)} is not valid: {self.reason}"
 
 
 @attrs.define(auto_exc=True)
@@ -92,7 +94,15 @@ class InvalidRecord(StoreError):
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.reason}; {self.kind} {_name(self.identifier)} was not stored"
+        return f"{self.reason}; {_kind(self.kind)} {_name(self.identifier)} was not stored"
+
+
+#: How a kind of record is named in a message, when not as its ``kind`` (which names its route).
+_KIND_NAMES = {"apikey": "API key"}
+
+
+def _kind(kind: str) -> str:
+    return _KIND_NAMES.get(kind, kind)
 
 
 def _name(identifier: str) -> str:

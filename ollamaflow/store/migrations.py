@@ -69,7 +69,39 @@ _LINKS_TO_ANY_BACKEND: tuple[str, ...] = (
     "CREATE INDEX frontend_backends_backend ON frontend_backends (backend_id)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_RECORDS, _CONFIG_STATE, _LINKS_TO_ANY_BACKEND)
+# Clients' keys, like the other records (fields in ``doc``), with the secret's hash and shown
+# prefix in columns of their own; and what each key used, counted per model and hour (``hour``:
+# its start, written by ``format_utc``, so text order is time order). Counts are BIGINT: a busy
+# key's tokens in an hour can pass 2**31.
+_API_KEYS: tuple[str, ...] = (
+    """CREATE TABLE apikeys (
+        seq {autoincrement},
+        identifier TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL,
+        secret_hash TEXT NOT NULL UNIQUE,
+        key_prefix TEXT NOT NULL,
+        created_utc TEXT NOT NULL,
+        last_update_utc TEXT NOT NULL
+    )""",
+    """CREATE TABLE apikey_usage (
+        key_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        hour TEXT NOT NULL,
+        requests BIGINT NOT NULL DEFAULT 0,
+        errors BIGINT NOT NULL DEFAULT 0,
+        prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, model, hour)
+    )""",
+    "CREATE INDEX apikey_usage_by_hour ON apikey_usage (key_id, hour)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _RECORDS,
+    _CONFIG_STATE,
+    _LINKS_TO_ANY_BACKEND,
+    _API_KEYS,
+)
 LATEST = len(MIGRATIONS)
 
 _VERSION_TABLE = """CREATE TABLE schema_version (

@@ -1,12 +1,14 @@
-"""The configuration as rows: each function is the work of one transaction, run in the pool's
-thread with the cursor and the dialect given (adbapi commits when it returns and rolls back when
-it raises). :class:`~ollamaflow.store.store.Store` chooses which to run and when.
+"""The configuration (and the API keys' usage) as rows: each function is the work of one
+transaction, run in the pool's thread with the cursor and the dialect given (adbapi commits when
+it returns and rolls back when it raises). :class:`~ollamaflow.store.store.Store` chooses which
+to run and when.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -14,7 +16,7 @@ import attrs
 
 from ollamaflow.fielderrors import FieldError
 from ollamaflow.jsonfields import from_wire, to_wire
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import RESERVED_KEY_IDENTIFIERS, ApiKey, Backend, Frontend, UsageRow
 from ollamaflow.store.errors import (
     BackendInUse,
     DuplicateIdentifier,
@@ -27,10 +29,10 @@ from ollamaflow.store.sql import Cursor, SqlDialect
 from ollamaflow.utctime import format_utc
 
 T = TypeVar("T")
-R = TypeVar("R", Frontend, Backend)
+R = TypeVar("R", Frontend, Backend, ApiKey)
 
 #: Wire keys kept in their own columns (or the link table) rather than in ``doc``.
-_COLUMN_KEYS = frozenset({"Identifier", "Backends", "CreatedUtc", "LastUpdateUtc"})
+_COLUMN_KEYS = frozenset({"Identifier", "Backends", "CreatedUtc", "LastUpdateUtc", "KeyPrefix"})
 
 
 def _left_out_key(left_out: tuple[InvalidStoredRecord, ...]) -> tuple[tuple[str, str, str], ...]:
@@ -44,6 +46,8 @@ class Snapshot:
     generation: int
     frontends: tuple[Frontend, ...]
     backends: tuple[Backend, ...]
+    #: With their ``secret_hash`` and ``key_prefix``.
+    api_keys: tuple[ApiKey, ...] = ()
     #: Stored rows that do not load (edited by hand, or refused by a stricter field): left out
     #: so that the rest still serves, each naming its record and why. A frontend that lists a
     #: left-out backend keeps listing it; a PUT of the record repairs it, a DELETE removes it.
@@ -112,7 +116,14 @@ def read_snapshot(cursor: Cursor, dialect: SqlDialect) -> Snapshot:
 
     frontends = load(Frontend, "frontends", linked=True)
     backends = load(Backend, "backends", linked=False)
-    return Snapshot(generation, frontends, backends, tuple(left_out))
+    api_keys: list[ApiKey] = []
+    key_rows = dialect.execute(cursor, f"SELECT {_KEY_COLUMNS} FROM apikeys ORDER BY seq")
+    for row in key_rows.fetchall():
+        try:
+            api_keys.append(_api_key(row))
+        except InvalidStoredRecord as e:
+            left_out.append(e)
+    return Snapshot(generation, frontends, backends, tuple(api_keys), tuple(left_out))
 
 
 def _record(cls: type[R], row: Sequence[Any], backends: tuple[str, ...] | None) -> R:
@@ -145,11 +156,11 @@ def _parse_utc(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
-def _doc(record: Frontend | Backend) -> str:
+def _doc(record: Frontend | Backend | ApiKey) -> str:
     return _encode(_document(record))
 
 
-def _document(record: Frontend | Backend) -> dict[str, object]:
+def _document(record: Frontend | Backend | ApiKey) -> dict[str, object]:
     return {k: v for k, v in to_wire(record).items() if k not in _COLUMN_KEYS}
 
 
@@ -189,7 +200,7 @@ def check_loadable(record: R) -> None:
         raise InvalidRecord(kind, identifier, e.reason) from e
 
 
-def _unencodable(record: Frontend | Backend, error: Exception) -> str:
+def _unencodable(record: Frontend | Backend | ApiKey, error: Exception) -> str:
     """Why a record could not be written as JSON, naming the field (the encoder does not)."""
     try:
         wire = to_wire(record)
@@ -332,3 +343,224 @@ def delete_backend(
         )
     dialect.execute(cursor, "DELETE FROM backends WHERE identifier = ?", (identifier,))
     return users
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+_KEY_COLUMNS = "identifier, doc, created_utc, last_update_utc, secret_hash, key_prefix"
+_SECRET_HASH = re.compile(r"[0-9a-f]{64}")
+_KEY_PREFIX = re.compile(r"[!-~]{1,64}")
+
+
+def _api_key(row: Sequence[Any]) -> ApiKey:
+    """One stored key (the columns of :data:`_KEY_COLUMNS`), its secret's hash and prefix
+    included; :class:`InvalidStoredRecord` if it does not load."""
+    key = _record(ApiKey, row[:4], None)
+    return attrs.evolve(key, secret_hash=row[4], key_prefix=row[5])
+
+
+def check_api_key(key: ApiKey, *, creating: bool) -> None:
+    """Refuse, before any SQL, a key that would not load back (as :func:`check_loadable`),
+    a new one taking a reserved identifier, or one whose secret columns are malformed."""
+    check_loadable(key)
+    if creating:
+        if key.identifier.lower() in RESERVED_KEY_IDENTIFIERS:
+            reason = (
+                f"Identifier: {key.identifier!r} is reserved (usage without a key is counted"
+                " under 'anonymous' and 'admin')"
+            )
+            raise InvalidRecord("apikey", key.identifier, reason)
+        check_secret(key.identifier, key.secret_hash, key.key_prefix)
+
+
+def check_secret(identifier: str, secret_hash: object, key_prefix: object) -> None:
+    """Refuse a secret's hash that is not a hex SHA-256, or a shown prefix that is not 1-64
+    visible ASCII characters (:class:`InvalidRecord`; the values are never quoted)."""
+    if not (isinstance(secret_hash, str) and _SECRET_HASH.fullmatch(secret_hash)):
+        reason = "the secret's hash is not a lowercase hex SHA-256"
+        raise InvalidRecord("apikey", identifier, reason)
+    if not (isinstance(key_prefix, str) and _KEY_PREFIX.fullmatch(key_prefix)):
+        reason = "KeyPrefix: expected 1-64 visible ASCII characters"
+        raise InvalidRecord("apikey", identifier, reason)
+
+
+def _same_secret(identifier: str) -> InvalidRecord:
+    return InvalidRecord("apikey", identifier, "another key has the same secret")
+
+
+def create_api_key(cursor: Cursor, dialect: SqlDialect, key: ApiKey, now: datetime) -> ApiKey:
+    """Insert ``key`` with its secret's hash and prefix (an identifier taken is refused)."""
+    taken = dialect.execute(
+        cursor, "SELECT 1 FROM apikeys WHERE identifier = ?", (key.identifier,)
+    ).fetchone()
+    if taken is not None:
+        raise DuplicateIdentifier("apikey", key.identifier)
+    try:
+        dialect.execute(
+            cursor,
+            "INSERT INTO apikeys (identifier, doc, secret_hash, key_prefix, created_utc,"
+            " last_update_utc) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                key.identifier,
+                _doc(key),
+                key.secret_hash,
+                key.key_prefix,
+                format_utc(now),
+                format_utc(now),
+            ),
+        )
+    except Exception as e:
+        if dialect.is_integrity_error(e):  # the identifier is free: the hash is not
+            raise _same_secret(key.identifier) from e
+        raise
+    return attrs.evolve(key, created_utc=now, last_update_utc=now)
+
+
+def replace_api_key(cursor: Cursor, dialect: SqlDialect, key: ApiKey, now: datetime) -> ApiKey:
+    """Overwrite ``key``'s fields, keeping its secret and creation time (those of ``key`` are
+    ignored)."""
+    row = dialect.execute(
+        cursor,
+        "SELECT created_utc, secret_hash, key_prefix FROM apikeys WHERE identifier = ?",
+        (key.identifier,),
+    ).fetchone()
+    if row is None:
+        raise NotFound("apikey", key.identifier)
+    dialect.execute(
+        cursor,
+        "UPDATE apikeys SET doc = ?, last_update_utc = ? WHERE identifier = ?",
+        (_doc(key), format_utc(now), key.identifier),
+    )
+    return attrs.evolve(
+        key,
+        created_utc=_parse_utc(row[0]),
+        last_update_utc=now,
+        secret_hash=row[1],
+        key_prefix=row[2],
+    )
+
+
+def rotate_api_key(
+    cursor: Cursor,
+    dialect: SqlDialect,
+    identifier: str,
+    secret_hash: str,
+    key_prefix: str,
+    now: datetime,
+) -> ApiKey:
+    """Give a key a new secret; returns it as stored (:class:`InvalidStoredRecord`, and
+    nothing changed, if its stored fields do not load: replace it first)."""
+    try:
+        dialect.execute(
+            cursor,
+            "UPDATE apikeys SET secret_hash = ?, key_prefix = ?, last_update_utc = ?"
+            " WHERE identifier = ?",
+            (secret_hash, key_prefix, format_utc(now), identifier),
+        )
+    except Exception as e:
+        if dialect.is_integrity_error(e):
+            raise _same_secret(identifier) from e
+        raise
+    if cursor.rowcount == 0:
+        raise NotFound("apikey", identifier)
+    row = dialect.execute(
+        cursor, f"SELECT {_KEY_COLUMNS} FROM apikeys WHERE identifier = ?", (identifier,)
+    ).fetchone()
+    return _api_key(row)
+
+
+def delete_api_key(cursor: Cursor, dialect: SqlDialect, identifier: str) -> None:
+    """Delete a key and what it used."""
+    dialect.execute(cursor, "DELETE FROM apikeys WHERE identifier = ?", (identifier,))
+    if cursor.rowcount == 0:
+        raise NotFound("apikey", identifier)
+    dialect.execute(cursor, "DELETE FROM apikey_usage WHERE key_id = ?", (identifier,))
+
+
+# -- usage -------------------------------------------------------------------------------------
+
+#: Longest key or model name kept in a usage row; a longer one is cut (no model name is as
+#: long, and the gateway refuses longer ones before anything is counted).
+MAX_USAGE_NAME = 1024
+#: A count that fits a BIGINT column, with room to add.
+MAX_COUNT = 2**62
+#: No usage is older; an earlier ``since`` means this (before the year 1000 ``format_utc``
+#: writes fewer digits, and text order would no longer be time order).
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_ADD_USAGE = (
+    "INSERT INTO apikey_usage (key_id, model, hour, requests, errors, prompt_tokens,"
+    " completion_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (key_id, model, hour) DO UPDATE SET"
+    " requests = apikey_usage.requests + excluded.requests,"
+    " errors = apikey_usage.errors + excluded.errors,"
+    " prompt_tokens = apikey_usage.prompt_tokens + excluded.prompt_tokens,"
+    " completion_tokens = apikey_usage.completion_tokens + excluded.completion_tokens"
+)
+
+
+def hour_start(moment: datetime) -> datetime:
+    """The start (UTC) of the hour that contains ``moment``: where usage is counted."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _usage_name(text: str) -> str:
+    """``text`` as every database stores it: no NUL, no lone surrogate, bounded. One bad row
+    must not fail the batch it came in (and lose every count with it)."""
+    clean = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return clean[:MAX_USAGE_NAME]
+
+
+#: One upsert's parameters: key, model, hour, requests, errors, prompt and completion tokens.
+UsageParams = tuple[str, str, str, int, int, int, int]
+
+
+def usage_batch(rows: Iterable[UsageRow]) -> list[UsageParams]:
+    """The rows as parameters of one upsert each: one per (key, model, hour), counts summed,
+    in key order (so that instances flushing at once lock rows in the same order, never in a
+    deadlock). Raises :class:`ValueError` for a count that is not an integer in range."""
+    merged: dict[tuple[str, str, str], list[int]] = {}
+    for row in rows:
+        counts = (row.requests, row.errors, row.prompt_tokens, row.completion_tokens)
+        for count in counts:
+            if type(count) is not int or not 0 <= count <= MAX_COUNT:
+                raise ValueError(f"usage counts are integers from 0 to 2**62, not {count!r}")
+        key = (_usage_name(row.key_id), _usage_name(row.model), format_utc(hour_start(row.hour)))
+        total = merged.setdefault(key, [0, 0, 0, 0])
+        for i, count in enumerate(counts):
+            total[i] += count
+    return [
+        (key_id, model, hour, *_capped(total))
+        for (key_id, model, hour), total in sorted(merged.items())
+    ]
+
+
+def _capped(total: list[int]) -> tuple[int, int, int, int]:
+    requests, errors, prompt_tokens, completion_tokens = (min(c, MAX_COUNT) for c in total)
+    return requests, errors, prompt_tokens, completion_tokens
+
+
+def add_usage(cursor: Cursor, dialect: SqlDialect, batch: Sequence[UsageParams]) -> None:
+    """Add a :func:`usage_batch` to the stored counts, in one transaction. Usage is not
+    configuration: no generation bump, no announcement, and not the configuration's lock."""
+    dialect.execute(cursor, dialect.begin_write)
+    for params in batch:
+        dialect.execute(cursor, _ADD_USAGE, params)
+
+
+def read_usage(
+    cursor: Cursor, dialect: SqlDialect, key_id: str, since: datetime, limit: int
+) -> list[UsageRow]:
+    """What ``key_id`` used in the hours from the one containing ``since``, by hour then model,
+    at most ``limit`` rows."""
+    found = dialect.execute(
+        cursor,
+        "SELECT model, hour, requests, errors, prompt_tokens, completion_tokens"
+        " FROM apikey_usage WHERE key_id = ? AND hour >= ?"
+        f" ORDER BY hour, model{dialect.bytewise} LIMIT ?",
+        (_usage_name(key_id), format_utc(max(hour_start(since), _EPOCH)), max(limit, 0)),
+    ).fetchall()
+    return [
+        UsageRow(key_id, model, _parse_utc(hour), *(int(n) for n in counts))
+        for model, hour, *counts in found
+    ]

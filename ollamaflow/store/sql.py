@@ -72,6 +72,9 @@ class SqlDialect:
     #: Names of the driver's exception classes meaning the database cannot be reached or the
     #: connection broke (as opposed to a refused statement).
     unavailable_errors: tuple[str, ...] = ()
+    #: Appended to a text column in ``ORDER BY`` to compare it byte by byte, as SQLite always
+    #: does (PostgreSQL otherwise sorts by the database's locale).
+    bytewise: str = ""
     #: Statements run on every new connection, in order.
     connect_statements: tuple[str, ...] = ()
     #: Keyword arguments for the driver's ``connect``: autocommit, so we begin transactions.
@@ -202,5 +205,6 @@ POSTGRESQL = SqlDialect(
     # OperationalError covers a refused or broken connection and a server shutting down;
     # InterfaceError a connection psycopg already knows is closed.
     unavailable_errors=("OperationalError", "InterfaceError"),
+    bytewise=' COLLATE "C"',
     connect_kwargs={"autocommit": True},
 )

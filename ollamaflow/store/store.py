@@ -1,8 +1,10 @@
-"""The configuration store: frontends and backends in a SQL database, behind adbapi.
+"""The configuration store: frontends, backends and API keys (and the keys' usage) in a SQL
+database, behind adbapi.
 
 Every write is one transaction that begins with the dialect's write lock, bumps the
 configuration generation and announces it (PostgreSQL: NOTIFY, delivered on commit only), so a
-failed write leaves nothing behind and readers can tell which snapshot is newer. All database
+failed write leaves nothing behind and readers can tell which snapshot is newer (usage is not
+configuration: adding to it bumps and announces nothing). All database
 work runs in the pool's threads, never on the reactor thread. A database that cannot be reached
 or a connection that broke is reported as :class:`StoreUnavailable`; the pool reconnects by
 itself on the next call.
@@ -10,7 +12,7 @@ itself on the next call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -21,7 +23,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import ApiKey, Backend, Frontend, UsageRow
 from ollamaflow.store.errors import (
     DatabaseRefused,
     StoreClosed,
@@ -37,17 +39,26 @@ from ollamaflow.store.postgresql import (
 )
 from ollamaflow.store.rows import (
     Snapshot,
+    add_usage,
+    check_api_key,
     check_loadable,
+    check_secret,
+    create_api_key,
     create_backend,
     create_frontend,
+    delete_api_key,
     delete_backend,
     delete_frontend,
     in_write_transaction,
     open_database,
     read_generation,
     read_snapshot,
+    read_usage,
+    replace_api_key,
     replace_backend,
     replace_frontend,
+    rotate_api_key,
+    usage_batch,
 )
 from ollamaflow.store.sql import POSTGRESQL, SQLITE, Cursor, SqlDialect
 from ollamaflow.twisted_internals import dbapi_connection, owning_pool
@@ -262,6 +273,40 @@ class Store:
         with it, those frontends lose it (and get a new LastUpdateUtc) in the same transaction.
         """
         return await self._write(delete_backend, identifier, force, self._utcnow())
+
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        """Store a new key, which carries its secret's hash and prefix already; returns it as
+        stored. A reserved identifier ("anonymous", "admin") is refused."""
+        check_api_key(key, creating=True)
+        return await self._write(create_api_key, key, self._utcnow())
+
+    async def replace_api_key(self, key: ApiKey) -> ApiKey:
+        """Replace a key's fields; keeps its secret and CreatedUtc, moves LastUpdateUtc."""
+        check_api_key(key, creating=False)
+        return await self._write(replace_api_key, key, self._utcnow())
+
+    async def rotate_api_key(self, identifier: str, secret_hash: str, key_prefix: str) -> ApiKey:
+        """Give a key a new secret (its hash and shown prefix); returns the key as stored."""
+        check_secret(identifier, secret_hash, key_prefix)
+        return await self._write(
+            rotate_api_key, identifier, secret_hash, key_prefix, self._utcnow()
+        )
+
+    async def delete_api_key(self, identifier: str) -> None:
+        """Delete a key and its usage."""
+        await self._write(delete_api_key, identifier)
+
+    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add ``rows`` to the stored counts (rows of one key, model and hour add up), all or
+        nothing. Not a configuration write: no generation bump, no announcement."""
+        batch = usage_batch(rows)
+        if batch:
+            await self._run(add_usage, self._dialect, batch, write=True)
+
+    async def read_usage(self, key_id: str, since: datetime, limit: int) -> list[UsageRow]:
+        """What ``key_id`` used, by hour (from the one containing ``since``) then model, at
+        most ``limit`` rows."""
+        return await self._run(read_usage, self._dialect, key_id, since, limit)
 
     def _utcnow(self) -> datetime:
         return self._now().astimezone(UTC)
