@@ -5,13 +5,18 @@ checker and model sync, and aggregated in plain Python (see :class:`_Family`) so
 a few dict lookups and float additions; in-flight requests, queue depths, backend health and
 client connections (open, and refused by ``Webserver.MaxConnections``) are read from live state at
 scrape time.
+
+The per-API-key families are labelled with the key's identifier (``anonymous`` or ``admin``
+without one), so their cardinality grows with the number of keys, never with what clients send:
+the model label is bounded as for the other families, and to :data:`MODELS_PER_KEY` per key.
+A deleted key's series stay until :meth:`Metrics.forget_keys` is called (else until restart).
 """
 
 from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Collection, Iterator, Sequence, Sized
 from itertools import accumulate
 from typing import Protocol
 
@@ -48,6 +53,12 @@ RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000
 NONE = "none"
 #: The model label of a model no backend's inventory lists (bounds the label's cardinality).
 OTHER = "other"
+#: Distinct model labels one API key's series take at most; later models count as ``other``.
+MODELS_PER_KEY = 100
+#: The key labels of requests made without an API key: an admin token, or nothing.
+KEYLESS = ("admin", "anonymous")
+#: The reason label of a request the gateway refused for its key, by status.
+REFUSALS = {401: "unauthorized", 403: "forbidden", 429: "rate_limited"}
 
 
 @attrs.define(eq=False)
@@ -322,6 +333,30 @@ class Metrics:
             "Model pulls finished, by backend and result (success or failure).",
             ["backend", "result"],
         )
+        self.key_requests = _Counter(
+            "ollamaflow_apikey_requests_total",
+            "Client requests finished, by API key and model.",
+            ["key", "model"],
+        )
+        self.key_errors = _Counter(
+            "ollamaflow_apikey_errors_total",
+            "Client requests that failed (status 400 or above, or not answered in full), "
+            "by API key and model.",
+            ["key", "model"],
+        )
+        self.key_tokens = _Counter(
+            "ollamaflow_apikey_tokens_total",
+            "Tokens the backends reported, by API key, model and kind (prompt or completion).",
+            ["key", "model", "kind"],
+        )
+        self.key_refused = _Counter(
+            "ollamaflow_apikey_refused_total",
+            "Requests the gateway refused, by API key and reason "
+            "(unauthorized, forbidden or rate_limited).",
+            ["key", "reason"],
+        )
+        #: API key → how many model labels its series use (at most :data:`MODELS_PER_KEY`).
+        self._key_models: dict[str, int] = {}
         for family in (
             self.requests,
             self.retries,
@@ -333,6 +368,10 @@ class Metrics:
             self.rate,
             self.checks,
             self.pulls,
+            self.key_requests,
+            self.key_errors,
+            self.key_tokens,
+            self.key_refused,
         ):
             registry.register(family)
         if live is not None:
@@ -380,6 +419,46 @@ class Metrics:
                 values = histogram.series.get(key) or histogram.new(key)
                 values[bisect_left(histogram.bounds, rate)] += 1.0
                 values[-1] += rate
+        self._count_for_key(c, model)
+
+    def _count_for_key(self, c: Completed, model: str) -> None:
+        """The per-API-key families: ``model`` is the label the other families use."""
+        key: tuple[str | int, ...] = (c.api_key, model)
+        counter = self.key_requests
+        values = counter.series.get(key)
+        if values is None:
+            key = self._key_model(c.api_key, model)
+            values = counter.series.get(key) or counter.new(key)
+        values[0] += 1.0
+        if c.status >= 400 or c.outcome != "ok":
+            self.key_errors.inc(key)
+            if c.outcome == "refused":
+                reason = REFUSALS.get(c.status)
+                if reason is not None:
+                    self.key_refused.inc((c.api_key, reason))
+        if c.prompt_eval_count:
+            self.key_tokens.inc((*key, "prompt"), c.prompt_eval_count)
+        if c.eval_count:
+            self.key_tokens.inc((*key, "completion"), c.eval_count)
+
+    def _key_model(self, api_key: str, model: str) -> tuple[str, str]:
+        """The labels of a model the key's series do not have yet: ``other`` past the cap."""
+        used = self._key_models.get(api_key, 0)
+        if used >= MODELS_PER_KEY:
+            return api_key, OTHER
+        self._key_models[api_key] = used + 1
+        return api_key, model
+
+    def forget_keys(self, existing: Collection[str]) -> None:
+        """Drop the series of API keys not in ``existing`` (identifiers of the configured
+        keys; ``admin`` and ``anonymous`` stay): call it when the keys change."""
+        kept = {*existing, *KEYLESS}
+        for family in (self.key_requests, self.key_errors, self.key_tokens, self.key_refused):
+            for labels in [labels for labels in family.series if labels[0] not in kept]:
+                del family.series[labels]
+                family.created.pop(labels, None)
+        for api_key in [api_key for api_key in self._key_models if api_key not in kept]:
+            del self._key_models[api_key]
 
     def watch_connections(self, door: ClientConnections) -> None:
         """Export the client connections of ``door`` (the listener) at every scrape."""

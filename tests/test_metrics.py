@@ -18,7 +18,7 @@ from twisted.web.client import ResponseNeverReceived
 
 from ollamaflow.daemon import Daemon
 from ollamaflow.gateway.completed import Completed
-from ollamaflow.metrics import LATENCY_BUCKETS, Metrics
+from ollamaflow.metrics import LATENCY_BUCKETS, MODELS_PER_KEY, Metrics
 from ollamaflow.records import Backend
 from ollamaflow.sim import SimConfig
 
@@ -276,6 +276,85 @@ def test_counts_by_label_combination() -> None:
     assert buckets(m, "ollamaflow_tokens_per_second", backend="b")["20.0"] == 1
 
 
+def test_counts_by_api_key() -> None:
+    known = {"llama3:latest": "llama3:latest", "qwen:7b": "qwen:7b"}
+    metrics = Metrics(known_model=known.get)
+    metrics(completed(api_key="k1", prompt_eval_count=12, eval_count=30))
+    metrics(completed(api_key="k1", prompt_eval_count=3))
+    metrics(completed(api_key="k1", status=502, outcome="aborted", eval_count=4))
+    metrics(completed(api_key="k1", outcome="client_gone"))
+    metrics(completed(api_key="k1", model="qwen:7b", status=429, outcome="refused"))
+    metrics(completed(api_key="k1", status=429, outcome="refused"))
+    metrics(completed(api_key="k1", model="random:latest", status=403, outcome="refused"))
+    metrics(completed(api_key="k2", model=None, status=404))  # an error, not a refusal
+    metrics(completed(api_key="anonymous", model=None, status=401, outcome="refused"))
+    metrics(completed(api_key="admin", model=None, status=503, outcome="refused"))
+    m = Scrape(metrics.exposition().decode())
+    assert series(m, "ollamaflow_apikey_requests_total", "key", "model") == {
+        ("k1", "llama3:latest"): 5,
+        ("k1", "qwen:7b"): 1,
+        ("k1", "other"): 1,
+        ("k2", "none"): 1,
+        ("anonymous", "none"): 1,
+        ("admin", "none"): 1,
+    }
+    assert series(m, "ollamaflow_apikey_errors_total", "key", "model") == {
+        ("k1", "llama3:latest"): 3,
+        ("k1", "qwen:7b"): 1,
+        ("k1", "other"): 1,
+        ("k2", "none"): 1,
+        ("anonymous", "none"): 1,
+        ("admin", "none"): 1,
+    }
+    assert series(m, "ollamaflow_apikey_tokens_total", "key", "model", "kind") == {
+        ("k1", "llama3:latest", "prompt"): 15,
+        ("k1", "llama3:latest", "completion"): 34,
+    }
+    assert series(m, "ollamaflow_apikey_refused_total", "key", "reason") == {
+        ("k1", "rate_limited"): 2,
+        ("k1", "forbidden"): 1,
+        ("anonymous", "unauthorized"): 1,
+    }
+    assert m.value("ollamaflow_apikey_requests_created", key="k1") > 1.6e9
+
+
+def test_each_key_has_at_most_so_many_models_and_deleted_keys_can_be_forgotten() -> None:
+    models = {f"m{i}:latest": f"m{i}:latest" for i in range(MODELS_PER_KEY + 5)}
+    metrics = Metrics(known_model=models.get)
+    for model in models:
+        metrics(completed(api_key="k1", model=model, eval_count=1))
+        metrics(completed(api_key="k2", model=model, status=500))
+    metrics(completed(api_key="k1", model="m0:latest", eval_count=1))  # an earlier one: kept
+    metrics(completed(api_key='a "quoted"\\key\n', model="m0:latest"))
+    m = Scrape(metrics.exposition().decode())
+    for name in ("ollamaflow_apikey_requests_total", "ollamaflow_apikey_tokens_total"):
+        k1 = series(m, name, "key", "model")
+        assert {model for key, model in k1 if key == "k1"} == {
+            *list(models)[:MODELS_PER_KEY],
+            "other",
+        }
+        assert k1["k1", "other"] == 5
+        assert k1["k1", "m0:latest"] == 2
+    k2 = series(m, "ollamaflow_apikey_errors_total", "key", "model")
+    assert len([key for key, _model in k2 if key == "k2"]) == MODELS_PER_KEY + 1
+    assert m.value("ollamaflow_apikey_requests_total", key='a "quoted"\\key\n') == 1
+
+    metrics(completed(api_key="anonymous", status=401, outcome="refused"))
+    metrics(completed(api_key="admin"))
+    metrics.forget_keys(["k2"])
+    m = Scrape(metrics.exposition().decode())
+    for name in ("ollamaflow_apikey_requests_total", "ollamaflow_apikey_refused_total"):
+        assert m.labels(name, "key") <= {"k2", "admin", "anonymous"}
+    assert m.labels("ollamaflow_apikey_requests_total", "key") == {"k2", "admin", "anonymous"}
+    assert m.value("ollamaflow_apikey_refused_total", key="anonymous") == 1
+    assert not [s for s in m.samples if s.labels.get("key") == "k1"]
+    metrics(completed(api_key="k1", model="m104:latest"))  # a new k1 starts afresh
+    m = Scrape(metrics.exposition().decode())
+    k1 = series(m, "ollamaflow_apikey_requests_total", "key", "model")
+    assert k1["k1", "m104:latest"] == 1
+    assert m.value("ollamaflow_requests_total") == 2 * len(models) + 5  # untouched
+
+
 def test_health_checks_and_pulls() -> None:
     metrics = Metrics()
     b1 = Backend(identifier="b1")
@@ -343,6 +422,24 @@ def test_the_families_keep_their_names_types_and_help() -> None:
         "ollamaflow_pulls": (
             "counter",
             "Model pulls finished, by backend and result (success or failure).",
+        ),
+        "ollamaflow_apikey_requests": (
+            "counter",
+            "Client requests finished, by API key and model.",
+        ),
+        "ollamaflow_apikey_errors": (
+            "counter",
+            "Client requests that failed (status 400 or above, or not answered in full), "
+            "by API key and model.",
+        ),
+        "ollamaflow_apikey_tokens": (
+            "counter",
+            "Tokens the backends reported, by API key, model and kind (prompt or completion).",
+        ),
+        "ollamaflow_apikey_refused": (
+            "counter",
+            "Requests the gateway refused, by API key and reason "
+            "(unauthorized, forbidden or rate_limited).",
         ),
     }
 
