@@ -14,6 +14,7 @@ from ollamaflow import modelnames
 
 #: What every secret starts with, so a leaked one is recognisable (secret scanners, logs).
 SECRET_PREFIX = "ofk_"
+_PREFIX = SECRET_PREFIX.encode()
 #: Random bytes per secret: 256 bits, so a fast hash is as good as a slow one for storing it.
 SECRET_BYTES = 32
 #: Characters of a secret shown after it is created: the prefix and 8 of its own.
@@ -38,6 +39,13 @@ def hash_secret(secret: bytes | str) -> str:
 def shown(secret: str) -> str:
     """The part of a secret an operator may see again (``KeyPrefix``)."""
     return secret[:SHOWN]
+
+
+def is_api_key(authorization: bytes) -> bool:
+    """Whether an ``Authorization`` value carries a key of ours (valid or not): never to be
+    passed on to a backend."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and token.strip().startswith(_PREFIX)
 
 
 def model_allowed(patterns: Sequence[str], model: str) -> bool:

@@ -23,11 +23,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from ollamaflow import cors
 from ollamaflow.admin.errors import error_body as admin_error_body
 from ollamaflow.gateway.clienterrors import error_body as gateway_error_body
+from ollamaflow.server.answers import deliver
 from ollamaflow.server.body import SpooledRequest
 from ollamaflow.server.failures import fail
 from ollamaflow.server.interfaces import (
@@ -224,9 +224,4 @@ class FrontDoor:
         except Exception:
             fail(request, internal_error(request.path, Failure()))
             return
-        if answer is not NOT_DONE_YET:
-            assert isinstance(answer, bytes)
-            if request.responseHeader(b"content-length") is None:
-                request.setHeader(b"Content-Length", b"%d" % len(answer))
-            request.write(answer)
-            request.finish()
+        deliver(request, answer)

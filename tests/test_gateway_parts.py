@@ -102,6 +102,21 @@ def test_hop_by_hop_headers_are_stripped_and_forwarding_headers_added() -> None:
     assert out.getRawHeaders(b"x-app") == [b"kept"]
 
 
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer ofk_" + b"A" * 43, b"bearer  ofk_unknown", b"BEARER ofk_x"],
+)
+def test_an_api_key_of_ours_never_reaches_a_backend(authorization: bytes) -> None:
+    """Valid or not, a key of ours stays here; another token (a backend's own) goes on."""
+    backend = Backend(identifier="b")
+    client = [(b"Authorization", authorization), (b"X-App", b"kept")]
+    out = hdrs.to_backend(client, backend, client_ip="10.0.0.1", host=None, proto=b"http")
+    assert [v for n, v in out if n.lower() == b"authorization"] == []
+    passed = [(b"Authorization", b"Bearer sk-openai-upstream")]
+    out = hdrs.to_backend(passed, backend, client_ip="10.0.0.1", host=None, proto=b"http")
+    assert [v for n, v in out if n.lower() == b"authorization"] == [b"Bearer sk-openai-upstream"]
+
+
 def test_operator_header_values_cannot_break_the_request_head() -> None:
     backend = Backend(identifier="b", headers={"X-Tenant": "blue\r\nX-Evil: 1"})
     out = hdrs.to_backend([], backend, client_ip="127.0.0.1", host=None, proto=b"http")
@@ -359,16 +374,24 @@ def test_usage_is_read_from_the_end_of_a_completion() -> None:
 
     stream = (
         b'{"model":"m","response":"a","done":false}\n'
-        b'{"model":"m","response":"","done":true,"eval_count":42,"eval_duration":2000000000}\n'
+        b'{"model":"m","response":"","done":true,"prompt_eval_count":9,'
+        b'"eval_count":42,"eval_duration":2000000000}\n'
     )
-    assert usage(stream) == (42, 2_000_000_000)
-    assert usage(b'{"done":true, "eval_count": 7, "eval_duration": 7000}') == (7, 7000)
+    assert usage(stream) == (42, 2_000_000_000, 9)
+    assert usage(b'{"done":true, "eval_count": 7, "eval_duration": 7000}') == (7, 7000, None)
     sse = (
         b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":11}}\n\n'
         b"data: [DONE]\n\n"
     )
-    assert usage(sse) == (11, None)
-    assert usage(b'{"embeddings": [[0.1]]}') == (None, None)
+    assert usage(sse) == (11, None, 3)
+    assert usage(b'{"embeddings": [[0.1]]}') == (None, None, None)
+    # Embeddings report the prompt only: Ollama's prompt_eval_count, OpenAI's usage.
+    assert usage(b'{"embeddings": [[0.1]], "prompt_eval_count": 5}') == (None, None, 5)
+    assert usage(b'{"data": [], "usage": {"prompt_tokens": 4, "total_tokens": 4}}') == (
+        None,
+        None,
+        4,
+    )
     record = Completed(
         request_id="r", client="c", frontend="f", backend="b", method="POST", path="/api/chat",
         model="m", status=200, outcome="ok", bytes=1, queued=0.0, ttfb=0.1, duration=1.0,

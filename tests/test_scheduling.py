@@ -75,6 +75,34 @@ def test_waiters_take_freed_slots_in_fifo_order_on_whichever_backend_frees() -> 
     assert stats.max_wait == 2.0 and stats.total_wait == 3.0
 
 
+def test_higher_priority_waiters_go_first_and_fifo_within_a_priority() -> None:
+    """An API key's Priority orders the queue; a retried request keeps its priority and its
+    place among its equals."""
+    scheduler, clock, (a, b), fe = make()
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    order: list[str] = []
+
+    def queued(name: str, priority: int) -> None:
+        scheduler.wait(fe, [a, b], among([a, b]), None, priority).addCallback(
+            lambda backend: order.append(name)
+        )
+        clock.advance(1)
+
+    queued("low", -5)
+    queued("plain-1", 0)
+    queued("high-1", 10)
+    queued("plain-2", 0)
+    queued("high-2", 10)
+    scheduler.wait_again(fe, among([a, b]), None, 0.5, 10).addCallback(
+        lambda backend: order.append("high-0, retried")
+    )
+    for _ in range(6):
+        backend = a if scheduler.runtime.state("a").active_requests else b
+        scheduler.release(backend, None)
+    assert order == ["high-0, retried", "high-1", "high-2", "plain-1", "plain-2", "low"]
+
+
 def test_per_model_slots_hold_a_request_for_the_first_backend_with_that_model_free() -> None:
     clock = task.Clock()
     a, b = (Backend(identifier=n, model_parallel_requests=1) for n in "ab")

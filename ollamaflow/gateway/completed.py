@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
 import attrs
 
@@ -69,7 +70,9 @@ def logged_text(kept: bytes, total: int, encoding: str = "utf-8") -> str:
 
 _EVAL_COUNT = re.compile(rb'"eval_count"\s*:\s*(\d+)')
 _EVAL_DURATION = re.compile(rb'"eval_duration"\s*:\s*(\d+)')
+_PROMPT_EVAL_COUNT = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 
 
 def _last(pattern: re.Pattern[bytes], text: bytes) -> int | None:
@@ -77,18 +80,27 @@ def _last(pattern: re.Pattern[bytes], text: bytes) -> int | None:
     return int(found[-1]) if found else None
 
 
-def usage(tail: bytes) -> tuple[int | None, int | None]:
-    """Tokens generated and their duration (ns) from the end of a completion's response.
+class Usage(NamedTuple):
+    """What a backend reported using for one request."""
 
-    Ollama's final message carries ``eval_count``/``eval_duration``; OpenAI-style answers carry
-    ``usage.completion_tokens`` (no duration). The numbers are picked out of the last bytes
-    with a pattern: parsing the JSON of every answer would cost more than the rest of the
-    bookkeeping together.
+    completion_tokens: int | None
+    duration_ns: int | None
+    prompt_tokens: int | None
+
+
+def usage(tail: bytes) -> Usage:
+    """Tokens generated, their duration (ns) and prompt tokens, from the end of a response.
+
+    Ollama's final message carries ``eval_count``/``eval_duration``/``prompt_eval_count``;
+    OpenAI-style answers carry ``usage.completion_tokens``/``prompt_tokens`` (no duration).
+    The numbers are picked out of the last bytes with a pattern: parsing the JSON of every
+    answer would cost more than the rest of the bookkeeping together.
     """
+    prompt = _last(_PROMPT_EVAL_COUNT, tail)
     count = _last(_EVAL_COUNT, tail)
-    if count is not None:
-        return count, _last(_EVAL_DURATION, tail)
-    return _last(_COMPLETION_TOKENS, tail), None
+    if count is not None or prompt is not None:
+        return Usage(count, _last(_EVAL_DURATION, tail), prompt)
+    return Usage(_last(_COMPLETION_TOKENS, tail), None, _last(_PROMPT_TOKENS, tail))
 
 
 class RequestIds:

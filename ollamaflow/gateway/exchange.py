@@ -26,6 +26,7 @@ from ollamaflow.gateway.completed import (
     LOGGED_BODY_BYTES,
     TAIL_BYTES,
     Completed,
+    Usage,
     logged_text,
     usage,
 )
@@ -52,6 +53,7 @@ GATEWAY_ERRORS = frozenset({502, 503, 504})
 #: A 500 may be the request's own fault: it is retried once elsewhere, and counts against the
 #: backend only when the other backend answered it (see ``Exchange._take``).
 SERVER_ERROR = 500
+_NOTHING_USED = Usage(None, None, None)
 
 
 class Exchange:
@@ -134,7 +136,9 @@ class Exchange:
                 self.start(backend)
                 return None
         try:
-            waiting = scheduler.wait(forward.frontend, forward.ordered, self.may_use, model)
+            waiting = scheduler.wait(
+                forward.frontend, forward.ordered, self.may_use, model, forward.caller.priority
+            )
         except QueueRefused as e:
             return e
         self.queue(waiting)
@@ -241,7 +245,9 @@ class Exchange:
             rid=self.request_id,
             count=len(left),
         )
-        waiting = scheduler.wait_again(self.forward.frontend, self.may_use, model, self.started)
+        waiting = scheduler.wait_again(
+            self.forward.frontend, self.may_use, model, self.started, self.forward.caller.priority
+        )
         self._attempt = waiting
         waiting.addCallbacks(self._slot_granted, self._not_queued)
 
@@ -553,7 +559,7 @@ class Exchange:
         if self._reported or not context.observers:
             return
         self._reported = True
-        count, duration = usage(self.tail) if self.tail else (None, None)
+        used = usage(self.tail) if self.tail else _NOTHING_USED
         request = self.request
         captured = self.captured
         context.report(
@@ -572,8 +578,10 @@ class Exchange:
                 ttfb=None if self.first_byte is None else self.first_byte - self.started,
                 duration=context.clock.seconds() - self.started,
                 retries=max(0, len(self.tried) - 1),
-                eval_count=count,
-                eval_duration_ns=duration,
+                eval_count=used.completion_tokens,
+                eval_duration_ns=used.duration_ns,
+                prompt_eval_count=used.prompt_tokens,
+                api_key=self.forward.caller.account,
                 request_body=self.logged_body,
                 response_body=None
                 if captured is None

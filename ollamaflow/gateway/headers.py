@@ -8,6 +8,7 @@ import functools
 
 from twisted.web.http_headers import Headers
 
+from ollamaflow.apikeys import is_api_key
 from ollamaflow.credentials import Tokens
 from ollamaflow.http1.rules import HOP_BY_HOP, connection_tokens
 from ollamaflow.records import Backend
@@ -37,7 +38,8 @@ def to_backend(
 ) -> Fields:
     """The header fields a backend sees: the client's (as parsed, in order), minus hop-by-hop,
     plus X-Forwarded-*. ``connection``: the client's Connection fields, if already known;
-    ``withheld``: tokens of ours (admin, metrics) whose ``Authorization`` is never passed on."""
+    ``withheld``: tokens of ours (admin, metrics) whose ``Authorization`` is never passed on,
+    as an API key of ours never is."""
     drop: frozenset[bytes] | set[bytes] = _NOT_FORWARDED
     if connection is None:
         connection = b",".join(v for n, v in client if n.lower() == b"connection")
@@ -49,7 +51,9 @@ def to_backend(
         lower = name.lower()
         if lower == b"x-forwarded-for":
             previous.append(value)
-        elif lower == b"authorization" and withheld and withheld.match(value):
+        elif lower == b"authorization" and (
+            is_api_key(value) or (withheld and withheld.match(value))
+        ):
             continue
         elif lower not in drop and not (
             lower == b"x-forwarded-proto" or (host is not None and lower == b"x-forwarded-host")

@@ -1,6 +1,7 @@
 """The gateway: the resource for all client traffic. It asks the router what to do with each
-request (:mod:`ollamaflow.gateway.routing`) and carries the decision out: a refusal, an answer
-for the whole frontend (:mod:`ollamaflow.gateway.modelops`), or an exchange with the backends
+request (:mod:`ollamaflow.gateway.routing`), holds a request made with an API key to the key's
+limits (:mod:`ollamaflow.ratelimits`), and carries the decision out: a refusal, an answer for
+the whole frontend (:mod:`ollamaflow.gateway.modelops`), or an exchange with the backends
 (:mod:`ollamaflow.gateway.exchange`), whose body a relay moves (:mod:`ollamaflow.gateway.relay`).
 """
 
@@ -20,8 +21,9 @@ from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.credentials import NO_TOKENS, Tokens
 from ollamaflow.gateway import fanout
 from ollamaflow.gateway.balancer import Balancer
+from ollamaflow.gateway.callers import ANONYMOUS_CALLER, Caller, limits_of
 from ollamaflow.gateway.classify import RequestClass
-from ollamaflow.gateway.clienterrors import refuse
+from ollamaflow.gateway.clienterrors import error_body, refuse
 from ollamaflow.gateway.completed import Completed, RequestIds
 from ollamaflow.gateway.context import ExchangeContext
 from ollamaflow.gateway.deadlines import Deadlines
@@ -31,6 +33,7 @@ from ollamaflow.gateway.modelops import ModelOperations
 from ollamaflow.gateway.requesthead import logged_head
 from ollamaflow.gateway.routing import (
     CatalogAnswer,
+    Decision,
     FleetOperation,
     Forward,
     Refusal,
@@ -39,8 +42,11 @@ from ollamaflow.gateway.routing import (
     model_key,
 )
 from ollamaflow.gateway.scheduler import QueueStats, Scheduler
+from ollamaflow.ratelimits.contracts import Admission, OverLimit, RateLimiter
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import FailureKind, Runtime
+from ollamaflow.server.answers import deliver
+from ollamaflow.server.failures import fail
 from ollamaflow.server.interfaces import ClientRequest
 from ollamaflow.upstream.contracts import UpstreamClient
 
@@ -68,12 +74,14 @@ class Gateway:
         admin_tokens: Tokens = NO_TOKENS,
         withheld: Tokens = NO_TOKENS,
         observers: Sequence[Callable[[Completed], None]] = (),
+        limiter: RateLimiter | None = None,
     ) -> None:
         """``upstream``: the client requests are forwarded with; ``scheduler``: the slots and
         queues; ``http``: the client of fan-outs (off the hot path); ``admin_tokens`` may
         manage models where a frontend does not let clients; ``withheld``: tokens of ours that
         must never reach a backend (admin, metrics); ``observers`` are told about every
-        finished request (the access log, the metrics)."""
+        finished request (the access log, the metrics, usage); ``limiter`` counts what each
+        API key takes (none: keys are not limited)."""
         self.registry = registry
         self.runtime = runtime
         self.clock: IReactorTime = reactor
@@ -92,6 +100,12 @@ class Gateway:
         self.new_id = RequestIds()
         self.scheduler = scheduler
         self.observers = list(observers)
+        self.limiter = limiter
+        if limiter is not None:
+            self.observers.append(self._spent)
+        #: Who asked, for requests with a key (or an admin token) still being answered: the
+        #: gateway's own answers are accounted to them.
+        self._callers: dict[int, Caller] = {}
         self.on_failure = on_failure
         self.withheld = withheld
         self.context = ExchangeContext(
@@ -149,6 +163,64 @@ class Gateway:
             return self.refuse(request, None, 503, "OllamaFlow is shutting down", retry_after=1)
         # HTTP/1.0 is served whatever BlockHttp10 says: 1.2 stores it (true) but never enforces it.
         decision = self.router.decide(request)
+        caller = decision.caller
+        if caller is ANONYMOUS_CALLER or isinstance(decision, Refusal):
+            return self._carry_out(request, decision)
+        if not caller.limits or self.limiter is None:
+            self._asking(request, caller, None)
+            return self._carry_out(request, decision)
+        admission = self.limiter.admit(caller.account, caller.limits)
+        if isinstance(admission, Deferred):
+            admission.addCallback(self._admitted_later, request, decision)
+            return NOT_DONE_YET
+        return self._admitted(admission, request, decision)
+
+    def _admitted(
+        self, admission: Admission, request: ClientRequest, decision: Decision
+    ) -> bytes | int:
+        """Go on with a request its key's limits admitted; a 429 if they did not."""
+        caller = decision.caller
+        if isinstance(admission, OverLimit):
+            return self.refuse(
+                request,
+                decision.frontend,
+                429,
+                f"the API key {caller.account!r} is over its limit of {admission.limit} "
+                f"{admission.which}",
+                retry_after=admission.retry_after,
+                caller=caller,
+            )
+        self._asking(request, caller, admission.lease)
+        return self._carry_out(request, decision)
+
+    def _admitted_later(
+        self, admission: Admission, request: ClientRequest, decision: Decision
+    ) -> None:
+        """The shared limits answered: the client may have left meanwhile."""
+        if request.disconnected or request.finished:
+            if not isinstance(admission, OverLimit) and self.limiter is not None:
+                self.limiter.release(decision.caller.account, admission.lease)
+            return
+        try:
+            deliver(request, self._admitted(admission, request, decision))
+        except Exception:
+            log.failure("request admitted by the shared limits failed")
+            fail(request, error_body(request.path, 500, "internal error; see the gateway's log"))
+
+    def _asking(self, request: ClientRequest, caller: Caller, lease: str | None) -> None:
+        """Remember who asks until the request ends; then give the key's lease back."""
+        key = id(request)
+        self._callers[key] = caller
+
+        def ended(*_: object) -> None:
+            self._callers.pop(key, None)
+            if lease is not None and self.limiter is not None:
+                self.limiter.release(caller.account, lease)
+
+        request.watch(ended, ended)
+
+    def _carry_out(self, request: ClientRequest, decision: Decision) -> bytes | int:
+        """Do what the router decided."""
         if isinstance(decision, Forward):
             exchange = Exchange(self.context, request, decision)
             refused = exchange.run()
@@ -160,6 +232,7 @@ class Gateway:
                     str(refused),
                     retry_after=refused.retry_after,
                     model=decision.model,
+                    caller=decision.caller,
                 )
             return NOT_DONE_YET
         if isinstance(decision, Refusal):
@@ -172,6 +245,7 @@ class Gateway:
                 decision.message,
                 retry_after=decision.retry_after,
                 model=decision.model,
+                caller=decision.caller,
             )
         if isinstance(decision, CatalogAnswer):
             body = decision.body
@@ -186,6 +260,21 @@ class Gateway:
         assert isinstance(decision, FleetOperation)
         operation = self.model_ops.operation(decision.name)
         return operation(request, decision.frontend, decision.candidates)
+
+    def _spent(self, completed: Completed) -> None:
+        """An observer: the tokens a request with a key used count against its key."""
+        if self.limiter is None:
+            return
+        tokens = (completed.prompt_eval_count or 0) + (completed.eval_count or 0)
+        if not tokens:
+            return
+        key = self.registry.catalog.api_keys.get(completed.api_key)
+        if key is not None and key.tokens_per_minute:
+            self.limiter.spend(key.identifier, limits_of(key), tokens)
+
+    def _caller_of(self, request: ClientRequest) -> Caller:
+        callers = self._callers
+        return callers.get(id(request), ANONYMOUS_CALLER) if callers else ANONYMOUS_CALLER
 
     def _backend_failed(self, backend: Backend, reason: str, kind: FailureKind) -> None:
         if self.on_failure is not None:
@@ -220,19 +309,26 @@ class Gateway:
         *,
         retry_after: int | None = None,
         model: str | None = None,
+        caller: Caller | None = None,
     ) -> bytes:
         """Answer a request the gateway will not forward; logged and reported like any other
-        (``model``: the one it names, once known)."""
+        (``model``: the one it names, once known; ``caller``: who asked, if not known from
+        :meth:`_asking`)."""
         request_id = self.new_id()
         request.setHeader(b"X-OllamaFlow-Request", request_id.encode())
+        if status == 401:
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="ollamaflow"')
         body = refuse(request, status, message, retry_after=retry_after)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         (log.warn if status >= 500 else log.info)(
             "request {rid}: {status} {message}", rid=request_id, status=status, message=message
         )
         if self.observers:
+            who = caller if caller is not None else self._caller_of(request)
             self.report(
-                self._own_answer(request_id, request, frontend, model, status, "refused", len(body))
+                self._own_answer(
+                    request_id, request, frontend, model, status, "refused", len(body), who
+                )
             )
         return body
 
@@ -251,6 +347,7 @@ class Gateway:
         if not self.observers:
             return request_id
         started = self.clock.seconds()
+        caller = self._caller_of(request)
 
         def ended(outcome: str) -> None:
             self.report(
@@ -262,6 +359,7 @@ class Gateway:
                     request.code,
                     outcome,
                     size,
+                    caller,
                     duration=self.clock.seconds() - started,
                     backends=tuple(b.identifier for b in backends),
                 )
@@ -279,6 +377,7 @@ class Gateway:
         status: int,
         outcome: str,
         size: int,
+        caller: Caller,
         *,
         duration: float = 0.0,
         backends: tuple[str, ...] = (),
@@ -301,6 +400,7 @@ class Gateway:
             duration=duration,
             retries=0,
             backends=backends,
+            api_key=caller.account,
             request_head=logged_head(
                 request, frontend, backends, self.withheld, self.registry.catalog.backends
             ),

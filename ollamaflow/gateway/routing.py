@@ -21,13 +21,22 @@ from ollamaflow.catalog import Catalog
 from ollamaflow.credentials import NO_TOKENS, Tokens
 from ollamaflow.gateway import modelcatalog
 from ollamaflow.gateway.balancer import Balancer, NoCandidate, StickyPins, candidates, stick
+from ollamaflow.gateway.callers import (
+    ANONYMOUS_CALLER,
+    Caller,
+    Denied,
+    identify,
+    may_manage,
+    may_use,
+    named_models,
+)
 from ollamaflow.gateway.classify import RequestClass, allowed_methods, classify, manages_models
 from ollamaflow.gateway.clienterrors import quoted
 from ollamaflow.gateway.modelcatalog import Inventory
 from ollamaflow.gateway.modelops import operation_for, unloads
 from ollamaflow.gateway.pinning import deep_merge
 from ollamaflow.gateway.requestdoc import ModelNameTooLong, json_object, model_of
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import ADMIN, Backend, Frontend
 from ollamaflow.runtime import Runtime
 
 #: At most this many remembered candidate lists (labels come from clients: keep it bounded).
@@ -87,6 +96,7 @@ class Refusal:
     model: str | None = None
     #: The ``Allow`` header of a 405.
     allow: bytes | None = None
+    caller: Caller = ANONYMOUS_CALLER
 
 
 @attrs.frozen
@@ -96,6 +106,7 @@ class FleetOperation:
     name: str
     frontend: Frontend
     candidates: list[Backend]
+    caller: Caller = ANONYMOUS_CALLER
 
 
 @attrs.frozen
@@ -106,6 +117,7 @@ class CatalogAnswer:
     body: bytes
     model: str | None
     backends: list[Backend]
+    caller: Caller = ANONYMOUS_CALLER
 
 
 @attrs.frozen
@@ -116,6 +128,7 @@ class Unload:
     loaded: list[Backend]
     document: dict[str, Any]
     model: str
+    caller: Caller = ANONYMOUS_CALLER
 
 
 @attrs.frozen
@@ -133,6 +146,7 @@ class Forward:
     label: str | None
     #: The sticky-session client, when the frontend pins clients to backends.
     client: bytes | None
+    caller: Caller = ANONYMOUS_CALLER
 
 
 Decision = Refusal | FleetOperation | CatalogAnswer | Unload | Forward
@@ -228,10 +242,10 @@ class Router:
         if allowed is not None and method not in allowed:
             return Refusal(frontend, 405, "405 method not allowed", allow=b", ".join(allowed))
         request_class = classify(path)
-        refused = self._permitted(request, frontend, request_class)
-        if refused is not None:
-            return refused
-        read = self._document(request, frontend, request_class)
+        caller = self._caller(request, frontend, request_class)
+        if isinstance(caller, Refusal):
+            return caller
+        read = self._document(request, frontend, request_class, caller)
         if isinstance(read, Refusal):
             return read
         document, model = read
@@ -239,16 +253,16 @@ class Router:
         label = label_value.decode("latin-1") if label_value else None
         found = self.candidates(self.registry.catalog, frontend, request_class, label)
         if isinstance(found, NoCandidate):
-            return Refusal(frontend, 503, found.message, retry_after=1, model=model)
+            return Refusal(frontend, 503, found.message, retry_after=1, model=model, caller=caller)
         operation = operation_for(method, path, pulls=self.pulls)
         if operation is not None:
-            return FleetOperation(operation, frontend, found)
+            return FleetOperation(operation, frontend, found, caller)
         warm: frozenset[str] = frozenset()
         inventory = self.inventory
         if inventory is not None:
             answered = self._catalog_answer(method, path, frontend, inventory, found)
             if answered is not None:
-                return answered
+                return attrs.evolve(answered, caller=caller)
             if (
                 document is not None
                 and model is not None
@@ -257,11 +271,17 @@ class Router:
             ):
                 loaded = [b for b in found if inventory.is_loaded(b.identifier, model)]
                 if loaded:
-                    return Unload(frontend, loaded, document, model)
+                    return Unload(frontend, loaded, document, model, caller)
             if model is not None:
                 found, warm = self.having(inventory, found, model)
                 if not found:
-                    return Refusal(frontend, 404, f"model {quoted(model)} not found", model=model)
+                    return Refusal(
+                        frontend,
+                        404,
+                        f"model {quoted(model)} not found",
+                        model=model,
+                        caller=caller,
+                    )
                 if path == _PUSH:
                     # A push must start where the model is: a box whose models are not read
                     # yet goes only if no box is known to have it.
@@ -272,24 +292,47 @@ class Router:
             found = holds.steer(found, key, self.seconds())
         client = self._client_id(request) if frontend.use_sticky_sessions else None
         ordered = self._order(frontend, found, key, warm, client)
-        return Forward(frontend, ordered, request_class, document, model, key, label, client)
+        return Forward(
+            frontend, ordered, request_class, document, model, key, label, client, caller
+        )
+
+    def _caller(
+        self, request: RoutedRequest, frontend: Frontend, request_class: RequestClass
+    ) -> Caller | Refusal:
+        """Who asks (:func:`identify`), if the frontend and their key allow this request."""
+        caller = identify(
+            request.header(b"authorization"),
+            frontend,
+            self.registry.catalog.keys_by_hash,
+            self.admin_tokens,
+            self.seconds(),
+        )
+        if isinstance(caller, Denied):
+            return Refusal(frontend, caller.status, caller.message, caller=caller.caller)
+        return self._permitted(request, frontend, request_class, caller) or caller
 
     def _permitted(
-        self, request: RoutedRequest, frontend: Frontend, request_class: RequestClass
+        self,
+        request: RoutedRequest,
+        frontend: Frontend,
+        request_class: RequestClass,
+        caller: Caller,
     ) -> Refusal | None:
-        """A refusal if the frontend does not allow this kind of request."""
+        """A refusal if the frontend, or the caller's key, does not allow this kind of
+        request."""
         method, path = request.method, request.path
-        if (
-            not frontend.allow_model_management
-            and manages_models(method, path)
-            and not self.admin_tokens.match(request.header(b"authorization"))
-        ):
-            return Refusal(
-                frontend,
-                403,
-                f"frontend {frontend.identifier!r} does not allow model management (pull, "
-                "delete, copy, create, push, blob uploads) without an admin token",
-            )
+        if manages_models(method, path):
+            if not frontend.allow_model_management and caller.account != ADMIN:
+                return Refusal(
+                    frontend,
+                    403,
+                    f"frontend {frontend.identifier!r} does not allow model management (pull, "
+                    "delete, copy, create, push, blob uploads) without an admin token",
+                    caller=caller,
+                )
+            denied = may_manage(caller)
+            if denied is not None:
+                return Refusal(frontend, 403, denied.message, caller=caller)
         if (request_class is RequestClass.EMBEDDINGS and not frontend.allow_embeddings) or (
             request_class is RequestClass.COMPLETIONS and not frontend.allow_completions
         ):
@@ -297,20 +340,43 @@ class Router:
                 frontend,
                 403,
                 f"frontend {frontend.identifier!r} does not allow {request_class.value} requests",
+                caller=caller,
             )
         return None
 
+    def _models_denied(
+        self,
+        request: RoutedRequest,
+        caller: Caller,
+        document: dict[str, Any] | None,
+        model: str | None,
+    ) -> Denied | None:
+        """A 403 if the request names a model the caller's key may not use: the model it is
+        routed by, or those a model operation names (a copy's source and destination)."""
+        if not manages_models(request.method, request.path):
+            return None if model is None else may_use(caller, (model,))
+        if document is None:
+            try:
+                document = json_object(request.content)
+            except ValueError:
+                return None  # the operation refuses a body that is not JSON itself
+        return may_use(caller, named_models(document))
+
     def _document(
-        self, request: RoutedRequest, frontend: Frontend, request_class: RequestClass
+        self,
+        request: RoutedRequest,
+        frontend: Frontend,
+        request_class: RequestClass,
+        caller: Caller,
     ) -> tuple[dict[str, Any] | None, str | None] | Refusal:
         """The JSON body routing needs (the frontend's pins merged in) and the model it names;
-        a refusal for a body a model request cannot have."""
+        a refusal for a body a model request cannot have, or a model the caller may not use."""
         document: dict[str, Any] | None = None
         if request_class is not RequestClass.OTHER:
             try:
                 document = json_object(request.content)
             except ValueError as e:
-                return Refusal(frontend, 400, str(e))
+                return Refusal(frontend, 400, str(e), caller=caller)
             pins = frontend_pins(frontend, request_class)
             if pins:
                 # Before routing: a pinned "model" is the model the request is routed by.
@@ -319,13 +385,17 @@ class Router:
             try:
                 document = json_object(request.content)
             except jsonlimits.TooDeep as e:
-                return Refusal(frontend, 400, str(e))
+                return Refusal(frontend, 400, str(e), caller=caller)
             except ValueError:
                 document = None  # the backend will say what is wrong with it
         try:
             model = model_of(document, request.path) if document is not None else None
         except ModelNameTooLong as e:
-            return Refusal(frontend, 400, str(e))
+            return Refusal(frontend, 400, str(e), caller=caller)
+        if caller.key is not None and caller.key.models:
+            denied = self._models_denied(request, caller, document, model)
+            if denied is not None:
+                return Refusal(frontend, 403, denied.message, model=model, caller=caller)
         return document, model
 
     def _catalog_answer(

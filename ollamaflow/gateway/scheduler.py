@@ -6,9 +6,11 @@ its first attempt to its last byte. When every candidate is full the request wai
 frontend's FIFO queue and takes the first slot that frees on a backend it may use — one queue
 per frontend, not one per backend, so nobody waits behind a long generation while another box
 idles. Which backends a waiter may use is asked when a slot frees, not fixed when it arrived:
-health changes meanwhile. A request whose attempt failed comes back to the queue in its old
-place, with its old deadline. A backend out of rotation (it just failed a request) hands its
-freed slots to nobody. Slots are taken and given back only here, which keeps the counts exact.
+health changes meanwhile. A request made with an API key of higher ``Priority`` goes ahead of
+those of lower ones (FIFO within one priority). A request whose attempt failed comes back to
+the queue in its old place, with its old deadline. A backend out of rotation (it just failed a
+request) hands its freed slots to nobody. Slots are taken and given back only here, which keeps
+the counts exact.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ class _Waiter:
     #: When the request arrived: the queue's order, and where its deadline counts from.
     since: float
     deferred: Deferred[Backend]
+    priority: int = 0
     timer: IDelayedCall | None = None
+    #: Its place: higher priority first, then earlier arrival.
+    rank: tuple[int, float] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.rank = (-self.priority, self.since)
 
 
 @attrs.define
@@ -134,6 +142,7 @@ class Scheduler:
         backends: Sequence[Backend],
         eligible: Eligible,
         model: str | None,
+        priority: int = 0,
     ) -> Deferred[Backend]:
         """Queue a request whose candidates (``backends``) are all full; fires with a backend
         ``eligible`` chose, whose slot is already taken for it, or fails with
@@ -151,14 +160,19 @@ class Scheduler:
                 f"{depth} requests are already waiting"
             )
 
-        waiter = self._waiter(frontend, eligible, model, self.clock.seconds())
-        self._queues.setdefault(frontend.identifier, deque()).append(waiter)
+        waiter = self._waiter(frontend, eligible, model, self.clock.seconds(), priority)
+        self._enqueue(waiter)
         stats.queued += 1
         stats.peak_depth = max(stats.peak_depth, depth + 1)
         return waiter.deferred
 
     def wait_again(
-        self, frontend: Frontend, eligible: Eligible, model: str | None, since: float
+        self,
+        frontend: Frontend,
+        eligible: Eligible,
+        model: str | None,
+        since: float,
+        priority: int = 0,
     ) -> Deferred[Backend]:
         """Queue a request that arrived at ``since`` and whose attempt failed: in its place
         among the waiters by arrival (ahead of everyone who came later, whatever the depth),
@@ -168,23 +182,33 @@ class Scheduler:
         if limit and self.clock.seconds() - since >= limit / 1000:
             stats.timed_out += 1
             return fail(QueueRefused(f"no backend slot freed within {limit} ms", retry_after=2))
-        waiter = self._waiter(frontend, eligible, model, since)
-        queue = self._queues.setdefault(frontend.identifier, deque())
-        place = len(queue)
-        while place and queue[place - 1].since > since:
-            place -= 1
-        queue.insert(place, waiter)
+        waiter = self._waiter(frontend, eligible, model, since, priority)
+        self._enqueue(waiter)
         stats.queued += 1
-        stats.peak_depth = max(stats.peak_depth, len(queue))
+        stats.peak_depth = max(stats.peak_depth, self.depth(frontend.identifier))
         return waiter.deferred
 
+    def _enqueue(self, waiter: _Waiter) -> None:
+        """Into its frontend's queue in its place by rank (at the end, unless it outranks
+        someone: a higher priority, or an earlier arrival coming back)."""
+        queue = self._queues.setdefault(waiter.frontend, deque())
+        place = len(queue)
+        while place and queue[place - 1].rank > waiter.rank:
+            place -= 1
+        queue.insert(place, waiter)
+
     def _waiter(
-        self, frontend: Frontend, eligible: Eligible, model: str | None, since: float
+        self,
+        frontend: Frontend,
+        eligible: Eligible,
+        model: str | None,
+        since: float,
+        priority: int,
     ) -> _Waiter:
         def cancelled(_: Deferred[Backend]) -> None:
             self._remove(waiter)
 
-        waiter = _Waiter(frontend.identifier, eligible, model, since, Deferred(cancelled))
+        waiter = _Waiter(frontend.identifier, eligible, model, since, Deferred(cancelled), priority)
         limit = frontend.queue_timeout_ms
         if limit:
             delay = max(0.0, since + limit / 1000 - self.clock.seconds())
@@ -200,12 +224,12 @@ class Scheduler:
         )
 
     def _oldest_for(self, backend: Backend) -> tuple[_Waiter, Backend] | None:
-        """The longest-waiting request that may use a free slot of ``backend`` now, and the
-        backend record it chose."""
+        """The first-ranked request (highest priority, then longest waiting) that may use a
+        free slot of ``backend`` now, and the backend record it chose."""
         oldest: tuple[_Waiter, Backend] | None = None
         for queue in self._queues.values():
             for waiter in queue:
-                if oldest is not None and waiter.since >= oldest[0].since:
+                if oldest is not None and waiter.rank >= oldest[0].rank:
                     break
                 if self.has_slot(backend, waiter.model):
                     chosen = waiter.eligible(backend)

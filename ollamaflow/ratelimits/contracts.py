@@ -20,6 +20,9 @@ class Limits:
         return bool(self.requests_per_minute or self.tokens_per_minute or self.max_concurrent)
 
 
+NO_LIMITS = Limits()
+
+
 @attrs.frozen
 class Admitted:
     """The request may go; ``lease`` is what :meth:`RateLimiter.release` gives back."""
