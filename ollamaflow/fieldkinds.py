@@ -412,10 +412,15 @@ class Timestamp:
     allowed: str = "an ISO-8601 UTC time"
 
     def parse(self, value: object, path: str, unknown: list[str]) -> datetime:
-        if isinstance(value, str):
+        """A time with an offset is moved to UTC; one without is UTC already (never the
+        server's own zone)."""
+        if isinstance(value, str) and len(value) <= 64:
             try:
-                return datetime.fromisoformat(value).astimezone(UTC)
-            except ValueError:
+                moment = datetime.fromisoformat(value)
+                if moment.tzinfo is None:
+                    return moment.replace(tzinfo=UTC)
+                return moment.astimezone(UTC)
+            except (ValueError, OverflowError):
                 pass
         raise FieldError(path, value, self.allowed)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ollamaflow import modelnames
 from ollamaflow.fielderrors import FieldError, MissingField
 from ollamaflow.http1.rules import HOP_BY_HOP
-from ollamaflow.jsonfields import to_wire
+from ollamaflow.jsonfields import from_wire, to_wire
 from ollamaflow.records import (
     ApiFormat,
     Backend,
@@ -699,3 +699,17 @@ def test_a_record_read_back_from_its_wire_form_is_the_same() -> None:
         },
     )
     assert parse_record(Backend, to_wire(be))[0] == be
+
+
+def test_a_time_without_an_offset_is_utc_and_an_overflowing_one_is_a_field_error() -> None:
+    """ExpiresUtc and the like: UTC whatever the server's time zone; a time that leaves the
+    calendar when moved to UTC is refused like any bad value, never a 500."""
+    from datetime import UTC, datetime
+
+    from ollamaflow.records import ApiKey
+
+    key, _ = from_wire(ApiKey, {"Identifier": "k", "ExpiresUtc": "2026-12-01T10:00:00"})
+    assert key.expires_utc == datetime(2026, 12, 1, 10, tzinfo=UTC)
+    for bad in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "tomorrow"):
+        with pytest.raises(FieldError, match="ExpiresUtc"):
+            from_wire(ApiKey, {"Identifier": "k", "ExpiresUtc": bad})
