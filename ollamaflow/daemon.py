@@ -24,6 +24,7 @@ from twisted.python.components import Componentized
 
 from ollamaflow import tcp
 from ollamaflow.accesslog import AccessLog
+from ollamaflow.admin.apikeys import MAX_USAGE_ROWS
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.cors import Policy
@@ -35,6 +36,9 @@ from ollamaflow.gateway.scheduler import Scheduler
 from ollamaflow.logs import logs_info
 from ollamaflow.metrics import KnownModels, LiveState, Metrics, MetricsPage
 from ollamaflow.pool import connection_pool, services_agent
+from ollamaflow.ratelimits.contracts import RateLimiter
+from ollamaflow.ratelimits.local import LocalLimits
+from ollamaflow.ratelimits.shared import SharedLimits
 from ollamaflow.records import Backend
 from ollamaflow.runtime import Runtime
 from ollamaflow.server.acceptor import Acceptor
@@ -45,6 +49,7 @@ from ollamaflow.settings import DatabaseDriver, LoadedSettings
 from ollamaflow.store import Snapshot, Store, describe_postgresql, postgresql_conninfo
 from ollamaflow.twisted_internals import forget_exit_signal
 from ollamaflow.upstream import BackendClient
+from ollamaflow.usage import UsageFlusher, UsageLedger
 from ollamaflow.utctime import utc_clock
 from ollamaflow.workers import listen_shared
 
@@ -122,6 +127,22 @@ class Daemon(MultiService):
         observers: list[Callable[[Completed], None]] = []
         if logs_info(settings.logging):
             observers.append(AccessLog())
+        # What each API key (and anonymous) used, per model and hour: counted in memory,
+        # written to the database in batches.
+        self.usage = UsageLedger(store, reactor)
+        observers.append(self.usage)
+        flusher = UsageFlusher(
+            self.usage, reactor, interval=settings.rate_limits.usage_flush_interval_ms / 1000
+        )
+        flusher.setServiceParent(self)
+        # API keys' limits: counted here alone, or by every instance together through Redis.
+        limiter: RateLimiter
+        if settings.rate_limits.redis is not None:
+            shared = SharedLimits(reactor, settings.rate_limits.redis)
+            shared.setServiceParent(self)
+            limiter = shared
+        else:
+            limiter = LocalLimits(reactor)
         self.metrics: Metrics | None = None
         metrics_page: MetricsPage | None = None
         known_models: KnownModels | None = None
@@ -173,6 +194,7 @@ class Daemon(MultiService):
             admin_tokens=admin_tokens,
             withheld=Tokens.of(settings.admin_bearer_tokens, [settings.metrics.bearer_token]),
             observers=observers,
+            limiter=limiter,
         )
         # Who hears of a configuration change, in this order: the runtime forgets deleted
         # backends, the inventory and model sync forget and reconcile, the health checker
@@ -191,6 +213,11 @@ class Daemon(MultiService):
         if known_models is not None:
             registry.subscribe(known_models.changed)
             self.inventory.add_listener(known_models.changed)
+        # Deleted API keys: their pending usage and their metrics go with them.
+        registry.subscribe(lambda catalog: self.usage.forget_keys(catalog.api_keys.keys()))
+        if self.metrics is not None:
+            metrics = self.metrics
+            registry.subscribe(lambda catalog: metrics.forget_keys(catalog.api_keys.keys()))
         self.admin = AdminApi(
             self.registry,
             self.runtime,
@@ -200,6 +227,7 @@ class Daemon(MultiService):
             models=self.sync.models,
             queues=self.gateway.queue_report,
             worker=worker or 0,
+            usage_of=lambda key, since: self.usage.usage(key, since, MAX_USAGE_ROWS + 1),
         )
         self.root = Root(self.admin.resource(), metrics=metrics_page)
         #: Where each request goes: the admin API, our pages, a CORS answer, or the gateway.

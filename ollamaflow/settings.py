@@ -18,6 +18,7 @@ from ollamaflow.cors import MAX_ORIGIN, ORIGIN_ENTRY
 from ollamaflow.fielderrors import FieldError
 from ollamaflow.fieldkinds import Bool, Choice, Int, Str, StrList
 from ollamaflow.jsonfields import Nested, ObjectList, field, from_wire, to_wire
+from ollamaflow.ratelimits.redisclient import RedisAddress
 
 DEFAULT_ADMIN_TOKEN = "ollamaflowadmin"
 
@@ -31,6 +32,11 @@ _PG_URL = Str(
 _PG_HOST = Str(allowed="a host name or address", pattern=r"[^\s*]+", max_length=256)
 _PG_NAME = Str(allowed="a name without spaces", pattern=r"\S+", max_length=256)
 _PASSWORD = Str(allowed="a string", pattern=r"(?s).*")
+_REDIS_URL = Str(
+    allowed="a redis://[user:password@]host[:port][/db] URL",
+    pattern=r"redis://\S+",
+    max_length=2048,
+)
 _ENV_NAME = Str(allowed="an environment variable name", pattern=r"[A-Za-z_][A-Za-z0-9_]*")
 
 #: Where the fields of ``Database`` point when ``Url`` does not say otherwise.
@@ -164,6 +170,18 @@ class Cors:
 
 
 @attrs.frozen
+class RateLimits:
+    """Where API keys' limits are counted: with ``Redis`` (a ``redis://`` URL) by every
+    instance together, so N instances enforce one limit; without it, by each instance alone.
+    If Redis cannot be reached, requests keep flowing under each instance's own counts."""
+
+    # Kept out of repr: the URL may hold a password.
+    redis: str | None = _secret(_REDIS_URL)
+    #: How often in-memory usage counts are written to the database.
+    usage_flush_interval_ms: int = field(Int(1000, 3_600_000), default=10_000)
+
+
+@attrs.frozen
 class Settings:
     webserver: Webserver = field(Nested(Webserver), factory=Webserver)
     database_filename: str = field(_PATH, default="ollamaflow.db")
@@ -177,6 +195,7 @@ class Settings:
     logging: Logging = field(Nested(Logging), factory=Logging)
     metrics: Metrics = field(Nested(Metrics), factory=Metrics)
     cors: Cors = field(Nested(Cors), factory=Cors)
+    rate_limits: RateLimits = field(Nested(RateLimits), factory=RateLimits)
     health_check_interval_ms: int = field(Int(100, 86_400_000), default=5000)
     health_check_timeout_ms: int = field(Int(100, 600_000), default=3000)
     model_refresh_interval_ms: int = field(Int(1000, 86_400_000), default=30000)
@@ -269,6 +288,7 @@ def load_settings(path: Path) -> LoadedSettings:
         except FieldError as e:
             raise SettingsError(f"{path}: {e}") from e
     password = _database_password(path, settings.database)
+    _check_redis(path, settings.rate_limits)
     warnings = tuple(_warnings(settings, unknown))
     return LoadedSettings(settings, path, created, warnings, password)
 
@@ -289,6 +309,17 @@ def _database_password(path: Path, db: Database) -> str | None:
             f"{path}: Database.PasswordEnv: the environment variable {db.password_env} is not set"
         )
     return value
+
+
+def _check_redis(path: Path, limits: RateLimits) -> None:
+    """What the URL's pattern cannot say: a port in range, a database number (without the
+    password in the message)."""
+    if limits.redis is None:
+        return
+    try:
+        RedisAddress.from_url(limits.redis)
+    except ValueError as e:
+        raise SettingsError(f"{path}: RateLimits.Redis: {e}") from None
 
 
 def _warnings(settings: Settings, unknown: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ memory runs out: past :data:`MAX_PENDING_ROWS` rows the oldest hours are dropped
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ollamaflow.gateway.completed import Completed
-from ollamaflow.records import UsageRow
+from ollamaflow.records import ADMIN, ANONYMOUS, UsageRow
 from ollamaflow.store.errors import StoreUnavailable
 
 log = Logger()
@@ -214,6 +214,18 @@ class UsageLedger:
                 else:
                     _merge_counts(existing, counts)
         self._drop_oldest(keep=max(self._pending))
+
+    def forget_keys(self, existing: Collection[str]) -> None:
+        """Drop the pending counts of keys not in ``existing`` (a registry subscriber): a
+        deleted key's stored usage is deleted with it, and the next flush must not write it
+        back. Anonymous and admin usage stay."""
+        kept = {*existing, ANONYMOUS, ADMIN}
+        for hour, rows in list(self._pending.items()):
+            for row in [row for row in rows if row[0] not in kept]:
+                del rows[row]
+                self._rows -= 1
+            if not rows:
+                del self._pending[hour]
 
     def _make_room(self, hour: int) -> bool:
         """At the cap, before a new row for ``hour``: drop the oldest other hours; False (the

@@ -169,6 +169,10 @@ def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
             {"Cors": {"AllowedOrigins": [f"https://h{i}.example" for i in range(257)]}},
             "Cors.AllowedOrigins: ",
         ),
+        ({"RateLimits": {"Redis": "rediss://cache:6380"}}, "RateLimits.Redis: "),
+        ({"RateLimits": {"Redis": "redis://cache:99999"}}, "RateLimits.Redis: Port out of range"),
+        ({"RateLimits": {"Redis": "redis://cache/x"}}, "RateLimits.Redis: a Redis URL's path"),
+        ({"RateLimits": {"UsageFlushIntervalMs": 0}}, "RateLimits.UsageFlushIntervalMs: 0"),
     ],
 )
 def test_bad_values_stop_with_one_line_naming_key_value_and_allowed(

@@ -439,3 +439,16 @@ def test_flushes_and_failures_never_change_the_totals(ops: list[tuple[Any, ...]]
     fired(ledger.flush())
     assert store.stored == expected
     assert ledger.pending_rows == 0
+
+
+def test_a_deleted_keys_pending_counts_are_forgotten_not_written_back() -> None:
+    """Deleting a key deletes its stored usage; what this instance still holds for it must not
+    bring the rows back at the next flush. Anonymous and admin are never forgotten."""
+    store = FakeStore()
+    ledger, _ = ledger_on(store)
+    for key in ("gone", "kept", "anonymous", "admin"):
+        ledger(completed(api_key=key))
+    ledger.forget_keys(["kept"])
+    assert ledger.pending_rows == 3
+    fired(ledger.flush())
+    assert sorted(key for key, _, _ in store.table()) == ["admin", "anonymous", "kept"]
