@@ -136,3 +136,14 @@ def test_regex_characters_in_a_pattern_are_literal() -> None:
     assert not model_allowed(["a.c*"], "abc:latest")
     assert model_allowed(["a.c*"], "a.c:latest")
     assert not model_allowed(["(x|y)*"], "x")
+
+
+@given(st.binary(max_size=300), st.booleans())
+def test_any_authorization_is_a_caller_or_a_401_never_an_error(
+    authorization: bytes, required: bool
+) -> None:
+    """Hostile values (huge, binary, our prefix with garbage) are answered, never raised."""
+    frontend = CLOSED if required else OPEN
+    for value in (authorization, b"Bearer " + authorization, b"Bearer ofk_" + authorization):
+        found = who(value, frontend)
+        assert isinstance(found, Caller) or (isinstance(found, Denied) and found.status == 401)

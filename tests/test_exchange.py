@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 
 from ollamaflow.credentials import NO_TOKENS
 from ollamaflow.gateway.balancer import StickyPins
+from ollamaflow.gateway.callers import ANONYMOUS_CALLER, Caller
 from ollamaflow.gateway.classify import RequestClass
 from ollamaflow.gateway.completed import Completed, RequestIds
 from ollamaflow.gateway.context import ExchangeContext
@@ -26,7 +27,7 @@ from ollamaflow.gateway.deadlines import Deadlines
 from ollamaflow.gateway.exchange import Exchange
 from ollamaflow.gateway.routing import Forward
 from ollamaflow.gateway.scheduler import Scheduler
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import ApiKey, Backend, Frontend
 from ollamaflow.runtime import FailureKind, Runtime
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -143,7 +144,10 @@ class World:
     completed: list[Completed]
 
     def forward(
-        self, *order: str, request_class: RequestClass = RequestClass.COMPLETIONS
+        self,
+        *order: str,
+        request_class: RequestClass = RequestClass.COMPLETIONS,
+        caller: Caller = ANONYMOUS_CALLER,
     ) -> Forward:
         return Forward(
             self.frontend,
@@ -154,11 +158,15 @@ class World:
             "llama3:latest",
             None,
             None,
+            caller,
         )
 
-    def run(self, *order: str, **request: Any) -> tuple[Exchange, Request]:
+    def run(
+        self, *order: str, caller: Caller = ANONYMOUS_CALLER, **request: Any
+    ) -> tuple[Exchange, Request]:
         client = Request(**request)
-        exchange = Exchange(self.context, client, self.forward(*order))  # type: ignore[arg-type]
+        forward = self.forward(*order, caller=caller)
+        exchange = Exchange(self.context, client, forward)  # type: ignore[arg-type]
         assert exchange.run() is None
         return exchange, client
 
@@ -357,6 +365,24 @@ def test_requests_queue_for_a_slot_and_take_the_first_to_free() -> None:
     assert waiting.waited == 0.0
     w.sender.last.respond(Response()).end()
     assert third.finished
+
+
+def test_a_keys_priority_puts_its_requests_ahead_in_the_queue_and_they_are_its_own() -> None:
+    w = world("a", slots=1)
+    w.run("a")
+    low = Caller(ApiKey(identifier="batch", priority=-1), "batch")
+    high = Caller(ApiKey(identifier="chat", priority=5), "chat")
+    _, batch = w.run("a", caller=low)
+    _, plain = w.run("a")
+    _, chat = w.run("a", caller=high)
+    order = [batch, plain, chat]
+    finished: list[str] = []
+    for _ in range(4):  # the request holding the slot, then the three queued
+        w.sender.last.respond(Response()).end()
+        finished += [("batch", "plain", "chat")[i] for i, c in enumerate(order) if c.finished]
+        order = [c if not c.finished else Request() for c in order]
+    assert finished == ["chat", "plain", "batch"]
+    assert [c.api_key for c in w.completed] == ["anonymous", "chat", "anonymous", "batch"]
 
 
 def test_a_queued_request_past_its_deadline_is_429() -> None:
