@@ -7,7 +7,7 @@ import secrets
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +115,62 @@ class Daemon:
             path = f"/v1.0/backends/{gone}?force=true"
             self._expect(self.admin("DELETE", path), (204, 404), f"DELETE {path}")
 
-    def frontend(self, identifier: str, hostname: str, backends: Sequence[str]) -> None:
-        """Add (or replace) a frontend answering requests whose Host is ``hostname``."""
-        record = {"Identifier": identifier, "Hostname": hostname, "Backends": list(backends)}
+    def frontend(
+        self,
+        identifier: str,
+        hostname: str,
+        backends: Sequence[str],
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        """Add (or replace) a frontend answering requests whose Host is ``hostname``, with the
+        fields of ``extra`` too (``{"RequireApiKey": True}``)."""
+        record: dict[str, object] = {
+            "Identifier": identifier,
+            "Hostname": hostname,
+            "Backends": list(backends),
+            **(extra or {}),
+        }
         status, _ = self.admin("GET", f"/v1.0/frontends/{identifier}")
         path = "/v1.0/frontends" + (f"/{identifier}" if status == 200 else "")
         self._expect(self.admin("PUT", path, record), (200, 201), f"PUT {path}")
+
+    def api_key(self, record: Mapping[str, object]) -> tuple[str, str]:
+        """Create an API key; returns its identifier and its secret (shown in this answer only)."""
+        status, body = self.admin("POST", "/v1.0/apikeys", dict(record))
+        self._expect((status, body), (201,), "POST /v1.0/apikeys")
+        if not isinstance(body, dict) or not isinstance(body.get("Key"), str):
+            raise BenchError("admin POST /v1.0/apikeys: no Key in the answer")
+        return str(body["Identifier"]), body["Key"]
+
+    def key_requests(self, identifier: str) -> int:
+        """The requests the daemon counted on the API key ``identifier`` (the last 24 hours)."""
+        path = f"/v1.0/apikeys/{identifier}/usage"
+        status, body = self.admin("GET", path)
+        totals = body.get("Totals") if isinstance(body, dict) else None
+        count = totals.get("Requests") if isinstance(totals, dict) else None
+        if status != 200 or not isinstance(count, int):
+            raise BenchError(f"admin GET {path}: {status} {str(body)[:200]}")
+        return count
+
+    def status(self, method: str, path: str, body: str, headers: Mapping[str, str]) -> int:
+        """The status of one client request (not an admin one: no admin token), with
+        ``headers`` (``Host`` picks the frontend)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=body.encode() or None, method=method
+        )
+        for name, value in headers.items():
+            request.add_header(name, value)
+        if body:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                response.read()
+                return int(response.status)
+        except urllib.error.HTTPError as e:
+            e.read()
+            return e.code
+        except OSError as e:
+            raise BenchError(f"{method} {path}: {e}") from e
 
     @staticmethod
     def _expect(answer: tuple[int, object], ok: tuple[int, ...], what: str) -> None:

@@ -22,6 +22,7 @@ wrk.method = %(method)s
 wrk.body = %(body)s
 wrk.headers["Content-Type"] = "application/json"
 if %(host)s then wrk.headers["Host"] = %(host)s end
+if %(authorization)s then wrk.headers["Authorization"] = %(authorization)s end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -40,6 +41,8 @@ class Request:
     body: str = ""
     #: The Host header (which frontend answers); 127.0.0.1:port when None.
     host: str | None = None
+    #: The Authorization header's value (``Bearer <key>``); none sent when None.
+    authorization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class LoadTool:
                 "method": _lua(request.method),
                 "body": _lua(request.body or None),
                 "host": _lua(request.host),
+                "authorization": _lua(request.authorization),
             }
         )
         seconds = max(1, round(duration))
@@ -92,8 +96,11 @@ class LoadTool:
     def _loadgen(self, port: int, request: Request, connections: int, duration: float) -> dict:
         argv = [sys.executable, str(HERE / "loadgen.py"), "--port", str(port),
                 "--path", request.path, "--method", request.method, "--body", request.body,
-                "--connections", str(connections), "--duration", str(duration),
-                *(["--host", request.host] if request.host else [])]  # fmt: skip
+                "--connections", str(connections), "--duration", str(duration)]  # fmt: skip
+        if request.host:
+            argv += ["--host", request.host]
+        if request.authorization:
+            argv += ["--authorization", request.authorization]
         out = _run(argv, duration + 30)
         try:
             return json.loads(out.strip().splitlines()[-1])

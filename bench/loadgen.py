@@ -83,10 +83,18 @@ class Stats:
         self.non_2xx = 0
 
 
+def with_header(request: bytes, name: str, value: str) -> bytes:
+    """``request`` with one more header field, right after its request line."""
+    line, rest = request.split(b"\r\n", 1)
+    return line + f"\r\n{name}: {value}\r\n".encode() + rest
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     body = args.body.encode()
     request = build_request(args.method, args.host or f"127.0.0.1:{args.port}", args.path, body)
+    if args.authorization:
+        request = with_header(request, "Authorization", args.authorization)
     stats = Stats()
     started = time.monotonic()
     deadline = started + args.duration
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--path", default="/", help="request path")
     parser.add_argument("--host", help="Host header [127.0.0.1:PORT]")
+    parser.add_argument("--authorization", help="Authorization header, e.g. 'Bearer ofk_...'")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body", default="", help="request body (JSON)")
     parser.add_argument("--connections", type=int, default=16)
@@ -138,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.connections <= 10000 or not 0 < args.duration <= 3600:
         parser.error("--connections must be 1..10000 and --duration 0..3600")
+    if any(c in (args.authorization or "") for c in "\r\n"):
+        parser.error("--authorization: no line breaks")
     json.dump(asyncio.run(run(args)), sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -28,7 +28,7 @@ class Row:
 
 @dataclass
 class Check:
-    """A target of issue 7, with what this run measured; ``passed`` None = not measured."""
+    """A target (issues 7, 19), with what this run measured; ``passed`` None = not measured."""
 
     target: str
     measured: str

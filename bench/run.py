@@ -2,10 +2,13 @@
 
     python bench/run.py            # the full run (about 4 minutes on 2 cores)
     python bench/run.py --smoke    # every scenario, tiny: ~10 s (~25 s with wrk), for CI
+    python bench/run.py --scenarios keys   # only the cost of API keys (issue 19): ~1 minute
 
-Prints a table and the targets of issue 7, and writes bench/results/latest.json. See
-bench/README.md for what each scenario measures. Everything listens on 127.0.0.1 only; every
-child process runs in its own process group and is killed at the end, also on errors.
+Prints a table and the targets of issues 7 and 19, and writes bench/results/latest.json. See
+bench/README.md for what each scenario measures (``keys``: the same small chat through a
+frontend without keys and through one that requires a key with limits set, in turns).
+Everything listens on 127.0.0.1 only; every child process runs in its own process group and is
+killed at the end, also on errors.
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ CHAT = Request(
     ),
 )
 TAGS = Request("GET", "/api/tags")
+#: A daemon busy at least this share of a core (median over the rounds) limits the throughput.
+SATURATED = 0.9
+#: The benchmark's API key: every limit set, none reached.
+BENCH_KEY = {
+    "Name": "bench",
+    "RequestsPerMinute": 100_000_000,
+    "TokensPerMinute": 1_000_000_000,
+    "MaxConcurrentRequests": 100_000,
+}
 
 
 @dataclass(frozen=True)
@@ -432,6 +444,86 @@ class Bench:
                 f"{median:.1%} of {low} backend(s), median of {_listed(ratios, 'rounds')}"
             )
 
+    # --- scenario 5: the cost of API keys -------------------------------------------------
+
+    def scenario_keys(self, backends: Backends) -> None:
+        """One daemon, two frontends on the same backend: ``open`` (no key) and ``keyed``
+        (``RequireApiKey``, a key with limits set but not reached); they take turns for
+        ``pairs`` rounds and each round gives one throughput ratio keyed/open."""
+        rows = {
+            "open": Row(self._chat_many, "keys: open"),
+            "keyed": Row(self._chat_many, "keys: required, limits set"),
+        }
+        self.rows += rows.values()
+        try:
+            with self.daemon("ollamaflow-keys", 1) as daemon:
+                requests, key_id = self._keys_setup(daemon, backends.chosen)
+                runs = self._keys_rounds(daemon, requests)
+                counted = daemon.key_requests(key_id)
+        except BenchError as e:
+            for row in rows.values():
+                row.error = str(e)
+            return
+        for name, row in rows.items():
+            _round_row(row, runs[name], runs[name][-1])
+            count = len(runs[name])
+            row.notes.append(f"last of {count} rounds" if count > 1 else "1 round")
+        _keys_summary(rows["keyed"], runs, counted)
+
+    def _keys_setup(self, daemon: Daemon, backend_port: int) -> tuple[dict[str, Request], str]:
+        """The two frontends and the key; the keyed frontend must refuse a request without the
+        key (401) and answer one with it (200), else the rows would measure nothing."""
+        daemon.configure([BackendSpec("b1", backend_port)])
+        daemon.wait_healthy(["b1"], self.plan.health_timeout)
+        daemon.frontend("open", "open.bench", ["b1"])
+        daemon.frontend("keyed", "keyed.bench", ["b1"], {"RequireApiKey": True})
+        key_id, secret = daemon.api_key(BENCH_KEY)
+        requests = {
+            "open": replace(CHAT, host="open.bench"),
+            "keyed": replace(CHAT, host="keyed.bench", authorization=f"Bearer {secret}"),
+        }
+        daemon.wait_models(10)
+        expected = [
+            ("open.bench without a key", requests["open"], 200),
+            ("keyed.bench without a key", replace(requests["keyed"], authorization=None), 401),
+            ("keyed.bench with the key", requests["keyed"], 200),
+        ]
+        for what, request, status in expected:
+            headers = {"Host": request.host or ""}
+            if request.authorization:
+                headers["Authorization"] = request.authorization
+            got = daemon.status(request.method, request.path, request.body, headers)
+            if got != status:
+                raise BenchError(f"{what}: {request.path} answered {got}, expected {status}")
+        return requests, key_id
+
+    def _keys_rounds(self, daemon: Daemon, requests: dict[str, Request]) -> dict[str, list[dict]]:
+        """``pairs`` rounds (at least one) of one run through each frontend; the order flips
+        every round, so a drift of the machine's speed favours neither."""
+        p = self.plan
+        if not p.smoke:  # fills connection pools
+            for request in requests.values():
+                self.tools.load.run(daemon.port, request, p.connections, 1.0)
+        runs: dict[str, list[dict]] = {name: [] for name in requests}
+        order = list(requests)
+        for _ in range(max(1, p.pairs)):
+            for name in order:
+                runs[name].append(self._cpu_run(daemon, requests[name], p.duration / 2))
+            order.reverse()
+        return runs
+
+    def _cpu_run(self, daemon: Daemon, request: Request, duration: float) -> dict:
+        """One load run, with the daemon's CPU time per request and its share of a core (less
+        moved by other load on the machine than the throughput is)."""
+        pids = process_tree(daemon.pid)
+        before = cpu_seconds(pids)
+        run = self.tools.load.run(daemon.port, request, self.plan.connections, duration)
+        used = cpu_seconds(pids) - before
+        done, seconds = run["requests"], run["seconds"]
+        run["daemon_cpu_us_per_request"] = round(used / done * 1e6, 1) if done else None
+        run["daemon_cpu_share"] = round(used / seconds, 2) if seconds else None
+        return run
+
     # --- the daemon -----------------------------------------------------------------------
 
     @contextmanager
@@ -480,12 +572,53 @@ def _listed(ratios: list[float], what: str) -> str:
 
 def _median_row(row: Row, runs: list[dict]) -> None:
     """Fill ``row`` from the run of median throughput (its latencies too), all runs kept."""
-    middle = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-    row.rps, row.p50_ms, row.p99_ms = middle["rps"], middle["p50_ms"], middle["p99_ms"]
-    row.data = {**middle, "runs": runs}
+    _round_row(row, runs, sorted(runs, key=lambda r: r["rps"])[len(runs) // 2])
+
+
+def _round_row(row: Row, runs: list[dict], shown: dict) -> None:
+    """Fill ``row`` from ``shown``, one of ``runs`` (all kept); a bad answer in any is an error."""
+    row.rps, row.p50_ms, row.p99_ms = shown["rps"], shown["p50_ms"], shown["p99_ms"]
+    row.data = {**shown, "runs": runs}
     bad = sum(r["errors"] + r["non_2xx"] for r in runs)
     if bad:
         row.error = f"{bad} errors or non-2xx answers"
+
+
+def _keys_summary(keyed: Row, runs: dict[str, list[dict]], counted: int) -> None:
+    """On the keyed row: the median of the per-round throughput ratios keyed/open, the daemon's
+    CPU per request through each, and what the key counted (at least every answer measured)."""
+    pairs = zip(runs["open"], runs["keyed"], strict=True)
+    ratios = [k["rps"] / o["rps"] for o, k in pairs if o["rps"]] or [0.0]
+    median = _median(ratios)
+    cpu, share = _medians(runs, "daemon_cpu_us_per_request"), _medians(runs, "daemon_cpu_share")
+    saturated = min(share.values()) >= SATURATED
+    keyed.data.update(
+        ratios_to_open=ratios,
+        median_ratio=median,
+        key_requests=counted,
+        median_daemon_cpu_us_per_request=cpu,
+        median_daemon_cpu_share=share,
+        daemon_saturated=saturated,
+    )
+    change = f" ({cpu['keyed'] / cpu['open'] - 1:+.1%})" if cpu["open"] else ""
+    keyed.notes += [
+        f"{median:.1%} of open, median of {_listed(ratios, 'rounds')}",
+        f"daemon CPU {cpu['keyed']:.0f} vs {cpu['open']:.0f} us per request{change}",
+        f"{counted:,} requests counted on the key",
+    ]
+    if not saturated:
+        keyed.notes.append(
+            f"daemon busy {share['open']:.0%} (open) and {share['keyed']:.0%} (keyed) of a core:"
+            " something else limits the throughput and hides part of the keys' cost"
+        )
+    measured = sum(r["requests"] for r in runs["keyed"])
+    if counted < measured and keyed.error is None:
+        keyed.error = f"the key counted {counted} requests, the load generator {measured}"
+
+
+def _medians(runs: dict[str, list[dict]], key: str) -> dict[str, float]:
+    """For each name of ``runs``, the median of its runs' ``key`` (None counting as 0)."""
+    return {name: _median([r[key] or 0.0 for r in some]) for name, some in runs.items()}
 
 
 def _run_json(argv: list[str], timeout: float) -> dict:
@@ -501,7 +634,7 @@ def _run_json(argv: list[str], timeout: float) -> dict:
 
 
 def checks(rows: list[Row], plan: Plan) -> list[Check]:
-    """The targets of issue 7 against this run's rows."""
+    """The targets of issues 7 and 19 against this run's rows."""
 
     def find(scenario: str, target: str) -> Row | None:
         for r in rows:
@@ -561,7 +694,22 @@ def checks(rows: list[Row], plan: Plan) -> list[Check]:
             out.append(Check(name, text, share >= 0.90))
         else:
             out.append(Check(name, "not measured", None))
+    out.append(_keys_check(rows))
     return out
+
+
+def _keys_check(rows: list[Row]) -> Check:
+    """Issue 19: a key required, with limits set, costs at most 5% of the throughput."""
+    name = "API keys cost at most 5% of throughput"
+    keyed = next((r for r in rows if r.target == "keys: required, limits set"), None)
+    if keyed is None or keyed.error is not None or "median_ratio" not in keyed.data:
+        return Check(name, "not measured", None)
+    share = keyed.data["median_ratio"]
+    rounds = len(keyed.data["ratios_to_open"])
+    text = f"{share:.1%} of the open frontend's, median of {rounds} alternating rounds"
+    if keyed.data.get("daemon_saturated") is False:
+        text += " (daemon not saturated: see the notes)"
+    return Check(name, text, share >= 0.95)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -574,7 +722,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-SCENARIOS = ("serverpath", "small", "stream", "hold", "scale")
+SCENARIOS = ("serverpath", "small", "stream", "hold", "scale", "keys")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
@@ -594,7 +742,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     add("--hold-seconds", type=float, help="how long each held stream lasts [20; smoke 1]")
     add("--hold-tps", type=float, default=2.0, help="tokens/s of each held stream")
     add("--scale", type=_ints, help="backend counts of the scale scenario [1,10,100; smoke 1,10]")
-    add("--pairs", type=int, help="alternating nginx/OllamaFlow throughput pairs [5; smoke 1]")
+    add("--pairs", type=int, help="alternating rounds of paired measurements [5; smoke 1]")
     add("--loadgen", choices=["auto", "wrk", "python"], default="auto", help="load generator")
     add("--no-nginx", action="store_true", help="leave nginx out even if installed")
     add("--twistd", help="twistd to run the daemon and simulators [next to this python]")
@@ -669,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.table(bench.rows))
         print()
-        print("Targets (issue 7):")
+        print("Targets (issues 7 and 19):")
         print(report.checks_table(result_checks))
         document = {
             "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -707,6 +855,7 @@ def run_scenarios(bench: Bench) -> None:
         ("stream", "streaming latency", bench.scenario_stream),
         ("hold", "concurrent streams", bench.scenario_hold),
         ("scale", "control-plane scale", bench.scenario_scale),
+        ("keys", "API keys", bench.scenario_keys),
     ]
     for key, title, step in steps:
         if key in wanted:

@@ -214,7 +214,14 @@ def test_concurrency_is_freed_by_release() -> None:
 def test_no_limits_admit_without_keeping_anything() -> None:
     local = LocalLimits(Clock())
     leases = {admitted(local.admit(f"k{i}", Limits())) for i in range(100)}
-    assert len(leases) == 100 and len(local) == 0
+    assert leases == {""} and len(local) == 0, "nothing to release"
+
+
+def test_only_a_concurrency_limit_hands_out_leases_each_its_own() -> None:
+    local = LocalLimits(Clock())
+    assert admitted(local.admit("k", Limits(requests_per_minute=10))) == ""
+    leases = {admitted(local.admit("k", Limits(max_concurrent=100))) for _ in range(50)}
+    assert len(leases) == 50 and "" not in leases and local.in_flight("k") == 50
 
 
 def test_idle_keys_are_forgotten_but_not_those_in_flight() -> None:
@@ -515,3 +522,54 @@ def test_leases_taken_while_redis_was_away_are_put_there_when_it_is_back() -> No
         s.log_in()
         [command] = s.wire.commands()
         assert command[0] == b"EVALSHA" and command[3:] == [b"t:{key}:l", b"30000", lease.encode()]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 50)), max_size=30))
+def test_finish_is_release_then_spend(ends: list[tuple[bool, int]]) -> None:
+    """The gateway ends every limited request with one ``finish``: the same counts as
+    ``release`` and ``spend`` one after the other."""
+    limits = Limits(requests_per_minute=1000, tokens_per_minute=200, max_concurrent=100)
+    one, two = LocalLimits(Clock()), LocalLimits(Clock())
+    for release, tokens in ends:
+        answer_one, answer_two = one.admit("k", limits), two.admit("k", limits)
+        assert type(answer_one) is type(answer_two)
+        if release and isinstance(answer_one, Admitted) and isinstance(answer_two, Admitted):
+            one.finish("k", limits, answer_one.lease, tokens)
+            two.release("k", answer_two.lease)
+            two.spend("k", limits, tokens)
+        assert one.in_flight("k") == two.in_flight("k")
+        assert one.check("k", limits) == two.check("k", limits)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 90_000), st.integers(0, 40), st.booleans()),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(0, 8),
+    st.integers(0, 120),
+    st.integers(0, 4),
+)
+def test_admit_decides_as_the_window_does(
+    steps: list[tuple[int, int, bool]], rpm: int, tpm: int, most: int
+) -> None:
+    """``admit`` writes the window's test out for speed: whatever the counts and the time, it
+    admits exactly when :func:`window.refusal` (through ``check``) finds nothing to refuse, and
+    refuses with what it names."""
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    local = LocalLimits(clock)
+    limits = Limits(requests_per_minute=rpm, tokens_per_minute=tpm, max_concurrent=most)
+    held: list[str] = []
+    for advance_ms, tokens, end_one in steps:
+        clock.advance(advance_ms / 1000)
+        expected = local.check("k", limits)
+        answer = local.admit("k", limits)
+        if expected is None:
+            assert isinstance(answer, Admitted)
+            held.append(answer.lease)
+        else:
+            assert answer == expected
+        if end_one and held:
+            local.finish("k", limits, held.pop(0), tokens)

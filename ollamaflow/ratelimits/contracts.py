@@ -55,3 +55,6 @@ class RateLimiter(Protocol):
 
     def spend(self, key_id: str, limits: Limits, tokens: int) -> None:
         """The backend reported ``tokens`` (prompt + completion) for a request of ``key_id``."""
+
+    def finish(self, key_id: str, limits: Limits, lease: str, tokens: int) -> None:
+        """A request of ``key_id`` ended: :meth:`release` and :meth:`spend` in one call."""

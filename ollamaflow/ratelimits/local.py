@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamaflow.ratelimits import window
 from ollamaflow.ratelimits.contracts import Admitted, Limits, OverLimit
+from ollamaflow.ratelimits.window import MINUTE_MS
 
 #: A key untouched this long (seconds) with nothing in flight is forgotten: its windows are
 #: empty by then.
@@ -26,6 +27,8 @@ IDLE_SECONDS = 120.0
 SWEEP_SECONDS = 5.0
 #: Keys looked at per call at most: a long quiet spell ends without one long sweep.
 SWEEP_BATCH = 1000
+#: Admitted without a lease to give back (no concurrency limit).
+NO_LEASE = Admitted("")
 
 
 @attrs.define(eq=False)
@@ -69,12 +72,44 @@ class LocalLimits:
     # -- the RateLimiter protocol -------------------------------------------------------------
 
     def admit(self, key_id: str, limits: Limits) -> Admitted | OverLimit:
-        """Count one request against ``key_id`` if every limit allows it."""
-        refused = self.check(key_id, limits)
-        if refused is not None:
+        """Count one request against ``key_id`` if every limit allows it: :meth:`check` then
+        :meth:`record` in one pass, the limits asked first and :func:`window.refusal` only to
+        say which refuses (the hot path of every request with a limited key). Without a
+        concurrency limit there is nothing to release: the lease is empty."""
+        if not limits:
+            return NO_LEASE
+        now = self._clock.seconds()
+        usage = self._keys.get(key_id)
+        if usage is None or now - usage.touched >= 1.0 or now >= self._next_sweep:
+            usage = self._usage(key_id, now)
+        minute, elapsed = divmod(int(now * 1000), MINUTE_MS)
+        if minute != usage.minute:
+            elapsed = self._rolled(usage, now)
+        rpm, tpm, most = limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent
+        # window.fits for both windows, written out: this runs for every request of a key.
+        weight = MINUTE_MS - elapsed
+        if (
+            (rpm > 0 and usage.requests_previous * weight + (usage.requests + 1) * MINUTE_MS
+             > rpm * MINUTE_MS)
+            or (tpm > 0 and usage.tokens_previous * weight + usage.tokens * MINUTE_MS
+                >= tpm * MINUTE_MS)
+            or (most > 0 and len(usage.leases) >= most)
+        ):  # fmt: skip
+            refused = window.refusal(
+                limits,
+                elapsed,
+                (usage.requests_previous, usage.requests),
+                (usage.tokens_previous, usage.tokens),
+                len(usage.leases),
+            )
+            assert refused is not None, "window.refusal and the test above disagree"
             return refused
-        lease = self.new_lease()
-        self.record(key_id, limits, lease)
+        if rpm > 0:
+            usage.requests += 1
+        if most <= 0:
+            return NO_LEASE
+        lease = f"{self._lease_prefix}{next(self._lease_numbers)}"
+        usage.leases.add(lease)
         return Admitted(lease)
 
     def release(self, key_id: str, lease: str) -> None:
@@ -88,7 +123,21 @@ class LocalLimits:
         if limits.tokens_per_minute > 0 and tokens > 0:
             now = self._clock.seconds()
             usage = self._usage(key_id, now)
-            usage.roll(int(now * 1000) // window.MINUTE_MS)
+            self._rolled(usage, now)
+            usage.tokens += tokens
+
+    def finish(self, key_id: str, limits: Limits, lease: str, tokens: int) -> None:
+        """:meth:`release` and :meth:`spend` in one look at the key (every request of a
+        limited key ends here)."""
+        usage = self._keys.get(key_id)
+        if usage is None:
+            return
+        if lease:
+            usage.leases.discard(lease)
+        if tokens > 0 and limits.tokens_per_minute > 0:
+            now = self._clock.seconds()
+            if int(now * 1000) // MINUTE_MS != usage.minute:
+                self._rolled(usage, now)
             usage.tokens += tokens
 
     # -- the steps, for SharedLimits ------------------------------------------------------------
@@ -118,7 +167,7 @@ class LocalLimits:
             return
         now = self._clock.seconds()
         usage = self._usage(key_id, now)
-        usage.roll(int(now * 1000) // window.MINUTE_MS)
+        usage.roll(int(now * 1000) // MINUTE_MS)
         if limits.requests_per_minute > 0:
             usage.requests += 1
         if limits.max_concurrent > 0:
@@ -142,16 +191,28 @@ class LocalLimits:
     # -- the keys' states -----------------------------------------------------------------------
 
     def _usage(self, key_id: str, now: float) -> _Usage:
-        """``key_id``'s state, created if needed and marked as just used."""
+        """``key_id``'s state, created if needed and marked as used (to the second: the idle
+        limit is minutes, so the order of keys used within one second does not matter)."""
         if now >= self._next_sweep:
             self._sweep(now)
         usage = self._keys.get(key_id)
         if usage is None:
-            usage = self._keys[key_id] = _Usage(int(now * 1000) // window.MINUTE_MS, now)
-        else:
+            usage = self._keys[key_id] = _Usage(int(now * 1000) // MINUTE_MS, now)
+        elif now - usage.touched >= 1.0:
             usage.touched = now
             self._keys.move_to_end(key_id)
         return usage
+
+    @staticmethod
+    def _rolled(usage: _Usage, now: float) -> int:
+        """Roll ``usage`` to the minute of ``now``; the milliseconds elapsed in that minute
+        (0 while the clock is behind the counts: set back)."""
+        minute, elapsed = divmod(int(now * 1000), MINUTE_MS)
+        if minute != usage.minute:
+            usage.roll(minute)
+            if minute < usage.minute:
+                return 0
+        return elapsed
 
     def _sweep(self, now: float) -> None:
         """Forget the keys idle for too long, from the least recently used on, a batch at a

@@ -249,6 +249,12 @@ class SharedLimits(Service):
             spent = self.redis.run(SPEND, (self._window_key(key_id),), (tokens, WINDOW_TTL_MS))
             spent.addErrback(self._failed)
 
+    def finish(self, key_id: str, limits: Limits, lease: str, tokens: int) -> None:
+        """:meth:`release` then :meth:`spend`."""
+        if lease:
+            self.release(key_id, lease)
+        self.spend(key_id, limits, tokens)
+
     # -- answers --------------------------------------------------------------------------------
 
     def _answered(self, reply: Any, key_id: str, limits: Limits, lease: str) -> Admission:

@@ -57,8 +57,12 @@ def weighted(previous: int, current: int, elapsed_ms: int) -> int:
 
 
 def fits(previous: int, current: int, elapsed_ms: int, limit: int, need: int = ONE_MORE) -> bool:
-    """Whether ``need`` more weighted units stay within ``limit`` (``limit <= 0``: no limit)."""
-    return limit <= 0 or weighted(previous, current, elapsed_ms) + need <= limit * MINUTE_MS
+    """Whether ``need`` more weighted units stay within ``limit`` (``limit <= 0``: no limit).
+    (:func:`weighted`, written out: this runs for every request with a limited key.)"""
+    return (
+        limit <= 0
+        or previous * (MINUTE_MS - elapsed_ms) + current * MINUTE_MS + need <= limit * MINUTE_MS
+    )
 
 
 def wait_ms(previous: int, current: int, elapsed_ms: int, limit: int, need: int = ONE_MORE) -> int:
