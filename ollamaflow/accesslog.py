@@ -16,6 +16,7 @@ import attrs
 from twisted.logger import Logger, LogLevel
 
 from ollamaflow.gateway.completed import Completed
+from ollamaflow.records import ANONYMOUS
 
 NAMESPACE = "ollamaflow.access"
 
@@ -25,7 +26,9 @@ _FORMAT = (
     "duration_ms={duration_ms} retries={retries} id={request_id}"
 )
 _BACKENDS = " backends={backends}"
+_KEY = " key={api_key}"
 _TOKENS = " tokens={eval_count} tokens_per_second={tokens_per_second}"
+_PROMPT_TOKENS = " prompt_tokens={prompt_eval_count}"
 _REQUEST_HEAD = " request_head={request_head!r}"
 _REQUEST_BODY = " request_body={request_body!r}"
 _RESPONSE_BODY = " response_body={response_body!r}"
@@ -69,6 +72,12 @@ class AccessLog:
         if c.backends:
             fmt += _BACKENDS
             event["backends"] = ",".join(c.backends)
+        if c.api_key != ANONYMOUS:
+            fmt += _KEY
+            event["api_key"] = c.api_key
+        if c.prompt_eval_count is not None:
+            fmt += _PROMPT_TOKENS
+            event["prompt_eval_count"] = c.prompt_eval_count
         if c.eval_count is not None:
             fmt += _TOKENS
             event["eval_count"] = c.eval_count

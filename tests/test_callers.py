@@ -16,6 +16,7 @@ from ollamaflow.gateway.callers import (
     ANONYMOUS_CALLER,
     Caller,
     Denied,
+    KeyRing,
     identify,
     may_manage,
     may_use,
@@ -37,7 +38,7 @@ def keyed(**fields: object) -> dict[str, ApiKey]:
 
 
 def who(authorization: bytes | None, frontend: Frontend, **fields: object) -> Caller | Denied:
-    return identify(authorization, frontend, keyed(**fields), ADMIN_TOKENS, NOW)
+    return identify(authorization, frontend, KeyRing(keyed(**fields).values()), ADMIN_TOKENS, NOW)
 
 
 BEARER = b"Bearer " + SECRET.encode()
@@ -147,3 +148,13 @@ def test_any_authorization_is_a_caller_or_a_401_never_an_error(
     for value in (authorization, b"Bearer " + authorization, b"Bearer ofk_" + authorization):
         found = who(value, frontend)
         assert isinstance(found, Caller) or (isinstance(found, Denied) and found.status == 401)
+
+
+def test_a_key_ring_remembers_the_secrets_it_matched_until_the_keys_change() -> None:
+    """A key in use is hashed once; a ring built after a rotation or a delete knows none of
+    the old secrets, and a secret that matched nothing is never remembered."""
+    ring = KeyRing(keyed().values())
+    assert ring.caller(SECRET.encode()) is ring.caller(SECRET.encode()) is not None
+    assert ring.caller(b"ofk_unknown") is None and b"ofk_unknown" not in ring._seen
+    rotated = KeyRing([ApiKey(identifier="team-a", secret_hash=hash_secret(new_secret()))])
+    assert rotated.caller(SECRET.encode()) is None

@@ -370,8 +370,8 @@ def test_requests_queue_for_a_slot_and_take_the_first_to_free() -> None:
 def test_a_keys_priority_puts_its_requests_ahead_in_the_queue_and_they_are_its_own() -> None:
     w = world("a", slots=1)
     w.run("a")
-    low = Caller(ApiKey(identifier="batch", priority=-1), "batch")
-    high = Caller(ApiKey(identifier="chat", priority=5), "chat")
+    low = Caller.of(ApiKey(identifier="batch", priority=-1))
+    high = Caller.of(ApiKey(identifier="chat", priority=5))
     _, batch = w.run("a", caller=low)
     _, plain = w.run("a")
     _, chat = w.run("a", caller=high)

@@ -202,6 +202,19 @@ def test_access_event_without_tokens_or_backend() -> None:
     assert "tokens=" not in line["message"]
 
 
+def test_access_event_names_the_api_key_and_prompt_tokens_never_a_secret() -> None:
+    """Which key asked (its Identifier), as the usage accounts it; anonymous requests say
+    nothing more than before."""
+    events, logger = capture()
+    access = AccessLog(logger=logger)
+    access(completed(api_key="team-a", eval_count=20, prompt_eval_count=7))
+    access(completed())
+    keyed, anonymous = (json.loads(json_line(e)) for e in events)
+    assert keyed["api_key"] == "team-a" and " key=team-a" in keyed["message"]
+    assert keyed["prompt_eval_count"] == 7 and "prompt_tokens=7" in keyed["message"]
+    assert "api_key" not in anonymous and "key=" not in anonymous["message"]
+
+
 def test_access_event_bodies_only_when_captured() -> None:
     events, logger = capture()
     AccessLog(logger=logger)(completed(request_body='{"a": 1}', response_body="done"))

@@ -62,6 +62,7 @@ def test_frontend_defaults_match_ollamaflow_1_2_plus_load_aware_scheduling() -> 
         "AllowRetries": True,
         "AllowModelManagement": True,
         "Active": True,
+        "RequireApiKey": False,
         "MaxQueueDepth": 512,
         "QueueTimeoutMs": 30000,
     }

@@ -8,6 +8,7 @@ key as Ollama does; a key that is one of ours is honoured (and limited) wherever
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,26 +21,59 @@ from ollamaflow.ratelimits.contracts import NO_LIMITS, Limits
 from ollamaflow.records import ADMIN, ANONYMOUS, ApiKey, Frontend
 
 _OURS = SECRET_PREFIX.encode()
+#: Secrets a key ring remembers having matched (one per key in use, so rarely more than a few).
+SEEN_SECRETS = 4096
 #: Body fields that name the models an operation touches (``ollama cp``: both).
 _MODEL_FIELDS = ("model", "name", "source", "destination", "from")
 
 
 @attrs.frozen
 class Caller:
-    """The requester: its key (None without one), the name its usage is accounted under, and
-    the limits it is held to (empty without a key)."""
+    """The requester: its key (None without one), the name its usage is accounted under, the
+    limits it is held to (none without a key), its place in queues, and until when it may ask
+    (a POSIX time)."""
 
     key: ApiKey | None
     account: str
     limits: Limits = NO_LIMITS
+    priority: int = 0
+    expires: float = math.inf
 
-    @property
-    def priority(self) -> int:
-        return self.key.priority if self.key is not None else 0
+    @classmethod
+    def of(cls, key: ApiKey) -> Caller:
+        expires = key.expires_utc.timestamp() if key.expires_utc is not None else math.inf
+        return cls(key, key.identifier, limits_of(key), key.priority, expires)
 
 
 ANONYMOUS_CALLER = Caller(None, ANONYMOUS)
 ADMIN_CALLER = Caller(None, ADMIN)
+
+
+class KeyRing:
+    """A catalog's keys made ready for the hot path: the caller of each active key, by the
+    hash of its secret and by its identifier. Built once per configuration, so a key deleted,
+    deactivated or rotated is forgotten, with the secrets seen, when the configuration
+    changes."""
+
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        self.by_hash: dict[str, Caller] = {k.secret_hash: Caller.of(k) for k in keys if k.active}
+        self.by_account: dict[str, Caller] = {c.account: c for c in self.by_hash.values()}
+        #: Secrets recently matched, so a key in use is hashed once, not on every request.
+        self._seen: dict[bytes, Caller] = {}
+
+    def caller(self, secret: bytes) -> Caller | None:
+        """The caller whose key this secret is, if any."""
+        found = self._seen.get(secret)
+        if found is None:
+            found = self.by_hash.get(hash_secret(secret))
+            if found is not None:
+                if len(self._seen) >= SEEN_SECRETS:
+                    self._seen.clear()
+                self._seen[secret] = found
+        return found
+
+
+NO_KEYS = KeyRing(())
 
 
 @attrs.frozen
@@ -59,7 +93,7 @@ def limits_of(key: ApiKey) -> Limits:
 def identify(
     authorization: bytes | None,
     frontend: Frontend,
-    keys_by_hash: Mapping[str, ApiKey],
+    ring: KeyRing,
     admin_tokens: Tokens,
     now: float,
 ) -> Caller | Denied:
@@ -74,27 +108,30 @@ def identify(
         if frontend.require_api_key:
             return Denied(401, "an API key is required: send 'Authorization: Bearer <key>'")
         return ANONYMOUS_CALLER
+    if token.startswith(_OURS) and len(token) <= MAX_SECRET:
+        caller = ring.caller(token)
+        if caller is not None:
+            return _valid(caller, frontend, now)
     if admin_tokens and admin_tokens.match(authorization):
         return ADMIN_CALLER
-    if token.startswith(_OURS) and len(token) <= MAX_SECRET:
-        key = keys_by_hash.get(hash_secret(token))
-        if key is None or not key.active:
-            return Denied(401, "the API key is not valid")
-        if key.expires_utc is not None and key.expires_utc.timestamp() <= now:
-            return Denied(
-                401, f"the API key {key.identifier!r} expired", Caller(key, key.identifier)
-            )
-        if key.frontends and frontend.identifier not in key.frontends:
-            return Denied(
-                403,
-                f"the API key {key.identifier!r} may not be used on frontend "
-                f"{frontend.identifier!r}",
-                Caller(key, key.identifier),
-            )
-        return Caller(key, key.identifier, limits_of(key))
-    if frontend.require_api_key:
+    if frontend.require_api_key or token.startswith(_OURS):
         return Denied(401, "the API key is not valid")
     return ANONYMOUS_CALLER
+
+
+def _valid(caller: Caller, frontend: Frontend, now: float) -> Caller | Denied:
+    """``caller`` if its key is not expired and may be used on ``frontend``."""
+    key = caller.key
+    assert key is not None
+    if caller.expires <= now:
+        return Denied(401, f"the API key {key.identifier!r} expired", caller)
+    if key.frontends and frontend.identifier not in key.frontends:
+        return Denied(
+            403,
+            f"the API key {key.identifier!r} may not be used on frontend {frontend.identifier!r}",
+            caller,
+        )
+    return caller
 
 
 def may_manage(caller: Caller) -> Denied | None:

@@ -15,6 +15,7 @@ from ollamaflow.gateway.completed import Completed
 from ollamaflow.gateway.deadlines import Deadlines
 from ollamaflow.gateway.routing import Forward
 from ollamaflow.gateway.scheduler import Scheduler
+from ollamaflow.ratelimits.contracts import Limits
 from ollamaflow.records import Backend
 from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.upstream.contracts import UpstreamClient
@@ -57,3 +58,6 @@ class ExchangeContext:
     configured: Callable[[], Mapping[str, Backend]]
     #: The exchanges running now (for draining, metrics and tests).
     running: set[Running] = attrs.field(factory=set)
+    #: A request with an API key's limits ended: the limiter's ``finish`` (the key, its
+    #: limits, its lease, the tokens the backend reported).
+    settle: Callable[[str, Limits, str, int], None] = lambda key, limits, lease, tokens: None

@@ -73,6 +73,7 @@ class Exchange:
         "forward",
         "keep_tail",
         "last_error",
+        "lease",
         "logged_body",
         "outcome",
         "relay",
@@ -83,13 +84,19 @@ class Exchange:
         "status",
         "tail",
         "tried",
+        "used",
         "waited",
     )
 
-    def __init__(self, context: ExchangeContext, request: ClientRequest, forward: Forward) -> None:
+    def __init__(
+        self, context: ExchangeContext, request: ClientRequest, forward: Forward, lease: str = ""
+    ) -> None:
+        """``lease``: what the caller's key holds of its concurrency limit, given back (with
+        the tokens used) when the request ends."""
         self.context = context
         self.request = request
         self.forward = forward
+        self.lease = lease
         self.request_id = context.new_id()
         #: False once nobody is to be answered the usual way: the client left, or a bug ended it.
         self.answering = True
@@ -110,8 +117,12 @@ class Exchange:
         self.first_byte: float | None = None
         self.status = 0
         self.outcome = "ok"
-        self.keep_tail = bool(context.observers) and forward.request_class is not RequestClass.OTHER
+        self.keep_tail = forward.request_class is not RequestClass.OTHER and bool(
+            context.observers or forward.caller.limits.tokens_per_minute
+        )
         self.tail = b""
+        #: What the backend reported using, once read from the tail (None: not yet).
+        self.used: Usage | None = None
         self.captured: bytearray | None = None
         self.logged_body: str | None = None
 
@@ -515,6 +526,7 @@ class Exchange:
         self.context.running.discard(self)
         self._stop_everything()  # nothing left to stop on every usual path; kept certain
         self._report()
+        self._settle()
 
     def _client_lost(self, reason: Failure) -> None:
         self.context.running.discard(self)
@@ -522,6 +534,26 @@ class Exchange:
             self.outcome = "client_gone"
         self._report()
         self._stop_everything()
+        self._settle()
+
+    def _settle(self) -> None:
+        """The request ended: its key's lease goes back, its tokens count against the key."""
+        caller = self.forward.caller
+        limits = caller.limits
+        if not limits:
+            return
+        tokens = 0
+        if limits.tokens_per_minute:
+            used = self._used()
+            tokens = (used.prompt_tokens or 0) + (used.completion_tokens or 0)
+        self.context.settle(caller.account, limits, self.lease, tokens)
+
+    def _used(self) -> Usage:
+        """What the backend reported using, read from the response's tail once."""
+        used = self.used
+        if used is None:
+            used = self.used = usage(self.tail) if self.tail else _NOTHING_USED
+        return used
 
     def _stop_everything(self) -> None:
         """Nobody is to be answered the usual way any more: cancel the attempt or the wait for
@@ -559,7 +591,7 @@ class Exchange:
         if self._reported or not context.observers:
             return
         self._reported = True
-        used = usage(self.tail) if self.tail else _NOTHING_USED
+        used = self._used()
         request = self.request
         captured = self.captured
         context.report(

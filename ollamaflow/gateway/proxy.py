@@ -21,7 +21,7 @@ from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.credentials import NO_TOKENS, Tokens
 from ollamaflow.gateway import fanout
 from ollamaflow.gateway.balancer import Balancer
-from ollamaflow.gateway.callers import ANONYMOUS_CALLER, Caller, limits_of
+from ollamaflow.gateway.callers import ANONYMOUS_CALLER, Caller
 from ollamaflow.gateway.classify import RequestClass
 from ollamaflow.gateway.clienterrors import error_body, refuse
 from ollamaflow.gateway.completed import Completed, RequestIds
@@ -42,7 +42,7 @@ from ollamaflow.gateway.routing import (
     model_key,
 )
 from ollamaflow.gateway.scheduler import QueueStats, Scheduler
-from ollamaflow.ratelimits.contracts import Admission, OverLimit, RateLimiter
+from ollamaflow.ratelimits.contracts import Admission, Admitted, Limits, OverLimit, RateLimiter
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.server.answers import deliver
@@ -101,8 +101,6 @@ class Gateway:
         self.scheduler = scheduler
         self.observers = list(observers)
         self.limiter = limiter
-        if limiter is not None:
-            self.observers.append(self._spent)
         #: Who asked, for requests with a key (or an admin token) still being answered: the
         #: gateway's own answers are accounted to them.
         self._callers: dict[int, Caller] = {}
@@ -123,6 +121,7 @@ class Gateway:
             answered=self._answered,
             withheld=withheld,
             configured=lambda: registry.catalog.backends,
+            settle=limiter.finish if limiter is not None else _nothing_to_settle,
         )
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges = self.context.running
@@ -167,13 +166,13 @@ class Gateway:
         if caller is ANONYMOUS_CALLER or isinstance(decision, Refusal):
             return self._carry_out(request, decision)
         if not caller.limits or self.limiter is None:
-            self._asking(request, caller, None)
+            self._asking(request, decision, "")
             return self._carry_out(request, decision)
         admission = self.limiter.admit(caller.account, caller.limits)
-        if isinstance(admission, Deferred):
-            admission.addCallback(self._admitted_later, request, decision)
-            return NOT_DONE_YET
-        return self._admitted(admission, request, decision)
+        if isinstance(admission, Admitted | OverLimit):  # not an ABC check, unlike Deferred's
+            return self._admitted(admission, request, decision)
+        admission.addCallback(self._admitted_later, request, decision)
+        return NOT_DONE_YET
 
     def _admitted(
         self, admission: Admission, request: ClientRequest, decision: Decision
@@ -190,7 +189,9 @@ class Gateway:
                 retry_after=admission.retry_after,
                 caller=caller,
             )
-        self._asking(request, caller, admission.lease)
+        if isinstance(decision, Forward):
+            return self._forward(request, decision, admission.lease)
+        self._asking(request, decision, admission.lease)
         return self._carry_out(request, decision)
 
     def _admitted_later(
@@ -198,7 +199,7 @@ class Gateway:
     ) -> None:
         """The shared limits answered: the client may have left meanwhile."""
         if request.disconnected or request.finished:
-            if not isinstance(admission, OverLimit) and self.limiter is not None:
+            if not isinstance(admission, OverLimit) and admission.lease and self.limiter:
                 self.limiter.release(decision.caller.account, admission.lease)
             return
         try:
@@ -207,34 +208,43 @@ class Gateway:
             log.failure("request admitted by the shared limits failed")
             fail(request, error_body(request.path, 500, "internal error; see the gateway's log"))
 
-    def _asking(self, request: ClientRequest, caller: Caller, lease: str | None) -> None:
-        """Remember who asks until the request ends; then give the key's lease back."""
+    def _asking(self, request: ClientRequest, decision: Decision, lease: str) -> None:
+        """Until a request the gateway answers itself ends (an exchange carries its caller and
+        lease): who asks, and the key's lease (if any), given back at the end."""
+        if isinstance(decision, Forward):
+            return
+        caller = decision.caller
         key = id(request)
         self._callers[key] = caller
 
         def ended(*_: object) -> None:
             self._callers.pop(key, None)
-            if lease is not None and self.limiter is not None:
+            if lease and self.limiter is not None:
                 self.limiter.release(caller.account, lease)
 
         request.watch(ended, ended)
 
+    def _forward(self, request: ClientRequest, decision: Forward, lease: str = "") -> bytes | int:
+        """Start the exchange; the queue's 429 if it cannot even wait (the lease goes back)."""
+        refused = Exchange(self.context, request, decision, lease).run()
+        if refused is None:
+            return NOT_DONE_YET
+        if lease:
+            self.context.settle(decision.caller.account, decision.caller.limits, lease, 0)
+        return self.refuse(
+            request,
+            decision.frontend,
+            429,
+            str(refused),
+            retry_after=refused.retry_after,
+            model=decision.model,
+            caller=decision.caller,
+        )
+
     def _carry_out(self, request: ClientRequest, decision: Decision) -> bytes | int:
         """Do what the router decided."""
         if isinstance(decision, Forward):
-            exchange = Exchange(self.context, request, decision)
-            refused = exchange.run()
-            if refused is not None:
-                return self.refuse(
-                    request,
-                    decision.frontend,
-                    429,
-                    str(refused),
-                    retry_after=refused.retry_after,
-                    model=decision.model,
-                    caller=decision.caller,
-                )
-            return NOT_DONE_YET
+            return self._forward(request, decision)
         if isinstance(decision, Refusal):
             if decision.allow is not None:
                 request.setHeader(b"Allow", decision.allow)
@@ -260,17 +270,6 @@ class Gateway:
         assert isinstance(decision, FleetOperation)
         operation = self.model_ops.operation(decision.name)
         return operation(request, decision.frontend, decision.candidates)
-
-    def _spent(self, completed: Completed) -> None:
-        """An observer: the tokens a request with a key used count against its key."""
-        if self.limiter is None:
-            return
-        tokens = (completed.prompt_eval_count or 0) + (completed.eval_count or 0)
-        if not tokens:
-            return
-        key = self.registry.catalog.api_keys.get(completed.api_key)
-        if key is not None and key.tokens_per_minute:
-            self.limiter.spend(key.identifier, limits_of(key), tokens)
 
     def _caller_of(self, request: ClientRequest) -> Caller:
         callers = self._callers
@@ -421,3 +420,7 @@ class Gateway:
             stats = scheduler.stats.get(identifier) or QueueStats()
             out.append({"Identifier": identifier, **stats.to_wire(scheduler.depth(identifier))})
         return out
+
+
+def _nothing_to_settle(key_id: str, limits: Limits, lease: str, tokens: int) -> None:
+    """Without a limiter, a request's end counts nothing."""

@@ -23,8 +23,10 @@ from ollamaflow.gateway import modelcatalog
 from ollamaflow.gateway.balancer import Balancer, NoCandidate, StickyPins, candidates, stick
 from ollamaflow.gateway.callers import (
     ANONYMOUS_CALLER,
+    NO_KEYS,
     Caller,
     Denied,
+    KeyRing,
     identify,
     may_manage,
     may_use,
@@ -211,6 +213,7 @@ class Router:
         self.admin_tokens = admin_tokens
         self.pulls = pulls
         self._frontends: tuple[Catalog | None, dict[bytes | None, Frontend | None]] = (None, {})
+        self._key_ring: tuple[Catalog | None, KeyRing] = (None, NO_KEYS)
         self._candidates: dict[
             tuple[str, RequestClass, str | None],
             tuple[Catalog, int, list[Backend] | NoCandidate],
@@ -303,7 +306,7 @@ class Router:
         caller = identify(
             request.header(b"authorization"),
             frontend,
-            self.registry.catalog.keys_by_hash,
+            self.key_ring(),
             self.admin_tokens,
             self.seconds(),
         )
@@ -446,6 +449,14 @@ class Router:
         return ordered
 
     # -- what it remembers ----------------------------------------------------------------------
+
+    def key_ring(self) -> KeyRing:
+        """The API keys of the current configuration, ready for the hot path."""
+        catalog = self.registry.catalog
+        if self._key_ring[0] is not catalog:
+            keys = catalog.api_keys.values()
+            self._key_ring = (catalog, KeyRing(keys) if keys else NO_KEYS)
+        return self._key_ring[1]
 
     def frontend_for(self, host: bytes | None) -> Frontend | None:
         """The frontend serving a Host, remembered per Host until the configuration changes
