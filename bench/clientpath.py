@@ -13,12 +13,11 @@ reactor: what is left is serializing the request, parsing the answer and the poo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from report import best_microseconds
+from report import best_microseconds, calls
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -126,25 +125,6 @@ def measure(one: Callable[[], None], seconds: float) -> float:
     """CPU microseconds per call, best of ten rounds of ``seconds`` / 10 each (CPU time: other
     processes on the machine move it less than wall time)."""
     return best_microseconds(one, seconds, rounds=10, batch=200, clock=time.process_time)
-
-
-def calls(one: Callable[[], None]) -> int:
-    """Python and C function calls made by one call: a count that does not depend on the
-    machine or its load, to compare two versions of the code."""
-    one()
-    count = 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        one()
-    finally:
-        sys.setprofile(None)
-    return count
 
 
 def main(argv: list[str] | None = None) -> None:

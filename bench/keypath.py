@@ -10,13 +10,12 @@ to share the CPU with, so the difference between the rows is the keys' own work.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from report import best_microseconds
+from report import best_microseconds, calls
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -184,24 +183,6 @@ CASES: dict[str, Callable[[], Callable[[], None]]] = {
     ),
     "key required, limits set": lambda: gateway_path(b"keyed.bench", b"Bearer " + SECRET.encode()),
 }
-
-
-def calls(one: Callable[[], None]) -> int:
-    """Python and C function calls made by one call: the same on any machine, under any load."""
-    one()
-    count = 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        one()
-    finally:
-        sys.setprofile(None)
-    return count
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,11 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -116,6 +118,25 @@ def write_json(path: Path, document: dict[str, object], rows: list[Row], checks:
         "targets": [asdict(c) for c in checks],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def calls(one: Callable[[], None]) -> int:
+    """Python and C function calls made by one call of ``one`` (after one call to warm it):
+    the same on any machine and under any load, to compare two versions of the code."""
+    one()
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        one()
+    finally:
+        sys.setprofile(None)
+    return count
 
 
 def best_microseconds(

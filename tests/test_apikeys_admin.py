@@ -19,6 +19,7 @@ from harness import Http, Reply, start_daemon
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from logcapture import keeping
+from test_admin import assert_error
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import globalLogPublisher
@@ -45,17 +46,6 @@ async def create(http: Http, body: Any = KEY) -> dict[str, Any]:
     assert reply.status == 201, reply.body
     created: dict[str, Any] = reply.json
     return created
-
-
-def assert_error(reply: Reply, status: int, kind: str, *mentions: str) -> None:
-    """A JSON error in the admin API's shape whose description mentions each of ``mentions``."""
-    assert reply.status == status, reply.body
-    assert reply.headers.getRawHeaders("content-type") == ["application/json"]
-    body = reply.json
-    assert set(body) == {"Error", "Message", "StatusCode", "Description"}
-    assert (body["Error"], body["StatusCode"]) == (kind, status)
-    for mention in mentions:
-        assert mention in body["Description"], body["Description"]
 
 
 def database_path(daemon: Daemon) -> str:

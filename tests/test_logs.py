@@ -19,6 +19,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
+from completions import completed
 from harness import Http, start_daemon, until
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,7 +30,6 @@ from twisted.python.failure import Failure
 
 from ollamaflow.accesslog import NAMESPACE, AccessLog
 from ollamaflow.daemon import Daemon
-from ollamaflow.gateway.completed import Completed
 from ollamaflow.logs import (
     MAX_VALUE_CHARS,
     clip,
@@ -70,27 +70,6 @@ def lines_of(stream: io.StringIO) -> list[dict[str, Any]]:
     text = stream.getvalue()
     assert "\x1e" not in text, "plain JSON lines, not RFC 7464 records"
     return [json.loads(line) for line in text.splitlines()]
-
-
-def completed(**kw: Any) -> Completed:
-    fields: dict[str, Any] = {
-        "request_id": "r1",
-        "client": "10.0.0.7",
-        "frontend": "frontend1",
-        "backend": "gpu1",
-        "method": "POST",
-        "path": "/api/chat",
-        "model": "llama3:latest",
-        "status": 200,
-        "outcome": "ok",
-        "bytes": 1234,
-        "queued": 0.0,
-        "ttfb": 0.0421,
-        "duration": 1.5,
-        "retries": 0,
-        **kw,
-    }
-    return Completed(**fields)
 
 
 # -- the observers ---------------------------------------------------------------------------

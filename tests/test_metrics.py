@@ -10,6 +10,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
+from completions import completed as any_completed
 from harness import TOKEN, Http, start_daemon, until
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -173,24 +174,9 @@ async def test_disabled_metrics_leave_the_path_to_the_gateway(tmp_path: Path) ->
 
 
 def completed(**kw: Any) -> Completed:
-    fields: dict[str, Any] = {
-        "request_id": "r",
-        "client": "c",
-        "frontend": "f",
-        "backend": "b",
-        "method": "POST",
-        "path": "/api/chat",
-        "model": "llama3:latest",
-        "status": 200,
-        "outcome": "ok",
-        "bytes": 1,
-        "queued": 0.0,
-        "ttfb": 0.1,
-        "duration": 0.2,
-        "retries": 0,
-        **kw,
-    }
-    return Completed(**fields)
+    """A request of frontend ``f`` answered by backend ``b``."""
+    base = {"request_id": "r", "client": "c", "frontend": "f", "backend": "b", "bytes": 1}
+    return any_completed(**{**base, "ttfb": 0.1, "duration": 0.2, **kw})
 
 
 def test_unknown_models_are_other_and_the_registry_is_private() -> None:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
+from completions import completed as any_completed
 from hypothesis import given
 from hypothesis import strategies as st
 from logcapture import keeping
@@ -32,25 +33,8 @@ def hour(n: int) -> datetime:
 
 
 def completed(**kw: Any) -> Completed:
-    fields: dict[str, Any] = {
-        "request_id": "r",
-        "client": "c",
-        "frontend": "f",
-        "backend": "b",
-        "method": "POST",
-        "path": "/api/chat",
-        "model": "llama3:latest",
-        "status": 200,
-        "outcome": "ok",
-        "bytes": 1,
-        "queued": 0.0,
-        "ttfb": 0.1,
-        "duration": 0.2,
-        "retries": 0,
-        "api_key": "key1",
-        **kw,
-    }
-    return Completed(**fields)
+    """A request made with the key ``key1``."""
+    return any_completed(**{"api_key": "key1", **kw})
 
 
 Counts = tuple[int, int, int, int]
