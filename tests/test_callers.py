@@ -150,11 +150,22 @@ def test_any_authorization_is_a_caller_or_a_401_never_an_error(
         assert isinstance(found, Caller) or (isinstance(found, Denied) and found.status == 401)
 
 
-def test_a_key_ring_remembers_the_secrets_it_matched_until_the_keys_change() -> None:
-    """A key in use is hashed once; a ring built after a rotation or a delete knows none of
-    the old secrets, and a secret that matched nothing is never remembered."""
-    ring = KeyRing(keyed().values())
-    assert ring.caller(SECRET.encode()) is ring.caller(SECRET.encode()) is not None
-    assert ring.caller(b"ofk_unknown") is None and b"ofk_unknown" not in ring._seen
+def test_a_key_ring_remembers_the_keys_it_matched_until_the_keys_change() -> None:
+    """A key in use is parsed and hashed once; what is remembered still expires and is still
+    held to its frontends; a ring built after a rotation or a delete knows none of the old
+    secrets, and a secret that matched nothing is never remembered."""
+    key = keyed(frontends=("open",), expires_utc=datetime(2026, 12, 1, tzinfo=UTC))
+    ring = KeyRing(key.values())
+    first = identify(BEARER, OPEN, ring, ADMIN_TOKENS, NOW)
+    assert isinstance(first, Caller) and ring.seen == {BEARER: first}
+    assert identify(BEARER, OPEN, ring, ADMIN_TOKENS, NOW) is first
+    elsewhere = identify(BEARER, CLOSED, ring, ADMIN_TOKENS, NOW)
+    assert isinstance(elsewhere, Denied) and elsewhere.status == 403
+    later = datetime(2026, 12, 2, tzinfo=UTC).timestamp()
+    expired = identify(BEARER, OPEN, ring, ADMIN_TOKENS, later)
+    assert isinstance(expired, Denied) and expired.status == 401
+    unknown = b"Bearer " + new_secret().encode()
+    assert isinstance(identify(unknown, OPEN, ring, ADMIN_TOKENS, NOW), Denied)
+    assert unknown not in ring.seen
     rotated = KeyRing([ApiKey(identifier="team-a", secret_hash=hash_secret(new_secret()))])
-    assert rotated.caller(SECRET.encode()) is None
+    assert isinstance(identify(BEARER, OPEN, rotated, ADMIN_TOKENS, NOW), Denied)

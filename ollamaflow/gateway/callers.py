@@ -38,11 +38,19 @@ class Caller:
     limits: Limits = NO_LIMITS
     priority: int = 0
     expires: float = math.inf
+    #: The frontends its key may be used on (empty: all).
+    frontends: frozenset[str] = frozenset()
+    #: Whether it has any limit (``bool(limits)``, asked on every request).
+    limited: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "limited", bool(self.limits))
 
     @classmethod
     def of(cls, key: ApiKey) -> Caller:
         expires = key.expires_utc.timestamp() if key.expires_utc is not None else math.inf
-        return cls(key, key.identifier, limits_of(key), key.priority, expires)
+        limits = limits_of(key)
+        return cls(key, key.identifier, limits, key.priority, expires, frozenset(key.frontends))
 
 
 ANONYMOUS_CALLER = Caller(None, ANONYMOUS)
@@ -58,18 +66,17 @@ class KeyRing:
     def __init__(self, keys: Iterable[ApiKey]) -> None:
         self.by_hash: dict[str, Caller] = {k.secret_hash: Caller.of(k) for k in keys if k.active}
         self.by_account: dict[str, Caller] = {c.account: c for c in self.by_hash.values()}
-        #: Secrets recently matched, so a key in use is hashed once, not on every request.
-        self._seen: dict[bytes, Caller] = {}
+        #: ``Authorization`` values recently matched (as clients send them), so a key in use
+        #: is parsed and hashed once, not on every request.
+        self.seen: dict[bytes, Caller] = {}
 
-    def caller(self, secret: bytes) -> Caller | None:
-        """The caller whose key this secret is, if any."""
-        found = self._seen.get(secret)
-        if found is None:
-            found = self.by_hash.get(hash_secret(secret))
-            if found is not None:
-                if len(self._seen) >= SEEN_SECRETS:
-                    self._seen.clear()
-                self._seen[secret] = found
+    def caller(self, secret: bytes, authorization: bytes) -> Caller | None:
+        """The caller whose key this secret is, if any; remembered under ``authorization``."""
+        found = self.by_hash.get(hash_secret(secret))
+        if found is not None:
+            if len(self.seen) >= SEEN_SECRETS:
+                self.seen.clear()
+            self.seen[authorization] = found
         return found
 
 
@@ -103,13 +110,21 @@ def identify(
     frontend; any other token, or none, is anonymous where keys are not required (so the
     placeholder key an OpenAI SDK must send keeps working) and a 401 where they are.
     """
+    if authorization is not None:
+        caller = ring.seen.get(authorization)
+        if (
+            caller is not None
+            and caller.expires > now
+            and (not caller.frontends or frontend.identifier in caller.frontends)
+        ):
+            return caller
     token = bearer_token(authorization)
     if token is None:
         if frontend.require_api_key:
             return Denied(401, "an API key is required: send 'Authorization: Bearer <key>'")
         return ANONYMOUS_CALLER
     if token.startswith(_OURS) and len(token) <= MAX_SECRET:
-        caller = ring.caller(token)
+        caller = ring.caller(token, authorization or b"")
         if caller is not None:
             return _valid(caller, frontend, now)
     if admin_tokens and admin_tokens.match(authorization):
@@ -125,7 +140,7 @@ def _valid(caller: Caller, frontend: Frontend, now: float) -> Caller | Denied:
     assert key is not None
     if caller.expires <= now:
         return Denied(401, f"the API key {key.identifier!r} expired", caller)
-    if key.frontends and frontend.identifier not in key.frontends:
+    if caller.frontends and frontend.identifier not in caller.frontends:
         return Denied(
             403,
             f"the API key {key.identifier!r} may not be used on frontend {frontend.identifier!r}",

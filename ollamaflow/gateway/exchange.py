@@ -539,9 +539,9 @@ class Exchange:
     def _settle(self) -> None:
         """The request ended: its key's lease goes back, its tokens count against the key."""
         caller = self.forward.caller
-        limits = caller.limits
-        if not limits:
+        if not caller.limited:
             return
+        limits = caller.limits
         tokens = 0
         if limits.tokens_per_minute:
             used = self._used()

@@ -165,10 +165,12 @@ class Gateway:
         caller = decision.caller
         if caller is ANONYMOUS_CALLER or isinstance(decision, Refusal):
             return self._carry_out(request, decision)
-        if not caller.limits or self.limiter is None:
+        if not caller.limited or self.limiter is None:
             self._asking(request, decision, "")
             return self._carry_out(request, decision)
         admission = self.limiter.admit(caller.account, caller.limits)
+        if isinstance(admission, Admitted) and isinstance(decision, Forward):
+            return self._forward(request, decision, admission.lease)
         if isinstance(admission, Admitted | OverLimit):  # not an ABC check, unlike Deferred's
             return self._admitted(admission, request, decision)
         admission.addCallback(self._admitted_later, request, decision)

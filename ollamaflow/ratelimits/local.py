@@ -76,7 +76,8 @@ class LocalLimits:
         :meth:`record` in one pass, the limits asked first and :func:`window.refusal` only to
         say which refuses (the hot path of every request with a limited key). Without a
         concurrency limit there is nothing to release: the lease is empty."""
-        if not limits:
+        rpm, tpm, most = limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent
+        if not (rpm or tpm or most):
             return NO_LEASE
         now = self._clock.seconds()
         usage = self._keys.get(key_id)
@@ -85,7 +86,6 @@ class LocalLimits:
         minute, elapsed = divmod(int(now * 1000), MINUTE_MS)
         if minute != usage.minute:
             elapsed = self._rolled(usage, now)
-        rpm, tpm, most = limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent
         # window.fits for both windows, written out: this runs for every request of a key.
         weight = MINUTE_MS - elapsed
         if (
