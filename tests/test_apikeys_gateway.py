@@ -223,3 +223,29 @@ async def test_usage_is_accounted_per_key_and_model_and_anonymous(cluster: Clust
     metrics = (await (await treq.get(cluster.url + "/metrics")).content()).decode()
     counted = f'ollamaflow_apikey_requests_total{{key="{identifier}",model="llama3:latest"}} 2.0'
     assert counted in metrics.splitlines()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_limited_to_models_lists_only_those(cluster: Cluster) -> None:
+    """The catalog a key sees is the models it may use: /api/tags, /api/ps, /v1/models."""
+    await inventories_read(cluster)
+    await require_keys(cluster)
+    _, secret = await make_key(cluster, Models=["llama3*"])
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert (await chat(cluster, secret)).code == 200  # llama3 is loaded somewhere now
+
+    async def names(path: str, field: str, key: str) -> list[str]:
+        response = await cluster.request("GET", path, headers=headers)
+        assert response.code == 200
+        return [m[key] for m in (await response.json())[field]]
+
+    tags = await names("/api/tags", "models", "name")
+    assert tags and all(name.startswith("llama3") for name in tags)
+    assert all(n.startswith("llama3") for n in await names("/api/ps", "models", "name"))
+    assert all(n.startswith("llama3") for n in await names("/v1/models", "data", "id"))
+    response = await cluster.request("GET", "/v1/models/all-minilm", headers=headers)
+    assert response.code == 403
+    response = await cluster.request("GET", "/v1/models/llama3", headers=headers)
+    assert response.code == 200
+    everything = await cluster.request("GET", "/api/tags", headers={"Authorization": "Bearer x"})
+    assert everything.code == 401

@@ -33,21 +33,31 @@ class Inventory(Protocol):
         """The backend answered a request for ``model``: it has it, loaded."""
 
 
-def _union(sources: Iterable[Mapping[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+#: Which models a listing may show (an API key's), by the name the inventory lists;
+#: None: every one.
+Shown = Callable[[str], bool] | None
+
+
+def _union(
+    sources: Iterable[Mapping[str, dict[str, Any]]], shown: Shown = None
+) -> list[dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
     for source in sources:
         for key, entry in source.items():
             merged.setdefault(key, entry)
-    return [merged[key] for key in sorted(merged)]
+    entries = [merged[key] for key in sorted(merged)]
+    if shown is None:
+        return entries
+    return [e for e in entries if shown(str(e.get("name") or e.get("model") or ""))]
 
 
-def tags(inventory: Inventory, backends: Iterable[Backend]) -> bytes:
-    models = _union(inventory.entries(b.identifier) for b in backends)
+def tags(inventory: Inventory, backends: Iterable[Backend], shown: Shown = None) -> bytes:
+    models = _union((inventory.entries(b.identifier) for b in backends), shown)
     return json.dumps({"models": models}).encode()
 
 
-def ps(inventory: Inventory, backends: Iterable[Backend]) -> bytes:
-    models = _union(inventory.loaded_entries(b.identifier) for b in backends)
+def ps(inventory: Inventory, backends: Iterable[Backend], shown: Shown = None) -> bytes:
+    models = _union((inventory.loaded_entries(b.identifier) for b in backends), shown)
     return json.dumps({"models": models}).encode()
 
 
@@ -67,8 +77,8 @@ def _openai_model(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": owner}
 
 
-def openai_models(inventory: Inventory, backends: Iterable[Backend]) -> bytes:
-    models = _union(inventory.entries(b.identifier) for b in backends)
+def openai_models(inventory: Inventory, backends: Iterable[Backend], shown: Shown = None) -> bytes:
+    models = _union((inventory.entries(b.identifier) for b in backends), shown)
     return json.dumps({"object": "list", "data": [_openai_model(m) for m in models]}).encode()
 
 

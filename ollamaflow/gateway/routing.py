@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import attrs
 
 from ollamaflow import jsonlimits, modelnames
+from ollamaflow.apikeys import model_allowed
 from ollamaflow.catalog import Catalog
 from ollamaflow.credentials import NO_TOKENS, Tokens
 from ollamaflow.gateway import modelcatalog
@@ -263,7 +264,7 @@ class Router:
         warm: frozenset[str] = frozenset()
         inventory = self.inventory
         if inventory is not None:
-            answered = self._catalog_answer(method, path, frontend, inventory, found)
+            answered = self._catalog_answer(method, path, frontend, inventory, found, caller)
             if answered is not None:
                 return attrs.evolve(answered, caller=caller)
             if (
@@ -408,8 +409,10 @@ class Router:
         frontend: Frontend,
         inventory: Inventory,
         found: list[Backend],
+        caller: Caller,
     ) -> CatalogAnswer | Refusal | None:
-        """The model catalog routes, answered from the inventories read so far."""
+        """The model catalog routes, answered from the inventories read so far; a key limited
+        to some models sees only those."""
         if method not in (b"GET", b"HEAD") or not (
             path in _CATALOG_ROUTES or path.startswith(_MODEL_ROUTE)
         ):
@@ -417,12 +420,17 @@ class Router:
         readable = [b for b in found if inventory.known(b.identifier)]
         if not readable:
             return None  # nothing read yet: let a backend answer
+        key = caller.key
         if path in _CATALOG_ROUTES:
-            listed = _CATALOG_ROUTES[path](inventory, readable)
+            shown = partial(model_allowed, key.models) if key is not None and key.models else None
+            listed = _CATALOG_ROUTES[path](inventory, readable, shown)
             return CatalogAnswer(frontend, listed, None, readable)
         name = unquote(path[len(_MODEL_ROUTE) :].decode("utf-8", "replace"))
         if len(name) > modelnames.MAX_LENGTH:
             return Refusal(frontend, 400, "the model name is too long")
+        denied = may_use(caller, (name,))
+        if denied is not None:
+            return Refusal(frontend, 403, denied.message, model=name)
         body = modelcatalog.openai_model(inventory, readable, name)
         if body is None:
             return Refusal(frontend, 404, f"model {quoted(name)} not found", model=name)
