@@ -172,14 +172,34 @@ async def test_requests_per_minute_beyond_the_limit_are_429_with_retry_after(
 
 @pytest_twisted.ensureDeferred
 async def test_tokens_per_minute_count_what_the_backend_reported(cluster: Cluster) -> None:
+    """Prompt and completion tokens both count: the limit is exactly what one request used, so
+    a second is refused only if both were counted (the simulator answers 1 + 10 tokens)."""
     await require_keys(cluster)
-    _, secret = await make_key(cluster, TokensPerMinute=10)
+    _, secret = await make_key(cluster, TokensPerMinute=11)
     first = await chat(cluster, secret)
     reply = await first.json()
-    assert reply["prompt_eval_count"] + reply["eval_count"] > 10
+    assert (reply["prompt_eval_count"], reply["eval_count"]) == (1, 10)
     response = await chat(cluster, secret)
     assert response.code == 429
-    assert "10 tokens per minute" in (await response.json())["error"]
+    assert "11 tokens per minute" in (await response.json())["error"]
+    # OpenAI's dialect reports its tokens in ``usage``: they count just the same.
+    _, other = await make_key(cluster, TokensPerMinute=11)
+    first = await chat(cluster, other, "/v1/chat/completions")
+    usage = (await first.json())["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (1, 10)
+    response = await chat(cluster, other, "/v1/chat/completions")
+    assert response.code == 429
+    assert "11 tokens per minute" in (await response.json())["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admin_token_is_a_key_to_every_frontend_without_limits(cluster: Cluster) -> None:
+    await require_keys(cluster)
+    admin = cluster.http.token
+    assert admin is not None
+    assert [(await chat(cluster, admin)).code for _ in range(3)] == [200, 200, 200]
+    reply = await cluster.http.get("/v1.0/apikeys/admin/usage")
+    assert reply.status == 200
 
 
 @pytest_twisted.ensureDeferred
@@ -249,3 +269,24 @@ async def test_a_key_limited_to_models_lists_only_those(cluster: Cluster) -> Non
     assert response.code == 200
     everything = await cluster.request("GET", "/api/tags", headers={"Authorization": "Bearer x"})
     assert everything.code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_the_queue_refuses_gives_its_keys_slot_back(cluster: Cluster) -> None:
+    """Admitted by its key, refused by a full queue: the key's concurrency slot is free again,
+    so the next request meets the queue, not the key's limit."""
+    sim = cluster.sims[0]
+    backend = {"Hostname": "127.0.0.1", "Port": sim.port, "MaxParallelRequests": 1}
+    assert (await cluster.http.put("/v1.0/backends/sim0", backend)).status == 200
+    cluster.healthy("sim0")
+    await cluster.frontend(["sim0"], MaxQueueDepth=0)
+    await sim.configure(tokens=10, tokens_per_second=20)
+    _, secret = await make_key(cluster, MaxConcurrentRequests=1)
+    holding = await chat(cluster, None, stream=True)  # the backend's one slot, without a key
+    assert holding.code == 200
+    for _ in range(3):
+        refused = await chat(cluster, secret)
+        assert refused.code == 429
+        assert "concurrent" not in (await refused.json())["error"], "the key's slot leaked"
+    await holding.content()
+    assert (await chat(cluster, secret)).code == 200
