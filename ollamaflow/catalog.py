@@ -18,17 +18,16 @@ CATCH_ALL = "*"
 
 @attrs.frozen
 class Catalog:
-    """Frontends, backends and API keys by identifier (creation order), frontends by Host,
-    and keys by their secret's hash."""
+    """Frontends, backends and API keys by identifier (creation order), and frontends by
+    Host."""
 
     generation: int
     frontends: Mapping[str, Frontend]
     backends: Mapping[str, Backend]
     by_host: Mapping[str, Frontend]
     catch_all: Frontend | None
-    api_keys: Mapping[str, ApiKey] = attrs.field(factory=dict)
     #: Every key, active or not, expired or not (whoever recognises one judges that).
-    keys_by_hash: Mapping[str, ApiKey] = attrs.field(factory=dict)
+    api_keys: Mapping[str, ApiKey] = attrs.field(factory=dict)
     #: Stored records that did not load, left out of this catalog (see :class:`Snapshot`).
     left_out: tuple[InvalidStoredRecord, ...] = attrs.field(
         default=(), eq=lambda errors: tuple(e.key for e in errors)
@@ -47,7 +46,6 @@ class Catalog:
             by_host=by_host,
             catch_all=by_host.get(CATCH_ALL),
             api_keys={key.identifier: key for key in snapshot.api_keys},
-            keys_by_hash={key.secret_hash: key for key in snapshot.api_keys if key.secret_hash},
             left_out=snapshot.left_out,
         )
 

@@ -24,7 +24,6 @@ from twisted.python.components import Componentized
 
 from ollamaflow import tcp
 from ollamaflow.accesslog import AccessLog
-from ollamaflow.admin.apikeys import MAX_USAGE_ROWS
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.cors import Policy
@@ -129,7 +128,9 @@ class Daemon(MultiService):
             observers.append(AccessLog())
         # What each API key (and anonymous) used, per model and hour: counted in memory,
         # written to the database in batches.
-        self.usage = UsageLedger(store, reactor)
+        # The models some backend lists: what usage and the metrics name; others are "other".
+        known_models = KnownModels(self.registry, self.inventory)
+        self.usage = UsageLedger(store, reactor, known_model=known_models)
         observers.append(self.usage)
         flusher = UsageFlusher(
             self.usage, reactor, interval=settings.rate_limits.usage_flush_interval_ms / 1000
@@ -145,9 +146,7 @@ class Daemon(MultiService):
             limiter = LocalLimits(reactor)
         self.metrics: Metrics | None = None
         metrics_page: MetricsPage | None = None
-        known_models: KnownModels | None = None
         if settings.metrics.enabled:
-            known_models = KnownModels(self.registry, self.inventory)
             self.metrics = Metrics(
                 known_model=known_models,
                 live=LiveState(self.registry, self.runtime, scheduler.depth),
@@ -210,9 +209,8 @@ class Daemon(MultiService):
         # Who hears that a backend's models were read: routing, model sync, the metrics.
         self.inventory.add_listener(self.gateway.router.inventory_changed)
         self.inventory.add_listener(self.sync.models_read)
-        if known_models is not None:
-            registry.subscribe(known_models.changed)
-            self.inventory.add_listener(known_models.changed)
+        registry.subscribe(known_models.changed)
+        self.inventory.add_listener(known_models.changed)
         # Deleted API keys: their pending usage and their metrics go with them.
         registry.subscribe(lambda catalog: self.usage.forget_keys(catalog.api_keys.keys()))
         if self.metrics is not None:
@@ -227,7 +225,7 @@ class Daemon(MultiService):
             models=self.sync.models,
             queues=self.gateway.queue_report,
             worker=worker or 0,
-            usage_of=lambda key, since: self.usage.usage(key, since, MAX_USAGE_ROWS + 1),
+            usage_of=self.usage.usage,
         )
         self.root = Root(self.admin.resource(), metrics=metrics_page)
         #: Where each request goes: the admin API, our pages, a CORS answer, or the gateway.

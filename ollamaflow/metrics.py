@@ -38,7 +38,7 @@ from ollamaflow.admin.errors import write_error
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.completed import Completed
-from ollamaflow.records import Backend
+from ollamaflow.records import RESERVED_KEY_IDENTIFIERS, Backend
 from ollamaflow.runtime import Runtime
 from ollamaflow.services.inventory import ModelInventory
 
@@ -55,8 +55,6 @@ NONE = "none"
 OTHER = "other"
 #: Distinct model labels one API key's series take at most; later models count as ``other``.
 MODELS_PER_KEY = 100
-#: The key labels of requests made without an API key: an admin token, or nothing.
-KEYLESS = ("admin", "anonymous")
 #: The reason label of a request the gateway refused for its key, by status.
 REFUSALS = {401: "unauthorized", 403: "forbidden", 429: "rate_limited"}
 
@@ -430,7 +428,7 @@ class Metrics:
             key = self._key_model(c.api_key, model)
             values = counter.series.get(key) or counter.new(key)
         values[0] += 1.0
-        if c.status >= 400 or c.outcome != "ok":
+        if c.failed:
             self.key_errors.inc(key)
             if c.outcome == "refused":
                 reason = REFUSALS.get(c.status)
@@ -452,7 +450,7 @@ class Metrics:
     def forget_keys(self, existing: Collection[str]) -> None:
         """Drop the series of API keys not in ``existing`` (identifiers of the configured
         keys; ``admin`` and ``anonymous`` stay): call it when the keys change."""
-        kept = {*existing, *KEYLESS}
+        kept = {*existing, *RESERVED_KEY_IDENTIFIERS}
         for family in (self.key_requests, self.key_errors, self.key_tokens, self.key_refused):
             for labels in [labels for labels in family.series if labels[0] not in kept]:
                 del family.series[labels]

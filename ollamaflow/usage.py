@@ -9,7 +9,7 @@ memory runs out: past :data:`MAX_PENDING_ROWS` rows the oldest hours are dropped
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -20,7 +20,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ollamaflow.gateway.completed import Completed
-from ollamaflow.records import ADMIN, ANONYMOUS, UsageRow
+from ollamaflow.metrics import OTHER
+from ollamaflow.records import RESERVED_KEY_IDENTIFIERS, UsageRow
 from ollamaflow.store.errors import StoreUnavailable
 
 log = Logger()
@@ -29,8 +30,6 @@ log = Logger()
 MAX_PENDING_ROWS = 100_000
 #: Seconds between two flushes.
 FLUSH_INTERVAL = 10.0
-#: Rows the admin API returns at most for one key.
-USAGE_LIMIT = 10_000
 
 #: Seconds in an hour: counters are keyed by the epoch hour, ``int(seconds) // HOUR``.
 HOUR = 3600
@@ -71,8 +70,16 @@ def _merge_counts(into: list[int], counts: Sequence[int]) -> None:
         into[i] += n
 
 
+#: A model's name as counted (as the metrics label it): None for one no backend lists.
+KnownModel = Callable[[str], str | None]
+
+
 class UsageLedger:
     """Counts finished requests per (API key, model, hour) until they are flushed to ``store``.
+
+    Models are counted by name only when ``known_model`` knows them (a backend lists them),
+    else as ``other``: a client's made-up names must not become rows, nor crowd out the
+    counts of real ones.
 
     Call it with each :class:`Completed` (a gateway observer): a few dict lookups and integer
     additions, no I/O. :meth:`flush` writes what is pending; :meth:`usage` answers the admin
@@ -82,10 +89,15 @@ class UsageLedger:
     """
 
     def __init__(
-        self, store: UsageStore, clock: IReactorTime, *, max_rows: int = MAX_PENDING_ROWS
+        self,
+        store: UsageStore,
+        clock: IReactorTime,
+        *,
+        known_model: KnownModel = lambda model: model,
+        max_rows: int = MAX_PENDING_ROWS,
     ) -> None:
         self.store = store
-        self.clock = clock
+        self.known_model = known_model
         self.max_rows = max_rows
         self._seconds = clock.seconds
         self._pending: _Pending = {}
@@ -107,7 +119,8 @@ class UsageLedger:
         rows = self._pending.get(hour)
         if rows is None:
             rows = self._pending[hour] = {}
-        key = (c.api_key, c.model or "")
+        model = "" if c.model is None else self.known_model(c.model) or OTHER
+        key = (c.api_key, model)
         counts = rows.get(key)
         if counts is None:
             if self._rows >= self.max_rows and not self._make_room(hour):
@@ -117,7 +130,7 @@ class UsageLedger:
             counts = rows[key] = [0, 0, 0, 0]
             self._rows += 1
         counts[0] += 1
-        if c.status >= 400 or c.outcome != "ok":
+        if c.failed:
             counts[1] += 1
         if c.prompt_eval_count:
             counts[2] += c.prompt_eval_count
@@ -129,9 +142,7 @@ class UsageLedger:
         the next flush. Waits for a flush or usage read under way; never fails."""
         return self._lock.run(lambda: Deferred.fromCoroutine(self._flush()))
 
-    def usage(
-        self, key_id: str, since: datetime, limit: int = USAGE_LIMIT
-    ) -> Deferred[list[UsageRow]]:
+    def usage(self, key_id: str, since: datetime, limit: int) -> Deferred[list[UsageRow]]:
         """The usage of ``key_id`` from the hour containing ``since``: the stored rows plus the
         pending counts, one row per (model, hour), by hour then model, at most
         ``limit`` (the oldest)."""
@@ -143,11 +154,10 @@ class UsageLedger:
             return
         rows = [
             UsageRow(key_id, model, _hour_start(hour), *counts)
-            for hour, hour_rows in sorted(taken.items())
-            for (key_id, model), counts in sorted(hour_rows.items())
+            for hour, hour_rows in taken.items()
+            for (key_id, model), counts in hour_rows.items()
         ]
-        # Sorted: writers on several daemons then lock the rows in one order.
-        try:
+        try:  # the store writes them in one order (several daemons lock rows alike)
             await self.store.add_usage(rows)
         except Exception as e:
             self._put_back(taken)
@@ -171,16 +181,15 @@ class UsageLedger:
             self._failing = 0
 
     async def _usage(self, key_id: str, since: datetime, limit: int) -> list[UsageRow]:
-        stored = await self.store.read_usage(key_id, since, limit)
-        merged: dict[tuple[int, str], list[int]] = {}
-        for row in stored:
-            counts = [row.requests, row.errors, row.prompt_tokens, row.completion_tokens]
-            at = (_epoch_hour(row.hour), row.model)
-            existing = merged.get(at)
-            if existing is None:
-                merged[at] = counts
-            else:
-                _merge_counts(existing, counts)
+        merged: dict[tuple[int, str], list[int]] = {
+            (_epoch_hour(row.hour), row.model): [
+                row.requests,
+                row.errors,
+                row.prompt_tokens,
+                row.completion_tokens,
+            ]
+            for row in await self.store.read_usage(key_id, since, limit)
+        }
         first = _epoch_hour(since)
         for hour, rows in self._pending.items():
             if hour < first:
@@ -219,7 +228,7 @@ class UsageLedger:
         """Drop the pending counts of keys not in ``existing`` (a registry subscriber): a
         deleted key's stored usage is deleted with it, and the next flush must not write it
         back. Anonymous and admin usage stay."""
-        kept = {*existing, ANONYMOUS, ADMIN}
+        kept = {*existing, *RESERVED_KEY_IDENTIFIERS}
         for hour, rows in list(self._pending.items()):
             for row in [row for row in rows if row[0] not in kept]:
                 del rows[row]

@@ -14,7 +14,7 @@ from logcapture import keeping
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from ollamaflow import records
-from ollamaflow.admin import app as admin_app
+from ollamaflow.admin import routing as admin_routing
 from ollamaflow.daemon import Daemon
 from ollamaflow.store import Store
 
@@ -286,7 +286,7 @@ async def test_a_record_that_would_not_load_back_is_400_not_500(
         record, unknown = real(cls, {**data, "RequiredModels": []})
         return attrs.evolve(record, required_models=tuple(data["RequiredModels"])), unknown
 
-    monkeypatch.setattr(admin_app, "parse_record", lenient)
+    monkeypatch.setattr(admin_routing, "parse_record", lenient)
     before = await daemon.store.snapshot()
     reply = await http.put("/v1.0/frontends/frontend1", {"RequiredModels": ["llama 3"]})
     assert_error(reply, 400, "BadRequest", "RequiredModels[0]: ", "was not stored")

@@ -27,7 +27,7 @@ from twisted.logger import globalLogPublisher
 from ollamaflow.admin import apikeys as admin_apikeys
 from ollamaflow.apikeys import hash_secret
 from ollamaflow.daemon import Daemon
-from ollamaflow.records import UsageRow
+from ollamaflow.records import ApiKey, UsageRow
 from ollamaflow.store import Store, hour_start
 from ollamaflow.utctime import format_utc, utc_clock
 
@@ -46,6 +46,11 @@ async def create(http: Http, body: Any = KEY) -> dict[str, Any]:
     assert reply.status == 201, reply.body
     created: dict[str, Any] = reply.json
     return created
+
+
+def opened_by(daemon: Daemon) -> dict[str, ApiKey]:
+    """The keys the gateway lets in, by the hash of their secret."""
+    return {h: c.key for h, c in daemon.gateway.router.key_ring().by_hash.items() if c.key}
 
 
 def database_path(daemon: Daemon) -> str:
@@ -93,8 +98,7 @@ async def test_create_shows_the_key_once_and_stores_only_its_hash(
         globalLogPublisher.removeObserver(observer)
 
     digest = hash_secret(secret)
-    catalog = daemon.registry.catalog
-    assert catalog.keys_by_hash[digest] == catalog.api_keys["team-a"]
+    assert opened_by(daemon)[digest] == daemon.registry.catalog.api_keys["team-a"]
     for text in (await http.get("/v1.0/apikeys")).body.decode(), repr(events):
         assert secret not in text and digest not in text and secret[12:] not in text
     [row] = stored_rows(daemon, "SELECT * FROM apikeys")
@@ -146,7 +150,7 @@ async def test_replace_keeps_the_secret_and_a_read_record_can_be_sent_back(
     assert body["Models"] == [] and "Name" not in body, "a full replace"
     assert "Key" not in body, "no secret shown"
     assert body["KeyPrefix"] == created["KeyPrefix"] and body["CreatedUtc"] == created["CreatedUtc"]
-    assert daemon.registry.catalog.keys_by_hash[digest].priority == -3, "the secret still works"
+    assert opened_by(daemon)[digest].priority == -3, "the secret still works"
 
     read = (await http.get("/v1.0/apikeys/team-a")).json
     again = await http.put("/v1.0/apikeys/team-a", read)
@@ -169,7 +173,7 @@ async def test_rotate_gives_a_new_secret_to_the_same_record(http: Http, daemon: 
     assert {k: v for k, v in rotated.items() if k not in same} == {
         k: v for k, v in created.items() if k not in same
     }
-    hashes = daemon.registry.catalog.keys_by_hash
+    hashes = opened_by(daemon)
     assert hash_secret(rotated["Key"]) in hashes and hash_secret(created["Key"]) not in hashes
     assert "Key" not in (await http.get("/v1.0/apikeys/team-a")).json
     assert_error(await http.request("POST", "/v1.0/apikeys/ghost/rotate"), 404, "NotFound")
@@ -207,14 +211,14 @@ async def test_a_stored_key_that_does_not_load_is_left_out_and_repaired_by_put(
     await daemon.registry.refresh()
     [left_out] = daemon.registry.catalog.left_out
     assert (left_out.kind, left_out.identifier) == ("apikey", "team-a")
-    assert daemon.registry.catalog.keys_by_hash == {}, "a key that does not load opens nothing"
+    assert opened_by(daemon) == {}, "a key that does not load opens nothing"
     assert_error(await http.get("/v1.0/apikeys/team-a"), 404, "NotFound")
     reply = await http.request("POST", "/v1.0/apikeys/team-a/rotate")
     assert_error(reply, 409, "Conflict", "stored API key 'team-a' is not valid", "Priority")
     repaired = await http.put("/v1.0/apikeys/team-a", {"Priority": 1})
     assert repaired.status == 200 and repaired.json["KeyPrefix"] == created["KeyPrefix"]
     assert daemon.registry.catalog.left_out == ()
-    assert list(daemon.registry.catalog.keys_by_hash) == [hash_secret(created["Key"])]
+    assert list(opened_by(daemon)) == [hash_secret(created["Key"])]
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -313,24 +317,22 @@ async def test_usage_without_a_key_is_under_anonymous_and_admin(http: Http, daem
 
 
 @pytest_twisted.ensureDeferred
-async def test_usage_comes_from_the_injected_source_and_is_capped(
+async def test_usage_comes_from_the_ledger_and_is_capped(
     http: Http, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await create(http)
     now = hour_start(daemon.now())
-    asked: list[tuple[str, datetime]] = []
+    asked: list[tuple[str, datetime, int]] = []
 
-    def usage_of(identifier: str, since: datetime) -> Deferred[list[UsageRow]]:
-        asked.append((identifier, since))
-        rows = [UsageRow(identifier, f"m{i}", now, requests=1) for i in range(5)]
-        stale = UsageRow(identifier, "old", since - timedelta(hours=1), requests=99)
-        return succeed([*reversed(rows), stale])
+    def usage_of(identifier: str, since: datetime, limit: int) -> Deferred[list[UsageRow]]:
+        asked.append((identifier, since, limit))
+        return succeed([UsageRow(identifier, f"m{i}", now, requests=1) for i in range(limit)])
 
     monkeypatch.setattr(daemon.admin, "usage_of", usage_of)
     monkeypatch.setattr(admin_apikeys, "MAX_USAGE_ROWS", 3)
     body = (await http.get("/v1.0/apikeys/team-a/usage")).json
-    assert asked == [("team-a", now - timedelta(hours=24))]
-    assert [u["Model"] for u in body["Usage"]] == ["m0", "m1", "m2"], "sorted, then cut"
+    assert asked == [("team-a", now - timedelta(hours=24), 4)], "one more than shown"
+    assert [u["Model"] for u in body["Usage"]] == ["m0", "m1", "m2"]
     assert body["Truncated"] is True and body["Totals"]["Requests"] == 3
 
 

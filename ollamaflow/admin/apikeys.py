@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
@@ -18,22 +18,25 @@ from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
 from ollamaflow.admin.errors import ApiError
-from ollamaflow.admin.routing import answer, query_values, read_json, routes, unknown_fields
+from ollamaflow.admin.routing import answer, parsed, query_values, read_json, routes
 from ollamaflow.apikeys import hash_secret, new_secret, shown
 from ollamaflow.catalog import Registry
 from ollamaflow.fielderrors import FieldError
+from ollamaflow.fieldkinds import Timestamp
 from ollamaflow.jsonfields import to_wire
-from ollamaflow.records import RESERVED_KEY_IDENTIFIERS, ApiKey, UsageRow, parse_record
+from ollamaflow.records import RESERVED_KEY_IDENTIFIERS, ApiKey, UsageRow
 from ollamaflow.store import hour_start
 from ollamaflow.utctime import format_utc
 
-#: A key's usage since a time: its rows, unflushed counts included (the daemon's ledger).
-UsageSource = Callable[[str, datetime], Deferred[list[UsageRow]]]
+#: A key's usage from the hour containing a time, at most so many rows, by hour then model:
+#: its stored rows with the counts not written yet (the daemon's usage ledger).
+UsageSource = Callable[[str, datetime, int], Deferred[list[UsageRow]]]
 
 #: Usage rows in one answer, at most; ``"Truncated": true`` says there were more.
 MAX_USAGE_ROWS = 10_000
 #: How far back usage goes unless ``since`` says.
 DEFAULT_USAGE_SPAN = timedelta(hours=24)
+_TIME = Timestamp()
 
 
 class ApiKeyRoutes:
@@ -44,7 +47,7 @@ class ApiKeyRoutes:
     # What AdminApi provides.
     registry: Registry
     now: Callable[[], datetime]
-    usage_of: UsageSource | None
+    usage_of: UsageSource
 
     app = routes
 
@@ -62,13 +65,7 @@ class ApiKeyRoutes:
         ):
             data = {k: v for k, v in data.items() if k.lower() != "identifier"}
             data["Identifier"] = f"key-{secrets.token_hex(6)}"
-        key = _parse_key(data)
-        if key.identifier.lower() in RESERVED_KEY_IDENTIFIERS:
-            raise ApiError(
-                400,
-                f"Identifier: {key.identifier!r} is reserved: usage without a key is counted"
-                " under 'anonymous' and 'admin'",
-            )
+        key = parsed(ApiKey, data)  # a reserved Identifier is the store's 400
         secret = new_secret()
         key = attrs.evolve(key, secret_hash=hash_secret(secret), key_prefix=shown(secret))
         stored = await self.registry.create_api_key(key)
@@ -81,11 +78,7 @@ class ApiKeyRoutes:
     @app.route("/v1.0/apikeys/<string:identifier>", methods=["PUT"])
     async def replace_api_key(self, request: IRequest, identifier: str) -> bytes:
         """A full replace of the fields; the secret stays (rotate changes it)."""
-        data = read_json(request)
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if k.lower() != "identifier"}
-            data["Identifier"] = identifier
-        stored = await self.registry.replace_api_key(_parse_key(data))
+        stored = await self.registry.replace_api_key(parsed(ApiKey, read_json(request), identifier))
         return answer(request, to_wire(stored))
 
     @app.route("/v1.0/apikeys/<string:identifier>", methods=["DELETE"])
@@ -109,11 +102,7 @@ class ApiKeyRoutes:
         if identifier not in RESERVED_KEY_IDENTIFIERS:
             self._api_key(identifier)
         since = hour_start(_since(request, self.now()))
-        if self.usage_of is not None:
-            found = await self.usage_of(identifier, since)
-        else:
-            found = await self.registry.store.read_usage(identifier, since, MAX_USAGE_ROWS + 1)
-        rows = sorted((r for r in found if r.hour >= since), key=lambda r: (r.hour, r.model))
+        rows = await self.usage_of(identifier, since, MAX_USAGE_ROWS + 1)
         shown = rows[:MAX_USAGE_ROWS]
         out: dict[str, Any] = {
             "Identifier": identifier,
@@ -137,19 +126,6 @@ class ApiKeyRoutes:
         return found
 
 
-def _parse_key(data: object) -> ApiKey:
-    """An admin-supplied key, every field checked: 400 naming the field, or unknown keys."""
-    try:
-        key, unknown = parse_record(ApiKey, data)
-    except FieldError as e:
-        raise ApiError(400, str(e)) from e
-    except OverflowError as e:  # a time whose offset moves it out of datetime's range
-        raise ApiError(400, "ExpiresUtc: the time is out of range") from e
-    if unknown:
-        raise ApiError(400, unknown_fields(unknown))
-    return key
-
-
 def _with_key(request: IRequest, key: ApiKey, secret: str, status: int = 200) -> bytes:
     """The record and its secret: the one answer that shows it, kept out of every cache."""
     request.setHeader(b"Cache-Control", b"no-store")
@@ -162,11 +138,8 @@ def _since(request: IRequest, now: datetime) -> datetime:
     if not values:
         return now - DEFAULT_USAGE_SPAN
     try:
-        moment = datetime.fromisoformat(values[-1].decode("utf-8"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.astimezone(UTC)
-    except (UnicodeDecodeError, ValueError, OverflowError) as e:
+        return _TIME.parse(values[-1].decode("utf-8", "replace"), "since", [])
+    except FieldError as e:
         raise ApiError(
             400, "query parameter since: expected an ISO 8601 time such as 2025-01-02T03:00:00Z"
         ) from e

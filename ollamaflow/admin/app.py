@@ -19,12 +19,11 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ollamaflow import __version__
 from ollamaflow.admin.apikeys import ApiKeyRoutes, UsageSource
 from ollamaflow.admin.errors import ApiError, write_error
-from ollamaflow.admin.routing import answer, query_values, read_json, routes, unknown_fields
+from ollamaflow.admin.routing import answer, parsed, query_values, read_json, routes
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
-from ollamaflow.fielderrors import FieldError
 from ollamaflow.jsonfields import to_wire
-from ollamaflow.records import Backend, Frontend, parse_record
+from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import Runtime
 from ollamaflow.store import (
     BackendInUse,
@@ -53,17 +52,7 @@ _STORE_ERRORS: dict[type[StoreError], int] = {
 
 
 def _parse(cls: type[R], request: IRequest, identifier: str | None = None) -> R:
-    data = read_json(request)
-    if identifier is not None and isinstance(data, dict):
-        data = {k: v for k, v in data.items() if k.lower() != "identifier"}
-        data["Identifier"] = identifier
-    try:
-        record, unknown = parse_record(cls, data)
-    except FieldError as e:
-        raise ApiError(400, str(e)) from e
-    if unknown:
-        raise ApiError(400, unknown_fields(unknown))
-    return record
+    return parsed(cls, read_json(request), identifier)
 
 
 def _flag(request: IRequest, name: bytes) -> bool:
@@ -87,14 +76,14 @@ class AdminApi(ApiKeyRoutes):
     tokens: Tokens
     now: Callable[[], datetime]
     started: datetime
+    #: A key's usage from an hour on, unflushed counts included (the daemon's usage ledger).
+    usage_of: UsageSource
     #: The models view of one backend (present, loaded, required, pulling, failed).
     models: Callable[[str], list[dict[str, Any]]] = lambda _: []
     #: Each frontend's request queue (depth, waits, refusals).
     queues: Callable[[], list[dict[str, object]]] = list
     #: Which worker process this is, when the daemon runs several (0 = the main one).
     worker: int = 0
-    #: A key's usage since a time, unflushed counts included; ``None``: the store's alone.
-    usage_of: UsageSource | None = None
     _log: Logger = attrs.field(factory=Logger)
 
     app = routes

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TypeVar
 
 from klein import Klein
 from twisted.web.iweb import IRequest
 
 from ollamaflow.admin.errors import ApiError
+from ollamaflow.fielderrors import FieldError
 from ollamaflow.jsonlimits import InvalidJson, loads_for_fields
+from ollamaflow.records import ApiKey, Backend, Frontend, parse_record
 
 #: Every ``/v1.0/`` route, whichever module declares it (see :class:`AdminApi`).
 routes = Klein()
@@ -45,6 +48,24 @@ def unknown_fields(unknown: list[str]) -> str:
     more = len(unknown) - _UNKNOWN_NAMED
     tail = f" and {more} more" if more > 0 else ""
     return f"unknown field{'s' if len(unknown) > 1 else ''}: {named}{tail}"
+
+
+R = TypeVar("R", Frontend, Backend, ApiKey)
+
+
+def parsed(cls: type[R], data: object, identifier: str | None = None) -> R:
+    """An admin-supplied record, every field checked: a 400 naming the field or the unknown
+    keys. ``identifier``: the URL's, which wins over the body's."""
+    if identifier is not None and isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k.lower() != "identifier"}
+        data["Identifier"] = identifier
+    try:
+        record, unknown = parse_record(cls, data)
+    except FieldError as e:
+        raise ApiError(400, str(e)) from e
+    if unknown:
+        raise ApiError(400, unknown_fields(unknown))
+    return record
 
 
 def query_values(request: IRequest, name: bytes) -> Sequence[bytes]:

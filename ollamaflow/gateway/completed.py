@@ -53,6 +53,11 @@ class Completed:
     backends: tuple[str, ...] = ()
 
     @property
+    def failed(self) -> bool:
+        """An error status, or not answered in full: what usage and metrics count as errors."""
+        return self.status >= 400 or self.outcome != "ok"
+
+    @property
     def tokens_per_second(self) -> float | None:
         if not self.eval_count or not self.eval_duration_ns:
             return None

@@ -395,6 +395,9 @@ def create_api_key(cursor: Cursor, dialect: SqlDialect, key: ApiKey, now: dateti
     ).fetchone()
     if taken is not None:
         raise DuplicateIdentifier("apikey", key.identifier)
+    # Counts of an earlier key of this name written after its delete (a flush under way,
+    # another instance) are not this key's.
+    dialect.execute(cursor, "DELETE FROM apikey_usage WHERE key_id = ?", (key.identifier,))
     try:
         dialect.execute(
             cursor,
