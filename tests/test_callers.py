@@ -169,3 +169,24 @@ def test_a_key_ring_remembers_the_keys_it_matched_until_the_keys_change() -> Non
     assert unknown not in ring.seen
     rotated = KeyRing([ApiKey(identifier="team-a", secret_hash=hash_secret(new_secret()))])
     assert isinstance(identify(BEARER, OPEN, rotated, ADMIN_TOKENS, NOW), Denied)
+
+
+def reference_glob(pattern: str, name: str) -> bool:
+    """``*`` as any run of characters, the rest literal, any case (a regex: fine when short)."""
+    import re
+
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, name, re.IGNORECASE | re.DOTALL) is not None
+
+
+@given(st.text("ab*.", max_size=8), st.text("abAB.", max_size=10))
+def test_a_pattern_matches_as_a_glob_would(pattern: str, name: str) -> None:
+    if "*" in pattern:
+        assert model_allowed([pattern], name) == reference_glob(pattern, name)
+
+
+def test_a_pattern_with_many_stars_against_a_long_name_is_answered_at_once() -> None:
+    """A key's patterns meet client-chosen names: matching must not backtrack (a regex took
+    12 s for this one)."""
+    assert not model_allowed(["*a*a*a*b"], "a" * 400)
+    assert not model_allowed(["llama*:*b*q4*"], "llama" + ":" + "b" * 660)
