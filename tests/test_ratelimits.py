@@ -573,3 +573,16 @@ def test_admit_decides_as_the_window_does(
             assert answer == expected
         if end_one and held:
             local.finish("k", limits, held.pop(0), tokens)
+
+
+def test_the_tokens_of_a_request_longer_than_the_idle_time_still_count() -> None:
+    """A key without a concurrency limit holds no lease, so its counts may be forgotten while
+    a long generation runs: the tokens it reports at the end count all the same."""
+    clock = Clock()
+    local = LocalLimits(clock)
+    limits = Limits(tokens_per_minute=100)
+    admitted(local.admit("k", limits))
+    clock.advance(130)
+    admitted(local.admit("other", limits))  # a sweep: "k" has been idle for two minutes
+    local.finish("k", limits, "", 5000)
+    assert isinstance(local.admit("k", limits), OverLimit)

@@ -130,7 +130,8 @@ class LocalLimits:
         """:meth:`release` and :meth:`spend` in one look at the key (every request of a
         limited key ends here)."""
         usage = self._keys.get(key_id)
-        if usage is None:
+        if usage is None:  # forgotten while the request ran (no lease keeps it): count anew
+            self.spend(key_id, limits, tokens)
             return
         if lease:
             usage.leases.discard(lease)

@@ -212,14 +212,13 @@ class SharedLimits(Service):
     def admit(self, key_id: str, limits: Limits) -> Admission | Deferred[Admission]:
         """Count one request against ``key_id`` if every limit allows it: a Deferred (which
         never fails) when Redis is asked, else the answer of this instance's counts."""
-        if not limits:
-            return Admitted(self.local.new_lease())
+        if not self.redis.ready:
+            return self._admit_here(key_id, limits)
         refused = self.local.check(key_id, limits)
         if refused is not None:
             return refused
-        lease = self.local.new_lease()
-        if not self.redis.ready:
-            return self._admit_here(key_id, limits, lease)
+        # A lease only where there is a concurrency limit to hold it against.
+        lease = self.local.new_lease() if limits.max_concurrent > 0 else ""
         asked = self.redis.run(
             ADMIT,
             (self._window_key(key_id), self._lease_key(key_id)),
@@ -233,7 +232,7 @@ class SharedLimits(Service):
             ),
         )
         asked.addCallback(self._answered, key_id, limits, lease)
-        asked.addErrback(self._unanswered, key_id, limits, lease)
+        asked.addErrback(self._unanswered, key_id, limits)
         return asked
 
     def release(self, key_id: str, lease: str) -> None:
@@ -269,21 +268,18 @@ class SharedLimits(Service):
         # Redis and window.refusal agree by construction; should they not, Redis's word holds.
         return refused or OverLimit(window.REQUESTS_PER_MINUTE, limits.requests_per_minute, 1)
 
-    def _unanswered(self, failure: Failure, key_id: str, limits: Limits, lease: str) -> Admission:
+    def _unanswered(self, failure: Failure, key_id: str, limits: Limits) -> Admission:
         """No verdict from Redis: this instance's counts decide."""
         self._failed(failure)
-        refused = self.local.check(key_id, limits)
-        if refused is not None:
-            return refused
-        return self._admit_here(key_id, limits, lease)
+        return self._admit_here(key_id, limits)
 
-    def _admit_here(self, key_id: str, limits: Limits, lease: str) -> Admitted:
-        """Admit on this instance's word (already checked); its lease, under a concurrency
-        limit, is held (and so put in Redis at the next renewal)."""
-        self.local.record(key_id, limits, lease)
-        if limits.max_concurrent > 0:
-            self._held[lease] = key_id
-        return Admitted(lease)
+    def _admit_here(self, key_id: str, limits: Limits) -> Admission:
+        """This instance's counts decide; a lease it admits under a concurrency limit is held
+        (and so put in Redis at the next renewal)."""
+        answer = self.local.admit(key_id, limits)
+        if isinstance(answer, Admitted) and answer.lease:
+            self._held[answer.lease] = key_id
+        return answer
 
     def _failed(self, failure: Failure) -> None:
         """A call went unanswered. Outages are told by the client's watch (a timeout drops the
