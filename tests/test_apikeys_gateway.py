@@ -20,6 +20,8 @@ from test_gateway import Cluster, cluster, in_thread
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
+from ollamaflow.gateway.scheduler import Scheduler
+
 __all__ = ["cluster"]  # a fixture, shared by import
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -290,3 +292,22 @@ async def test_a_request_the_queue_refuses_gives_its_keys_slot_back(cluster: Clu
         assert "concurrent" not in (await refused.json())["error"], "the key's slot leaked"
     await holding.content()
     assert (await chat(cluster, secret)).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_before_the_exchange_starts_gives_the_keys_slot_back(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client gets its 500, and the key's one concurrency slot is free again."""
+    _, secret = await make_key(cluster, MaxConcurrentRequests=1)
+    real = Scheduler.has_slot
+    broken = [True]
+
+    def has_slot(self: Scheduler, *args: Any) -> bool:
+        if broken.pop() if broken else False:
+            raise RuntimeError("a bug")
+        return real(self, *args)
+
+    monkeypatch.setattr(Scheduler, "has_slot", has_slot)
+    assert (await chat(cluster, secret)).code == 500
+    assert (await chat(cluster, secret)).code == 200, "the key's slot leaked"

@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import pytest
 
+from ollamaflow.apikeys import hash_secret, new_secret
 from ollamaflow.catalog import Catalog
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.classify import RequestClass
@@ -24,7 +25,7 @@ from ollamaflow.gateway.routing import (
     Unload,
     model_key,
 )
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import ApiKey, Backend, Frontend
 from ollamaflow.runtime import Runtime
 from ollamaflow.store import Snapshot
 
@@ -104,9 +105,14 @@ class Fleet:
         return self.router.decide(Request(**request))
 
 
-def fleet(*backends: Backend, healthy: tuple[str, ...] | None = None, **frontend: Any) -> Fleet:
+def fleet(
+    *backends: Backend,
+    healthy: tuple[str, ...] | None = None,
+    keys: tuple[ApiKey, ...] = (),
+    **frontend: Any,
+) -> Fleet:
     fe = Frontend(identifier="f", backends=tuple(b.identifier for b in backends), **frontend)
-    catalog = Catalog.build(Snapshot(1, (fe,), backends))
+    catalog = Catalog.build(Snapshot(1, (fe,), backends, api_keys=keys))
     runtime = Runtime()
     for identifier in healthy if healthy is not None else [b.identifier for b in backends]:
         runtime.state(identifier).succeeded(NOW, threshold=1)
@@ -278,3 +284,23 @@ def test_a_push_goes_where_the_model_is_known_to_be() -> None:
 def test_a_string_that_is_no_model_name_counts_as_none() -> None:
     assert model_key("llama3") == "llama3:latest"
     assert model_key("") is None and model_key("a b") is None and model_key(None) is None
+
+
+def test_a_key_limited_to_models_never_sees_an_unfiltered_catalog() -> None:
+    """Before any inventory is read the catalog routes go to a backend, which would list every
+    model: for a key limited to some models the gateway answers from what it has (nothing yet),
+    and refuses a model it may not use."""
+    secret = new_secret()
+    key = ApiKey(identifier="k", models=("llama3*",), secret_hash=hash_secret(secret))
+    made = fleet(Backend(identifier="a"), keys=(key,))
+    keyed = {b"authorization": b"Bearer " + secret.encode()}
+    for path in (b"/api/tags", b"/api/ps", b"/v1/models"):
+        answer = made.decide(method=b"GET", path=path, headers=keyed)
+        assert isinstance(answer, CatalogAnswer), path
+        listed = json.loads(answer.body)
+        assert listed.get("models", listed.get("data")) == [], path
+    refused = made.decide(method=b"GET", path=b"/v1/models/mistral", headers=keyed)
+    assert isinstance(refused, Refusal) and refused.status == 403
+    allowed = made.decide(method=b"GET", path=b"/v1/models/llama3", headers=keyed)
+    assert isinstance(allowed, Forward), "nothing read yet: the backend answers for it"
+    assert isinstance(made.decide(method=b"GET", path=b"/api/tags"), Forward), "no key: as before"

@@ -227,12 +227,16 @@ class Gateway:
         request.watch(ended, ended)
 
     def _forward(self, request: ClientRequest, decision: Forward, lease: str = "") -> bytes | int:
-        """Start the exchange; the queue's 429 if it cannot even wait (the lease goes back)."""
-        refused = Exchange(self.context, request, decision, lease).run()
+        """Start the exchange, which gives the lease back when the request ends; until it
+        watches the request (a 429 from a full queue, a bug), the lease goes back here."""
+        try:
+            refused = Exchange(self.context, request, decision, lease).run()
+        except BaseException:
+            self._give_back(decision.caller, lease)
+            raise
         if refused is None:
             return NOT_DONE_YET
-        if lease:
-            self.context.settle(decision.caller.account, decision.caller.limits, lease, 0)
+        self._give_back(decision.caller, lease)
         return self.refuse(
             request,
             decision.frontend,
@@ -242,6 +246,10 @@ class Gateway:
             model=decision.model,
             caller=decision.caller,
         )
+
+    def _give_back(self, caller: Caller, lease: str) -> None:
+        if lease:
+            self.context.settle(caller.account, caller.limits, lease, 0)
 
     def _carry_out(self, request: ClientRequest, decision: Decision) -> bytes | int:
         """Do what the router decided."""

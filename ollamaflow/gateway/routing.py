@@ -266,7 +266,7 @@ class Router:
         if inventory is not None:
             answered = self._catalog_answer(method, path, frontend, inventory, found, caller)
             if answered is not None:
-                return attrs.evolve(answered, caller=caller)
+                return answered
             if (
                 document is not None
                 and model is not None
@@ -418,23 +418,29 @@ class Router:
         ):
             return None
         readable = [b for b in found if inventory.known(b.identifier)]
-        if not readable:
-            return None  # nothing read yet: let a backend answer
         key = caller.key
+        # A backend would list every model: a key limited to some is answered from what is
+        # read (nothing, at first).
+        shown = partial(model_allowed, key.models) if key is not None and key.models else None
         if path in _CATALOG_ROUTES:
-            shown = partial(model_allowed, key.models) if key is not None and key.models else None
+            if not readable and shown is None:
+                return None  # nothing read yet: let a backend answer
             listed = _CATALOG_ROUTES[path](inventory, readable, shown)
-            return CatalogAnswer(frontend, listed, None, readable)
+            return CatalogAnswer(frontend, listed, None, readable, caller)
         name = unquote(path[len(_MODEL_ROUTE) :].decode("utf-8", "replace"))
         if len(name) > modelnames.MAX_LENGTH:
-            return Refusal(frontend, 400, "the model name is too long")
+            return Refusal(frontend, 400, "the model name is too long", caller=caller)
         denied = may_use(caller, (name,))
         if denied is not None:
-            return Refusal(frontend, 403, denied.message, model=name)
+            return Refusal(frontend, 403, denied.message, model=name, caller=caller)
+        if not readable:
+            return None
         body = modelcatalog.openai_model(inventory, readable, name)
         if body is None:
-            return Refusal(frontend, 404, f"model {quoted(name)} not found", model=name)
-        return CatalogAnswer(frontend, body, name, readable)
+            return Refusal(
+                frontend, 404, f"model {quoted(name)} not found", model=name, caller=caller
+            )
+        return CatalogAnswer(frontend, body, name, readable, caller)
 
     def _order(
         self,
