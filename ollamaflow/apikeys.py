@@ -9,6 +9,7 @@ import secrets
 from collections.abc import Sequence
 
 from ollamaflow import modelnames
+from ollamaflow.credentials import bearer_token
 
 #: What every secret starts with, so a leaked one is recognisable (secret scanners, logs).
 SECRET_PREFIX = "ofk_"
@@ -42,8 +43,8 @@ def shown(secret: str) -> str:
 def is_api_key(authorization: bytes) -> bool:
     """Whether an ``Authorization`` value carries a key of ours (valid or not): never to be
     passed on to a backend."""
-    scheme, _, token = authorization.partition(b" ")
-    return scheme.lower() == b"bearer" and token.strip().startswith(_PREFIX)
+    token = bearer_token(authorization)
+    return token is not None and token.startswith(_PREFIX)
 
 
 def model_allowed(patterns: Sequence[str], model: str) -> bool:

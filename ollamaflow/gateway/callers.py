@@ -59,13 +59,12 @@ ADMIN_CALLER = Caller(None, ADMIN)
 
 class KeyRing:
     """A catalog's keys made ready for the hot path: the caller of each active key, by the
-    hash of its secret and by its identifier. Built once per configuration, so a key deleted,
+    hash of its secret. Built once per configuration, so a key deleted,
     deactivated or rotated is forgotten, with the secrets seen, when the configuration
     changes."""
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
         self.by_hash: dict[str, Caller] = {k.secret_hash: Caller.of(k) for k in keys if k.active}
-        self.by_account: dict[str, Caller] = {c.account: c for c in self.by_hash.values()}
         #: ``Authorization`` values recently matched (as clients send them), so a key in use
         #: is parsed and hashed once, not on every request.
         self.seen: dict[bytes, Caller] = {}

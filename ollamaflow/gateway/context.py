@@ -31,6 +31,10 @@ class Running(Protocol):
         """Give up on it now."""
 
 
+def settle_nothing(key_id: str, limits: Limits, lease: str, tokens: int) -> None:
+    """Without a limiter, a request's end counts nothing."""
+
+
 @attrs.frozen
 class ExchangeContext:
     """The clock, the slots, the backend client and the callbacks an exchange uses."""
@@ -60,4 +64,4 @@ class ExchangeContext:
     running: set[Running] = attrs.field(factory=set)
     #: A request with an API key's limits ended: the limiter's ``finish`` (the key, its
     #: limits, its lease, the tokens the backend reported).
-    settle: Callable[[str, Limits, str, int], None] = lambda key, limits, lease, tokens: None
+    settle: Callable[[str, Limits, str, int], None] = settle_nothing

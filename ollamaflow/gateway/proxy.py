@@ -25,7 +25,7 @@ from ollamaflow.gateway.callers import ANONYMOUS_CALLER, Caller
 from ollamaflow.gateway.classify import RequestClass
 from ollamaflow.gateway.clienterrors import error_body, refuse
 from ollamaflow.gateway.completed import Completed, RequestIds
-from ollamaflow.gateway.context import ExchangeContext
+from ollamaflow.gateway.context import ExchangeContext, settle_nothing
 from ollamaflow.gateway.deadlines import Deadlines
 from ollamaflow.gateway.exchange import Exchange
 from ollamaflow.gateway.modelcatalog import Inventory
@@ -42,7 +42,7 @@ from ollamaflow.gateway.routing import (
     model_key,
 )
 from ollamaflow.gateway.scheduler import QueueStats, Scheduler
-from ollamaflow.ratelimits.contracts import Admission, Admitted, Limits, OverLimit, RateLimiter
+from ollamaflow.ratelimits.contracts import Admission, Admitted, OverLimit, RateLimiter
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.server.answers import deliver
@@ -121,7 +121,7 @@ class Gateway:
             answered=self._answered,
             withheld=withheld,
             configured=lambda: registry.catalog.backends,
-            settle=limiter.finish if limiter is not None else _nothing_to_settle,
+            settle=limiter.finish if limiter is not None else settle_nothing,
         )
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges = self.context.running
@@ -430,7 +430,3 @@ class Gateway:
             stats = scheduler.stats.get(identifier) or QueueStats()
             out.append({"Identifier": identifier, **stats.to_wire(scheduler.depth(identifier))})
         return out
-
-
-def _nothing_to_settle(key_id: str, limits: Limits, lease: str, tokens: int) -> None:
-    """Without a limiter, a request's end counts nothing."""

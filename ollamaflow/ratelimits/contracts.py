@@ -53,8 +53,6 @@ class RateLimiter(Protocol):
     def release(self, key_id: str, lease: str) -> None:
         """The admitted request ended: its concurrency slot is free."""
 
-    def spend(self, key_id: str, limits: Limits, tokens: int) -> None:
-        """The backend reported ``tokens`` (prompt + completion) for a request of ``key_id``."""
-
     def finish(self, key_id: str, limits: Limits, lease: str, tokens: int) -> None:
-        """A request of ``key_id`` ended: :meth:`release` and :meth:`spend` in one call."""
+        """A request of ``key_id`` ended: its lease goes back (as :meth:`release`), and the
+        ``tokens`` (prompt + completion) the backend reported count against the key."""

@@ -51,14 +51,8 @@ def rolled(minute: int, previous: int, current: int, now_minute: int) -> tuple[i
     return 0, 0
 
 
-def weighted(previous: int, current: int, elapsed_ms: int) -> int:
-    """The estimate of what the last minute holds, in weighted units (count * MINUTE_MS)."""
-    return previous * (MINUTE_MS - elapsed_ms) + current * MINUTE_MS
-
-
 def fits(previous: int, current: int, elapsed_ms: int, limit: int, need: int = ONE_MORE) -> bool:
-    """Whether ``need`` more weighted units stay within ``limit`` (``limit <= 0``: no limit).
-    (:func:`weighted`, written out: this runs for every request with a limited key.)"""
+    """Whether ``need`` more weighted units stay within ``limit`` (``limit <= 0``: no limit)."""
     return (
         limit <= 0
         or previous * (MINUTE_MS - elapsed_ms) + current * MINUTE_MS + need <= limit * MINUTE_MS
