@@ -737,6 +737,7 @@ async def test_the_registry_publishes_every_key_change(store: Store) -> None:
 
 # -- usage -------------------------------------------------------------------------------------
 
+
 @pytest_twisted.ensureDeferred
 async def test_a_key_created_again_under_an_identifier_starts_with_no_usage(
     store: Store,
