@@ -282,8 +282,10 @@ class Foreground:
         assert reply.status == 200, reply.body
 
         async def routed() -> bool:
-            tags = (await self.http.get("/api/tags")).json
-            return any(m["name"].startswith("llama3") for m in tags["models"])
+            reply = await self.http.get("/api/tags")
+            if reply.status != 200:  # no backend healthy yet: 503 in Ollama's dialect
+                return False
+            return any(m["name"].startswith("llama3") for m in reply.json["models"])
 
         await until(routed, 30, "the daemon routes to the simulator")
 
