@@ -24,6 +24,7 @@ from twisted.python.components import Componentized
 
 from ollamaflow import tcp
 from ollamaflow.accesslog import AccessLog
+from ollamaflow.activity import Activity
 from ollamaflow.admin.app import AdminApi
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.cors import Policy
@@ -126,6 +127,9 @@ class Daemon(MultiService):
         observers: list[Callable[[Completed], None]] = []
         if logs_info(settings.logging):
             observers.append(AccessLog())
+        # What the fleet did lately, for the dashboard's live feed.
+        self.activity = Activity(reactor.seconds)
+        observers.append(self.activity)
         # What each API key (and anonymous) used, per model and hour: counted in memory,
         # written to the database in batches.
         # The models some backend lists: what usage and the metrics name; others are "other".
@@ -211,6 +215,9 @@ class Daemon(MultiService):
         self.inventory.add_listener(self.sync.models_read)
         registry.subscribe(known_models.changed)
         self.inventory.add_listener(known_models.changed)
+        registry.subscribe(
+            lambda catalog: self.activity.forget_all_but(catalog.frontends, catalog.backends)
+        )
         # Deleted API keys: their pending usage and their metrics go with them.
         registry.subscribe(lambda catalog: self.usage.forget_keys(catalog.api_keys.keys()))
         if self.metrics is not None:
@@ -226,7 +233,12 @@ class Daemon(MultiService):
             queues=self.gateway.queue_report,
             worker=worker or 0,
             usage_of=self.usage.usage,
+            activity=self.activity,
+            clock=reactor,
         )
+        # The live feed shows a change of configuration or health at once.
+        feed = self.admin.feed
+        registry.subscribe(lambda _catalog: feed.soon())
         self.root = Root(self.admin.resource(), metrics=metrics_page)
         #: Where each request goes: the admin API, our pages, a CORS answer, or the gateway.
         self.front_door = FrontDoor(
@@ -264,6 +276,7 @@ class Daemon(MultiService):
     def _health_changed(self, backend: Backend, healthy: bool) -> None:
         self.inventory.health_changed(backend, healthy)
         self.gateway.backend_available(backend, healthy)
+        self.admin.feed.soon()
 
     def _back_in_rotation(self, backend: Backend) -> None:
         """A backend that failed a request passed a check: queued requests may use it again."""
@@ -329,6 +342,7 @@ class Daemon(MultiService):
         if self.listening is not None:
             await maybeDeferred(self.listening.stopListening)
             self.listening = None
+        self.admin.feed.close()  # dashboards' streams never end by themselves
         clean = await self.drain(self.loaded.settings.drain_timeout_ms / 1000)
         await super().stopService()
         await self.gateway.close()

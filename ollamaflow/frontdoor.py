@@ -3,7 +3,8 @@
 Requests are routed on their normalised path (:mod:`ollamaflow.server.target`). Every path that
 starts with ``/v1.0`` is the admin API's, even ``/v1.0x``, so that a mistyped admin URL is
 refused by it instead of carrying its token to a backend. ``GET /metrics`` and ``GET /`` are ours
-too; those are twisted.web resources under :class:`Root`. Everything else is client traffic for
+too, and so is the dashboard under ``/dashboard/``; those are twisted.web resources under
+:class:`Root`. Everything else is client traffic for
 the gateway, served on the lean path of :mod:`ollamaflow.server`, over the same connections.
 
 Every ``OPTIONS`` is answered here, and so is a request from an origin browsers may not let
@@ -26,6 +27,7 @@ from twisted.web.resource import Resource
 
 from ollamaflow import cors
 from ollamaflow.admin.errors import error_body as admin_error_body
+from ollamaflow.dashboard.pages import DashboardPages, is_dashboard
 from ollamaflow.gateway.clienterrors import error_body as gateway_error_body
 from ollamaflow.server.answers import deliver
 from ollamaflow.server.body import SpooledRequest
@@ -71,7 +73,7 @@ def is_web(method: bytes, path: bytes, metrics: bool) -> bool:
         return True
     if method not in (b"GET", b"HEAD"):
         return False
-    return path == b"/" or (metrics and path == METRICS_PATH)
+    return path == b"/" or (metrics and path == METRICS_PATH) or is_dashboard(path)
 
 
 def error_body(path: bytes, status: int, message: str) -> bytes:
@@ -90,15 +92,22 @@ def internal_error(path: bytes, reason: Failure) -> bytes:
 
 
 class Root(Resource):
-    """The twisted.web side: anything under ``/v1.0`` to the admin API, ``/metrics``, and
-    ``/`` answered here."""
+    """The twisted.web side: anything under ``/v1.0`` to the admin API, ``/metrics``, the
+    dashboard's files, and ``/`` answered here."""
 
     isLeaf = True
 
-    def __init__(self, admin: Renderer, *, metrics: Renderer | None = None) -> None:
+    def __init__(
+        self,
+        admin: Renderer,
+        *,
+        metrics: Renderer | None = None,
+        dashboard: Renderer | None = None,
+    ) -> None:
         super().__init__()
         self.admin = admin
         self.metrics = metrics
+        self.dashboard = DashboardPages() if dashboard is None else dashboard
 
     def render(self, request: server.Request) -> Any:
         path = request.path
@@ -106,6 +115,8 @@ class Root(Resource):
             return self.admin.render(request)
         if path == METRICS_PATH and self.metrics is not None:
             return self.metrics.render(request)
+        if is_dashboard(path):
+            return self.dashboard.render(request)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return OLLAMA_IS_RUNNING
 
@@ -178,7 +189,7 @@ class FrontDoor:
         # is_web, inlined: this is every request's path.
         if path.startswith(ADMIN_PREFIX) or (
             method in (b"GET", b"HEAD")
-            and (path == b"/" or (self.metrics and path == METRICS_PATH))
+            and (path == b"/" or (self.metrics and path == METRICS_PATH) or is_dashboard(path))
         ):
             return WebStream(connection, self.site, head)
         return SpooledRequest(ConnectionRequest(connection, head), self.serve)

@@ -10,6 +10,8 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 
 import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -17,9 +19,12 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ollamaflow import __version__
+from ollamaflow.activity import Activity
 from ollamaflow.admin.apikeys import ApiKeyRoutes, UsageSource
 from ollamaflow.admin.errors import ApiError, write_error
+from ollamaflow.admin.events import EventFeed, StreamRequest, TooManyListeners
 from ollamaflow.admin.routing import answer, parsed, query_values, read_json, routes
+from ollamaflow.admin.sections import FleetSections
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
 from ollamaflow.jsonfields import to_wire
@@ -84,7 +89,16 @@ class AdminApi(ApiKeyRoutes):
     queues: Callable[[], list[dict[str, object]]] = list
     #: Which worker process this is, when the daemon runs several (0 = the main one).
     worker: int = 0
+    #: What the fleet did lately (the live feed's request lines and charts).
+    activity: Activity = attrs.field(kw_only=True)
+    #: The clock the live feed samples by.
+    clock: IReactorTime = attrs.field(kw_only=True)
+    #: ``GET /v1.0/events``.
+    feed: EventFeed = attrs.field(init=False)
     _log: Logger = attrs.field(factory=Logger)
+
+    def __attrs_post_init__(self) -> None:
+        self.feed = EventFeed(self.clock, FleetSections(self, self.activity))
 
     app = routes
 
@@ -99,21 +113,21 @@ class AdminApi(ApiKeyRoutes):
     @app.route("/v1.0/frontends", methods=["GET"])
     def list_frontends(self, request: IRequest) -> bytes:
         frontends = self.registry.catalog.frontends.values()
-        return answer(request, [self._frontend_wire(fe) for fe in frontends])
+        return answer(request, [self.frontend_record(fe) for fe in frontends])
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["GET"])
     def get_frontend(self, request: IRequest, identifier: str) -> bytes:
-        return answer(request, self._frontend_wire(self._frontend(identifier)))
+        return answer(request, self.frontend_record(self._frontend(identifier)))
 
     @app.route("/v1.0/frontends", methods=["PUT", "POST"])
     async def create_frontend(self, request: IRequest) -> bytes:
         stored = await self.registry.create_frontend(_parse(Frontend, request))
-        return answer(request, self._frontend_wire(stored), 201)
+        return answer(request, self.frontend_record(stored), 201)
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["PUT"])
     async def replace_frontend(self, request: IRequest, identifier: str) -> bytes:
         stored = await self.registry.replace_frontend(_parse(Frontend, request, identifier))
-        return answer(request, self._frontend_wire(stored))
+        return answer(request, self.frontend_record(stored))
 
     @app.route("/v1.0/frontends/<string:identifier>", methods=["DELETE"])
     async def delete_frontend(self, request: IRequest, identifier: str) -> bytes:
@@ -129,7 +143,9 @@ class AdminApi(ApiKeyRoutes):
 
     @app.route("/v1.0/backends/health", methods=["GET"])
     def all_health(self, request: IRequest) -> bytes:
-        return answer(request, [self._health(be) for be in self.registry.catalog.backends.values()])
+        return answer(
+            request, [self.health_record(be) for be in self.registry.catalog.backends.values()]
+        )
 
     @app.route("/v1.0/backends/<string:identifier>", methods=["GET"])
     def get_backend(self, request: IRequest, identifier: str) -> bytes:
@@ -137,7 +153,7 @@ class AdminApi(ApiKeyRoutes):
 
     @app.route("/v1.0/backends/<string:identifier>/health", methods=["GET"])
     def backend_health(self, request: IRequest, identifier: str) -> bytes:
-        return answer(request, self._health(self._backend(identifier)))
+        return answer(request, self.health_record(self._backend(identifier)))
 
     @app.route("/v1.0/backends/<string:identifier>/models", methods=["GET"])
     def backend_models(self, request: IRequest, identifier: str) -> bytes:
@@ -182,31 +198,43 @@ class AdminApi(ApiKeyRoutes):
 
     @app.route("/v1.0/health", methods=["GET"])
     def daemon_health(self, request: IRequest) -> bytes:
+        return answer(request, self.daemon_status())
+
+    def daemon_status(self) -> dict[str, Any]:
+        """The daemon's health: counts, requests in flight, and each frontend's queue."""
         catalog = self.registry.catalog
         healthy = sum(
             1 for be in catalog.backends.values() if self.runtime.state(be.identifier).healthy
         )
         now = self.now()
-        return answer(
-            request,
-            {
-                "Status": "Running",
-                "Version": __version__,
-                "Pid": os.getpid(),
-                "Worker": self.worker,
-                "StartedUtc": self.started.isoformat().replace("+00:00", "Z"),
-                "Uptime": format_timespan(now - self.started),
-                "Frontends": len(catalog.frontends),
-                "Backends": len(catalog.backends),
-                "HealthyBackends": healthy,
-                "UnhealthyBackends": len(catalog.backends) - healthy,
-                "ActiveRequests": sum(s.active_requests for s in self.runtime.states.values()),
-                "Queues": [
-                    {**queue, "MissingBackends": self._missing(queue["Identifier"])}
-                    for queue in self.queues()
-                ],
-            },
-        )
+        return {
+            "Status": "Running",
+            "Version": __version__,
+            "Pid": os.getpid(),
+            "Worker": self.worker,
+            "StartedUtc": self.started.isoformat().replace("+00:00", "Z"),
+            "Uptime": format_timespan(now - self.started),
+            "Frontends": len(catalog.frontends),
+            "Backends": len(catalog.backends),
+            "HealthyBackends": healthy,
+            "UnhealthyBackends": len(catalog.backends) - healthy,
+            "ActiveRequests": sum(s.active_requests for s in self.runtime.states.values()),
+            "Queues": [
+                {**queue, "MissingBackends": self._missing(queue["Identifier"])}
+                for queue in self.queues()
+            ],
+        }
+
+    @app.route("/v1.0/events", methods=["GET"])
+    def events(self, request: IRequest) -> Deferred[bytes] | bytes:
+        """The dashboard's live feed (:mod:`ollamaflow.dashboard` says what it sends)."""
+        if request.method == b"HEAD":  # a body would never be sent: no stream to hold open
+            request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+            return b""
+        try:
+            return self.feed.listen(cast(StreamRequest, request))
+        except TooManyListeners as e:
+            raise ApiError(503, str(e)) from None
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -252,7 +280,7 @@ class AdminApi(ApiKeyRoutes):
             raise ApiError(404, f"backend {identifier!r} does not exist")
         return found
 
-    def _frontend_wire(self, frontend: Frontend) -> dict[str, Any]:
+    def frontend_record(self, frontend: Frontend) -> dict[str, Any]:
         """The record, and the backends it names that do not exist (only when there are)."""
         out = to_wire(frontend)
         missing = self.registry.catalog.missing_backends(frontend)
@@ -264,7 +292,7 @@ class AdminApi(ApiKeyRoutes):
         frontend = self.registry.catalog.frontends.get(str(identifier))
         return list(self.registry.catalog.missing_backends(frontend)) if frontend else []
 
-    def _health(self, backend: Backend) -> dict[str, Any]:
+    def health_record(self, backend: Backend) -> dict[str, Any]:
         out = to_wire(backend)
         now = self.now()
         out.update(self.runtime.state(backend.identifier).to_wire(now))

@@ -149,6 +149,9 @@ class ModelSync(Service):
             for field, wire in (("size", "Size"), ("digest", "Digest")):
                 if entry.get(field) is not None:
                     item[wire] = entry[field]
+            vram = (loaded.get(key) or {}).get("size_vram")
+            if isinstance(vram, int) and not isinstance(vram, bool):
+                item["SizeVram"] = vram
             running = pulls.pulls.get(key)
             if running is not None:
                 item["Pulling"] = {**running.progress.to_wire(), "Queued": running.queued}
