@@ -176,6 +176,7 @@ class EventFeed:
         self._stop_ticker()
         for listener in list(self.listeners):
             self._forget(listener)
+            listener.request.unregisterProducer()
             listener.ended.callback(b"")
 
     # -- inside -------------------------------------------------------------------------------
@@ -218,10 +219,10 @@ class EventFeed:
             self._forget(listener)
 
     def _forget(self, listener: Listener) -> None:
+        """Stop writing to ``listener`` (its connection is gone, or the feed ends it)."""
         if listener not in self.listeners:
             return
         self.listeners.discard(listener)
-        listener.request.unregisterProducer()
         if not self.listeners:
             self._stop_ticker()
 

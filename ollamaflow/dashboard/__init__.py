@@ -34,10 +34,13 @@ health change). A comment line (``: keep-alive``) goes out every 15 seconds of s
 ``series``
     ``{"BucketSeconds": 10, "EndUtc", "Backends": {identifier: {"Requests": [...],
     "Tokens": [...]}}}``: counts per 10-second bucket over the last 15 minutes, oldest first
-    (90 each; tokens/s is ``Tokens[i] / BucketSeconds``). The last bucket is still filling.
+    (90 each; tokens/s is ``Tokens[i] / BucketSeconds``). Only whole buckets: the last one
+    ends at ``EndUtc``, and the section changes once per bucket.
 ``requests``
-    The latest finished client requests, oldest first (on connecting, the last 50; then each
-    new one once): ``Time`` (UTC), ``Id``, ``Method``, ``Path``, ``Frontend``, ``Backend``,
+    An array of the latest finished client requests, oldest first (on connecting, and after
+    catching up, the last 50 — a line may come twice, ``Id`` tells; then each new one once):
+    ``Time`` (UTC), ``Id``, ``Method``, ``Path``, ``Frontend``, ``Backend`` (the backends
+    joined by commas for a request answered by several: a pull, the model catalog),
     ``Model``, ``Status``, ``Outcome``, ``DurationMs``, ``Tokens``, ``TokensPerSecond``,
     ``Key``.
 ``config``
