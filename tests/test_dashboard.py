@@ -15,17 +15,18 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import pytest_twisted
 import treq
 from completions import completed
 from harness import DaemonUnderTest, start_daemon
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, ViewportSize, expect, sync_playwright
 from test_browser import CHROMIUM, require_chromium
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 
 from ollamaflow.activity import BUCKET_SECONDS, BUCKETS, Activity
 
@@ -33,14 +34,19 @@ T = TypeVar("T")
 
 #: Health checked every 100 ms: a stopped box shows within a second or two.
 FAST = {"HealthCheckIntervalMs": 100, "ModelRefreshIntervalMs": 1000}
-LAPTOP = {"width": 1366, "height": 768}
+LAPTOP: ViewportSize = {"width": 1366, "height": 768}
 #: How long the page may take to show what the daemon knows, in milliseconds.
 SHOWN = 8_000
 
 
 def on_reactor(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """From the browser's thread: run a coroutine on the reactor and wait for its result."""
-    return threads.blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(work()))
+
+    def start() -> Deferred[Any]:
+        return Deferred.fromCoroutine(work())
+
+    from_threads = cast(IReactorFromThreads, reactor)
+    return cast(T, threads.blockingCallFromThread(from_threads, start))
 
 
 @attrs.frozen
@@ -81,7 +87,7 @@ class Dashboard:
 async def dashboard(tmp_path: Path) -> AsyncIterator[Dashboard]:
     require_chromium()
     fleet = DaemonUnderTest(await start_daemon(tmp_path, FAST))
-    paced = {"tokens": 24, "tokens_per_second": 80, "pull_time": 3.0}
+    paced: dict[str, Any] = {"tokens": 24, "tokens_per_second": 80, "pull_time": 3.0}
     await fleet.add("gpu-1", backend={"Name": "GPU box 1"}, **paced)
     await fleet.add("gpu-2", models=("llama3",), backend={"Name": "GPU box 2"}, **paced)
     await fleet.serve("gpu-1", "gpu-2")
