@@ -37,8 +37,10 @@ health change). A comment line (``: keep-alive``) goes out every 15 seconds of s
     (90 each; tokens/s is ``Tokens[i] / BucketSeconds``). Only whole buckets: the last one
     ends at ``EndUtc``, and the section changes once per bucket.
 ``requests``
-    An array of the latest finished client requests, oldest first (on connecting, and after
-    catching up, the last 50 — a line may come twice, ``Id`` tells; then each new one once):
+    An array of the latest finished client requests, oldest first: on connecting, and after
+    catching up, the last 50 (a line may come twice; ``Id`` tells); then, once a second, those
+    that finished since, the latest 50 at most (a page of lines is what a person reads; under
+    thousands of requests a second the view is a sample of the latest):
     ``Time`` (UTC), ``Id``, ``Method``, ``Path``, ``Frontend``, ``Backend`` (the backends
     joined by commas for a request answered by several: a pull, the model catalog),
     ``Model``, ``Status``, ``Outcome``, ``DurationMs``, ``Tokens``, ``TokensPerSecond``,
