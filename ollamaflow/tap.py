@@ -28,6 +28,16 @@ _PARAMETERS: list[list[Any]] = [
     ["config", "c", "ollamaflow.json", "Settings file (created with defaults if missing)."],
     ["worker", None, None, "Internal: run as worker N of a daemon with Workers > 1.", int],
 ]
+#: Flags, accepted on either side of ``start`` too.
+_FLAGS: list[list[Any]] = [
+    [
+        "demo",
+        None,
+        "Run a demo: two simulated Ollama servers and some traffic, on throwaway settings and "
+        "database in a temporary folder (--config is ignored: an existing configuration is "
+        "never touched).",
+    ],
+]
 
 
 def _no_arguments(args: tuple[str, ...]) -> None:
@@ -38,20 +48,22 @@ def _no_arguments(args: tuple[str, ...]) -> None:
 class StartOptions(usage.Options):
     """``start``: the same options, after the word; given there, they win."""
 
-    synopsis = "[--config PATH]"
+    synopsis = "[--config PATH] [--demo]"
     optParameters = [[name, short, None, *rest] for name, short, _default, *rest in _PARAMETERS]
+    optFlags = _FLAGS
 
     def parseArgs(self, *args: str) -> None:
         _no_arguments(args)
 
 
 class Options(usage.Options):
-    synopsis = "[--config PATH] [start [--config PATH]]"
+    synopsis = "[--config PATH] [--demo] [start [--config PATH] [--demo]]"
     longdesc = (
         "Run OllamaFlow. The settings file is created with defaults if it does not exist; "
         "frontends and backends live in the database it names."
     )
     optParameters = _PARAMETERS
+    optFlags = _FLAGS
     subCommands = [
         ["start", None, StartOptions, "Run OllamaFlow: the same as no command (1.2's runbooks)."]
     ]
@@ -64,6 +76,9 @@ class Options(usage.Options):
         if given is not None:
             for name, *_ in _PARAMETERS:
                 if given[name] is not None:
+                    self[name] = given[name]
+            for name, *_ in _FLAGS:
+                if given[name]:
                     self[name] = given[name]
 
 
@@ -80,6 +95,10 @@ def _console(options: Options) -> IO[str]:
 
 def makeService(options: Options) -> IService:
     """Load the settings and prepare the database before the reactor runs; fail in one line."""
+    if options["demo"]:  # the daemon on throwaway settings, with simulators: see ollamaflow.demo
+        from ollamaflow.demo import make_demo
+
+        return make_demo(options, makeService)
     from ollamaflow.twisted_internals import TwistedChanged, self_check
 
     try:  # first: the modules below use the private Twisted APIs it checks
