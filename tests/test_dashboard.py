@@ -21,14 +21,15 @@ import attrs
 import pytest_twisted
 import treq
 from completions import completed
-from harness import DaemonUnderTest, start_daemon
-from playwright.sync_api import Page, ViewportSize, expect, sync_playwright
+from harness import DaemonUnderTest, Reply, start_daemon, until
+from playwright.sync_api import Locator, Page, ViewportSize, expect, sync_playwright
 from test_browser import CHROMIUM, require_chromium
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
 from ollamaflow.activity import BUCKET_SECONDS, BUCKETS, Activity
+from ollamaflow.store.errors import BackendInUse
 
 T = TypeVar("T")
 
@@ -358,3 +359,273 @@ async def test_names_from_the_network_show_as_text_never_as_markup(dashboard: Da
 
     seen = await in_browser(work)
     assert seen == {"pwned": None, "images": 0}
+
+
+# -- Steering the fleet from the page, checked through the admin API ---------------------------
+
+
+def admin(fleet: DaemonUnderTest, method: str, path: str, body: Any = None) -> Reply:
+    """From the browser's thread: one admin API call, made on the reactor."""
+    return on_reactor(lambda: fleet.http.request(method, path, body))
+
+
+def steer_row(page: Page, kind: str, identifier: str) -> Locator:
+    """A row of a Steer list: ``kind`` backend, frontend or apikey."""
+    testid, attribute = {
+        "backend": ("steer-backend-row", "data-backend"),
+        "frontend": ("steer-frontend-row", "data-frontend"),
+        "apikey": ("apikey-row", "data-apikey"),
+    }[kind]
+    return page.locator(f'[data-testid="{testid}"][{attribute}="{identifier}"]')
+
+
+def act(page: Page, kind: str, identifier: str, action: str) -> None:
+    """Click one of a Steer row's buttons (edit, drain, putback, remove, usage, delete)."""
+    steer_row(page, kind, identifier).locator(f'button[data-action="{action}"]').click()
+
+
+async def chat_as(fleet: DaemonUnderTest, secret: str) -> int:
+    """One small chat through the daemon with ``secret`` as the bearer; its status."""
+    body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    headers: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {secret}"}
+    response = await treq.post(
+        fleet.url + "/api/chat", json=body, headers=headers, persistent=False
+    )
+    await response.content()
+    return cast(int, response.code)
+
+
+def tab_until(page: Page, selector: str, presses: int = 40, *, back: bool = False) -> None:
+    """Press Tab (Shift+Tab with ``back``) until the focused element matches ``selector``."""
+    for pressed in range(presses + 1):
+        if page.evaluate("s => document.activeElement?.matches(s) ?? false", selector):
+            return
+        if pressed < presses:
+            page.keyboard.press("Shift+Tab" if back else "Tab")
+    focused = page.evaluate("document.activeElement?.outerHTML.slice(0, 200)")
+    raise AssertionError(f"{selector} not reached in {presses} presses; focus is on {focused}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_drained_from_steer_shows_draining_and_comes_back(
+    dashboard: Dashboard,
+) -> None:
+    fleet = dashboard.fleet
+
+    def work(page: Page) -> list[bool]:
+        sign_in(page, dashboard.url, dashboard.token)
+        expect(tile(page, "gpu-2")).to_have_attribute("data-health", "healthy")
+        actives = []
+        show(page, "steer")
+        act(page, "backend", "gpu-2", "drain")
+        form = page.get_by_test_id("backend-form")
+        expect(form.get_by_test_id("form-result")).to_contain_text("gpu-2")
+        expect(steer_row(page, "backend", "gpu-2").locator("[data-action=putback]")).to_be_visible()
+        show(page, "fleet")
+        expect(tile(page, "gpu-2")).to_have_attribute("data-health", "draining")
+        expect(tile(page, "gpu-1")).to_have_attribute("data-health", "healthy")
+        actives.append(admin(fleet, "GET", "/v1.0/backends/gpu-2").json["Active"])
+        show(page, "steer")
+        act(page, "backend", "gpu-2", "putback")
+        expect(form.get_by_test_id("form-result")).to_contain_text("active again")
+        show(page, "fleet")
+        expect(tile(page, "gpu-2")).to_have_attribute("data-health", "healthy")
+        actives.append(admin(fleet, "GET", "/v1.0/backends/gpu-2").json["Active"])
+        return actives
+
+    assert await in_browser(work) == [False, True]
+    assert fleet.daemon.registry.catalog.backends["gpu-2"].active is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frontend_made_edited_and_removed_through_the_form(dashboard: Dashboard) -> None:
+    fleet = dashboard.fleet
+
+    def work(page: Page) -> list[Reply]:
+        sign_in(page, dashboard.url, dashboard.token)
+        show(page, "steer")
+        form = page.get_by_test_id("frontend-form")
+        result = form.get_by_test_id("form-result")
+        form.locator('[name="Identifier"]').fill("fe-2")
+        form.locator('[name="Hostname"]').fill("fe2.example")
+        form.locator('input[name="Backends"][value="gpu-1"]').check()
+        form.locator('[type="submit"]').click()
+        expect(result).to_contain_text("Added frontend fe-2")
+        expect(steer_row(page, "frontend", "fe-2")).to_contain_text("fe2.example")
+        replies = [admin(fleet, "GET", "/v1.0/frontends/fe-2")]
+        act(page, "frontend", "fe-2", "edit")
+        expect(form).to_have_attribute("data-editing", "fe-2")
+        expect(form.locator('input[name="Backends"][value="gpu-1"]')).to_be_checked()
+        expect(form.locator('input[name="Backends"][value="gpu-2"]')).not_to_be_checked()
+        form.locator('input[name="Backends"][value="gpu-2"]').check()
+        form.locator('[type="submit"]').click()
+        expect(result).to_contain_text("Saved frontend fe-2")
+        expect(steer_row(page, "frontend", "fe-2")).to_contain_text("gpu-1, gpu-2")
+        replies.append(admin(fleet, "GET", "/v1.0/frontends/fe-2"))
+        act(page, "frontend", "fe-2", "remove")
+        expect(result).to_contain_text("Removed frontend fe-2")
+        expect(steer_row(page, "frontend", "fe-2")).to_have_count(0)
+        return replies
+
+    made, edited = await in_browser(work)
+    assert made.status == 200, made.body
+    assert (made.json["Hostname"], made.json["Backends"]) == ("fe2.example", ["gpu-1"])
+    assert made.json["RequiredModels"] == []
+    assert edited.status == 200, edited.body
+    assert (edited.json["Hostname"], edited.json["Backends"]) == ("fe2.example", ["gpu-1", "gpu-2"])
+    assert (await fleet.http.get("/v1.0/frontends/fe-2")).status == 404
+    assert (await fleet.http.get("/v1.0/frontends/frontend1")).json["Backends"] == [
+        "gpu-1",
+        "gpu-2",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_a_backend_in_use_says_why_and_forcing_takes_it_out(
+    dashboard: Dashboard,
+) -> None:
+    fleet = dashboard.fleet
+    refused = str(BackendInUse("gpu-2", ("frontend1",)))  # what the admin API's 409 describes
+
+    def work(page: Page) -> None:
+        sign_in(page, dashboard.url, dashboard.token)
+        show(page, "steer")
+        act(page, "backend", "gpu-2", "remove")
+        error = page.get_by_test_id("backend-form").get_by_test_id("form-error")
+        expect(error).to_contain_text(refused)
+        assert admin(fleet, "GET", "/v1.0/backends/gpu-2").status == 200, "refused: still there"
+        error.get_by_test_id("force-remove").click()
+        expect(page.get_by_test_id("backend-form").get_by_test_id("form-result")).to_contain_text(
+            "Removed backend gpu-2"
+        )
+        expect(steer_row(page, "backend", "gpu-2")).to_have_count(0)
+        show(page, "fleet")
+        expect(tile(page, "gpu-2")).to_have_count(0)
+
+    await in_browser(work)
+    assert (await fleet.http.get("/v1.0/backends/gpu-2")).status == 404
+    assert (await fleet.http.get("/v1.0/frontends/frontend1")).json["Backends"] == ["gpu-1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_api_key_made_in_the_form_works_shows_its_usage_and_is_deleted(
+    dashboard: Dashboard,
+) -> None:
+    fleet = dashboard.fleet
+
+    async def used(identifier: str) -> int:
+        """Waits for the admin API to count the key's request (at first from the daemon's
+        memory), writes the counts to the store as the usage flusher does every
+        ``RateLimits.UsageFlushIntervalMs``, and answers the count the API then reads."""
+        path = f"/v1.0/apikeys/{identifier}/usage"
+
+        async def requests() -> int:
+            return cast(int, (await fleet.http.get(path)).json["Totals"]["Requests"])
+
+        await until(requests, what="the key's request counted")
+        await fleet.daemon.usage.flush()
+        assert fleet.daemon.usage.pending_rows == 0
+        return await requests()
+
+    def work(page: Page) -> dict[str, Any]:
+        sign_in(page, dashboard.url, dashboard.token)
+        show(page, "steer")
+        form = page.get_by_test_id("apikey-form")
+        form.locator('[name="Name"]').fill("browser app")
+        form.locator('[type="submit"]').click()
+        expect(page.get_by_test_id("apikey-secret")).to_be_visible()
+        secret = page.get_by_test_id("apikey-key").input_value()
+        row = page.get_by_test_id("apikey-row").filter(has_text="browser app")
+        expect(row).to_have_count(1)
+        identifier = row.get_attribute("data-apikey")
+        assert identifier
+        seen: dict[str, Any] = {"secret": secret, "identifier": identifier}
+        seen["record"] = admin(fleet, "GET", f"/v1.0/apikeys/{identifier}").json
+        seen["chat"] = on_reactor(lambda: chat_as(fleet, secret))
+        seen["used"] = on_reactor(lambda: used(identifier))
+        act(page, "apikey", identifier, "usage")
+        usage = page.get_by_test_id("apikey-usage")
+        expect(usage.get_by_test_id("usage-row")).to_have_count(1)
+        seen["usage"] = usage.get_by_test_id("usage-row").inner_text()
+        act(page, "apikey", identifier, "delete")
+        expect(form.get_by_test_id("form-result")).to_contain_text(f"Deleted key {identifier}")
+        expect(page.get_by_test_id("apikey-secret")).to_be_hidden()  # its secret goes too
+        expect(steer_row(page, "apikey", identifier)).to_have_count(0)
+        expect(usage).to_be_hidden()
+        return seen
+
+    seen = await in_browser(work)
+    secret, identifier = seen["secret"], seen["identifier"]
+    assert secret.startswith("ofk_")
+    assert seen["record"]["Name"] == "browser app"
+    assert secret.startswith(seen["record"]["KeyPrefix"]) and "Key" not in seen["record"]
+    assert seen["chat"] == 200, "the key works"
+    assert seen["used"] == 1
+    assert "llama3" in seen["usage"]
+    assert (await fleet.http.get(f"/v1.0/apikeys/{identifier}")).status == 404
+    assert await chat_as(fleet, secret) == 401, "a deleted key is refused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_frontend_edit_shows_the_fields_description(dashboard: Dashboard) -> None:
+    fleet = dashboard.fleet
+    before = (await fleet.http.get("/v1.0/frontends/frontend1")).json
+
+    def work(page: Page) -> list[str]:
+        sign_in(page, dashboard.url, dashboard.token)
+        show(page, "steer")
+        form = page.get_by_test_id("frontend-form")
+        error = form.get_by_test_id("form-error")
+        act(page, "frontend", "frontend1", "edit")
+        expect(form).to_have_attribute("data-editing", "frontend1")
+        refusals = []
+        for name, value in (("MaxQueueDepth", "-1"), ("Hostname", "not a host!")):
+            field = form.locator(f'[name="{name}"]')
+            kept = field.input_value()
+            field.fill(value)
+            form.locator('[type="submit"]').click()
+            expect(error).to_contain_text(name)
+            refusals.append(error.inner_text())
+            expect(form).to_have_attribute("data-editing", "frontend1")  # still editing
+            field.fill(kept)
+        return refusals
+
+    depth, hostname = await in_browser(work)
+    assert "-1" in depth
+    assert "not a host!" in hostname
+    after = (await fleet.http.get("/v1.0/frontends/frontend1")).json
+    assert after == before, "nothing was changed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_added_with_the_keyboard_only(dashboard: Dashboard) -> None:
+    fleet = dashboard.fleet
+
+    def work(page: Page) -> None:
+        page.goto(dashboard.url)
+        tab_until(page, "#token")
+        page.keyboard.type(dashboard.token)
+        page.keyboard.press("Enter")
+        expect(page.get_by_test_id("feed-status")).to_contain_text("live")
+        tab_until(page, 'nav button[data-view="steer"]')
+        page.keyboard.press("Enter")
+        expect(page.locator('button[data-view="steer"]')).to_have_attribute("aria-current", "page")
+        tab_until(page, '#backend-form [name="Identifier"]')
+        page.keyboard.type("gpu-9")
+        tab_until(page, '#backend-form [name="Name"]')
+        page.keyboard.type("GPU box 9")
+        tab_until(page, '#backend-form [name="Port"]')
+        page.keyboard.type("11509")
+        tab_until(page, '#backend-form [name="Hostname"]', back=True)
+        page.keyboard.type("10.0.0.9")
+        page.keyboard.press("Enter")
+        expect(steer_row(page, "backend", "gpu-9")).to_be_visible()
+        expect(page.get_by_test_id("backend-form").get_by_test_id("form-result")).to_contain_text(
+            "Added backend gpu-9"
+        )
+
+    await in_browser(work)
+    made = await fleet.http.get("/v1.0/backends/gpu-9")
+    assert made.status == 200, made.body
+    record = made.json
+    assert (record["Name"], record["Hostname"], record["Port"]) == ("GPU box 9", "10.0.0.9", 11509)

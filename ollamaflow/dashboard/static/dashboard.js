@@ -1201,6 +1201,7 @@ async function copySecret() {
 
 async function deleteApiKey(form, id) {
   await api("DELETE", keyPath(id));
+  showSecret(null); // a deleted key's secret is of no use to anyone
   const usage = $("#apikey-usage");
   if (usage.dataset.key === id) usage.hidden = true;
   formMessage(form, { result: `Deleted key ${id} and its usage.` });
