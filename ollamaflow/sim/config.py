@@ -53,6 +53,14 @@ class SimConfig:
     """Parallel slots per loaded model; requests beyond them wait silently."""
     max_queue: int = attrs.field(default=512, validator=_positive)
     """Requests that may wait for a model load before the rest get 503 "server busy"."""
+    vram_bytes: int = attrs.field(default=0, validator=_non_negative)
+    """VRAM for loaded models, each taking its size; a load that does not fit evicts the least
+    recently used idle models, or waits until enough are idle. 0 = unlimited."""
+    load_seconds_per_gb: float = attrs.field(default=0.0, validator=_non_negative)
+    """Seconds a load takes per GB (1e9 bytes) of the model, on top of `load_time`."""
+    prompt_tokens_per_second: float = attrs.field(default=0.0, validator=_non_negative)
+    """Prompt evaluation pace: the first token waits `ttft` + uncached prompt tokens / this.
+    0 = free."""
     pull_time: float = attrs.field(default=0.0, validator=_non_negative)
     """Seconds a pull spends downloading layers."""
     pull_tick: float = attrs.field(default=0.06, validator=_non_negative)
@@ -82,6 +90,11 @@ class SimConfig:
     stall_after: int | None = attrs.field(default=None, validator=_non_negative)
     """Fault: pause `stall_seconds` once, after this many stream messages."""
     stall_seconds: float = attrs.field(default=5.0, validator=_non_negative)
+
+    def caches_prompts(self) -> bool:
+        """Whether slots keep prompt caches: on when `vram_bytes` or `prompt_tokens_per_second`
+        is set, so the default mode does no placement bookkeeping."""
+        return self.vram_bytes > 0 or self.prompt_tokens_per_second > 0
 
     def as_json(self) -> dict[str, Any]:
         """The knobs as a JSON-able dict."""

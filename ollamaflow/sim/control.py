@@ -1,8 +1,9 @@
 """`/_sim/`: read the simulator's knobs and counters, change knobs, reset counters.
 
-    GET  /_sim/state    {"config", "counters", "models", "loaded", "ps", "blobs", and the model
-                        operations done here: "pulled", "created", "copied", "deleted",
-                        "pushed", "unloaded" (see `events.Events`)}
+    GET  /_sim/state    {"config", "counters", "models", "loaded", "ps", "vram_used" (bytes of
+                        the models loading or loaded), "blobs", and the model operations done
+                        here: "pulled", "created", "copied", "deleted", "pushed", "unloaded"
+                        (see `events.Events`)}
     GET  /_sim/config   the knobs
     POST /_sim/config   a JSON object of knobs to change; unknown knob or bad value → 400
     POST /_sim/reset    zero the counters and forget the model operations (blobs stay)
@@ -64,6 +65,7 @@ class ControlAPI:
             "models": [m.name for m in state.catalog],
             "loaded": [entry["name"] for entry in ps],
             "ps": ps,
+            "vram_used": state.scheduler.vram_used,
             "blobs": [{"digest": blob.digest, "size": blob.size} for blob in state.blobs],
             **state.events.as_json(),
         }

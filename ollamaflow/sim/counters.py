@@ -26,7 +26,18 @@ class Counters:
     busy_rejections: int = 0
     """Requests answered 503 because the load queue was full."""
     loads: int = 0
+    """Model loads started."""
     unloads: int = 0
+    """Models unloaded, for any reason (evictions too)."""
+    evictions: int = 0
+    """Idle models unloaded to make room in `vram_bytes` for a load."""
+    cache_hits: int = 0
+    """Requests that reused a slot's cached prompt prefix (at least one whole message)."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens not evaluated because a slot's cache held them."""
+    evaluated_prompt_tokens: int = 0
+    """Prompt tokens evaluated (the uncached part); the last three move only while prompts are
+    cached (`vram_bytes` or `prompt_tokens_per_second` set)."""
     pulls: int = 0
     """Pulls that finished with `success`."""
     pull_failures: int = 0

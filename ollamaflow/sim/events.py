@@ -34,7 +34,8 @@ class Events:
     """`{"model", "digests"}` per finished push: the layers it sent."""
     unloaded: deque[dict[str, Any]] = attrs.Factory(_log)
     """`{"model", "reason"}` per unload; reason `keep_alive` (a request's keep_alive 0, as
-    `ollama stop` sends), `expired`, `deleted` or `control` (`POST /_sim/unload`)."""
+    `ollama stop` sends), `expired`, `evicted` (to make room in `vram_bytes`), `deleted` or
+    `control` (`POST /_sim/unload`)."""
 
     def clear(self) -> None:
         """Forget everything (`/_sim/reset`)."""

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 
-from ollamaflow.sim import content
+from ollamaflow.sim import content, prompts
 from ollamaflow.sim.emitter import Script
 from ollamaflow.sim.responses import SSE_DONE, dumps, event, line
 from ollamaflow.sim.scheduler import Lease
@@ -27,6 +27,7 @@ class Plan:
     count: int
     done_reason: str
     prompt_tokens: int
+    """Every prompt token, cached or not."""
 
 
 def plan(state: SimState, model: str, prompt_tokens: int, limit: Any) -> Plan:
@@ -49,6 +50,8 @@ class Outcome:
     prompt_eval_duration: int
     eval_count: int
     eval_duration: int
+    prompt_tokens: int = 0
+    """Every prompt token, cached or not (generate's `context` holds them all)."""
 
     def metrics(self) -> dict[str, Any]:
         """The `done: true` fields."""
@@ -100,7 +103,7 @@ class OllamaFormat:
         body = self._message(text, now, done=True)
         body.update(outcome.metrics())
         if not self.chat:
-            body["context"] = list(range(1, outcome.prompt_eval_count + outcome.eval_count + 1))
+            body["context"] = list(range(1, outcome.prompt_tokens + outcome.eval_count + 1))
         return body
 
     def final(self, outcome: Outcome, now: float) -> Iterator[bytes]:
@@ -174,15 +177,22 @@ def generation_script(
     streaming: bool,
     started: float,
 ) -> Script:
-    """Wait for a slot, think for `ttft`, emit tokens at `tokens_per_second`, then the end."""
+    """Wait for a slot, think for `ttft` plus the uncached prompt at `prompt_tokens_per_second`,
+    emit tokens at `tokens_per_second`, then the end."""
     lease: Lease = yield acquired
     try:
         clock = state.clock
         config = state.config
         interval = 1.0 / config.tokens_per_second if config.tokens_per_second > 0 else 0.0
         granted = clock.seconds()
-        if config.ttft > 0:
-            yield config.ttft
+        evaluated = the_plan.prompt_tokens
+        if lease.evaluated_tokens is not None:
+            evaluated = lease.evaluated_tokens
+        thinking = config.ttft
+        if config.prompt_tokens_per_second > 0:
+            thinking += evaluated / config.prompt_tokens_per_second
+        if thinking > 0:
+            yield thinking
         first = clock.seconds()
         pieces = content.tokens(the_plan.count)
         if streaming:
@@ -194,14 +204,17 @@ def generation_script(
             yield interval * (len(pieces) - 1)
         now = clock.seconds()
         state.counters.tokens += the_plan.count
+        if lease.caches_prompt:
+            lease.remember_reply(prompts.reply_key("".join(pieces)))
         outcome = Outcome(
             done_reason=the_plan.done_reason,
             total_duration=max(1, int((now - started) * _NS)),
             load_duration=max(1, int(lease.load_duration * _NS)),
-            prompt_eval_count=the_plan.prompt_tokens,
+            prompt_eval_count=evaluated,
             prompt_eval_duration=max(1, int((first - granted) * _NS)),
             eval_count=the_plan.count,
             eval_duration=max(1, int((now - first) * _NS)),
+            prompt_tokens=the_plan.prompt_tokens,
         )
         if streaming:
             yield from fmt.final(outcome, now)

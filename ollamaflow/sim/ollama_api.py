@@ -10,12 +10,13 @@ from twisted.internet.task import deferLater
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ollamaflow import modelnames
-from ollamaflow.sim import content
+from ollamaflow.sim import content, prompts
 from ollamaflow.sim.blobs import INVALID_DIGEST, Blob, blob_key, hash_stream, valid_digest
 from ollamaflow.sim.catalog import InstalledModel
 from ollamaflow.sim.emitter import Emitter, Script
 from ollamaflow.sim.generation import Format, OllamaFormat, generation_script, plan
 from ollamaflow.sim.progress import Steps, last_progress, stream_progress
+from ollamaflow.sim.prompts import Prompt
 from ollamaflow.sim.responses import (
     JSON,
     NDJSON,
@@ -23,10 +24,15 @@ from ollamaflow.sim.responses import (
     dumps,
     empty_response,
     json_response,
-    line,
     model_not_found,
 )
-from ollamaflow.sim.scheduler import BUSY_MESSAGE, Lease, ServerBusy, parse_keep_alive
+from ollamaflow.sim.scheduler import (
+    BUSY_MESSAGE,
+    Lease,
+    ModelTooLarge,
+    ServerBusy,
+    parse_keep_alive,
+)
 from ollamaflow.sim.state import SimState, model_field
 from ollamaflow.sim.timefmt import rfc3339
 from ollamaflow.sim.transfer import (
@@ -52,13 +58,23 @@ def keep_alive_of(state: SimState, body: Body) -> float:
         raise HTTPError(400, str(e)) from None
 
 
-def acquire(state: SimState, model: InstalledModel, body: Body) -> Deferred[Lease]:
-    """A slot on `model` honouring the request's `keep_alive`; 400 or 503 errors raised."""
+def acquire(
+    state: SimState,
+    model: InstalledModel,
+    body: Body,
+    prompt: Prompt | None = None,
+    *,
+    needs_slot: bool = True,
+) -> Deferred[Lease]:
+    """A slot on `model` honouring the request's `keep_alive`; 400, 500 (a model larger than
+    the VRAM) or 503 errors raised."""
     keep_alive = keep_alive_of(state, body)
     try:
-        return state.scheduler.acquire(model, keep_alive)
+        return state.scheduler.acquire(model, keep_alive, prompt, needs_slot=needs_slot)
     except ServerBusy:
         raise HTTPError(503, BUSY_MESSAGE) from None
+    except ModelTooLarge as e:
+        raise HTTPError(500, str(e)) from None
 
 
 def emit(
@@ -76,6 +92,34 @@ def emit(
         emitter.faults = faults
     emitter.start()
     return NOT_DONE_YET
+
+
+def _chat_prompt(state: SimState, body: Body) -> tuple[int, Prompt | None] | None:
+    """A chat's prompt tokens and, when prompts are cached, its `Prompt`; None: no messages."""
+    messages = body.get("messages") or []
+    if not isinstance(messages, list):
+        raise HTTPError(400, "messages must be a list")
+    if not messages:
+        return None
+    if state.config.caches_prompts():
+        prompt = prompts.of_messages(messages)
+        return prompt.total, prompt
+    return content.count_message_tokens(messages), None
+
+
+def _generate_prompt(state: SimState, body: Body) -> tuple[int, Prompt | None] | None:
+    """A generate's prompt tokens and, when prompts are cached, its `Prompt` (with `system`);
+    None: no prompt."""
+    text = body.get("prompt") or ""
+    if not isinstance(text, str):
+        raise HTTPError(400, "prompt must be a string")
+    if not text:
+        return None
+    if state.config.caches_prompts():
+        system = body.get("system")
+        prompt = prompts.of_text(text, system if isinstance(system, str) else "")
+        return prompt.total, prompt
+    return content.count_tokens(text), None
 
 
 def _streams(body: Body) -> bool:
@@ -124,29 +168,20 @@ class OllamaAPI:
         name = model_field(body)
         model = state.installed(name)
         streaming = _streams(body)
-        if chat:
-            messages = body.get("messages") or []
-            if not isinstance(messages, list):
-                raise HTTPError(400, "messages must be a list")
-            empty = not messages
-            prompt_tokens = content.count_message_tokens(messages) if messages else 0
-        else:
-            prompt = body.get("prompt") or ""
-            if not isinstance(prompt, str):
-                raise HTTPError(400, "prompt must be a string")
-            empty = not prompt
-            prompt_tokens = content.count_tokens(prompt) if prompt else 0
-        if empty and body.get("keep_alive") is not None and keep_alive_of(state, body) == 0:
+        parsed = _chat_prompt(state, body) if chat else _generate_prompt(state, body)
+        stop = parsed is None and body.get("keep_alive") is not None
+        if stop and keep_alive_of(state, body) == 0:
             return self._unload(request, model, name, chat=chat)
         if model.spec.embedding_only:
             raise HTTPError(400, f'"{name}" does not support {"chat" if chat else "generate"}')
-        fmt: Format = OllamaFormat(name, chat)
-        if empty:
-            return self._load_only(request, body, model, name, chat=chat, streaming=streaming)
+        if parsed is None:
+            return self._load_only(request, body, model, name, chat=chat)
+        prompt_tokens, prompt = parsed
         options = body.get("options")
         limit = options.get("num_predict") if isinstance(options, dict) else None
         the_plan = plan(state, name, prompt_tokens, limit)
-        acquired = acquire(state, model, body)
+        acquired = acquire(state, model, body, prompt)
+        fmt: Format = OllamaFormat(name, chat)
         script = generation_script(
             state, acquired, the_plan, fmt, streaming=streaming, started=started
         )
@@ -154,50 +189,40 @@ class OllamaAPI:
             state, request, script, streaming=streaming, ctype=NDJSON if streaming else JSON
         )
 
+    @staticmethod
+    def _empty_reply(name: str, now: float, reason: str, *, chat: bool) -> Body:
+        """Ollama's answer to an empty prompt: `done_reason` `load` or `unload`."""
+        reply: Body = {"model": name, "created_at": rfc3339(now)}
+        if chat:
+            reply["message"] = {"role": "assistant", "content": ""}
+        else:
+            reply["response"] = ""
+        reply["done"] = True
+        reply["done_reason"] = reason
+        return reply
+
     def _unload(self, request: Request, model: InstalledModel, name: str, *, chat: bool) -> bytes:
         """An empty prompt with keep_alive 0 (`ollama stop`): the model unloads once idle and
         the answer is one JSON object, streaming or not, as Ollama's."""
         state = self.state
         state.scheduler.unload(model.name)
-        reply: Body = {"model": name, "created_at": rfc3339(state.clock.seconds())}
-        if chat:
-            reply["message"] = {"role": "assistant", "content": ""}
-        else:
-            reply["response"] = ""
-        reply["done"] = True
-        reply["done_reason"] = "unload"
+        reply = self._empty_reply(name, state.clock.seconds(), "unload", chat=chat)
         return json_response(request, reply)
 
     def _load_only(
-        self,
-        request: Request,
-        body: Body,
-        model: InstalledModel,
-        name: str,
-        *,
-        chat: bool,
-        streaming: bool,
-    ) -> int | bytes:
-        """An empty prompt loads the model: `done_reason: load`."""
+        self, request: Request, body: Body, model: InstalledModel, name: str, *, chat: bool
+    ) -> int:
+        """An empty prompt loads the model (waiting for the load, not for a slot) and sets its
+        keep_alive; the answer is one JSON object once loaded, streaming or not, as Ollama's."""
         state = self.state
-        reply: Body = {"model": name, "created_at": ""}
-        if chat:
-            reply["message"] = {"role": "assistant", "content": ""}
-        else:
-            reply["response"] = ""
-        reply["done"] = True
-        acquired = acquire(state, model, body)
+        acquired = acquire(state, model, body, needs_slot=False)
 
         def script() -> Script:
             lease: Lease = yield acquired
             lease.release()
-            reply["created_at"] = rfc3339(state.clock.seconds())
-            reply["done_reason"] = "load"
-            yield line(reply) if streaming else dumps(reply)
+            yield dumps(self._empty_reply(name, state.clock.seconds(), "load", chat=chat))
 
-        return emit(
-            state, request, script(), streaming=streaming, ctype=NDJSON if streaming else JSON
-        )
+        return emit(state, request, script(), streaming=False, ctype=JSON)
 
     def embed(self, request: Request, body: Body | None) -> int:
         assert body is not None

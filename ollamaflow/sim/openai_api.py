@@ -11,10 +11,11 @@ import attrs
 from twisted.web.server import Request
 
 from ollamaflow import modelnames
-from ollamaflow.sim import content
+from ollamaflow.sim import content, prompts
 from ollamaflow.sim.catalog import InstalledModel
 from ollamaflow.sim.generation import OpenAIFormat, generation_script, plan
 from ollamaflow.sim.ollama_api import acquire, emit, one_shot
+from ollamaflow.sim.prompts import Prompt
 from ollamaflow.sim.responses import JSON, SSE, HTTPError, dumps, json_response
 from ollamaflow.sim.scheduler import Lease
 from ollamaflow.sim.state import SimState, model_field
@@ -51,16 +52,32 @@ class OpenAIAPI:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise HTTPError(400, "[] is too short - 'messages'")
-        return self._complete(request, body, content.count_message_tokens(messages), chat=True)
+        if self.state.config.caches_prompts():
+            prompt = prompts.of_messages(messages)
+            return self._complete(request, body, prompt.total, prompt, chat=True)
+        tokens = content.count_message_tokens(messages)
+        return self._complete(request, body, tokens, None, chat=True)
 
     def completions(self, request: Request, body: Body | None) -> int:
         assert body is not None
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise HTTPError(400, "prompt must be a string")
-        return self._complete(request, body, content.count_tokens(prompt), chat=False)
+        if self.state.config.caches_prompts():
+            cached = prompts.of_text(prompt)
+            return self._complete(request, body, cached.total, cached, chat=False)
+        return self._complete(request, body, content.count_tokens(prompt), None, chat=False)
 
-    def _complete(self, request: Request, body: Body, prompt_tokens: int, *, chat: bool) -> int:
+    def _complete(
+        self,
+        request: Request,
+        body: Body,
+        prompt_tokens: int,
+        prompt: Prompt | None,
+        *,
+        chat: bool,
+    ) -> int:
+        """Generate for chat or text completions; `prompt` when slots cache prompts."""
         state = self.state
         started = state.clock.seconds()
         name = model_field(body)
@@ -74,7 +91,7 @@ class OpenAIAPI:
         fmt = OpenAIFormat(name, ident, int(started), chat=chat, include_usage=include_usage)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         the_plan = plan(state, name, prompt_tokens, limit)
-        acquired = acquire(state, model, body)
+        acquired = acquire(state, model, body, prompt)
         script = generation_script(
             state, acquired, the_plan, fmt, streaming=streaming, started=started
         )

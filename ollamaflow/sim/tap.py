@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.application.service import IService
@@ -17,6 +18,13 @@ FAULTS = ("refuse", "error500", "hang", "reset_head")
 
 def _names(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _gb_bytes(gb: float) -> int:
+    """`--vram-gb` in bytes (GB of 1e9 bytes, as `load_seconds_per_gb` counts them)."""
+    if not 0 <= gb < math.inf:  # NaN fails too
+        raise ValueError("--vram-gb must be a finite number >= 0")
+    return round(gb * 1e9)
 
 
 class Options(usage.Options):
@@ -56,6 +64,21 @@ class Options(usage.Options):
         ["keep-alive", None, "5m", "Default keep_alive (seconds or 5m, 1h; negative = forever)."],
         ["num-parallel", None, 1, "Parallel requests per loaded model (OLLAMA_NUM_PARALLEL).", int],
         ["max-queue", None, 512, "Requests waiting for loads before 503 (OLLAMA_MAX_QUEUE).", int],
+        [
+            "vram-gb",
+            None,
+            0.0,
+            "VRAM in GB (1e9 bytes) for loaded models; LRU idle ones are evicted. 0 = unlimited.",
+            float,
+        ],
+        ["load-seconds-per-gb", None, 0.0, "Seconds per GB a load adds to --load-time.", float],
+        [
+            "prompt-tokens-per-second",
+            None,
+            0.0,
+            "Prompt evaluation pace (uncached prompt tokens delay the first); 0 = free.",
+            float,
+        ],
         ["pull-time", None, 3.0, "Seconds a pull takes.", float],
         ["pull-tick", None, 0.06, "Seconds between pull, push and create progress lines.", float],
         ["push-time", None, 3.0, "Seconds a push takes.", float],
@@ -97,6 +120,9 @@ class Options(usage.Options):
                 keep_alive=keep_alive,
                 num_parallel=self["num-parallel"],
                 max_queue=self["max-queue"],
+                vram_bytes=_gb_bytes(self["vram-gb"]),
+                load_seconds_per_gb=self["load-seconds-per-gb"],
+                prompt_tokens_per_second=self["prompt-tokens-per-second"],
                 pull_time=self["pull-time"],
                 pull_tick=self["pull-tick"],
                 push_time=self["push-time"],
