@@ -31,6 +31,7 @@ from ollamaflow.cors import Policy
 from ollamaflow.credentials import Tokens
 from ollamaflow.frontdoor import FrontDoor, Root
 from ollamaflow.gateway.completed import Completed
+from ollamaflow.gateway.placement import Conversations, Placement
 from ollamaflow.gateway.proxy import Gateway
 from ollamaflow.gateway.scheduler import Scheduler
 from ollamaflow.logs import logs_info
@@ -45,6 +46,7 @@ from ollamaflow.server.acceptor import Acceptor
 from ollamaflow.server.interfaces import ListenFunction
 from ollamaflow.services import HealthChecker, ModelInventory, ModelSync
 from ollamaflow.services.follow import ConfigFollower
+from ollamaflow.services.preload import Preloader
 from ollamaflow.settings import DatabaseDriver, LoadedSettings
 from ollamaflow.store import Snapshot, Store, describe_postgresql, postgresql_conninfo
 from ollamaflow.twisted_internals import forget_exit_signal
@@ -124,6 +126,16 @@ class Daemon(MultiService):
         )
         # The slots and queues, shared by the gateway (which takes them) and the metrics.
         scheduler = Scheduler(reactor, self.runtime)
+        # Where models live, for ModelAware frontends: which loads to allow, which to preload.
+        placing = settings.placement
+        self.placement = Placement(
+            self.inventory,
+            self.runtime,
+            reactor.seconds,
+            waiting=scheduler.waiting_for,
+            evict_queue_depth=placing.evict_queue_depth,
+            conversations=Conversations(placing.conversations),
+        )
         observers: list[Callable[[Completed], None]] = []
         if logs_info(settings.logging):
             observers.append(AccessLog())
@@ -153,7 +165,7 @@ class Daemon(MultiService):
         if settings.metrics.enabled:
             self.metrics = Metrics(
                 known_model=known_models,
-                live=LiveState(self.registry, self.runtime, scheduler.depth),
+                live=LiveState(self.registry, self.runtime, scheduler.depth, self.placement.stats),
             )
             observers.append(self.metrics)
             metrics_page = MetricsPage(self.metrics, settings.metrics.bearer_token)
@@ -198,7 +210,22 @@ class Daemon(MultiService):
             withheld=Tokens.of(settings.admin_bearer_tokens, [settings.metrics.bearer_token]),
             observers=observers,
             limiter=limiter,
+            placement=self.placement,
+            hot_keep_alive=placing.hot_keep_alive,
         )
+        preloader = Preloader(
+            registry=self.registry,
+            runtime=self.runtime,
+            placement=self.placement,
+            waiting=scheduler.waiting_models,
+            clock=reactor,
+            http=http,
+            on_loaded=self._preloaded,
+            max_concurrent=placing.max_concurrent_preloads,
+            queue_depth=placing.preload_queue_depth,
+            keep_alive=placing.hot_keep_alive,
+        )
+        preloader.setServiceParent(self)
         # Who hears of a configuration change, in this order: the runtime forgets deleted
         # backends, the inventory and model sync forget and reconcile, the health checker
         # starts and stops checks (a changed backend is checked at once), the gateway drops
@@ -210,14 +237,17 @@ class Daemon(MultiService):
         registry.subscribe(self.sync.configuration_changed)
         registry.subscribe(self.health.configuration_changed)
         registry.subscribe(self.gateway.configuration_changed)
-        # Who hears that a backend's models were read: routing, model sync, the metrics.
+        # Who hears that a backend's models were read: routing, placement, model sync, the
+        # metrics.
         self.inventory.add_listener(self.gateway.router.inventory_changed)
+        self.inventory.add_listener(self.placement.refreshed)
         self.inventory.add_listener(self.sync.models_read)
         registry.subscribe(known_models.changed)
         self.inventory.add_listener(known_models.changed)
         registry.subscribe(
             lambda catalog: self.activity.forget_all_but(catalog.frontends, catalog.backends)
         )
+        registry.subscribe(lambda catalog: self.placement.forget_all_but(catalog.backends))
         # Deleted API keys: their pending usage and their metrics go with them.
         registry.subscribe(lambda catalog: self.usage.forget_keys(catalog.api_keys.keys()))
         if self.metrics is not None:
@@ -235,6 +265,7 @@ class Daemon(MultiService):
             usage_of=self.usage.usage,
             activity=self.activity,
             clock=reactor,
+            placement=self.placement.stats,
         )
         # The live feed shows a change of configuration or health at once.
         feed = self.admin.feed
@@ -277,6 +308,11 @@ class Daemon(MultiService):
         self.inventory.health_changed(backend, healthy)
         self.gateway.backend_available(backend, healthy)
         self.admin.feed.soon()
+
+    def _preloaded(self, backend: Backend, model: str) -> None:
+        """A preload finished: the model is warm there, and queued requests may use it."""
+        self.inventory.learned(backend.identifier, model)
+        self.gateway.backend_available(backend, True)
 
     def _back_in_rotation(self, backend: Backend) -> None:
         """A backend that failed a request passed a check: queued requests may use it again."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterator, Sequence, Sized
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence, Sized
 from itertools import accumulate
 from typing import Protocol
 
@@ -38,6 +38,7 @@ from ollamaflow.admin.errors import write_error
 from ollamaflow.catalog import Catalog, Registry
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.completed import Completed
+from ollamaflow.gateway.placement import PlacementStats
 from ollamaflow.records import RESERVED_KEY_IDENTIFIERS, Backend
 from ollamaflow.runtime import Runtime
 from ollamaflow.services.inventory import ModelInventory
@@ -102,6 +103,30 @@ class LiveState:
     registry: Registry
     runtime: Runtime
     queue_depth: Callable[[str], int]
+    #: What placement did per backend (``ModelAware`` frontends): loads, evictions...
+    placement: Mapping[str, PlacementStats] = attrs.field(factory=dict)
+
+
+#: The placement counters: (metric name, help, PlacementStats attribute).
+_PLACEMENT_COUNTERS = (
+    (
+        "ollamaflow_model_loads",
+        "Models sent to a backend where they were not loaded (ModelAware frontends, preloads "
+        "included).",
+        "loads",
+    ),
+    (
+        "ollamaflow_model_evictions",
+        "Models those loads pushed out of the backend's VRAM.",
+        "evictions",
+    ),
+    ("ollamaflow_model_preloads", "Models loaded ahead of demand (preloads).", "preloads"),
+    (
+        "ollamaflow_affinity_hits",
+        "Chat turns sent to the backend that served the conversation's previous turn.",
+        "affinity_hits",
+    ),
+)
 
 
 class _LiveCollector:
@@ -144,6 +169,12 @@ class _LiveCollector:
         for identifier in catalog.frontends:
             depth.add_metric([identifier], live.queue_depth(identifier))
         yield from (in_flight, depth, healthy, in_rotation)
+        for name, text, attribute in _PLACEMENT_COUNTERS:
+            counter = CounterMetricFamily(name, text, labels=["backend"])
+            for identifier in catalog.backends:
+                stats = live.placement.get(identifier)
+                counter.add_metric([identifier], getattr(stats, attribute) if stats else 0)
+            yield counter
 
 
 class ClientConnections(Protocol):

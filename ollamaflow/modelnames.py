@@ -112,6 +112,16 @@ def normalize(name: str) -> str:
     return parse(name).key()
 
 
+@functools.lru_cache(maxsize=4096)
+def comparable(name: str) -> str:
+    """:func:`normalize`, or the name itself when it is not a model name Ollama would accept:
+    a key to count by that never raises."""
+    try:
+        return normalize(name)
+    except InvalidModelName:
+        return name
+
+
 def display(name: str) -> str:
     """The name as Ollama displays it (`registry.ollama.ai/library/llama3` → `llama3:latest`)."""
     return parse(name).display()

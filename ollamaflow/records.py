@@ -33,6 +33,8 @@ class LoadBalancing(StrEnum):
     RANDOM = "Random"
     ROUND_ROBIN = "RoundRobin"
     LEAST_OUTSTANDING = "LeastOutstanding"
+    #: LeastOutstanding among warm copies; loads planned (:mod:`ollamaflow.gateway.placement`).
+    MODEL_AWARE = "ModelAware"
 
 
 class ApiFormat(StrEnum):
@@ -168,6 +170,9 @@ class Backend:
     #: Share of the traffic relative to the frontend's other backends (RoundRobin and
     #: LeastOutstanding honour it).
     weight: int = field(Int(1, 1000), default=1)
+    #: Bytes of VRAM its models may fill (what ``ModelAware`` frontends plan loads by); 0:
+    #: learned, as the most ``/api/ps`` has shown loaded at once.
+    vram_bytes: int = field(Int(0, 2**53), default=0)
     created_utc: datetime | None = field(_TIME, default=None, readonly=True)
     last_update_utc: datetime | None = field(_TIME, default=None, readonly=True)
 
@@ -257,6 +262,7 @@ BACKEND_RUNTIME_KEYS = (
     "LastError",
     "SteeredModels",
     "Frontends",
+    "Placement",
 )
 #: The backends a frontend lists that do not exist (yet).
 FRONTEND_RUNTIME_KEYS = ("MissingBackends",)

@@ -181,6 +181,32 @@ class RateLimits:
     usage_flush_interval_ms: int = field(Int(1000, 3_600_000), default=10_000)
 
 
+#: A Go duration as Ollama's ``keep_alive`` takes it (``30m``, ``1h30m``, ``-1`` forever).
+_KEEP_ALIVE = Str(
+    allowed="a duration such as '30m', '2h' or '-1' (forever)",
+    pattern=r"-1|(\d+(\.\d+)?(ns|us|ms|s|m|h))+",
+    max_length=32,
+)
+
+
+@attrs.frozen
+class Placement:
+    """How ``ModelAware`` frontends place models: preloads onto free VRAM while a model's
+    queue grows, another copy by evicting an idle model once it is long, models in demand kept
+    loaded, and conversations kept where their prompt is cached."""
+
+    #: Preloads (an empty generate request) running at once over the fleet; 0: none.
+    max_concurrent_preloads: int = field(Int(0, 64), default=2)
+    #: Requests waiting for a model that start a preload onto a backend with free VRAM.
+    preload_queue_depth: int = field(Int(1, 1_000_000), default=1)
+    #: Requests waiting for a model that let a load evict an idle model for one more copy.
+    evict_queue_depth: int = field(Int(1, 1_000_000), default=4)
+    #: The ``keep_alive`` a request for a model in demand is sent with, unless it has one.
+    hot_keep_alive: str = field(_KEEP_ALIVE, default="30m")
+    #: Conversations remembered (digests of their messages, not the text).
+    conversations: int = field(Int(0, 10_000_000), default=100_000)
+
+
 @attrs.frozen
 class Settings:
     webserver: Webserver = field(Nested(Webserver), factory=Webserver)
@@ -196,6 +222,7 @@ class Settings:
     metrics: Metrics = field(Nested(Metrics), factory=Metrics)
     cors: Cors = field(Nested(Cors), factory=Cors)
     rate_limits: RateLimits = field(Nested(RateLimits), factory=RateLimits)
+    placement: Placement = field(Nested(Placement), factory=Placement)
     health_check_interval_ms: int = field(Int(100, 86_400_000), default=5000)
     health_check_timeout_ms: int = field(Int(100, 600_000), default=3000)
     model_refresh_interval_ms: int = field(Int(1000, 86_400_000), default=30000)

@@ -236,6 +236,7 @@ async def test_every_record_read_with_get_goes_back_with_put_unchanged(
                 "LastError",
                 "SteeredModels",
                 "Frontends",
+                "Placement",
             }
             assert runtime_keys == shown, "every runtime key was in the body PUT back"
     # The list routes serve the same records: each item goes back through its own route.

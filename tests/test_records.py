@@ -117,7 +117,7 @@ def test_runtime_and_server_managed_keys_are_ignored_so_get_output_can_be_put_ba
 #: Each enum field, its record, and its members by the number OllamaFlow 1.2 gives them (the
 #: order of its C# enums; 1.2's HealthCheckMethod is an HttpMethod, numbered here GET, HEAD).
 NUMBERED = [
-    (Frontend, "LoadBalancing", ["Random", "RoundRobin", "LeastOutstanding"]),
+    (Frontend, "LoadBalancing", ["Random", "RoundRobin", "LeastOutstanding", "ModelAware"]),
     (Backend, "ApiFormat", ["Ollama", "OpenAI"]),
     (Backend, "HealthCheckMethod", ["GET", "HEAD"]),
 ]

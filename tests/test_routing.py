@@ -12,10 +12,13 @@ from typing import Any
 import attrs
 import pytest
 
+from ollamaflow import jsonlimits
 from ollamaflow.apikeys import hash_secret, new_secret
 from ollamaflow.catalog import Catalog
 from ollamaflow.credentials import Tokens
 from ollamaflow.gateway.classify import RequestClass
+from ollamaflow.gateway.outbound import body_for
+from ollamaflow.gateway.placement import Placement
 from ollamaflow.gateway.routing import (
     CatalogAnswer,
     FleetOperation,
@@ -25,7 +28,7 @@ from ollamaflow.gateway.routing import (
     Unload,
     model_key,
 )
-from ollamaflow.records import ApiKey, Backend, Frontend
+from ollamaflow.records import ApiKey, Backend, Frontend, LoadBalancing
 from ollamaflow.runtime import Runtime
 from ollamaflow.store import Snapshot
 
@@ -49,6 +52,20 @@ class Request:
 
     def header(self, name: bytes) -> bytes | None:
         return self.headers.get(name)
+
+
+@attrs.frozen
+class Req:
+    """What the outbound side reads of a request: a POST /api/chat with ``body``."""
+
+    body: bytes
+    method: bytes = b"POST"
+    path: bytes = b"/api/chat"
+    uri: bytes = b"/api/chat"
+
+    @property
+    def content(self) -> io.BytesIO:
+        return io.BytesIO(self.body)
 
 
 @attrs.define
@@ -304,3 +321,56 @@ def test_a_key_limited_to_models_never_sees_an_unfiltered_catalog() -> None:
     allowed = made.decide(method=b"GET", path=b"/v1/models/llama3", headers=keyed)
     assert isinstance(allowed, Forward), "nothing read yet: the backend answers for it"
     assert isinstance(made.decide(method=b"GET", path=b"/api/tags"), Forward), "no key: as before"
+
+
+def placed(*backends: Backend) -> tuple[Fleet, Placement]:
+    """A ModelAware frontend over ``backends``, with placement reading the same inventory."""
+    made = fleet(*backends, load_balancing=LoadBalancing.MODEL_AWARE)
+    placement = Placement(made.inventory, made.runtime, lambda: made.now[0])
+    router = Router(
+        registry=made.router.registry,
+        runtime=made.runtime,
+        seconds=lambda: made.now[0],
+        inventory=made.inventory,
+        placement=placement,
+        hot_keep_alive="45m",
+    )
+    made.inventory.add_listener(router.inventory_changed)
+    return attrs.evolve(made, router=router), placement
+
+
+def test_a_model_aware_frontend_waits_for_a_warm_copy_instead_of_loading_another() -> None:
+    made, _ = placed(Backend(identifier="a"), Backend(identifier="b"))
+    made.inventory.models = {"a": {"llama3:latest": False}, "b": {"llama3:latest": True}}
+    decision = made.decide(body=CHAT)
+    assert isinstance(decision, Forward)
+    assert [b.identifier for b in decision.ordered] == ["b"], "LeastOutstanding would add a"
+    assert [b.identifier for b in made.router.candidates_now(decision)] == ["b"]
+    made.inventory.models["b"] = {}  # b went away with it: loading on a is allowed
+    made.router.inventory_changed("b")
+    assert [b.identifier for b in made.router.candidates_now(decision)] == ["a"]
+
+
+def test_a_model_aware_chat_carries_its_conversation_and_a_hot_model_its_keep_alive() -> None:
+    made, placement = placed(Backend(identifier="a"))
+    made.inventory.models = {"a": {"llama3:latest": True}}
+    first = made.decide(body=CHAT)
+    assert isinstance(first, Forward)
+    assert first.conversation is not None and first.keep_alive is None
+    made.decide(body=CHAT)
+    hot = made.decide(body=CHAT)
+    assert hot.keep_alive == "45m"
+    asked = made.decide(body={**CHAT, "keep_alive": "1m"})
+    assert asked.keep_alive is None, "the client's own keep_alive is kept"
+    assert body_for(Req(json.dumps(CHAT).encode()), hot, Backend(identifier="a")) == (
+        jsonlimits.dumps({**CHAT, "keep_alive": "45m"})
+    )
+    assert placement.is_hot("llama3")
+
+
+def test_other_policies_are_not_placed() -> None:
+    made = fleet(Backend(identifier="a"), Backend(identifier="b"))
+    made.inventory.models = {"a": {"llama3:latest": False}, "b": {"llama3:latest": True}}
+    decision = made.decide(body=CHAT)
+    assert [b.identifier for b in decision.ordered] == ["b", "a"]
+    assert decision.conversation is None and decision.keep_alive is None

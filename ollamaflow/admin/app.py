@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -27,6 +27,7 @@ from ollamaflow.admin.routing import answer, parsed, query_values, read_json, ro
 from ollamaflow.admin.sections import FleetSections
 from ollamaflow.catalog import Registry
 from ollamaflow.credentials import Tokens
+from ollamaflow.gateway.placement import PlacementStats
 from ollamaflow.jsonfields import to_wire
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import Runtime
@@ -89,6 +90,8 @@ class AdminApi(ApiKeyRoutes):
     queues: Callable[[], list[dict[str, object]]] = list
     #: Which worker process this is, when the daemon runs several (0 = the main one).
     worker: int = 0
+    #: What placement did (``ModelAware`` frontends): loads, evictions, preloads, affinity.
+    placement: Mapping[str, PlacementStats] = attrs.field(factory=dict)
     #: What the fleet did lately (the live feed's request lines and charts).
     activity: Activity = attrs.field(kw_only=True)
     #: The clock the live feed samples by.
@@ -219,6 +222,7 @@ class AdminApi(ApiKeyRoutes):
             "HealthyBackends": healthy,
             "UnhealthyBackends": len(catalog.backends) - healthy,
             "ActiveRequests": sum(s.active_requests for s in self.runtime.states.values()),
+            "Placement": _totals(self.placement.values()),
             "Queues": [
                 {**queue, "MissingBackends": self._missing(queue["Identifier"])}
                 for queue in self.queues()
@@ -298,7 +302,19 @@ class AdminApi(ApiKeyRoutes):
         out.update(self.runtime.state(backend.identifier).to_wire(now))
         out["SteeredModels"] = self.runtime.model_holds.steered(backend.identifier, now.timestamp())
         out["Frontends"] = list(self.registry.catalog.frontends_listing(backend.identifier))
+        out["Placement"] = (self.placement.get(backend.identifier) or PlacementStats()).to_wire()
         return out
+
+
+def _totals(stats: Iterable[PlacementStats]) -> dict[str, int]:
+    """Placement's counts over every backend."""
+    total = PlacementStats()
+    for one in stats:
+        total.loads += one.loads
+        total.evictions += one.evictions
+        total.preloads += one.preloads
+        total.affinity_hits += one.affinity_hits
+    return total.to_wire()
 
 
 @attrs.frozen

@@ -212,6 +212,8 @@ class Balancer:
         if count == 1:
             return found
         policy = frontend.load_balancing
+        if policy is LoadBalancing.MODEL_AWARE:  # by load; placement reorders what it must
+            policy = LoadBalancing.LEAST_OUTSTANDING
         if policy is LoadBalancing.LEAST_OUTSTANDING and count > _POWER_OF_TWO_ABOVE:
             return self._two_choices(frontend, found, load)
         if policy is LoadBalancing.RANDOM:

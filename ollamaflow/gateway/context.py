@@ -65,3 +65,5 @@ class ExchangeContext:
     #: A request with an API key's limits ended: the limiter's ``finish`` (the key, its
     #: limits, its lease, the tokens the backend reported).
     settle: Callable[[str, Limits, str, int], None] = settle_nothing
+    #: An attempt is about to be sent to a backend whose slot it holds: (forward, backend).
+    sending: Callable[[Forward, Backend], None] = lambda forward, backend: None

@@ -266,6 +266,7 @@ class Exchange:
         """One attempt on ``backend``, whose slot this request already holds."""
         self._timed_out = False
         self.tried.append(backend.identifier)
+        self.context.sending(self.forward, backend)
         request = self.request
         frontend = self.forward.frontend
         if self.logged_body is None and (frontend.log_request_body or backend.log_request_body):

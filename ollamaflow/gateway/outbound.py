@@ -64,9 +64,11 @@ def body_for(
             if request_class is RequestClass.EMBEDDINGS
             else backend.pinned_completions_properties
         )
+        if forward.keep_alive is not None:
+            document = {**document, "keep_alive": forward.keep_alive}
         if pinned:
             return jsonlimits.dumps(deep_merge(document, pinned))
-        if frontend_pins(forward.frontend, request_class):
+        if forward.keep_alive is not None or frontend_pins(forward.frontend, request_class):
             return jsonlimits.dumps(document)
     content = request.content
     if content is None:

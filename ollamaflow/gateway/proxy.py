@@ -30,6 +30,7 @@ from ollamaflow.gateway.deadlines import Deadlines
 from ollamaflow.gateway.exchange import Exchange
 from ollamaflow.gateway.modelcatalog import Inventory
 from ollamaflow.gateway.modelops import ModelOperations
+from ollamaflow.gateway.placement import Placement
 from ollamaflow.gateway.requesthead import logged_head
 from ollamaflow.gateway.routing import (
     CatalogAnswer,
@@ -43,7 +44,7 @@ from ollamaflow.gateway.routing import (
 )
 from ollamaflow.gateway.scheduler import QueueStats, Scheduler
 from ollamaflow.ratelimits.contracts import Admission, Admitted, OverLimit, RateLimiter
-from ollamaflow.records import Backend, Frontend
+from ollamaflow.records import Backend, Frontend, LoadBalancing
 from ollamaflow.runtime import FailureKind, Runtime
 from ollamaflow.server.answers import deliver
 from ollamaflow.server.failures import fail
@@ -75,6 +76,8 @@ class Gateway:
         withheld: Tokens = NO_TOKENS,
         observers: Sequence[Callable[[Completed], None]] = (),
         limiter: RateLimiter | None = None,
+        placement: Placement | None = None,
+        hot_keep_alive: str = "30m",
     ) -> None:
         """``upstream``: the client requests are forwarded with; ``scheduler``: the slots and
         queues; ``http``: the client of fan-outs (off the hot path); ``admin_tokens`` may
@@ -96,7 +99,12 @@ class Gateway:
             sticky_headers=sticky_headers,
             admin_tokens=admin_tokens,
             pulls=sync is not None,
+            placement=placement,
+            has_slot=scheduler.has_slot,
+            hot_keep_alive=hot_keep_alive,
         )
+        #: Where models live, for ``ModelAware`` frontends.
+        self.placement = placement
         self.new_id = RequestIds()
         self.scheduler = scheduler
         self.observers = list(observers)
@@ -122,6 +130,7 @@ class Gateway:
             withheld=withheld,
             configured=lambda: registry.catalog.backends,
             settle=limiter.finish if limiter is not None else settle_nothing,
+            sending=self._sending,
         )
         #: Requests being proxied right now (for draining, metrics and tests).
         self.exchanges = self.context.running
@@ -131,6 +140,18 @@ class Gateway:
         )
         #: Set while the daemon shuts down: requests in flight finish, new ones are refused.
         self.draining = False
+
+    def _sending(self, forward: Forward, backend: Backend) -> None:
+        """An attempt goes to ``backend``: placement learns of the load (if cold there) and
+        of where the conversation went."""
+        placement = self.placement
+        if placement is None or forward.model is None:
+            return
+        if forward.frontend.load_balancing is not LoadBalancing.MODEL_AWARE:
+            return
+        placement.sent(backend, forward.model)
+        if forward.conversation is not None:
+            placement.served(forward.conversation, backend)
 
     def configuration_changed(self, catalog: Catalog) -> None:
         """A registry subscriber: forget what deleted backends and frontends left behind, and

@@ -38,8 +38,9 @@ from ollamaflow.gateway.clienterrors import quoted
 from ollamaflow.gateway.modelcatalog import Inventory
 from ollamaflow.gateway.modelops import operation_for, unloads
 from ollamaflow.gateway.pinning import deep_merge
+from ollamaflow.gateway.placement import Conversation, Placement, conversation_of
 from ollamaflow.gateway.requestdoc import ModelNameTooLong, json_object, model_of
-from ollamaflow.records import ADMIN, Backend, Frontend
+from ollamaflow.records import ADMIN, Backend, Frontend, LoadBalancing
 from ollamaflow.runtime import Runtime
 
 #: At most this many remembered candidate lists (labels come from clients: keep it bounded).
@@ -150,6 +151,10 @@ class Forward:
     #: The sticky-session client, when the frontend pins clients to backends.
     client: bytes | None
     caller: Caller = ANONYMOUS_CALLER
+    #: A chat's messages as prefix digests (``ModelAware``: its turns stay together).
+    conversation: Conversation | None = None
+    #: Sent as the request's ``keep_alive`` (``ModelAware``: a model in demand stays loaded).
+    keep_alive: str | None = None
 
 
 Decision = Refusal | FleetOperation | CatalogAnswer | Unload | Forward
@@ -201,6 +206,9 @@ class Router:
         sticky_headers: tuple[str, ...] = (),
         admin_tokens: Tokens = NO_TOKENS,
         pulls: bool = True,
+        placement: Placement | None = None,
+        has_slot: Callable[[Backend], bool] = lambda _: True,
+        hot_keep_alive: str = "30m",
     ) -> None:
         """``admin_tokens`` may manage models where a frontend does not let clients;
         ``pulls``: whether pulls are fleet-wide (model synchronization runs)."""
@@ -213,6 +221,11 @@ class Router:
         self.sticky_headers = tuple(h.lower().encode() for h in sticky_headers)
         self.admin_tokens = admin_tokens
         self.pulls = pulls
+        #: ``ModelAware`` frontends' placement; whether a backend has a free slot now, and the
+        #: ``keep_alive`` a model in demand is sent with.
+        self.placement = placement
+        self.has_slot = has_slot
+        self.hot_keep_alive = hot_keep_alive
         self._frontends: tuple[Catalog | None, dict[bytes | None, Frontend | None]] = (None, {})
         self._key_ring: tuple[Catalog | None, KeyRing] = (None, NO_KEYS)
         self._candidates: dict[
@@ -296,8 +309,8 @@ class Router:
             found = holds.steer(found, key, self.seconds())
         client = self._client_id(request) if frontend.use_sticky_sessions else None
         ordered = self._order(frontend, found, key, warm, client)
-        return Forward(
-            frontend, ordered, request_class, document, model, key, label, client, caller
+        return self._forward(
+            frontend, ordered, request_class, document, model, label, client, caller
         )
 
     def _caller(
@@ -401,6 +414,52 @@ class Router:
             if denied is not None:
                 return Refusal(frontend, 403, denied.message, model=model, caller=caller)
         return document, model
+
+    def _forward(
+        self,
+        frontend: Frontend,
+        ordered: Sequence[Backend],
+        request_class: RequestClass,
+        document: dict[str, Any] | None,
+        model: str | None,
+        label: str | None,
+        client: bytes | None,
+        caller: Caller,
+    ) -> Forward:
+        """Forward in the order given; for a ``ModelAware`` frontend, warm copies first (the
+        conversation's backend ahead), a load only where placement allows one, and
+        ``keep_alive`` for a model in demand."""
+        placement = self.placement
+        if (
+            placement is None
+            or model is None
+            or frontend.load_balancing is not LoadBalancing.MODEL_AWARE
+        ):
+            key = model_key(model)
+            return Forward(
+                frontend, ordered, request_class, document, model, key, label, client, caller
+            )
+        conversation = None
+        keep_alive = None
+        if document is not None and request_class is not RequestClass.OTHER:
+            if request_class is RequestClass.COMPLETIONS:
+                conversation = conversation_of(document)
+            if "keep_alive" not in document and placement.is_hot(model):
+                keep_alive = self.hot_keep_alive
+        placed = placement.order(ordered, model, conversation, self.has_slot)
+        return Forward(
+            frontend,
+            placed,
+            request_class,
+            document,
+            model,
+            model_key(model),
+            label,
+            client,
+            caller,
+            conversation,
+            keep_alive,
+        )
 
     def _catalog_answer(
         self,
@@ -546,6 +605,13 @@ class Router:
         holds = self.runtime.model_holds
         if holds and forward.model_key is not None:
             found = holds.steer(found, forward.model_key, self.seconds())
+        placement = self.placement
+        if (
+            placement is not None
+            and forward.model is not None
+            and current.load_balancing is LoadBalancing.MODEL_AWARE
+        ):
+            found = placement.admissible(found, forward.model)
         return found
 
     def in_flight(self, backend_id: str) -> int:

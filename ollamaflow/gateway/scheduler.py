@@ -15,7 +15,6 @@ the counts exact.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from ollamaflow.modelnames import comparable
 from ollamaflow.records import Backend, Frontend
 from ollamaflow.runtime import Runtime
 
@@ -90,6 +90,9 @@ class Scheduler:
     runtime: Runtime
     _queues: dict[str, deque[_Waiter]] = attrs.field(factory=dict)
     stats: dict[str, QueueStats] = attrs.field(factory=dict)
+    #: Requests waiting per model (:func:`modelnames.comparable`), and in which frontends'
+    #: queues: what placement and the preloader ask.
+    _waiting: dict[str, dict[str, int]] = attrs.field(factory=dict)
 
     def has_slot(self, backend: Backend, model: str | None = None) -> bool:
         """Whether the backend may take one more request (for ``model``, if it limits those)."""
@@ -131,6 +134,15 @@ class Scheduler:
             stats.max_wait = max(stats.max_wait, waited)
             self.acquire(chosen, waiter.model)
             waiter.deferred.callback(chosen)
+
+    def waiting_for(self, key: str) -> int:
+        """Requests waiting for model ``key`` (:func:`modelnames.comparable`)."""
+        found = self._waiting.get(key)
+        return sum(found.values()) if found else 0
+
+    def waiting_models(self) -> dict[str, dict[str, int]]:
+        """Model key → frontend → requests waiting for it there (a copy)."""
+        return {key: dict(frontends) for key, frontends in self._waiting.items()}
 
     def depth(self, frontend: str) -> int:
         queue = self._queues.get(frontend)
@@ -196,6 +208,9 @@ class Scheduler:
         while place and queue[place - 1].rank > waiter.rank:
             place -= 1
         queue.insert(place, waiter)
+        if waiter.model is not None:
+            counts = self._waiting.setdefault(comparable(waiter.model), {})
+            counts[waiter.frontend] = counts.get(waiter.frontend, 0) + 1
 
     def _waiter(
         self,
@@ -241,13 +256,32 @@ class Scheduler:
     def _remove(self, waiter: _Waiter) -> None:
         queue = self._queues.get(waiter.frontend)
         if queue is not None:
-            with contextlib.suppress(ValueError):
+            try:
                 queue.remove(waiter)
+            except ValueError:
+                pass
+            else:
+                self._uncount(waiter)
             if not queue:
                 del self._queues[waiter.frontend]
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
         waiter.timer = None
+
+    def _uncount(self, waiter: _Waiter) -> None:
+        if waiter.model is None:
+            return
+        key = comparable(waiter.model)
+        counts = self._waiting.get(key)
+        if counts is None:
+            return
+        left = counts.get(waiter.frontend, 0) - 1
+        if left > 0:
+            counts[waiter.frontend] = left
+        else:
+            counts.pop(waiter.frontend, None)
+            if not counts:
+                del self._waiting[key]
 
     def forget(self, frontends: Callable[[str], bool]) -> None:
         """Drop the stats of frontends that no longer exist."""

@@ -1,0 +1,370 @@
+"""Where models live, for frontends balancing ``ModelAware``: which backends hold a model warm,
+which could load it into free VRAM, which would have to evict an idle model first, and which
+must not load it at all (the load would evict a model that requests are using or waiting for).
+
+A cold load costs seconds and may push out a model another request needs, so a request goes
+to a warm copy when one exists and waits in the queue for a warm slot rather than load a second
+copy: more copies come from the preloader (free VRAM, while a model's queue grows) or, when the
+queue is long, from a load that evicts an idle model. What a box holds is the inventory's
+``/api/ps`` reading corrected by what this gateway sent since (loads it started, evictions they
+must have caused), until the next reading. Decisions only: no I/O here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import IntEnum
+from typing import Any, Protocol
+
+import attrs
+import orjson
+
+from ollamaflow import modelnames
+from ollamaflow.records import Backend
+from ollamaflow.runtime import Runtime
+
+#: Seconds a load this gateway started counts as there without ``/api/ps`` showing it yet.
+LOAD_HORIZON = 120.0
+#: A model asked for at least this often (requests in the last minute) is kept loaded longer.
+HOT_PER_MINUTE = 2.0
+#: Earlier turns of a conversation looked for: the previous turn usually ended two messages ago.
+TURNS_BACK = 4
+
+
+class Fit(IntEnum):
+    """What sending a model to a backend means, best first."""
+
+    WARM = 0  #: loaded there (or being loaded): no load at all
+    FREE = 1  #: fits in its free VRAM: a load that evicts nothing
+    EVICT = 2  #: a load that evicts idle models only
+    BLOCKED = 3  #: would evict a model with requests in flight or waiting: never
+
+
+class Inventory(Protocol):
+    """What placement reads of the model inventory (``/api/tags`` and ``/api/ps``)."""
+
+    def entries(self, backend_id: str) -> Mapping[str, dict[str, Any]]: ...
+
+    def loaded_entries(self, backend_id: str) -> Mapping[str, dict[str, Any]]: ...
+
+
+model_key = modelnames.comparable
+
+
+def _bytes(entry: Mapping[str, Any]) -> int:
+    for field in ("size_vram", "size"):
+        value = entry.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+@attrs.define
+class PlacementStats:
+    """What placement did on one backend, for ``/metrics`` and the health records."""
+
+    loads: int = 0
+    evictions: int = 0
+    preloads: int = 0
+    affinity_hits: int = 0
+
+    def to_wire(self) -> dict[str, int]:
+        return {
+            "Loads": self.loads,
+            "Evictions": self.evictions,
+            "Preloads": self.preloads,
+            "AffinityHits": self.affinity_hits,
+        }
+
+
+@attrs.define
+class _Box:
+    """What this gateway knows of one backend's VRAM beyond the last ``/api/ps`` reading."""
+
+    #: Loads it started: model key → when.
+    loading: dict[str, float] = attrs.field(factory=dict)
+    #: Models its loads must have evicted: model key → when.
+    evicted: dict[str, float] = attrs.field(factory=dict)
+    #: When each model was last sent a request here (least recently used goes first).
+    used: dict[str, float] = attrs.field(factory=dict)
+    #: The most bytes seen loaded at once: its capacity, when the backend does not say.
+    seen_bytes: int = 0
+
+
+@attrs.frozen
+class Conversation:
+    """A chat's messages as digests of its prefixes: ``prefixes[k]`` stands for the first
+    ``k + 1`` messages. Never the text."""
+
+    prefixes: tuple[bytes, ...]
+
+
+def conversation_of(document: Mapping[str, Any]) -> Conversation | None:
+    """The conversation a chat request continues (Ollama's and OpenAI's ``messages``)."""
+    messages = document.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    prefixes = []
+    digest = b""
+    for message in messages:
+        try:
+            encoded = orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            return None
+        digest = hashlib.blake2b(digest + encoded, digest_size=16).digest()
+        prefixes.append(digest)
+    return Conversation(tuple(prefixes))
+
+
+@attrs.define
+class Conversations:
+    """Which backend served the latest turn of recent conversations: at most ``limit``
+    prefixes, the least recently used forgotten first (clients choose them)."""
+
+    limit: int = 100_000
+    _served: OrderedDict[bytes, str] = attrs.field(factory=OrderedDict)
+
+    def previous(self, conversation: Conversation) -> str | None:
+        """The backend that served an earlier turn of ``conversation``, the latest first."""
+        prefixes = conversation.prefixes
+        served = self._served
+        for length in range(len(prefixes) - 1, max(0, len(prefixes) - 1 - TURNS_BACK), -1):
+            found = served.get(prefixes[length - 1])
+            if found is not None:
+                return found
+        return None
+
+    def served(self, conversation: Conversation, backend: str) -> None:
+        served = self._served
+        key = conversation.prefixes[-1]
+        served[key] = backend
+        served.move_to_end(key)
+        if len(served) > self.limit:
+            served.popitem(last=False)
+
+    def forget_backends(self, kept: Callable[[str], bool]) -> None:
+        for key in [k for k, b in self._served.items() if not kept(b)]:
+            del self._served[key]
+
+    def __len__(self) -> int:
+        return len(self._served)
+
+
+@attrs.define
+class Placement:
+    """The placement decisions of ``ModelAware`` frontends, and what they remember."""
+
+    inventory: Inventory
+    runtime: Runtime
+    seconds: Callable[[], float]
+    #: Requests waiting in the queues for a model, by :func:`model_key`.
+    waiting: Callable[[str], int] = lambda _: 0
+    #: A model's queue at least this long may load another copy by evicting an idle model.
+    evict_queue_depth: int = 4
+    conversations: Conversations = attrs.field(factory=Conversations)
+    stats: dict[str, PlacementStats] = attrs.field(factory=dict)
+    _boxes: dict[str, _Box] = attrs.field(factory=dict)
+    #: Requests per model key: (the minute counted, its count, the minute before's), the
+    #: least recently asked for first (model names come from clients: 4096 are kept).
+    _demand: OrderedDict[str, tuple[int, int, int]] = attrs.field(factory=OrderedDict)
+
+    # -- what a backend holds -------------------------------------------------------------------
+
+    def loaded(self, backend_id: str) -> dict[str, int]:
+        """Model key → bytes in VRAM: the last reading, with the loads started since and
+        without what they evicted."""
+        box = self._boxes.get(backend_id)
+        held = {k: _bytes(e) for k, e in self.inventory.loaded_entries(backend_id).items()}
+        if box is None:
+            return held
+        for key in box.evicted:
+            held.pop(key, None)
+        for key in box.loading:
+            held.setdefault(key, self.size(backend_id, key))
+        return held
+
+    def size(self, backend_id: str, key: str) -> int:
+        """A model's bytes on a backend (its ``/api/tags`` size), 0 when unknown."""
+        entry = self.inventory.entries(backend_id).get(key)
+        return _bytes(entry) if entry is not None else 0
+
+    def capacity(self, backend: Backend, held: Mapping[str, int]) -> int:
+        """``VramBytes`` if set, else the most seen loaded at once (a lower bound)."""
+        if backend.vram_bytes:
+            return backend.vram_bytes
+        box = self._boxes.get(backend.identifier)
+        seen = box.seen_bytes if box is not None else 0
+        return max(seen, sum(held.values()))
+
+    def fit(self, backend: Backend, key: str) -> tuple[Fit, list[str]]:
+        """What loading model ``key`` on ``backend`` would mean, and the models it would
+        evict (least recently used idle ones)."""
+        held = self.loaded(backend.identifier)
+        if key in held:
+            return Fit.WARM, []
+        capacity = self.capacity(backend, held)
+        used = sum(held.values())
+        need = self.size(backend.identifier, key)
+        if not held or used + need <= capacity:
+            return Fit.FREE, []
+        box = self._boxes.get(backend.identifier)
+        last_used = box.used if box is not None else {}
+        active = self._active_keys(backend.identifier)
+        idle = [k for k in held if not active.get(k) and not self.waiting(k)]
+        victims: list[str] = []
+        for victim in sorted(idle, key=lambda k: last_used.get(k, 0.0)):
+            victims.append(victim)
+            used -= held[victim]
+            if used + need <= capacity:
+                return Fit.EVICT, victims
+        return Fit.BLOCKED, []
+
+    def _active_keys(self, backend_id: str) -> dict[str, int]:
+        state = self.runtime.states.get(backend_id)
+        if state is None or not state.active_by_model:
+            return {}
+        return {model_key(m): n for m, n in state.active_by_model.items()}
+
+    # -- the order of candidates ----------------------------------------------------------------
+
+    def order(
+        self,
+        ordered: Sequence[Backend],
+        model: str,
+        conversation: Conversation | None = None,
+        has_slot: Callable[[Backend], bool] = lambda _: True,
+    ) -> list[Backend]:
+        """The candidates to try for ``model``, balanced order ``ordered`` kept among equals:
+        the backend that served the conversation's previous turn if warm and free, then the
+        warm ones; cold ones only when no copy is warm (free VRAM first, then those evicting
+        the idlest models), or when the model's queue is long. Empty: wait in the queue."""
+        key = model_key(model)
+        self._count_demand(key)
+        warm: list[Backend] = []
+        free: list[Backend] = []
+        evicting: list[tuple[float, Backend]] = []
+        for backend in ordered:
+            fit, victims = self.fit(backend, key)
+            if fit is Fit.WARM:
+                warm.append(backend)
+            elif fit is Fit.FREE:
+                free.append(backend)
+            elif fit is Fit.EVICT:
+                evicting.append((self._last_used(backend.identifier, victims), backend))
+        if warm and conversation is not None:
+            previous = self.conversations.previous(conversation)
+            for i, backend in enumerate(warm):
+                if backend.identifier == previous and has_slot(backend):
+                    warm.insert(0, warm.pop(i))
+                    self._stats(backend.identifier).affinity_hits += 1
+                    break
+        evicting.sort(key=lambda pair: pair[0])
+        cold = [*free, *(b for _, b in evicting)]
+        if not warm or self.waiting(key) >= self.evict_queue_depth:
+            return [*warm, *cold]
+        return warm
+
+    def admissible(self, candidates: Sequence[Backend], model: str) -> list[Backend]:
+        """The candidates a request for ``model`` may be sent to now (one waiting in the
+        queue, or retried): warm ones, and those a load the order would also allow."""
+        key = model_key(model)
+        fits = [(self.fit(b, key)[0], b) for b in candidates]
+        if any(fit is Fit.WARM for fit, _ in fits) and self.waiting(key) < self.evict_queue_depth:
+            return [b for fit, b in fits if fit is Fit.WARM]
+        return [b for fit, b in fits if fit is not Fit.BLOCKED]
+
+    def _last_used(self, backend_id: str, victims: list[str]) -> float:
+        box = self._boxes.get(backend_id)
+        if box is None or not victims:
+            return 0.0
+        return max(box.used.get(v, 0.0) for v in victims)
+
+    # -- what happened --------------------------------------------------------------------------
+
+    def sent(self, backend: Backend, model: str, *, preload: bool = False) -> None:
+        """A request for ``model`` was given a slot of ``backend`` (or a preload sent): a load
+        if it was not warm there, and the evictions that load makes."""
+        key = model_key(model)
+        now = self.seconds()
+        fit, victims = self.fit(backend, key)
+        box = self._box(backend.identifier)
+        box.used[key] = now
+        if fit is Fit.WARM:
+            return
+        stats = self._stats(backend.identifier)
+        stats.loads += 1
+        if preload:
+            stats.preloads += 1
+        box.loading[key] = now
+        box.evicted.pop(key, None)
+        for victim in victims:
+            box.evicted[victim] = now
+            stats.evictions += 1
+
+    def served(self, conversation: Conversation, backend: Backend) -> None:
+        """A turn of ``conversation`` went to ``backend``."""
+        self.conversations.served(conversation, backend.identifier)
+
+    def refreshed(self, backend_id: str) -> None:
+        """An inventory listener: the backend's models were read; what the reading shows
+        replaces what was assumed, except loads too recent to show yet."""
+        box = self._box(backend_id)
+        loaded = self.inventory.loaded_entries(backend_id)
+        now = self.seconds()
+        box.loading = {
+            k: t for k, t in box.loading.items() if k not in loaded and now - t < LOAD_HORIZON
+        }
+        box.evicted = {}
+        box.seen_bytes = max(box.seen_bytes, sum(_bytes(e) for e in loaded.values()))
+
+    def forget_all_but(self, backends: Iterable[str]) -> None:
+        """Deleted backends go."""
+        kept = set(backends)
+        for gone in [b for b in self._boxes if b not in kept]:
+            del self._boxes[gone]
+        for gone in [b for b in self.stats if b not in kept]:
+            del self.stats[gone]
+        self.conversations.forget_backends(kept.__contains__)
+
+    def is_hot(self, model: str) -> bool:
+        """Asked for often enough in the last minute to be kept loaded longer."""
+        found = self._demand.get(model_key(model))
+        if found is None:
+            return False
+        now = self.seconds()
+        minute, current, previous = found
+        into = now / 60 - minute  # how far into its minute the latest count is
+        if into >= 2:
+            return False
+        if into >= 1:  # the current count is last minute's now
+            previous, current, into = current, 0, into - 1
+        return previous * (1 - into) + current >= HOT_PER_MINUTE
+
+    def _count_demand(self, key: str) -> None:
+        """One more request for ``key``, counted per minute (this one and the one before)."""
+        minute = int(self.seconds() // 60)
+        demand = self._demand
+        found = demand.get(key)
+        if found is None or found[0] < minute - 1:
+            demand[key] = (minute, 1, 0)
+        elif found[0] == minute - 1:
+            demand[key] = (minute, 1, found[1])
+        else:
+            demand[key] = (minute, found[1] + 1, found[2])
+        demand.move_to_end(key)
+        if len(demand) > 4096:
+            demand.popitem(last=False)
+
+    def _box(self, backend_id: str) -> _Box:
+        box = self._boxes.get(backend_id)
+        if box is None:
+            box = self._boxes[backend_id] = _Box()
+        return box
+
+    def _stats(self, backend_id: str) -> PlacementStats:
+        stats = self.stats.get(backend_id)
+        if stats is None:
+            stats = self.stats[backend_id] = PlacementStats()
+        return stats
