@@ -281,3 +281,20 @@ def test_deleted_backends_are_forgotten() -> None:
     placement.forget_all_but(["b"])
     assert placement.stats == {}
     assert len(placement.conversations) == 0
+
+
+def test_a_model_loaded_elsewhere_too_is_evicted_before_the_last_copy_of_another() -> None:
+    placement, shelves, _, clock = fleet()
+    shelves.box("a", disk=MODELS, loaded=("llama3:latest",))
+    shelves.box("b", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+    a, b = backend("a"), backend("b")
+    placement.refreshed("a")
+    placement.sent(b, "mistral")
+    clock.now += 10
+    placement.sent(b, "llama3")  # used more lately, but a holds it too
+    assert placement.fit(b, "phi3:latest") == (Fit.EVICT, ["llama3:latest"])
+    placement.refreshed("b")
+    shelves.box("a", disk=MODELS)
+    placement.refreshed("a")
+    assert placement.fit(b, "phi3:latest") == (Fit.EVICT, ["mistral:latest"]), "LRU again"
+    assert placement.copies("llama3:latest") == 1

@@ -213,13 +213,20 @@ class Placement:
         last_used = box.used if box is not None else {}
         active = self._active_keys(backend.identifier)
         idle = [k for k in held if not active.get(k) and not self.waiting(k)]
+        # A model loaded elsewhere too goes before the last copy of one (which the next
+        # request for it would have to load again), then the least recently used.
+        idle.sort(key=lambda k: (self.copies(k) <= 1, last_used.get(k, 0.0)))
         victims: list[str] = []
-        for victim in sorted(idle, key=lambda k: last_used.get(k, 0.0)):
+        for victim in idle:
             victims.append(victim)
             used -= held[victim]
             if used + need <= capacity:
                 return Fit.EVICT, victims
         return Fit.BLOCKED, []
+
+    def copies(self, key: str) -> int:
+        """The backends known to hold model ``key`` (loaded or loading)."""
+        return sum(1 for b in self._boxes if key in self.loaded(b))
 
     def _active_keys(self, backend_id: str) -> dict[str, int]:
         state = self.runtime.states.get(backend_id)
@@ -244,7 +251,7 @@ class Placement:
         self._count_demand(key)
         warm: list[Backend] = []
         free: list[Backend] = []
-        evicting: list[tuple[float, Backend]] = []
+        evicting: list[tuple[tuple[int, float], Backend]] = []
         for backend in ordered:
             fit, victims = self.fit(backend, key)
             if fit is Fit.WARM:
@@ -252,7 +259,7 @@ class Placement:
             elif fit is Fit.FREE:
                 free.append(backend)
             elif fit is Fit.EVICT:
-                evicting.append((self._last_used(backend.identifier, victims), backend))
+                evicting.append((self._eviction_cost(backend.identifier, victims), backend))
         if warm and conversation is not None:
             previous = self.conversations.previous(conversation)
             for i, backend in enumerate(warm):
@@ -275,11 +282,14 @@ class Placement:
             return [b for fit, b in fits if fit is Fit.WARM]
         return [b for fit, b in fits if fit is not Fit.BLOCKED]
 
-    def _last_used(self, backend_id: str, victims: list[str]) -> float:
+    def _eviction_cost(self, backend_id: str, victims: list[str]) -> tuple[int, float]:
+        """What evicting ``victims`` costs, least first: last copies of a model evicted, then
+        how lately the most lately used of them was."""
         box = self._boxes.get(backend_id)
+        last_copies = sum(1 for v in victims if self.copies(v) <= 1)
         if box is None or not victims:
-            return 0.0
-        return max(box.used.get(v, 0.0) for v in victims)
+            return last_copies, 0.0
+        return last_copies, max(box.used.get(v, 0.0) for v in victims)
 
     # -- what happened --------------------------------------------------------------------------
 
