@@ -287,7 +287,7 @@ def test_a_model_loaded_elsewhere_too_is_evicted_before_the_last_copy_of_another
     placement, shelves, _, clock = fleet()
     shelves.box("a", disk=MODELS, loaded=("llama3:latest",))
     shelves.box("b", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
-    a, b = backend("a"), backend("b")
+    b = backend("b")
     placement.refreshed("a")
     placement.sent(b, "mistral")
     clock.now += 10
