@@ -165,6 +165,26 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
     assert not clock.getDelayedCalls(), "its timer went with it"
 
 
+def test_waiting_requests_are_counted_per_model_and_frontend_whatever_way_they_leave() -> None:
+    """What placement and the preloader read: exact as waiters are served, time out or go."""
+    scheduler, clock, (a, b), fe = make(queue_timeout_ms=500)
+    scheduler.acquire(a, None)
+    scheduler.acquire(b, None)
+    served = scheduler.wait(fe, [a, b], among([a, b]), "LLama3")
+    cancelled = scheduler.wait(fe, [a, b], among([a, b]), "llama3:latest")
+    cancelled.addErrback(lambda _: None)
+    expired = fired(scheduler.wait(fe, [a, b], among([a, b]), "mistral"))
+    assert scheduler.waiting_for("llama3:latest") == 2
+    assert scheduler.waiting_models() == {"llama3:latest": {"f": 2}, "mistral:latest": {"f": 1}}
+    cancelled.cancel()
+    scheduler.release(a, None)
+    assert fired(served)[0] is a
+    assert scheduler.waiting_for("llama3:latest") == 0
+    clock.advance(1)
+    assert len(expired) == 1
+    assert scheduler.waiting_models() == {}
+
+
 def test_the_rate_limit_lowers_the_slots_and_the_rest_wait_in_the_queue() -> None:
     """RateLimitRequestsThreshold counts requests sent to the backend, never those waiting:
     below MaxParallelRequests it is the backend's slot count; it refuses nothing."""

@@ -207,7 +207,7 @@ class Router:
         admin_tokens: Tokens = NO_TOKENS,
         pulls: bool = True,
         placement: Placement | None = None,
-        has_slot: Callable[[Backend], bool] = lambda _: True,
+        has_slot: Callable[[Backend, str | None], bool] = lambda backend, model: True,
         hot_keep_alive: str = "30m",
     ) -> None:
         """``admin_tokens`` may manage models where a frontend does not let clients;
@@ -446,14 +446,16 @@ class Router:
                 conversation = conversation_of(document)
             if "keep_alive" not in document and placement.is_hot(model):
                 keep_alive = self.hot_keep_alive
-        placed = placement.order(ordered, model, conversation, self.has_slot)
+        key = model_key(model)
+        has_slot = self.has_slot
+        placed = placement.order(ordered, model, conversation, lambda b: has_slot(b, key))
         return Forward(
             frontend,
             placed,
             request_class,
             document,
             model,
-            model_key(model),
+            key,
             label,
             client,
             caller,
