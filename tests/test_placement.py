@@ -297,4 +297,4 @@ def test_a_model_loaded_elsewhere_too_is_evicted_before_the_last_copy_of_another
     shelves.box("a", disk=MODELS)
     placement.refreshed("a")
     assert placement.fit(b, "phi3:latest") == (Fit.EVICT, ["mistral:latest"]), "LRU again"
-    assert placement.copies("llama3:latest") == 1
+    assert placement.copy_counts()["llama3:latest"] == 1

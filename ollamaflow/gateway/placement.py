@@ -198,9 +198,11 @@ class Placement:
         seen = box.seen_bytes if box is not None else 0
         return max(seen, sum(held.values()))
 
-    def fit(self, backend: Backend, key: str) -> tuple[Fit, list[str]]:
+    def fit(
+        self, backend: Backend, key: str, copies: Mapping[str, int] | None = None
+    ) -> tuple[Fit, list[str]]:
         """What loading model ``key`` on ``backend`` would mean, and the models it would
-        evict (least recently used idle ones)."""
+        evict (least recently used idle ones); ``copies``: :meth:`copy_counts`, if at hand."""
         held = self.loaded(backend.identifier)
         if key in held:
             return Fit.WARM, []
@@ -213,9 +215,11 @@ class Placement:
         last_used = box.used if box is not None else {}
         active = self._active_keys(backend.identifier)
         idle = [k for k in held if not active.get(k) and not self.waiting(k)]
+        if copies is None:
+            copies = self.copy_counts()
         # A model loaded elsewhere too goes before the last copy of one (which the next
         # request for it would have to load again), then the least recently used.
-        idle.sort(key=lambda k: (self.copies(k) <= 1, last_used.get(k, 0.0)))
+        idle.sort(key=lambda k: (copies.get(k, 0) <= 1, last_used.get(k, 0.0)))
         victims: list[str] = []
         for victim in idle:
             victims.append(victim)
@@ -224,9 +228,13 @@ class Placement:
                 return Fit.EVICT, victims
         return Fit.BLOCKED, []
 
-    def copies(self, key: str) -> int:
-        """The backends known to hold model ``key`` (loaded or loading)."""
-        return sum(1 for b in self._boxes if key in self.loaded(b))
+    def copy_counts(self) -> dict[str, int]:
+        """Model key → the backends known to hold it (loaded or loading)."""
+        counts: dict[str, int] = {}
+        for backend_id in self._boxes:
+            for key in self.loaded(backend_id):
+                counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def _active_keys(self, backend_id: str) -> dict[str, int]:
         state = self.runtime.states.get(backend_id)
@@ -250,16 +258,9 @@ class Placement:
         key = model_key(model)
         self._count_demand(key)
         warm: list[Backend] = []
-        free: list[Backend] = []
-        evicting: list[tuple[tuple[int, float], Backend]] = []
+        cold: list[Backend] = []
         for backend in ordered:
-            fit, victims = self.fit(backend, key)
-            if fit is Fit.WARM:
-                warm.append(backend)
-            elif fit is Fit.FREE:
-                free.append(backend)
-            elif fit is Fit.EVICT:
-                evicting.append((self._eviction_cost(backend.identifier, victims), backend))
+            (warm if key in self.loaded(backend.identifier) else cold).append(backend)
         if warm and conversation is not None:
             previous = self.conversations.previous(conversation)
             for i, backend in enumerate(warm):
@@ -267,26 +268,43 @@ class Placement:
                     warm.insert(0, warm.pop(i))
                     self._stats(backend.identifier).affinity_hits += 1
                     break
+        if warm and self.waiting(key) < self.evict_queue_depth:
+            return warm  # the common case: no load to plan
+        return [*warm, *self._cold_order(cold, key)]
+
+    def _cold_order(self, cold: Sequence[Backend], key: str) -> list[Backend]:
+        """Backends ``key`` would be loaded on: free VRAM first, then those whose evictions
+        cost least; never one whose load would evict a model in use or waited for."""
+        copies = self.copy_counts()
+        free: list[Backend] = []
+        evicting: list[tuple[tuple[int, float], Backend]] = []
+        for backend in cold:
+            fit, victims = self.fit(backend, key, copies)
+            if fit is Fit.FREE:
+                free.append(backend)
+            elif fit is Fit.EVICT:
+                cost = self._eviction_cost(backend.identifier, victims, copies)
+                evicting.append((cost, backend))
         evicting.sort(key=lambda pair: pair[0])
-        cold = [*free, *(b for _, b in evicting)]
-        if not warm or self.waiting(key) >= self.evict_queue_depth:
-            return [*warm, *cold]
-        return warm
+        return [*free, *(b for _, b in evicting)]
 
     def admissible(self, candidates: Sequence[Backend], model: str) -> list[Backend]:
         """The candidates a request for ``model`` may be sent to now (one waiting in the
         queue, or retried): warm ones, and those a load the order would also allow."""
         key = model_key(model)
-        fits = [(self.fit(b, key)[0], b) for b in candidates]
+        copies = self.copy_counts()
+        fits = [(self.fit(b, key, copies)[0], b) for b in candidates]
         if any(fit is Fit.WARM for fit, _ in fits) and self.waiting(key) < self.evict_queue_depth:
             return [b for fit, b in fits if fit is Fit.WARM]
         return [b for fit, b in fits if fit is not Fit.BLOCKED]
 
-    def _eviction_cost(self, backend_id: str, victims: list[str]) -> tuple[int, float]:
+    def _eviction_cost(
+        self, backend_id: str, victims: list[str], copies: Mapping[str, int]
+    ) -> tuple[int, float]:
         """What evicting ``victims`` costs, least first: last copies of a model evicted, then
         how lately the most lately used of them was."""
         box = self._boxes.get(backend_id)
-        last_copies = sum(1 for v in victims if self.copies(v) <= 1)
+        last_copies = sum(1 for v in victims if copies.get(v, 0) <= 1)
         if box is None or not victims:
             return last_copies, 0.0
         return last_copies, max(box.used.get(v, 0.0) for v in victims)
