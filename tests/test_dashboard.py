@@ -629,3 +629,31 @@ async def test_a_backend_added_with_the_keyboard_only(dashboard: Dashboard) -> N
     assert made.status == 200, made.body
     record = made.json
     assert (record["Name"], record["Hostname"], record["Port"]) == ("GPU box 9", "10.0.0.9", 11509)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tile_shows_what_model_aware_placement_did_there(dashboard: Dashboard) -> None:
+    fleet = dashboard.fleet
+    reply = await fleet.http.put(
+        "/v1.0/frontends/frontend1",
+        {
+            "Backends": ["gpu-1", "gpu-2"],
+            "LoadBalancing": "ModelAware",
+        },
+    )
+    assert reply.status == 200, reply.body
+    body = {"model": "all-minilm", "input": "hello"}  # on gpu-1 only, and not loaded yet
+    response = await treq.post(fleet.url + "/api/embed", json=body, persistent=False)
+    assert response.code == 200
+    await response.content()
+    health = (await fleet.http.get("/v1.0/backends/gpu-1/health")).json
+    assert health["Placement"]["Loads"] == 1
+
+    def work(page: Page) -> str:
+        sign_in(page, dashboard.url, dashboard.token)
+        line = tile(page, "gpu-1").get_by_test_id("placement")
+        expect(line).to_contain_text("1 loads")
+        expect(tile(page, "gpu-2").get_by_test_id("placement")).to_have_count(0)
+        return line.inner_text()
+
+    assert "0 evicted" in await in_browser(work)

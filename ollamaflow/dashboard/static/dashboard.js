@@ -539,6 +539,7 @@ function backendTile(backend) {
   healthReason(backend, health),
   inFlightMeter(backend),
   loadedModels(backend),
+  placementLine(backend),
   el("div", { class: "sparks" },
     sparkline(seriesOf(id, "Requests"), "req/s", "spark-requests"),
     sparkline(seriesOf(id, "Tokens"), "tok/s", "spark-tokens")));
@@ -571,6 +572,14 @@ function inFlightMeter(backend) {
       class: "meter", role: "meter", "aria-label": "requests in flight",
       "aria-valuemin": 0, "aria-valuemax": max, "aria-valuenow": Math.min(active, max),
     }, fill));
+}
+
+/** What ModelAware placement did on this backend, when it did anything. */
+function placementLine(backend) {
+  const p = backend.Placement;
+  if (!p || !(p.Loads || p.Evictions || p.Preloads || p.AffinityHits)) return null;
+  const text = `${p.Loads} loads (${p.Preloads} ahead of demand) · ${p.Evictions} evicted · ${p.AffinityHits} conversations kept`;
+  return el("p", { class: "tile-placement muted", "data-testid": "placement", title: "ModelAware placement on this backend" }, text);
 }
 
 function loadedModels(backend) {
