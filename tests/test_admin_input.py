@@ -88,6 +88,9 @@ BAD_BACKENDS: list[tuple[bytes, str]] = [
     (b'{"Identifier": "x", "Port": ' + HUGE.encode() + b"}", "Port"),
     (b'{"Identifier": "x", "Port": -' + HUGE.encode() + b"}", "Port"),
     (b'{"Identifier": "x", "Weight": 1' + b"0" * 400 + b".5}", "Weight"),
+    (b'{"Identifier": "x", "VramBytes": -1}', "VramBytes"),
+    (b'{"Identifier": "x", "VramBytes": ' + HUGE.encode() + b"}", "VramBytes"),
+    (b'{"Identifier": "x", "VramBytes": "24GB"}', "VramBytes"),
     (b'{"Identifier": "x", "Labels": ["a", "\\ud800"]}', "Labels[1]"),
     (b'{"Identifier": "x", "Labels": ["a b"]}', "Labels[0]"),
     (b'{"Identifier": "x", "BearerToken": "sk\\r\\nX-Evil: 1"}', "BearerToken"),
@@ -114,6 +117,8 @@ BAD_FRONTENDS: list[tuple[bytes, str]] = [
         "PinnedCompletionsProperties.options.top_p",
     ),
     (b'{"Identifier": "f", "TimeoutMs": ' + HUGE.encode() + b"}", "TimeoutMs"),
+    (b'{"Identifier": "f", "LoadBalancing": "Placement"}', "LoadBalancing"),
+    (b'{"Identifier": "f", "LoadBalancing": 4}', "LoadBalancing"),
     (b'{"Identifier": "\\udbff\\udbff"}', "Identifier"),
 ]
 

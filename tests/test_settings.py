@@ -173,6 +173,11 @@ def test_default_admin_token_warns_at_every_start(tmp_path: Path) -> None:
         ({"RateLimits": {"Redis": "redis://cache:99999"}}, "RateLimits.Redis: Port out of range"),
         ({"RateLimits": {"Redis": "redis://cache/x"}}, "RateLimits.Redis: a Redis URL's path"),
         ({"RateLimits": {"UsageFlushIntervalMs": 0}}, "RateLimits.UsageFlushIntervalMs: 0"),
+        ({"Placement": {"HotKeepAlive": "30 minutes"}}, 'Placement.HotKeepAlive: "30 minutes"'),
+        ({"Placement": {"HotKeepAlive": "9" * 100}}, "Placement.HotKeepAlive: "),
+        ({"Placement": {"MaxConcurrentPreloads": 65}}, "Placement.MaxConcurrentPreloads: 65"),
+        ({"Placement": {"EvictQueueDepth": 0}}, "Placement.EvictQueueDepth: 0"),
+        ({"Placement": {"Conversations": -1}}, "Placement.Conversations: -1"),
     ],
 )
 def test_bad_values_stop_with_one_line_naming_key_value_and_allowed(
@@ -187,6 +192,14 @@ def test_bad_values_stop_with_one_line_naming_key_value_and_allowed(
     assert message.startswith(str(path))
     assert expected in message
     assert len(message) < 1000, "a long value is cut short in the message"
+
+
+def test_placement_settings_take_ollamas_durations(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    assert load_settings(path).settings.placement.hot_keep_alive == "30m"
+    for value in ("1h30m", "90s", "-1", "2.5h"):
+        path.write_text(json.dumps({"Placement": {"HotKeepAlive": value}}))
+        assert load_settings(path).settings.placement.hot_keep_alive == value
 
 
 def test_max_connections_bounds_are_accepted(tmp_path: Path) -> None:
