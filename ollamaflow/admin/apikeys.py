@@ -60,12 +60,12 @@ class ApiKeyRoutes:
         """Identifier optional (``key-`` and 12 hex digits when absent); the answer carries
         the secret, ``Key``, which is never shown again."""
         data = read_json(request)
+        generated: str | None = None
         if isinstance(data, dict) and all(
             v is None for k, v in data.items() if k.lower() == "identifier"
         ):
-            data = {k: v for k, v in data.items() if k.lower() != "identifier"}
-            data["Identifier"] = f"key-{secrets.token_hex(6)}"
-        key = parsed(ApiKey, data)  # a reserved Identifier is the store's 400
+            generated = f"key-{secrets.token_hex(6)}"
+        key = parsed(ApiKey, data, generated)  # a reserved Identifier is the store's 400
         secret = new_secret()
         key = attrs.evolve(key, secret_hash=hash_secret(secret), key_prefix=shown(secret))
         stored = await self.registry.create_api_key(key)
@@ -103,16 +103,16 @@ class ApiKeyRoutes:
             self._api_key(identifier)
         since = hour_start(_since(request, self.now()))
         rows = await self.usage_of(identifier, since, MAX_USAGE_ROWS + 1)
-        shown = rows[:MAX_USAGE_ROWS]
+        kept = rows[:MAX_USAGE_ROWS]
         out: dict[str, Any] = {
             "Identifier": identifier,
             "SinceUtc": format_utc(since),
-            "Usage": [_usage_wire(row) for row in shown],
+            "Usage": [_usage_wire(row) for row in kept],
             "Totals": {
-                "Requests": sum(r.requests for r in shown),
-                "Errors": sum(r.errors for r in shown),
-                "PromptTokens": sum(r.prompt_tokens for r in shown),
-                "CompletionTokens": sum(r.completion_tokens for r in shown),
+                "Requests": sum(r.requests for r in kept),
+                "Errors": sum(r.errors for r in kept),
+                "PromptTokens": sum(r.prompt_tokens for r in kept),
+                "CompletionTokens": sum(r.completion_tokens for r in kept),
             },
         }
         if len(rows) > MAX_USAGE_ROWS:

@@ -55,7 +55,7 @@ R = TypeVar("R", Frontend, Backend, ApiKey)
 
 def parsed(cls: type[R], data: object, identifier: str | None = None) -> R:
     """An admin-supplied record, every field checked: a 400 naming the field or the unknown
-    keys. ``identifier``: the URL's, which wins over the body's."""
+    keys. ``identifier`` (the URL's, or one generated) wins over the body's."""
     if identifier is not None and isinstance(data, dict):
         data = {k: v for k, v in data.items() if k.lower() != "identifier"}
         data["Identifier"] = identifier

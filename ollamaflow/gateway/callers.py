@@ -85,7 +85,7 @@ NO_KEYS = KeyRing(())
 @attrs.frozen
 class Denied:
     """The request may not go: 401 (no valid key) or 403 (a key used beyond what it may);
-    ``account``: whom the refusal is counted against."""
+    ``caller``: whom the refusal is counted against."""
 
     status: int
     message: str

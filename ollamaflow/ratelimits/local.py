@@ -108,7 +108,7 @@ class LocalLimits:
             usage.requests += 1
         if most <= 0:
             return NO_LEASE
-        lease = f"{self._lease_prefix}{next(self._lease_numbers)}"
+        lease = self.new_lease()
         usage.leases.add(lease)
         return Admitted(lease)
 
@@ -136,9 +136,7 @@ class LocalLimits:
         if lease:
             usage.leases.discard(lease)
         if tokens > 0 and limits.tokens_per_minute > 0:
-            now = self._clock.seconds()
-            if int(now * 1000) // MINUTE_MS != usage.minute:
-                self._rolled(usage, now)
+            self._rolled(usage, self._clock.seconds())
             usage.tokens += tokens
 
     # -- the steps, for SharedLimits ------------------------------------------------------------
@@ -150,13 +148,9 @@ class LocalLimits:
         usage = self._keys.get(key_id)
         if usage is None:
             return None
-        minute, elapsed = window.minute_of(int(self._clock.seconds() * 1000))
-        usage.roll(minute)
-        if minute < usage.minute:
-            elapsed = 0
         return window.refusal(
             limits,
-            elapsed,
+            self._rolled(usage, self._clock.seconds()),
             (usage.requests_previous, usage.requests),
             (usage.tokens_previous, usage.tokens),
             len(usage.leases),
@@ -168,7 +162,7 @@ class LocalLimits:
             return
         now = self._clock.seconds()
         usage = self._usage(key_id, now)
-        usage.roll(int(now * 1000) // MINUTE_MS)
+        self._rolled(usage, now)
         if limits.requests_per_minute > 0:
             usage.requests += 1
         if limits.max_concurrent > 0:
@@ -208,7 +202,7 @@ class LocalLimits:
     def _rolled(usage: _Usage, now: float) -> int:
         """Roll ``usage`` to the minute of ``now``; the milliseconds elapsed in that minute
         (0 while the clock is behind the counts: set back)."""
-        minute, elapsed = divmod(int(now * 1000), MINUTE_MS)
+        minute, elapsed = window.minute_of(int(now * 1000))
         if minute != usage.minute:
             usage.roll(minute)
             if minute < usage.minute:

@@ -341,8 +341,10 @@ class SharedLimits(Service):
 
 def _integers(reply: Any, count: int) -> Sequence[int]:
     """``reply`` checked to be ``count`` integers (ValueError if not)."""
-    if not isinstance(reply, list) or len(reply) != count:
-        raise ValueError(f"unexpected reply from a rate-limit script: {reply!r:.100}")
-    if not all(isinstance(value, int) for value in reply):
+    if (
+        not isinstance(reply, list)
+        or len(reply) != count
+        or not all(isinstance(value, int) for value in reply)
+    ):
         raise ValueError(f"unexpected reply from a rate-limit script: {reply!r:.100}")
     return reply
