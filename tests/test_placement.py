@@ -180,6 +180,21 @@ def test_a_load_sent_counts_and_is_warm_until_the_next_reading_says_otherwise() 
     assert placement.stats["b"].loads == 1, "a warm model is no load"
 
 
+def test_holds_agrees_with_loaded() -> None:
+    placement, shelves, _, clock = fleet()
+    shelves.box("b", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+    b = backend("b")
+    keys = ("llama3:latest", "mistral:latest", "phi3:latest")
+    assert [placement.holds("b", k) for k in keys] == [True, True, False]
+    placement.sent(b, "llama3")
+    clock.now += 1
+    placement.sent(b, "phi3")  # loads phi3, evicts mistral
+    for k in keys:
+        assert placement.holds("b", k) == (k in placement.loaded("b"))
+    assert [placement.holds("b", k) for k in keys] == [True, False, True]
+    assert not placement.holds("nobody", "llama3:latest")
+
+
 def test_a_preload_counts_as_a_load_and_a_preload() -> None:
     placement, shelves, _, _ = fleet()
     shelves.box("b", disk=MODELS)

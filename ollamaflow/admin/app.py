@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -222,7 +222,7 @@ class AdminApi(ApiKeyRoutes):
             "HealthyBackends": healthy,
             "UnhealthyBackends": len(catalog.backends) - healthy,
             "ActiveRequests": sum(s.active_requests for s in self.runtime.states.values()),
-            "Placement": _totals(self.placement.values()),
+            "Placement": PlacementStats.total(self.placement.values()).to_wire(),
             "Queues": [
                 {**queue, "MissingBackends": self._missing(queue["Identifier"])}
                 for queue in self.queues()
@@ -304,17 +304,6 @@ class AdminApi(ApiKeyRoutes):
         out["Frontends"] = list(self.registry.catalog.frontends_listing(backend.identifier))
         out["Placement"] = (self.placement.get(backend.identifier) or PlacementStats()).to_wire()
         return out
-
-
-def _totals(stats: Iterable[PlacementStats]) -> dict[str, int]:
-    """Placement's counts over every backend."""
-    total = PlacementStats()
-    for one in stats:
-        total.loads += one.loads
-        total.evictions += one.evictions
-        total.preloads += one.preloads
-        total.affinity_hits += one.affinity_hits
-    return total.to_wire()
 
 
 @attrs.frozen

@@ -78,6 +78,17 @@ class PlacementStats:
             "AffinityHits": self.affinity_hits,
         }
 
+    @classmethod
+    def total(cls, stats: Iterable[PlacementStats]) -> PlacementStats:
+        """The counts summed over ``stats`` (every backend's)."""
+        total = cls()
+        for one in stats:
+            total.loads += one.loads
+            total.evictions += one.evictions
+            total.preloads += one.preloads
+            total.affinity_hits += one.affinity_hits
+        return total
+
 
 @attrs.define
 class _Box:
@@ -185,6 +196,16 @@ class Placement:
             held.setdefault(key, self.size(backend_id, key))
         return held
 
+    def holds(self, backend_id: str, key: str) -> bool:
+        """Whether ``key`` is in :meth:`loaded` of the backend, without building it."""
+        box = self._boxes.get(backend_id)
+        if box is not None:
+            if key in box.loading:
+                return True
+            if key in box.evicted:
+                return False
+        return key in self.inventory.loaded_entries(backend_id)
+
     def size(self, backend_id: str, key: str) -> int:
         """A model's bytes on a backend (its ``/api/tags`` size), 0 when unknown."""
         entry = self.inventory.entries(backend_id).get(key)
@@ -260,7 +281,7 @@ class Placement:
         warm: list[Backend] = []
         cold: list[Backend] = []
         for backend in ordered:
-            (warm if key in self.loaded(backend.identifier) else cold).append(backend)
+            (warm if self.holds(backend.identifier, key) else cold).append(backend)
         if warm and conversation is not None:
             previous = self.conversations.previous(conversation)
             for i, backend in enumerate(warm):

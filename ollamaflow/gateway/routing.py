@@ -430,12 +430,12 @@ class Router:
         conversation's backend ahead), a load only where placement allows one, and
         ``keep_alive`` for a model in demand."""
         placement = self.placement
+        key = model_key(model)
         if (
             placement is None
             or model is None
             or frontend.load_balancing is not LoadBalancing.MODEL_AWARE
         ):
-            key = model_key(model)
             return Forward(
                 frontend, ordered, request_class, document, model, key, label, client, caller
             )
@@ -446,7 +446,6 @@ class Router:
                 conversation = conversation_of(document)
             if "keep_alive" not in document and placement.is_hot(model):
                 keep_alive = self.hot_keep_alive
-        key = model_key(model)
         has_slot = self.has_slot
         placed = placement.order(ordered, model, conversation, lambda b: has_slot(b, key))
         return Forward(
