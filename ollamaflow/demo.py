@@ -485,16 +485,12 @@ def _port_of(simulator: SimulatorService) -> int:
 # -- from twistd --------------------------------------------------------------------------------
 
 
-def _foreground(options: Options) -> bool:
-    """Whether twistd runs in the foreground logging to stdout (``tap._console``'s test)."""
-    parent = getattr(options, "parent", None) or {}
-    return bool(parent.get("nodaemon") or parent.get("logfile") == "-")
-
-
 def announcer(options: Options) -> Callable[[Sequence[str]], None]:
     """Where the banner goes: plain lines on stdout in the foreground (this stdout, before
     twistd sends it to the log), the log when daemonized (stdout is gone then)."""
-    if not _foreground(options):
+    from ollamaflow.tap import in_foreground
+
+    if not in_foreground(options):
 
         def to_log(lines: Sequence[str]) -> None:
             for line in lines:

@@ -82,15 +82,21 @@ class Options(usage.Options):
                     self[name] = given[name]
 
 
+def in_foreground(options: Options) -> bool:
+    """Whether twistd runs in the foreground or logs to stdout (``-n``, ``--logfile=-``)."""
+    parent = getattr(options, "parent", None) or {}
+    return bool(parent.get("nodaemon") or parent.get("logfile") == "-")
+
+
 def _console(options: Options) -> IO[str]:
     """Where console logging goes: stdout in the foreground, twistd's log file when daemonized."""
-    parent = getattr(options, "parent", None) or {}
-    logfile = parent.get("logfile") or ""
-    if parent.get("nodaemon") or logfile == "-":
+    if in_foreground(options):
         return sys.stdout
+    parent = getattr(options, "parent", None) or {}
+    logfile = parent.get("logfile") or "twistd.log"
     from twisted.python.logfile import LogFile
 
-    return cast(IO[str], LogFile.fromFullPath(os.path.abspath(logfile or "twistd.log")))
+    return cast(IO[str], LogFile.fromFullPath(os.path.abspath(logfile)))
 
 
 def makeService(options: Options) -> IService:

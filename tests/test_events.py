@@ -107,6 +107,15 @@ def feed_of(source: FakeSource, **kw: Any) -> tuple[EventFeed, task.Clock]:
     return EventFeed(clock, source, **kw), clock
 
 
+def listening(source: FakeSource) -> tuple[EventFeed, task.Clock, FakeStream]:
+    """A feed with one listener, past what it was sent on connecting."""
+    feed, clock = feed_of(source)
+    stream = FakeStream()
+    feed.listen(stream)
+    stream.take()
+    return feed, clock, stream
+
+
 def test_a_listener_gets_hello_then_every_section_then_the_latest_requests() -> None:
     source = FakeSource(sections={"daemon": {"A": 1}, "backends": []})
     source.finished(1)
@@ -172,10 +181,7 @@ def test_a_listener_that_leaves_is_forgotten_through_the_cancelled_deferred() ->
 
 def test_a_change_worth_seeing_now_is_sent_within_a_moment() -> None:
     source = FakeSource()
-    feed, clock = feed_of(source)
-    stream = FakeStream()
-    feed.listen(stream)
-    stream.take()
+    feed, clock, stream = listening(source)
     source.sections["backends"] = [{"Healthy": False}]
     feed.soon()
     feed.soon()  # coalesced
@@ -184,10 +190,7 @@ def test_a_change_worth_seeing_now_is_sent_within_a_moment() -> None:
 
 
 def test_silence_is_broken_by_a_comment_so_proxies_keep_the_stream() -> None:
-    feed, clock = feed_of(FakeSource())
-    stream = FakeStream()
-    feed.listen(stream)
-    stream.take()
+    _, clock, stream = listening(FakeSource())
     clock.pump([SAMPLE_SECONDS] * int(KEEP_ALIVE_SECONDS / SAMPLE_SECONDS + 1))
     assert b": keep-alive\n\n" in stream.written
     assert stream.events() == []
@@ -241,17 +244,15 @@ def test_closing_the_feed_ends_every_stream() -> None:
 
 def test_a_sampling_bug_is_logged_and_the_feed_goes_on() -> None:
     source = FakeSource()
-    feed, clock = feed_of(source)
-    stream = FakeStream()
-    feed.listen(stream)
-    stream.take()
+    _, clock, stream = listening(source)
     source.broken = True
     logged: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(keeping(logged))
+    observer = keeping(logged)
+    globalLogPublisher.addObserver(observer)
     try:
         clock.advance(SAMPLE_SECONDS)
     finally:
-        globalLogPublisher.removeObserver(keeping(logged))
+        globalLogPublisher.removeObserver(observer)
     assert [e["log_format"] for e in logged if "log_failure" in e] == [
         "sampling the live feed failed"
     ]
@@ -386,3 +387,40 @@ async def test_the_dashboards_files_are_served_with_a_strict_policy(
     for path in ("/dashboard/nothing.js", "/dashboard/../ollamaflow.json", "/dashboard/%2e%2e/x"):
         assert (await http.get(path)).status == 404, path
     assert (await http.request("HEAD", "/dashboard/")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dashboard_sees_requests_in_flight_and_the_queue_as_they_change(
+    tmp_path: Any,
+) -> None:
+    """One slot, three chats of 2 s: the feed (sampled each second) shows one in flight and two
+    queued, then none."""
+    daemon = await start_daemon(tmp_path, {"HealthCheckIntervalMs": 100})
+    fleet = DaemonUnderTest(daemon)
+    try:
+        await fleet.add("slow", backend={"MaxParallelRequests": 1}, tokens=20, tokens_per_second=10)
+        await fleet.serve("slow")
+        _, reader = await open_feed(fleet.url)
+        await until(lambda: reader.latest("daemon") is not None, 10, "the first sections")
+        body = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+        chats = [treq.post(fleet.url + "/api/chat", json=body, persistent=False) for _ in range(3)]
+
+        def busy() -> bool:
+            daemon_section = reader.latest("daemon")
+            slow = {b["Identifier"]: b for b in reader.latest("backends")}["slow"]
+            return slow["ActiveRequests"] == 1 and daemon_section["Queues"][0]["QueueDepth"] == 2
+
+        await until(busy, 10, "one in flight and two queued on the feed")
+        for chat in chats:
+            await (await chat).content()
+
+        def idle() -> bool:
+            slow = {b["Identifier"]: b for b in reader.latest("backends")}["slow"]
+            return (
+                slow["ActiveRequests"] == 0
+                and reader.latest("daemon")["Queues"][0]["QueueDepth"] == 0
+            )
+
+        await until(idle, 10, "nothing in flight or queued on the feed")
+    finally:
+        await fleet.stop()

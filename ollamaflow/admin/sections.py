@@ -3,7 +3,6 @@ contract is in :mod:`ollamaflow.dashboard`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -47,7 +46,6 @@ class FleetSections:
 
     records: AdminRecords
     activity: Activity
-    format_time: Callable[[float], str] = time_text
 
     def hello(self) -> dict[str, Any]:
         return {
@@ -81,7 +79,7 @@ class FleetSections:
             "frontends": frontends,
             "series": {
                 "BucketSeconds": BUCKET_SECONDS,
-                "EndUtc": self.format_time(self.activity.bucket() * BUCKET_SECONDS),
+                "EndUtc": time_text(self.activity.bucket() * BUCKET_SECONDS),
                 "Backends": self.activity.series(catalog.backends.keys()),
             },
             "config": {"Generation": catalog.generation},
@@ -91,7 +89,7 @@ class FleetSections:
         """The request lines after the one numbered ``sequence`` (the last ``at_most``), and
         the number of the newest."""
         finished = list(self.activity.after(sequence))[-at_most:]
-        return self.activity.sequence, [request_line(f, self.format_time) for f in finished]
+        return self.activity.sequence, [request_line(f, time_text) for f in finished]
 
 
 def _settled(record: dict[str, Any]) -> dict[str, Any]:
