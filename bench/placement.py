@@ -533,6 +533,8 @@ class Row:
     errors: dict[str, int] = field(default_factory=dict)
     #: The slowest first tokens (JSON only): when, which model and turn, where.
     slowest: list[dict[str, object]] = field(default_factory=list)
+    #: What each box held in VRAM when it changed: (seconds, box, models); live rows only.
+    residency: list[tuple[float, str, list[str]]] = field(default_factory=list)
 
 
 def summarize(policy: str, results: list[TurnResult], counters: dict[str, int] | None) -> Row:
@@ -570,6 +572,31 @@ def _slowest(ok: list[TurnResult], count: int = 10) -> list[dict[str, object]]:
          "conversation": r.conversation, "turn": r.turn, "backend": r.backend}
         for r in worst
     ]  # fmt: skip
+
+
+def timeline(row: Row, boxes: list[str], every: float = 2.0) -> str:
+    """Where models lived during ``row``'s replay: what each box held every ``every``
+    seconds, each model by a letter (the legend's)."""
+    if not row.residency:
+        return f"{row.policy}: no residency recorded"
+    names = sorted({m for _, _, models in row.residency for m in models})
+    letter = {name: chr(ord("A") + i) for i, name in enumerate(names)}
+    legend = ", ".join(f"{letter[n]} {n}" for n in names)
+    end = max(at for at, _, _ in row.residency) + every
+    held: dict[str, list[str]] = {}
+    changes = iter(sorted(row.residency))
+    pending = next(changes, None)
+    lines = [f"{row.policy}: what each box held, every {every:g} s ({legend})"]
+    lines.append("     s " + "".join(f"{b:>6}" for b in boxes))
+    at = 0.0
+    while at <= end:
+        while pending is not None and pending[0] <= at:
+            held[pending[1]] = pending[2]
+            pending = next(changes, None)
+        cells = ["".join(sorted(letter[m] for m in held.get(b, []))) or "-" for b in boxes]
+        lines.append(f"{at:6.0f} " + "".join(f"{c:>6}" for c in cells))
+        at += every
+    return "\n".join(lines)
 
 
 def _same_box(results: list[TurnResult]) -> float | None:

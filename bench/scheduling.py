@@ -35,6 +35,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -454,9 +455,46 @@ def _measure_policy(
     if refused:
         return placement.Row(policy.name, note=f"not available: {refused}")
     started = time.monotonic()
-    results = asyncio.run(placement.replay(daemon.port, conversations, args.timeout))
+    watch = Residency(ports, started)
+    watch.start()
+    try:
+        results = asyncio.run(placement.replay(daemon.port, conversations, args.timeout))
+    finally:
+        watch.stop()
     print(f"  {policy.name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return placement.summarize(policy.name, results, sim_counters(ports))
+    row = placement.summarize(policy.name, results, sim_counters(ports))
+    row.residency = watch.changes
+    if args.timeline:
+        print(placement.timeline(row, [f"sim{i}" for i in range(len(ports))]))
+    return row
+
+
+class Residency(threading.Thread):
+    """Polls what each simulator holds in VRAM while a replay runs: the changes, with the
+    seconds since ``started`` (where models lived over time, for ``--timeline``)."""
+
+    def __init__(self, ports: list[int], started: float, every: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.ports, self.started, self.every = ports, started, every
+        self.changes: list[tuple[float, str, list[str]]] = []
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        held: dict[int, list[str]] = {}
+        while not self._stopped.wait(self.every):
+            for i, port in enumerate(self.ports):
+                try:
+                    loaded = sorted(_sim_state(port).get("loaded") or [])
+                except BenchError:
+                    continue
+                if held.get(port) != loaded:
+                    held[port] = loaded
+                    at = round(time.monotonic() - self.started, 2)
+                    self.changes.append((at, f"sim{i}", loaded))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
 
 
 def placement_setup(args: argparse.Namespace) -> placement.Setup:
@@ -530,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument(
         "--ideal", type=int, metavar="SEEDS", help="print the ideal over SEEDS seeds only"
+    )
+    parser.add_argument(
+        "--timeline", action="store_true", help="placement: where models lived, over time"
     )
     parser.add_argument(
         "--policies",
