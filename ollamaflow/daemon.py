@@ -133,6 +133,7 @@ class Daemon(MultiService):
             self.runtime,
             reactor.seconds,
             waiting=scheduler.waiting_for,
+            preload_queue_depth=placing.preload_queue_depth,
             evict_queue_depth=placing.evict_queue_depth,
             conversations=Conversations(placing.conversations),
         )
@@ -220,9 +221,9 @@ class Daemon(MultiService):
             waiting=scheduler.waiting_models,
             clock=reactor,
             http=http,
+            on_started=self._preload_started,
             on_loaded=self._preloaded,
             max_concurrent=placing.max_concurrent_preloads,
-            queue_depth=placing.preload_queue_depth,
             keep_alive=placing.hot_keep_alive,
         )
         preloader.setServiceParent(self)
@@ -308,6 +309,10 @@ class Daemon(MultiService):
         self.inventory.health_changed(backend, healthy)
         self.gateway.backend_available(backend, healthy)
         self.admin.feed.soon()
+
+    def _preload_started(self, backend: Backend) -> None:
+        """A preload started: requests queued for its model may wait for the load there."""
+        self.gateway.backend_available(backend, True)
 
     def _preloaded(self, backend: Backend, model: str) -> None:
         """A preload finished: the model is warm there, and queued requests may use it."""

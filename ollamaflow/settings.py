@@ -192,15 +192,17 @@ _KEEP_ALIVE = Str(
 @attrs.frozen
 class Placement:
     """How ``ModelAware`` frontends place models: preloads onto free VRAM while a model's
-    queue grows, another copy by evicting an idle model once it is long, models in demand kept
-    loaded, and conversations kept where their prompt is cached."""
+    requests wait, another copy in place of an idle one of a model with far less demand once
+    the queue is long, models in demand kept loaded, and conversations kept where their prompt
+    is cached."""
 
-    #: Preloads (an empty generate request) running at once over the fleet; 0: none.
-    max_concurrent_preloads: int = field(Int(0, 64), default=2)
+    #: Preloads (an empty generate request) running at once over the fleet, one per backend;
+    #: 0: none (each model then keeps the copies its first requests loaded).
+    max_concurrent_preloads: int = field(Int(0, 64), default=8)
     #: Requests waiting for a model that start a preload onto a backend with free VRAM.
     preload_queue_depth: int = field(Int(1, 1_000_000), default=1)
-    #: Requests waiting for a model that let a load evict an idle model for one more copy.
-    evict_queue_depth: int = field(Int(1, 1_000_000), default=4)
+    #: Requests waiting for a model that let a preload replace an idle copy of another model.
+    evict_queue_depth: int = field(Int(1, 1_000_000), default=2)
     #: The ``keep_alive`` a request for a model in demand is sent with, unless it has one.
     hot_keep_alive: str = field(_KEEP_ALIVE, default="30m")
     #: Conversations remembered (digests of their messages, not the text).

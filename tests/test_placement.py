@@ -3,17 +3,24 @@ candidates for ``ModelAware`` frontends, what a load started changes, conversati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ollamaflow.gateway.placement import (
+    DEMAND_HORIZON,
+    DEMAND_KEYS,
     HOT_PER_MINUTE,
+    UNUSED,
     Conversations,
+    Demand,
     Fit,
+    Move,
     Placement,
     conversation_of,
 )
@@ -141,13 +148,13 @@ def test_no_warm_copy_free_vram_before_evicting_and_never_blocked() -> None:
     assert [b.identifier for b in order] == ["roomy", "full-old", "full-new"]
 
 
-def test_a_long_queue_may_load_another_copy() -> None:
-    placement, shelves, _, _ = fleet(waiting={"llama3:latest": 4})
+def test_a_long_queue_waits_for_a_warm_copy_the_plan_adds_copies() -> None:
+    placement, shelves, _, _ = fleet(waiting={"llama3:latest": 40})
     shelves.box("a", disk=MODELS, loaded=("llama3:latest",))
     shelves.box("b", disk=MODELS)
-    order = placement.order([backend("a"), backend("b")], "llama3")
-    assert [b.identifier for b in order] == ["a", "b"]
-    assert [b.identifier for b in placement.admissible([backend("b")], "llama3")] == ["b"]
+    both = [backend("a"), backend("b")]
+    assert [b.identifier for b in placement.order(both, "llama3")] == ["a"]
+    assert [b.identifier for b in placement.admissible(both, "llama3")] == ["a"]
 
 
 def test_a_waiting_request_takes_a_cold_slot_only_when_nothing_is_warm() -> None:
@@ -313,3 +320,172 @@ def test_a_model_loaded_elsewhere_too_is_evicted_before_the_last_copy_of_another
     placement.refreshed("a")
     assert placement.fit(b, "phi3:latest") == (Fit.EVICT, ["mistral:latest"]), "LRU again"
     assert placement.copy_counts()["llama3:latest"] == 1
+
+
+# -- demand and the plan -----------------------------------------------------------------------
+
+
+def test_demand_is_the_latest_count_or_its_average_whichever_is_more() -> None:
+    demand = Demand(horizon=10.0)
+    demand.sample(0.0, {"llama3:latest": 4})
+    assert demand.of("llama3:latest") == demand.smoothed("llama3:latest") == 4.0
+    demand.sample(10.0, {})
+    faded = 4 * math.exp(-1)
+    assert demand.smoothed("llama3:latest") == pytest.approx(faded)
+    assert demand.of("llama3:latest") == pytest.approx(faded), "the average outlives the count"
+    demand.sample(10.5, {"phi3:latest": 6})
+    assert demand.of("phi3:latest") == 6.0, "a burst is seen at once"
+    assert demand.smoothed("phi3:latest") < 1.0, "and counts little yet on average"
+    demand.sample(200.0, {})
+    assert demand.of("llama3:latest") == demand.of("phi3:latest") == 0.0
+
+
+def test_models_remembered_in_the_demand_are_bounded() -> None:
+    demand = Demand()
+    demand.sample(0.0, {f"m{n}:latest": 1 for n in range(DEMAND_KEYS + 50)})
+    demand.sample(1.0, {f"x{n}:latest": 1 for n in range(50)})
+    assert len(demand._level) <= DEMAND_KEYS
+
+
+def sustained(placement: Placement, clock: Clock, counts: Mapping[str, float]) -> None:
+    """``counts`` in flight and waiting for three horizons: what the plan sees as sustained."""
+    for _ in range(60):
+        placement.demand.sample(clock(), counts)
+        clock.now += DEMAND_HORIZON / 20
+
+
+def test_a_waiting_model_is_preloaded_into_free_vram_first() -> None:
+    placement, shelves, _, _ = fleet(waiting={"phi3:latest": 1})
+    shelves.box("full", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+    shelves.box("roomy", disk=MODELS, loaded=("llama3:latest",))
+    for name in ("full", "roomy"):
+        placement.refreshed(name)
+    full, roomy = backend("full"), backend("roomy")
+    move = placement.next_move({"phi3:latest": [full, roomy]}, {"phi3:latest": 1})
+    assert move == Move(roomy, "phi3:latest")
+
+
+def test_copies_go_one_at_a_time_to_the_most_demand_per_copy() -> None:
+    placement, shelves, _, clock = fleet()
+    placement.preload_queue_depth = 2
+    boxes = [backend(name) for name in ("a", "b", "c", "d")]
+    for box in boxes:
+        shelves.box(box.identifier, disk=MODELS)
+        placement.refreshed(box.identifier)
+    keys = ("llama3:latest", "mistral:latest")
+    assert placement.next_move({k: boxes for k in keys}, dict.fromkeys(keys, 1)) is None
+    placement.demand.sample(clock(), {"llama3:latest": 5, "mistral:latest": 2})
+    waiting = {"llama3:latest": 4, "mistral:latest": 2}
+    dealt = []
+    for box in boxes:
+        move = placement.next_move({k: [box] for k in keys}, waiting)
+        assert move is not None and move.backend == box
+        placement.sent(move.backend, move.key, preload=True)
+        dealt.append(move.key)
+    # demand per copy 5 against 2, 5 against 2, 2.5 against 2, then 1.67 against 2
+    assert dealt == ["llama3:latest"] * 3 + ["mistral:latest"]
+    assert placement.copy_counts() == {"llama3:latest": 3, "mistral:latest": 1}
+
+
+def replacement_fleet(
+    waiting: int,
+) -> tuple[Placement, Clock, dict[str, list[Backend]], dict[str, int]]:
+    """Three full boxes: llama3 on all of them, mistral on two, phi3 on one; phi3's
+    requests wait."""
+    placement, shelves, _, clock = fleet()
+    shelves.box("a", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+    shelves.box("b", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+    shelves.box("c", disk=MODELS, loaded=("llama3:latest", "phi3:latest"))
+    boxes = [backend(n, vram=8 * GB) for n in ("a", "b", "c")]
+    for b in boxes:
+        placement.refreshed(b.identifier)
+    return placement, clock, {"phi3:latest": boxes}, {"phi3:latest": waiting}
+
+
+def test_a_long_queue_with_sustained_demand_replaces_an_idle_copy_with_less() -> None:
+    placement, clock, candidates, waiting = replacement_fleet(waiting=3)
+    sustained(placement, clock, {"phi3:latest": 4, "mistral:latest": 1, "llama3:latest": 3})
+    move = placement.next_move(candidates, waiting)
+    assert move is not None
+    assert move.key == "phi3:latest" and move.backend.identifier in ("a", "b")
+    assert move.victims == ("mistral:latest",), "1 request per copy left, not llama3's 1.5"
+
+
+def test_no_replacement_for_a_short_queue_a_burst_or_a_small_margin() -> None:
+    placement, clock, candidates, _ = replacement_fleet(waiting=1)
+    sustained(placement, clock, {"phi3:latest": 4, "mistral:latest": 1})
+    assert placement.next_move(candidates, {"phi3:latest": 1}) is None, "the queue is short"
+
+    placement, clock, candidates, waiting = replacement_fleet(waiting=3)
+    sustained(placement, clock, {"mistral:latest": 1, "llama3:latest": 1})
+    placement.demand.sample(clock(), {"phi3:latest": 8, "mistral:latest": 1, "llama3:latest": 1})
+    assert placement.next_move(candidates, waiting) is None, "a burst is not sustained"
+
+    placement, clock, candidates, waiting = replacement_fleet(waiting=3)
+    sustained(placement, clock, {"phi3:latest": 2, "mistral:latest": 2, "llama3:latest": 4})
+    assert placement.next_move(candidates, waiting) is None, "mistral is needed as much"
+
+
+def test_a_last_copy_is_replaced_only_when_its_model_is_unused() -> None:
+    placement, shelves, _, clock = fleet()
+    shelves.box("a", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+    a = backend("a", vram=8 * GB)
+    placement.refreshed("a")
+    waiting = {"phi3:latest": 5}
+    sustained(placement, clock, {"phi3:latest": 5, "mistral:latest": 0.2, "llama3:latest": 1})
+    assert placement.next_move({"phi3:latest": [a]}, waiting) is None
+    sustained(placement, clock, {"phi3:latest": 5, "llama3:latest": 1})
+    move = placement.next_move({"phi3:latest": [a]}, waiting)
+    assert move == Move(a, "phi3:latest", ("mistral:latest",))
+
+
+def test_victims_go_by_the_demand_per_copy_they_leave() -> None:
+    placement, shelves, _, clock = fleet()
+    for name in ("a", "b"):
+        shelves.box(name, disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+        placement.refreshed(name)
+    b = backend("b", vram=8 * GB)
+    placement.sent(b, "llama3")
+    clock.now += 10
+    placement.sent(b, "mistral")  # used more lately than llama3 ...
+    sustained(placement, clock, {"llama3:latest": 6, "mistral:latest": 1})
+    # ... but llama3's one copy left would have six requests, mistral's one
+    assert placement.fit(b, "phi3:latest") == (Fit.EVICT, ["mistral:latest"])
+
+
+@given(
+    st.dictionaries(st.sampled_from(list(MODELS)), st.integers(0, 6), max_size=3),
+    st.dictionaries(st.sampled_from(list(MODELS)), st.integers(0, 8), max_size=3),
+    st.lists(st.sets(st.sampled_from(list(MODELS)), max_size=2), min_size=1, max_size=5),
+)
+def test_a_move_never_evicts_what_is_used_nor_the_last_copy_of_a_model_in_use(
+    busy_counts: dict[str, int],
+    waiting: dict[str, int],
+    held: list[set[str]],
+) -> None:
+    """Whatever each box holds and whatever is busy or waiting: a move is for a model that
+    waits, onto a box that has it on disk and not loaded, evicting no model busy there or
+    waited for, nor the last copy of a model with demand, and leaving its VRAM within bounds."""
+    placement, shelves, runtime, clock = fleet(waiting=waiting)
+    boxes = [backend(f"b{i}", vram=8 * GB) for i in range(len(held))]
+    for box, models in zip(boxes, held, strict=True):
+        shelves.box(box.identifier, disk=MODELS, loaded=tuple(sorted(models)))
+        placement.refreshed(box.identifier)
+    for i, (model, count) in enumerate(sorted(busy_counts.items())):
+        for _ in range(count):
+            busy(runtime, boxes[i % len(boxes)].identifier, model)
+    sustained(placement, clock, {k: busy_counts.get(k, 0) + waiting.get(k, 0) for k in MODELS})
+    copies = placement.copy_counts()
+    move = placement.next_move({k: boxes for k in waiting}, waiting)
+    if move is None:
+        return
+    assert waiting.get(move.key, 0) >= placement.preload_queue_depth
+    held_there = placement.loaded(move.backend.identifier)
+    assert move.key not in held_there
+    state = runtime.states.get(move.backend.identifier)
+    for victim in move.victims:
+        assert not waiting.get(victim)
+        assert state is None or not state.active_by_model.get(victim)
+        assert copies[victim] > 1 or placement.demand.smoothed(victim) < UNUSED
+    left = sum(n for k, n in held_there.items() if k not in move.victims)
+    assert left + MODELS[move.key] <= 8 * GB

@@ -323,6 +323,29 @@ async def test_a_queue_for_a_model_preloads_it_where_vram_is_free(fleet: Fleet) 
     assert (await fleet.backend_placement())["b"]["Preloads"] >= 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_long_queue_replaces_an_idle_copy_of_a_model_held_elsewhere(fleet: Fleet) -> None:
+    await fleet.box(
+        "a",
+        loaded=("llama3", "phi3"),
+        backend={"MaxParallelRequests": 1},
+        tokens=8,
+        tokens_per_second=4,
+    )
+    await fleet.box("b", loaded=("llama3", "mistral"), tokens=8, tokens_per_second=4)
+    await fleet.ready("a", "b")
+    fleet.daemon.placement.demand.horizon = 0.5  # seconds of queue make the demand sustained
+    b = fleet.sims["b"]
+    streams = [ensureDeferred(fleet.stream("phi3")) for _ in range(4)]
+    served = [(await stream).backend for stream in streams]
+    assert "b" in served, f"the queue went to the copy loaded in llama3's place: {served}"
+    assert evicted(b) == ["llama3"], "the copy a holds too, not mistral's only one"
+    assert set(ps(b)) == {"mistral", "phi3"}
+    assert set(ps(fleet.sims["a"])) == {"llama3", "phi3"}
+    placement = (await fleet.backend_placement())["b"]
+    assert (placement["Preloads"], placement["Evictions"]) == (1, 1)
+
+
 # -- keep_alive --------------------------------------------------------------------------------
 
 

@@ -4,8 +4,10 @@ must not load it at all (the load would evict a model that requests are using or
 
 A cold load costs seconds and may push out a model another request needs, so a request goes
 to a warm copy when one exists and waits in the queue for a warm slot rather than load a second
-copy: more copies come from the preloader (free VRAM, while a model's queue grows) or, when the
-queue is long, from a load that evicts an idle model. What a box holds is the inventory's
+copy. More copies are chosen one at a time (:meth:`Placement.next_move`, carried out by the
+preloader) from each model's demand, its requests in flight and waiting, smoothed over half a
+minute: into free VRAM while a model's requests wait, and in place of an idle copy of a model
+with far less demand per copy once its queue is long. What a box holds is the inventory's
 ``/api/ps`` reading corrected by what this gateway sent since (loads it started, evictions they
 must have caused), until the next reading. Decisions only: no I/O here.
 """
@@ -13,6 +15,7 @@ must have caused), until the next reading. Decisions only: no I/O here.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import IntEnum
@@ -31,6 +34,15 @@ LOAD_HORIZON = 120.0
 HOT_PER_MINUTE = 2.0
 #: Earlier turns of a conversation looked for: the previous turn usually ended two messages ago.
 TURNS_BACK = 4
+#: Seconds over which a model's demand (requests in flight and waiting) is smoothed.
+DEMAND_HORIZON = 30.0
+#: A copy replaces another model's only when its model's demand per copy is this many times
+#: the other's per remaining copy: moves that merely even out noise would thrash.
+MOVE_MARGIN = 1.5
+#: Smoothed demand below which a model counts as unused: its last copy may then be evicted.
+UNUSED = 0.05
+#: Models whose demand is remembered (names come from clients).
+DEMAND_KEYS = 4096
 
 
 class Fit(IntEnum):
@@ -105,6 +117,47 @@ class _Box:
 
 
 @attrs.frozen
+class Move:
+    """A preload to start: ``key`` onto ``backend``, evicting ``victims`` (idle ones)."""
+
+    backend: Backend
+    key: str
+    victims: tuple[str, ...] = ()
+
+
+@attrs.define
+class Demand:
+    """Each model's requests in flight and waiting: the latest count and its exponential
+    average over :data:`DEMAND_HORIZON` seconds, so a burst is seen at once and fades."""
+
+    horizon: float = DEMAND_HORIZON
+    _level: dict[str, float] = attrs.field(factory=dict)
+    _current: dict[str, float] = attrs.field(factory=dict)
+    _at: float | None = None
+
+    def sample(self, now: float, current: Mapping[str, float]) -> None:
+        """Fold in the counts at ``now``; a model missing from ``current`` counts 0."""
+        weight = 1.0 if self._at is None else 1 - math.exp(-max(0.0, now - self._at) / self.horizon)
+        self._at = now
+        level = self._level
+        for key in list(level):
+            level[key] += weight * (current.get(key, 0) - level[key])
+            if level[key] < UNUSED / 10 and not current.get(key):
+                del level[key]
+        for key, count in current.items():
+            if key not in level and count and len(level) < DEMAND_KEYS:
+                level[key] = weight * count
+        self._current = {k: n for k, n in current.items() if n}
+
+    def of(self, key: str) -> float:
+        """The larger of the latest count and the average: what the copies must serve."""
+        return max(self._level.get(key, 0.0), self._current.get(key, 0.0))
+
+    def smoothed(self, key: str) -> float:
+        return self._level.get(key, 0.0)
+
+
+@attrs.frozen
 class Conversation:
     """A chat's messages as digests of its prefixes: ``prefixes[k]`` stands for the first
     ``k + 1`` messages. Never the text."""
@@ -172,14 +225,17 @@ class Placement:
     seconds: Callable[[], float]
     #: Requests waiting in the queues for a model, by :func:`model_key`.
     waiting: Callable[[str], int] = lambda _: 0
-    #: A model's queue at least this long may load another copy by evicting an idle model.
-    evict_queue_depth: int = 4
+    #: Requests waiting for a model that call for a preload onto free VRAM.
+    preload_queue_depth: int = 1
+    #: Requests waiting for a model that let a preload evict an idle copy of another model.
+    evict_queue_depth: int = 2
+    demand: Demand = attrs.field(factory=Demand)
     conversations: Conversations = attrs.field(factory=Conversations)
     stats: dict[str, PlacementStats] = attrs.field(factory=dict)
     _boxes: dict[str, _Box] = attrs.field(factory=dict)
     #: Requests per model key: (the minute counted, its count, the minute before's), the
     #: least recently asked for first (model names come from clients: 4096 are kept).
-    _demand: OrderedDict[str, tuple[int, int, int]] = attrs.field(factory=OrderedDict)
+    _asked: OrderedDict[str, tuple[int, int, int]] = attrs.field(factory=OrderedDict)
 
     # -- what a backend holds -------------------------------------------------------------------
 
@@ -239,8 +295,9 @@ class Placement:
         if copies is None:
             copies = self.copy_counts()
         # A model loaded elsewhere too goes before the last copy of one (which the next
-        # request for it would have to load again), then the least recently used.
-        idle.sort(key=lambda k: (copies.get(k, 0) <= 1, last_used.get(k, 0.0)))
+        # request for it would have to load again); then the least demand per copy left,
+        # then the least recently used.
+        idle.sort(key=lambda k: (*self._keep(k, copies), last_used.get(k, 0.0)))
         victims: list[str] = []
         for victim in idle:
             victims.append(victim)
@@ -248,6 +305,12 @@ class Placement:
             if used + need <= capacity:
                 return Fit.EVICT, victims
         return Fit.BLOCKED, []
+
+    def _keep(self, key: str, copies: Mapping[str, int]) -> tuple[bool, float]:
+        """What a copy of ``key`` is worth keeping, least first: whether it is the last one,
+        and its model's demand per copy that would be left."""
+        count = copies.get(key, 0)
+        return count <= 1, self.demand.smoothed(key) / max(count - 1, 1)
 
     def copy_counts(self) -> dict[str, int]:
         """Model key → the backends known to hold it (loaded or loading)."""
@@ -275,9 +338,9 @@ class Placement:
         """The candidates to try for ``model``, balanced order ``ordered`` kept among equals:
         the backend that served the conversation's previous turn if warm and free, then the
         warm ones; cold ones only when no copy is warm (free VRAM first, then those evicting
-        the idlest models), or when the model's queue is long. Empty: wait in the queue."""
+        the idlest models). Empty: wait in the queue."""
         key = model_key(model)
-        self._count_demand(key)
+        self._count_asked(key)
         warm: list[Backend] = []
         cold: list[Backend] = []
         for backend in ordered:
@@ -289,16 +352,16 @@ class Placement:
                     warm.insert(0, warm.pop(i))
                     self._stats(backend.identifier).affinity_hits += 1
                     break
-        if warm and self.waiting(key) < self.evict_queue_depth:
+        if warm:
             return warm  # the common case: no load to plan
-        return [*warm, *self._cold_order(cold, key)]
+        return self._cold_order(cold, key)
 
     def _cold_order(self, cold: Sequence[Backend], key: str) -> list[Backend]:
         """Backends ``key`` would be loaded on: free VRAM first, then those whose evictions
         cost least; never one whose load would evict a model in use or waited for."""
         copies = self.copy_counts()
         free: list[Backend] = []
-        evicting: list[tuple[tuple[int, float], Backend]] = []
+        evicting: list[tuple[tuple[int, float, float], Backend]] = []
         for backend in cold:
             fit, victims = self.fit(backend, key, copies)
             if fit is Fit.FREE:
@@ -311,24 +374,86 @@ class Placement:
 
     def admissible(self, candidates: Sequence[Backend], model: str) -> list[Backend]:
         """The candidates a request for ``model`` may be sent to now (one waiting in the
-        queue, or retried): warm ones, and those a load the order would also allow."""
+        queue, or retried): the warm ones; when none is, those a load the order would allow."""
         key = model_key(model)
+        warm = [b for b in candidates if self.holds(b.identifier, key)]
+        if warm or not candidates:
+            return warm
         copies = self.copy_counts()
-        fits = [(self.fit(b, key, copies)[0], b) for b in candidates]
-        if any(fit is Fit.WARM for fit, _ in fits) and self.waiting(key) < self.evict_queue_depth:
-            return [b for fit, b in fits if fit is Fit.WARM]
-        return [b for fit, b in fits if fit is not Fit.BLOCKED]
+        return [b for b in candidates if self.fit(b, key, copies)[0] is not Fit.BLOCKED]
 
     def _eviction_cost(
-        self, backend_id: str, victims: list[str], copies: Mapping[str, int]
-    ) -> tuple[int, float]:
-        """What evicting ``victims`` costs, least first: last copies of a model evicted, then
-        how lately the most lately used of them was."""
+        self, backend_id: str, victims: Sequence[str], copies: Mapping[str, int]
+    ) -> tuple[int, float, float]:
+        """What evicting ``victims`` costs, least first: last copies of a model evicted, the
+        demand per copy left of their models, how lately the latest used of them was."""
         box = self._boxes.get(backend_id)
-        last_copies = sum(1 for v in victims if copies.get(v, 0) <= 1)
+        keeps = [self._keep(v, copies) for v in victims]
+        last_copies = sum(1 for last, _ in keeps if last)
+        demand = sum(per_copy for _, per_copy in keeps)
         if box is None or not victims:
-            return last_copies, 0.0
-        return last_copies, max(box.used.get(v, 0.0) for v in victims)
+            return last_copies, demand, 0.0
+        return last_copies, demand, max(box.used.get(v, 0.0) for v in victims)
+
+    # -- more copies ----------------------------------------------------------------------------
+
+    def next_move(
+        self, candidates: Mapping[str, Sequence[Backend]], waiting: Mapping[str, int]
+    ) -> Move | None:
+        """The one preload to start now, if any: one more copy of the model with the most
+        demand per copy among those with requests ``waiting`` (a copy loading takes requests
+        at once, so these are the ones no copy will serve soon), onto one of its
+        ``candidates`` (tried in the order given): into free VRAM, or, once its queue reaches
+        :attr:`evict_queue_depth`, in place of idle copies of models with at most
+        1 / :data:`MOVE_MARGIN` of its smoothed demand per copy (a last copy only if unused).
+        One at a time, so each copy goes where the demand is once the last one is counted:
+        the greedy rule that deals copies in proportion to demand."""
+        copies = self.copy_counts()
+        demand = self.demand
+
+        def need(key: str) -> float:
+            return demand.of(key) / max(copies.get(key, 0), 1)
+
+        for key in sorted(waiting, key=need, reverse=True):
+            queued = waiting[key]
+            if queued < self.preload_queue_depth:
+                continue
+            sustained = demand.smoothed(key) / max(copies.get(key, 0), 1)
+            move = self._move(key, candidates.get(key, ()), copies, queued, sustained)
+            if move is not None:
+                return move
+        return None
+
+    def _move(
+        self,
+        key: str,
+        backends: Sequence[Backend],
+        copies: Mapping[str, int],
+        queued: int,
+        sustained: float,
+    ) -> Move | None:
+        """Where one more copy of ``key`` goes, if anywhere: free VRAM first, else the
+        cheapest replacement the margin allows ``sustained``, its smoothed demand per copy (a
+        burst is over before a replacement loads; free VRAM costs nothing to fill)."""
+        replacing: list[tuple[tuple[int, float, float], Move]] = []
+        for backend in backends:
+            fit, victims = self.fit(backend, key, copies)
+            if fit is Fit.FREE:
+                return Move(backend, key)
+            if fit is not Fit.EVICT or queued < self.evict_queue_depth:
+                continue
+            if all(self._may_replace(v, copies, sustained) for v in victims):
+                cost = self._eviction_cost(backend.identifier, victims, copies)
+                replacing.append((cost, Move(backend, key, tuple(victims))))
+        if not replacing:
+            return None
+        return min(replacing, key=lambda pair: pair[0])[1]
+
+    def _may_replace(self, victim: str, copies: Mapping[str, int], sustained: float) -> bool:
+        last, per_copy_left = self._keep(victim, copies)
+        if last:
+            return self.demand.smoothed(victim) < UNUSED
+        return sustained >= MOVE_MARGIN * per_copy_left
 
     # -- what happened --------------------------------------------------------------------------
 
@@ -379,7 +504,7 @@ class Placement:
 
     def is_hot(self, model: str) -> bool:
         """Asked for often enough in the last minute to be kept loaded longer."""
-        found = self._demand.get(model_key(model))
+        found = self._asked.get(model_key(model))
         if found is None:
             return False
         now = self.seconds()
@@ -391,10 +516,10 @@ class Placement:
             previous, current, into = current, 0, into - 1
         return previous * (1 - into) + current >= HOT_PER_MINUTE
 
-    def _count_demand(self, key: str) -> None:
+    def _count_asked(self, key: str) -> None:
         """One more request for ``key``, counted per minute (this one and the one before)."""
         minute = int(self.seconds() // 60)
-        demand = self._demand
+        demand = self._asked
         found = demand.get(key)
         if found is None or found[0] < minute - 1:
             demand[key] = (minute, 1, 0)

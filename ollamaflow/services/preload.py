@@ -1,9 +1,11 @@
-"""Preloading: a model whose requests wait in a ``ModelAware`` frontend's queue is loaded ahead
-of demand onto a backend of that frontend with free VRAM (an empty generate request, as Ollama
-documents), so the next requests find one more warm copy instead of waiting or evicting.
+"""Preloading: the copies :meth:`Placement.next_move` calls for are loaded ahead of demand with an
+empty generate request, as Ollama documents, onto backends of the ``ModelAware`` frontends where
+the model's requests wait: into free VRAM, or in place of an idle copy of a model with far less
+demand. The next requests then find one more warm copy instead of waiting.
 
-Checked twice a second while anything waits; at most ``max_concurrent`` preloads run at once
-over the fleet, one per backend and model.
+Twice a second: each model's demand is sampled and the next preload started, at most
+``max_concurrent`` running at once over the fleet and one per backend (Ollama loads one model
+at a time).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ollamaflow.catalog import Registry
-from ollamaflow.gateway.placement import Fit, Placement
+from ollamaflow.gateway.placement import Placement, model_key
 from ollamaflow.records import ApiFormat, Backend, LoadBalancing
 from ollamaflow.runtime import Runtime
 from ollamaflow.services.common import backend_headers, backend_url, describe, drain
@@ -32,8 +34,9 @@ TIMEOUT = 600.0
 
 
 class Preloader(Service):
-    """Starts preloads while models' queues grow; ``on_loaded`` hears of each one done (the
-    gateway hands the backend's free slots to the queue)."""
+    """Starts the preloads placement calls for. ``on_started`` hears of each one started (the
+    gateway hands the backend's free slots to the queue: its requests wait there for the load,
+    as Ollama makes them), ``on_loaded`` of each one done."""
 
     def __init__(
         self,
@@ -44,9 +47,9 @@ class Preloader(Service):
         waiting: Callable[[], Mapping[str, Mapping[str, int]]],
         clock: IReactorTime,
         http: object,
+        on_started: Callable[[Backend], None],
         on_loaded: Callable[[Backend, str], None],
         max_concurrent: int,
-        queue_depth: int,
         keep_alive: str,
     ) -> None:
         self.registry = registry
@@ -55,9 +58,9 @@ class Preloader(Service):
         self.waiting = waiting
         self.clock = clock
         self.http = http
+        self.on_started = on_started
         self.on_loaded = on_loaded
         self.max_concurrent = max_concurrent
-        self.queue_depth = queue_depth
         self.keep_alive = keep_alive
         #: Preloads running: (backend, model key) → the request.
         self.running_preloads: dict[tuple[str, str], Deferred[None]] = {}
@@ -77,46 +80,58 @@ class Preloader(Service):
             pending.cancel()
 
     def look(self) -> None:
-        """Start the preloads the queues call for, within the limit."""
+        """Sample the demand, and start the next preload placement calls for, within the
+        limits."""
         try:
-            for key, frontends in self.waiting().items():
-                if len(self.running_preloads) >= self.max_concurrent:
-                    return
-                if sum(frontends.values()) >= self.queue_depth:
-                    self._consider(key, frontends)
+            waiting = self.waiting()
+            queued = {key: sum(frontends.values()) for key, frontends in waiting.items()}
+            self.placement.demand.sample(self.clock.seconds(), self._demand(queued))
+            if len(self.running_preloads) >= self.max_concurrent or not queued:
+                return
+            candidates = {key: self._candidates(key, waiting[key]) for key in queued}
+            move = self.placement.next_move(candidates, queued)
+            if move is not None:
+                self._start(move.backend, move.key)
         except Exception:
             log.failure("preloading failed")
 
-    def _consider(self, key: str, frontends: Mapping[str, int]) -> None:
-        """Preload ``key`` onto the least busy backend of the frontends where it waits that
-        has it on disk, free VRAM for it, and no copy loaded or loading."""
+    def _demand(self, queued: Mapping[str, int]) -> dict[str, int]:
+        """Requests in flight and waiting, per model key."""
+        demand = dict(queued)
+        for state in self.runtime.states.values():
+            for model, count in state.active_by_model.items():
+                key = model_key(model)
+                demand[key] = demand.get(key, 0) + count
+        return demand
+
+    def _candidates(self, key: str, frontends: Mapping[str, int]) -> list[Backend]:
+        """The backends ``key`` may be preloaded onto: of the ``ModelAware`` frontends where
+        it waits, serving Ollama's API, in rotation, with it on disk and no preload running;
+        the least busy first."""
         catalog = self.registry.catalog
         inventory = self.placement.inventory
-        best: tuple[int, Backend, str] | None = None
+        busy = {backend_id for backend_id, _ in self.running_preloads}
+        found: dict[str, tuple[int, Backend]] = {}
         for frontend_id in frontends:
             frontend = catalog.frontends.get(frontend_id)
             if frontend is None or frontend.load_balancing is not LoadBalancing.MODEL_AWARE:
                 continue
             for backend_id in frontend.backends:
                 backend = catalog.backends.get(backend_id)
-                if backend is None or not backend.active or backend.api_format is ApiFormat.OPENAI:
+                if backend is None or backend_id in busy or backend_id in found:
+                    continue
+                if not backend.active or backend.api_format is ApiFormat.OPENAI:
                     continue
                 state = self.runtime.states.get(backend_id)
                 if state is None or not state.in_rotation:
                     continue
-                entry = inventory.entries(backend_id).get(key)
-                if entry is None or (backend_id, key) in self.running_preloads:
-                    continue
-                if self.placement.fit(backend, key)[0] is not Fit.FREE:
-                    continue
-                load = state.active_requests
-                if best is None or load < best[0]:
-                    name = str(entry.get("name") or entry.get("model") or key)
-                    best = (load, backend, name)
-        if best is not None:
-            self._start(best[1], key, best[2])
+                if key in inventory.entries(backend_id):
+                    found[backend_id] = (state.active_requests, backend)
+        return [backend for _, backend in sorted(found.values(), key=lambda pair: pair[0])]
 
-    def _start(self, backend: Backend, key: str, name: str) -> None:
+    def _start(self, backend: Backend, key: str) -> None:
+        entry = self.placement.inventory.entries(backend.identifier).get(key) or {}
+        name = str(entry.get("name") or entry.get("model") or key)
         self.placement.sent(backend, name, preload=True)
         pending = Deferred.fromCoroutine(self._preload(backend, name))
         self.running_preloads[(backend.identifier, key)] = pending
@@ -125,6 +140,7 @@ class Preloader(Service):
             self.running_preloads.pop((backend.identifier, key), None)
 
         pending.addBoth(done)
+        self.on_started(backend)
 
     async def _preload(self, backend: Backend, name: str) -> None:
         body = json.dumps({"model": name, "keep_alive": self.keep_alive}).encode()
