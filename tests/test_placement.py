@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from ollamaflow.gateway.placement import (
     DEMAND_HORIZON,
     DEMAND_KEYS,
+    FILL_PER_COPY,
     HOT_PER_MINUTE,
     UNUSED,
     Conversations,
@@ -340,11 +341,30 @@ def test_demand_is_the_latest_count_or_its_average_whichever_is_more() -> None:
     assert demand.of("llama3:latest") == demand.of("phi3:latest") == 0.0
 
 
+def test_demand_counts_requests_asked_per_second_too() -> None:
+    demand = Demand(horizon=10.0)
+    demand.sample(0.0, {})
+    for _ in range(20):
+        demand.asked("llama3:latest")
+    for _ in range(5):
+        demand.asked("phi3:latest")
+    demand.sample(2.0, {})
+    weight = 1 - math.exp(-0.2)
+    assert demand.rate("llama3:latest") == pytest.approx(10 * weight)
+    assert demand.rate("phi3:latest") == pytest.approx(2.5 * weight)
+    demand.sample(4.0, {})
+    assert demand.rate("llama3:latest") < 10 * weight, "nothing asked since: it fades"
+    assert demand.rate("mistral:latest") == 0.0
+
+
 def test_models_remembered_in_the_demand_are_bounded() -> None:
     demand = Demand()
     demand.sample(0.0, {f"m{n}:latest": 1 for n in range(DEMAND_KEYS + 50)})
+    for n in range(DEMAND_KEYS + 50):
+        demand.asked(f"a{n}:latest")
     demand.sample(1.0, {f"x{n}:latest": 1 for n in range(50)})
     assert len(demand._level) <= DEMAND_KEYS
+    assert len(demand._rate) <= DEMAND_KEYS
 
 
 def sustained(placement: Placement, clock: Clock, counts: Mapping[str, float]) -> None:
@@ -385,6 +405,59 @@ def test_copies_go_one_at_a_time_to_the_most_demand_per_copy() -> None:
     # demand per copy 5 against 2, 5 against 2, 2.5 against 2, then 1.67 against 2
     assert dealt == ["llama3:latest"] * 3 + ["mistral:latest"]
     assert placement.copy_counts() == {"llama3:latest": 3, "mistral:latest": 1}
+
+
+def test_copies_follow_the_requests_asked_not_the_queue_they_made() -> None:
+    placement, shelves, _, clock = fleet()
+    shelves.box("a", disk=MODELS, loaded=("llama3:latest",))
+    shelves.box("b", disk=MODELS, loaded=("mistral:latest",))
+    shelves.box("c", disk=MODELS)
+    for name in ("a", "b", "c"):
+        placement.refreshed(name)
+    c = backend("c")
+    placement.demand.sample(clock(), {})
+    for _ in range(8):
+        placement.order([backend("a")], "llama3")
+    for _ in range(6):
+        placement.order([backend("b")], "mistral")
+    clock.now += 1
+    # mistral's one copy has the longer queue, llama3's one copy was asked for more
+    placement.demand.sample(clock(), {"llama3:latest": 3, "mistral:latest": 6})
+    waiting = {"llama3:latest": 1, "mistral:latest": 4}
+    move = placement.next_move({"llama3:latest": [c], "mistral:latest": [c]}, waiting)
+    assert move == Move(c, "llama3:latest")
+
+
+def test_free_vram_is_filled_while_one_more_copy_would_still_be_busy() -> None:
+    placement, shelves, _, clock = fleet()
+    shelves.box("a", disk=MODELS, loaded=("llama3:latest",))
+    shelves.box("b", disk=MODELS)
+    for name in ("a", "b"):
+        placement.refreshed(name)
+    b = backend("b")
+    placement.demand.sample(clock(), {"llama3:latest": 1})
+    assert placement.next_move({"llama3:latest": [b]}, {}) is None, "one copy serves one"
+    clock.now += 1
+    placement.demand.sample(clock(), {"llama3:latest": 2})
+    assert placement.next_move({"llama3:latest": [b]}, {}) == Move(b, "llama3:latest")
+
+
+def test_no_replacement_while_a_box_loading_something_else_has_room() -> None:
+    placement, shelves, _, clock = fleet()
+    shelves.box("loading", disk=MODELS)
+    shelves.box("full", disk=MODELS, loaded=("llama3:latest", "mistral:latest"))
+    shelves.box("other", disk=MODELS, loaded=("llama3:latest",))
+    for name in ("loading", "full", "other"):
+        placement.refreshed(name)
+    loading, full = backend("loading"), backend("full", vram=8 * GB)
+    waiting = {"phi3:latest": 4}
+    sustained(placement, clock, {"phi3:latest": 6})
+    candidates = {"phi3:latest": [full, loading]}
+    assert placement.next_move(candidates, waiting, busy={"loading"}) is None
+    move = placement.next_move(candidates, waiting)
+    assert move == Move(loading, "phi3:latest")
+    move = placement.next_move({"phi3:latest": [full]}, waiting, busy={"loading"})
+    assert move == Move(full, "phi3:latest", ("llama3:latest",)), "llama3 is loaded elsewhere"
 
 
 def replacement_fleet(
@@ -464,8 +537,9 @@ def test_a_move_never_evicts_what_is_used_nor_the_last_copy_of_a_model_in_use(
     held: list[set[str]],
 ) -> None:
     """Whatever each box holds and whatever is busy or waiting: a move is for a model that
-    waits, onto a box that has it on disk and not loaded, evicting no model busy there or
-    waited for, nor the last copy of a model with demand, and leaving its VRAM within bounds."""
+    waits or has the demand for one more copy, onto a box that has it on disk and not loaded,
+    evicting (only for a long queue) no model busy there or waited for, nor the last copy of a
+    model with demand, and leaving its VRAM within bounds."""
     placement, shelves, runtime, clock = fleet(waiting=waiting)
     boxes = [backend(f"b{i}", vram=8 * GB) for i in range(len(held))]
     for box, models in zip(boxes, held, strict=True):
@@ -479,7 +553,12 @@ def test_a_move_never_evicts_what_is_used_nor_the_last_copy_of_a_model_in_use(
     move = placement.next_move({k: boxes for k in waiting}, waiting)
     if move is None:
         return
-    assert waiting.get(move.key, 0) >= placement.preload_queue_depth
+    queued = waiting.get(move.key, 0)
+    if move.victims:
+        assert queued >= placement.evict_queue_depth
+    else:
+        more = placement.demand.of(move.key) / (copies.get(move.key, 0) + 1)
+        assert queued >= placement.preload_queue_depth or more >= FILL_PER_COPY
     held_there = placement.loaded(move.backend.identifier)
     assert move.key not in held_there
     state = runtime.states.get(move.backend.identifier)

@@ -324,6 +324,30 @@ async def test_a_queue_for_a_model_preloads_it_where_vram_is_free(fleet: Fleet) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_copies_kept_busy_get_another_in_free_vram_before_anything_waits(
+    fleet: Fleet,
+) -> None:
+    await fleet.box(
+        "a",
+        loaded=("llama3",),
+        backend={"MaxParallelRequests": 2},
+        tokens=12,
+        tokens_per_second=4,
+    )
+    await fleet.box("b", tokens=12, tokens_per_second=4)
+    await fleet.ready("a", "b")
+    b = fleet.sims["b"]
+    streams = [await fleet.stream("llama3") for _ in range(2)]
+    assert [s.backend for s in streams] == ["a", "a"]
+    await until(lambda: "llama3" in ps(b), what="llama3 preloaded onto b")
+    assert b.counters.requests["/api/generate"] == 1 and b.counters.tokens == 0, "the preload"
+    (queue,) = [q for q in (await fleet.health())["Queues"] if q["Identifier"] == "frontend1"]
+    assert queue["Queued"] == 0, "nothing waited"
+    for stream in streams:
+        await whole(stream, 12)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_long_queue_replaces_an_idle_copy_of_a_model_held_elsewhere(fleet: Fleet) -> None:
     await fleet.box(
         "a",

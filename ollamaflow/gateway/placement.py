@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Any, Protocol
 
@@ -38,7 +38,9 @@ TURNS_BACK = 4
 DEMAND_HORIZON = 30.0
 #: A copy replaces another model's only when its model's demand per copy is this many times
 #: the other's per remaining copy: moves that merely even out noise would thrash.
-MOVE_MARGIN = 1.5
+MOVE_MARGIN = 1.25
+#: Requests in flight and waiting per copy at which a model gets another copy in free VRAM.
+FILL_PER_COPY = 1.0
 #: Smoothed demand below which a model counts as unused: its last copy may then be evicted.
 UNUSED = 0.05
 #: Models whose demand is remembered (names come from clients).
@@ -127,27 +129,38 @@ class Move:
 
 @attrs.define
 class Demand:
-    """Each model's requests in flight and waiting: the latest count and its exponential
-    average over :data:`DEMAND_HORIZON` seconds, so a burst is seen at once and fades."""
+    """Per model: requests in flight and waiting (the latest count, and its exponential
+    average over :data:`DEMAND_HORIZON` seconds, so a burst is seen at once and fades), and
+    requests asked per second, averaged the same way. The count says where requests wait
+    (it grows with the wait); the rate says how demand divides between models (it does not)."""
 
     horizon: float = DEMAND_HORIZON
     _level: dict[str, float] = attrs.field(factory=dict)
     _current: dict[str, float] = attrs.field(factory=dict)
+    _asked: dict[str, int] = attrs.field(factory=dict)
+    _rate: dict[str, float] = attrs.field(factory=dict)
     _at: float | None = None
 
+    def asked(self, key: str) -> None:
+        """One more request for ``key``."""
+        asked = self._asked
+        if key in asked or len(asked) < DEMAND_KEYS:
+            asked[key] = asked.get(key, 0) + 1
+
     def sample(self, now: float, current: Mapping[str, float]) -> None:
-        """Fold in the counts at ``now``; a model missing from ``current`` counts 0."""
-        weight = 1.0 if self._at is None else 1 - math.exp(-max(0.0, now - self._at) / self.horizon)
+        """Fold in the counts at ``now`` (a model missing from ``current`` counts 0), and the
+        requests asked since the last sample."""
+        elapsed = None if self._at is None else now - self._at
+        if elapsed is not None and elapsed <= 0:
+            return
         self._at = now
-        level = self._level
-        for key in list(level):
-            level[key] += weight * (current.get(key, 0) - level[key])
-            if level[key] < UNUSED / 10 and not current.get(key):
-                del level[key]
-        for key, count in current.items():
-            if key not in level and count and len(level) < DEMAND_KEYS:
-                level[key] = weight * count
+        weight = 1.0 if elapsed is None else 1 - math.exp(-elapsed / self.horizon)
+        _fold(self._level, current, weight)
         self._current = {k: n for k, n in current.items() if n}
+        if elapsed is not None:
+            per_second = {k: n / elapsed for k, n in self._asked.items()}
+            _fold(self._rate, per_second, weight)
+        self._asked = {}
 
     def of(self, key: str) -> float:
         """The larger of the latest count and the average: what the copies must serve."""
@@ -155,6 +168,22 @@ class Demand:
 
     def smoothed(self, key: str) -> float:
         return self._level.get(key, 0.0)
+
+    def rate(self, key: str) -> float:
+        """Requests asked per second, averaged."""
+        return self._rate.get(key, 0.0)
+
+
+def _fold(average: dict[str, float], latest: Mapping[str, float], weight: float) -> None:
+    """Move each ``average`` towards ``latest`` (0 where it has none) by ``weight``; values
+    that faded to nearly nothing go, and at most :data:`DEMAND_KEYS` are kept."""
+    for key in list(average):
+        average[key] += weight * (latest.get(key, 0) - average[key])
+        if average[key] < UNUSED / 10 and not latest.get(key):
+            del average[key]
+    for key, value in latest.items():
+        if key not in average and value and len(average) < DEMAND_KEYS:
+            average[key] = weight * value
 
 
 @attrs.frozen
@@ -341,6 +370,7 @@ class Placement:
         the idlest models). Empty: wait in the queue."""
         key = model_key(model)
         self._count_asked(key)
+        self.demand.asked(key)
         warm: list[Backend] = []
         cold: list[Backend] = []
         for backend in ordered:
@@ -398,28 +428,42 @@ class Placement:
     # -- more copies ----------------------------------------------------------------------------
 
     def next_move(
-        self, candidates: Mapping[str, Sequence[Backend]], waiting: Mapping[str, int]
+        self,
+        candidates: Mapping[str, Sequence[Backend]],
+        waiting: Mapping[str, int],
+        busy: Collection[str] = (),
     ) -> Move | None:
-        """The one preload to start now, if any: one more copy of the model with the most
-        demand per copy among those with requests ``waiting`` (a copy loading takes requests
-        at once, so these are the ones no copy will serve soon), onto one of its
-        ``candidates`` (tried in the order given): into free VRAM, or, once its queue reaches
-        :attr:`evict_queue_depth`, in place of idle copies of models with at most
-        1 / :data:`MOVE_MARGIN` of its smoothed demand per copy (a last copy only if unused).
+        """The one preload to start now, if any: one more copy of the model asked for most
+        per copy (then with the most requests per copy), onto one of its ``candidates`` (model
+        key → backends, tried in the order given) not ``busy`` loading another:
+
+        - into free VRAM while one more copy would still serve :data:`FILL_PER_COPY`
+          requests or more, or its requests ``waiting`` reach :attr:`preload_queue_depth` (a
+          copy loading takes requests at once, so these are the ones no copy will serve
+          soon);
+        - once they reach :attr:`evict_queue_depth` and no candidate has free VRAM for it,
+          in place of idle copies of models with at most 1 / :data:`MOVE_MARGIN` of its
+          smoothed demand per copy (a last copy only if unused).
+
         One at a time, so each copy goes where the demand is once the last one is counted:
         the greedy rule that deals copies in proportion to demand."""
         copies = self.copy_counts()
         demand = self.demand
 
-        def need(key: str) -> float:
-            return demand.of(key) / max(copies.get(key, 0), 1)
+        def need(key: str) -> tuple[float, float]:
+            held = max(copies.get(key, 0), 1)
+            return demand.rate(key) / held, demand.of(key) / held
 
-        for key in sorted(waiting, key=need, reverse=True):
-            queued = waiting[key]
-            if queued < self.preload_queue_depth:
+        for key in sorted(candidates, key=need, reverse=True):
+            queued = waiting.get(key, 0)
+            held = copies.get(key, 0)
+            fill = queued >= self.preload_queue_depth or (
+                held > 0 and demand.of(key) / (held + 1) >= FILL_PER_COPY
+            )
+            if not fill:
                 continue
-            sustained = demand.smoothed(key) / max(copies.get(key, 0), 1)
-            move = self._move(key, candidates.get(key, ()), copies, queued, sustained)
+            replace = queued >= self.evict_queue_depth
+            move = self._move(key, candidates[key], copies, replace, busy)
             if move is not None:
                 return move
         return None
@@ -429,23 +473,28 @@ class Placement:
         key: str,
         backends: Sequence[Backend],
         copies: Mapping[str, int],
-        queued: int,
-        sustained: float,
+        replace: bool,
+        busy: Collection[str],
     ) -> Move | None:
-        """Where one more copy of ``key`` goes, if anywhere: free VRAM first, else the
-        cheapest replacement the margin allows ``sustained``, its smoothed demand per copy (a
-        burst is over before a replacement loads; free VRAM costs nothing to fill)."""
+        """Where one more copy of ``key`` goes, if anywhere: free VRAM first (none while the
+        free VRAM is on a backend busy loading: it comes next), else (if ``replace``) the
+        cheapest replacement the margin allows for its smoothed demand per copy (a burst is
+        over before a replacement loads; free VRAM costs nothing to fill)."""
+        sustained = self.demand.smoothed(key) / max(copies.get(key, 0), 1)
         replacing: list[tuple[tuple[int, float, float], Move]] = []
+        free_but_busy = False
         for backend in backends:
             fit, victims = self.fit(backend, key, copies)
             if fit is Fit.FREE:
-                return Move(backend, key)
-            if fit is not Fit.EVICT or queued < self.evict_queue_depth:
+                if backend.identifier not in busy:
+                    return Move(backend, key)
+                free_but_busy = True
+            if fit is not Fit.EVICT or not replace or backend.identifier in busy:
                 continue
             if all(self._may_replace(v, copies, sustained) for v in victims):
                 cost = self._eviction_cost(backend.identifier, victims, copies)
                 replacing.append((cost, Move(backend, key, tuple(victims))))
-        if not replacing:
+        if free_but_busy or not replacing:
             return None
         return min(replacing, key=lambda pair: pair[0])[1]
 

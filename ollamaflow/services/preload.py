@@ -11,7 +11,7 @@ at a time).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -85,32 +85,43 @@ class Preloader(Service):
         try:
             waiting = self.waiting()
             queued = {key: sum(frontends.values()) for key, frontends in waiting.items()}
-            self.placement.demand.sample(self.clock.seconds(), self._demand(queued))
-            if len(self.running_preloads) >= self.max_concurrent or not queued:
+            demand, where = self._demand(waiting)
+            self.placement.demand.sample(self.clock.seconds(), demand)
+            if len(self.running_preloads) >= self.max_concurrent or not where:
                 return
-            candidates = {key: self._candidates(key, waiting[key]) for key in queued}
-            move = self.placement.next_move(candidates, queued)
+            candidates = {key: self._candidates(key, frontends) for key, frontends in where.items()}
+            busy = {backend_id for backend_id, _ in self.running_preloads}
+            move = self.placement.next_move(candidates, queued, busy)
             if move is not None:
                 self._start(move.backend, move.key)
         except Exception:
             log.failure("preloading failed")
 
-    def _demand(self, queued: Mapping[str, int]) -> dict[str, int]:
-        """Requests in flight and waiting, per model key."""
-        demand = dict(queued)
-        for state in self.runtime.states.values():
+    def _demand(
+        self, waiting: Mapping[str, Mapping[str, int]]
+    ) -> tuple[dict[str, int], dict[str, set[str]]]:
+        """Per model key: requests in flight and waiting, and the ``ModelAware`` frontends they
+        came through (where it waits, and those listing a backend serving it)."""
+        demand = {key: sum(frontends.values()) for key, frontends in waiting.items()}
+        where = {key: set(frontends) for key, frontends in waiting.items()}
+        serving: dict[str, list[str]] = {}
+        for frontend in self.registry.catalog.frontends.values():
+            if frontend.load_balancing is LoadBalancing.MODEL_AWARE:
+                for backend_id in frontend.backends:
+                    serving.setdefault(backend_id, []).append(frontend.identifier)
+        for backend_id, state in self.runtime.states.items():
             for model, count in state.active_by_model.items():
                 key = model_key(model)
                 demand[key] = demand.get(key, 0) + count
-        return demand
+                if backend_id in serving:
+                    where.setdefault(key, set()).update(serving[backend_id])
+        return demand, where
 
-    def _candidates(self, key: str, frontends: Mapping[str, int]) -> list[Backend]:
-        """The backends ``key`` may be preloaded onto: of the ``ModelAware`` frontends where
-        it waits, serving Ollama's API, in rotation, with it on disk and no preload running;
-        the least busy first."""
+    def _candidates(self, key: str, frontends: Iterable[str]) -> list[Backend]:
+        """The backends ``key`` may be preloaded onto: of ``frontends`` (if ``ModelAware``),
+        serving Ollama's API, in rotation, with it on disk; the least busy first."""
         catalog = self.registry.catalog
         inventory = self.placement.inventory
-        busy = {backend_id for backend_id, _ in self.running_preloads}
         found: dict[str, tuple[int, Backend]] = {}
         for frontend_id in frontends:
             frontend = catalog.frontends.get(frontend_id)
@@ -118,7 +129,7 @@ class Preloader(Service):
                 continue
             for backend_id in frontend.backends:
                 backend = catalog.backends.get(backend_id)
-                if backend is None or backend_id in busy or backend_id in found:
+                if backend is None or backend_id in found:
                     continue
                 if not backend.active or backend.api_format is ApiFormat.OPENAI:
                     continue
