@@ -192,9 +192,9 @@ _KEEP_ALIVE = Str(
 @attrs.frozen
 class Placement:
     """How ``ModelAware`` frontends place models: preloads onto free VRAM while a model's
-    requests wait, another copy in place of an idle one of a model with far less demand once
-    the queue is long, models in demand kept loaded, and conversations kept where their prompt
-    is cached."""
+    copies are busy or its requests wait, another copy in place of an idle one of a model with
+    less demand once the queue is long, models in demand kept loaded, and conversations kept
+    where their prompt is cached."""
 
     #: Preloads (an empty generate request) running at once over the fleet, one per backend;
     #: 0: none (each model then keeps the copies its first requests loaded).

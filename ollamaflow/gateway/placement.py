@@ -5,11 +5,11 @@ must not load it at all (the load would evict a model that requests are using or
 A cold load costs seconds and may push out a model another request needs, so a request goes
 to a warm copy when one exists and waits in the queue for a warm slot rather than load a second
 copy. More copies are chosen one at a time (:meth:`Placement.next_move`, carried out by the
-preloader) from each model's demand, its requests in flight and waiting, smoothed over half a
-minute: into free VRAM while a model's requests wait, and in place of an idle copy of a model
-with far less demand per copy once its queue is long. What a box holds is the inventory's
-``/api/ps`` reading corrected by what this gateway sent since (loads it started, evictions they
-must have caused), until the next reading. Decisions only: no I/O here.
+preloader) from each model's demand (:class:`Demand`): for the model asked for most per copy,
+into free VRAM while its copies are busy or its requests wait, and in place of an idle copy of
+a model with less demand per copy once its queue is long and the shift has lasted. What a box
+holds is the inventory's ``/api/ps`` reading corrected by what this gateway sent since (loads it
+started, evictions they must have caused), until the next reading. Decisions only: no I/O here.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ class Placement:
     _boxes: dict[str, _Box] = attrs.field(factory=dict)
     #: Requests per model key: (the minute counted, its count, the minute before's), the
     #: least recently asked for first (model names come from clients: 4096 are kept).
-    _asked: OrderedDict[str, tuple[int, int, int]] = attrs.field(factory=OrderedDict)
+    _per_minute: OrderedDict[str, tuple[int, int, int]] = attrs.field(factory=OrderedDict)
 
     # -- what a backend holds -------------------------------------------------------------------
 
@@ -369,7 +369,7 @@ class Placement:
         warm ones; cold ones only when no copy is warm (free VRAM first, then those evicting
         the idlest models). Empty: wait in the queue."""
         key = model_key(model)
-        self._count_asked(key)
+        self._count_per_minute(key)
         self.demand.asked(key)
         warm: list[Backend] = []
         cold: list[Backend] = []
@@ -553,7 +553,7 @@ class Placement:
 
     def is_hot(self, model: str) -> bool:
         """Asked for often enough in the last minute to be kept loaded longer."""
-        found = self._asked.get(model_key(model))
+        found = self._per_minute.get(model_key(model))
         if found is None:
             return False
         now = self.seconds()
@@ -565,10 +565,10 @@ class Placement:
             previous, current, into = current, 0, into - 1
         return previous * (1 - into) + current >= HOT_PER_MINUTE
 
-    def _count_asked(self, key: str) -> None:
+    def _count_per_minute(self, key: str) -> None:
         """One more request for ``key``, counted per minute (this one and the one before)."""
         minute = int(self.seconds() // 60)
-        demand = self._asked
+        demand = self._per_minute
         found = demand.get(key)
         if found is None or found[0] < minute - 1:
             demand[key] = (minute, 1, 0)

@@ -1,6 +1,6 @@
 """Preloading: the copies :meth:`Placement.next_move` calls for are loaded ahead of demand with an
-empty generate request, as Ollama documents, onto backends of the ``ModelAware`` frontends where
-the model's requests wait: into free VRAM, or in place of an idle copy of a model with far less
+empty generate request, as Ollama documents, onto backends of the ``ModelAware`` frontends the
+model's requests come through: into free VRAM, or in place of an idle copy of a model with less
 demand. The next requests then find one more warm copy instead of waiting.
 
 Twice a second: each model's demand is sampled and the next preload started, at most
