@@ -89,9 +89,26 @@ class Fleet(DaemonUnderTest):
         health: dict[str, Any] = reply.json
         return health
 
-    async def queue_depth(self) -> int:
+    async def queue(self) -> dict[str, Any]:
+        """The frontend's queue record in ``/v1.0/health``."""
         (queue,) = [q for q in (await self.health())["Queues"] if q["Identifier"] == "frontend1"]
-        return int(queue["QueueDepth"])
+        return dict(queue)
+
+    async def queue_depth(self) -> int:
+        return int((await self.queue())["QueueDepth"])
+
+    async def llama3_and_room(self, slots: int, tokens: int, **b: Any) -> None:
+        """Box ``a`` with llama3 loaded and ``slots`` slots, box ``b`` empty: both generate
+        ``tokens`` tokens at 4 a second."""
+        await self.box(
+            "a",
+            loaded=("llama3",),
+            backend={"MaxParallelRequests": slots},
+            tokens=tokens,
+            tokens_per_second=4,
+        )
+        await self.box("b", tokens=tokens, tokens_per_second=4, **b)
+        await self.ready("a", "b")
 
     async def metric(self, name: str, backend: str) -> float:
         reply = await self.http.get("/metrics")
@@ -292,15 +309,7 @@ async def test_a_conversations_next_turn_returns_to_its_cached_prompt(fleet: Fle
 
 @pytest_twisted.ensureDeferred
 async def test_a_queue_for_a_model_preloads_it_where_vram_is_free(fleet: Fleet) -> None:
-    await fleet.box(
-        "a",
-        loaded=("llama3",),
-        backend={"MaxParallelRequests": 1},
-        tokens=6,
-        tokens_per_second=4,
-    )
-    await fleet.box("b", tokens=6, tokens_per_second=4, load_time=0.2)
-    await fleet.ready("a", "b")
+    await fleet.llama3_and_room(slots=1, tokens=6, load_time=0.2)
     b = fleet.sims["b"]
     assert ps(b) == {}
     first = await fleet.stream("llama3")  # 1.5 s on a, its only slot
@@ -327,22 +336,13 @@ async def test_a_queue_for_a_model_preloads_it_where_vram_is_free(fleet: Fleet) 
 async def test_copies_kept_busy_get_another_in_free_vram_before_anything_waits(
     fleet: Fleet,
 ) -> None:
-    await fleet.box(
-        "a",
-        loaded=("llama3",),
-        backend={"MaxParallelRequests": 2},
-        tokens=12,
-        tokens_per_second=4,
-    )
-    await fleet.box("b", tokens=12, tokens_per_second=4)
-    await fleet.ready("a", "b")
+    await fleet.llama3_and_room(slots=2, tokens=12)
     b = fleet.sims["b"]
     streams = [await fleet.stream("llama3") for _ in range(2)]
     assert [s.backend for s in streams] == ["a", "a"]
     await until(lambda: "llama3" in ps(b), what="llama3 preloaded onto b")
     assert b.counters.requests["/api/generate"] == 1 and b.counters.tokens == 0, "the preload"
-    (queue,) = [q for q in (await fleet.health())["Queues"] if q["Identifier"] == "frontend1"]
-    assert queue["Queued"] == 0, "nothing waited"
+    assert (await fleet.queue())["Queued"] == 0, "nothing waited"
     for stream in streams:
         await whole(stream, 12)
 
