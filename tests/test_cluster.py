@@ -73,8 +73,15 @@ async def test_a_new_backend_serves_within_one_round_trip(tmp_path: Path) -> Non
 @pytest_twisted.ensureDeferred
 async def test_a_dead_backend_leaves_and_a_recovered_one_rejoins(fleet: Cluster) -> None:
     a = await fleet.add("a")
-    await fleet.add("b")
+    b = await fleet.add("b")
+    for sim in (a, b):  # warm on both: round robin over warm copies only, once it knows
+        response = await treq.post(
+            sim.url + "/api/generate", json={"model": "llama3"}, persistent=False
+        )
+        assert (await response.json())["done_reason"] == "load"
     await fleet.serve("a", "b")
+    inventory = fleet.daemon.inventory
+    await until(lambda: all(inventory.is_loaded(n, "llama3") for n in ("a", "b")))
 
     async def generate() -> str:
         response = await fleet.post(
