@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,11 @@ from typing import Any
 import pytest_twisted
 import treq
 from harness import until
+from installed import free_port
 from twisted.internet import reactor
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TOKEN: dict[bytes | str, bytes | str] = {"Authorization": "Bearer workers-token"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def alive(pid: int) -> bool:
