@@ -38,6 +38,11 @@ FAST = {"HealthCheckIntervalMs": 100, "ModelRefreshIntervalMs": 1000}
 LAPTOP: ViewportSize = {"width": 1366, "height": 768}
 #: How long the page may take to show what the daemon knows, in milliseconds.
 SHOWN = 8_000
+#: A model cell's pull bar as a fraction done, or null when it shows none.
+FRACTION = (
+    "c => { const b = c.querySelector('progress');"
+    " return b && b.max > 0 ? b.value / b.max : null; }"
+)
 
 
 def on_reactor(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -214,16 +219,15 @@ async def test_a_pull_started_from_the_dashboard_advances_to_done(dashboard: Das
         expect(cell(page, "gpu-1")).to_have_attribute("data-state", "pulling")
         seen: list[float] = []
         photographed = False
-        bar = cell(page, "gpu-1").locator("progress")
         deadline = 20.0
         while cell(page, "gpu-1").get_attribute("data-state") == "pulling" and deadline > 0:
-            if bar.count():
-                value, most = bar.get_attribute("value"), bar.get_attribute("max")
-                if value is not None and most and float(most) > 0:
-                    seen.append(float(value) / float(most))
-                    if 0.3 < seen[-1] < 0.8 and not photographed:
-                        dashboard.shots.take(page, "models-pulling")
-                        photographed = True
+            # In one step in the page: the bar goes when the pull ends, between two reads.
+            fraction = cell(page, "gpu-1").evaluate(FRACTION)
+            if fraction is not None:
+                seen.append(float(fraction))
+                if 0.3 < seen[-1] < 0.8 and not photographed:
+                    dashboard.shots.take(page, "models-pulling")
+                    photographed = True
             page.wait_for_timeout(200)
             deadline -= 0.2
         for backend in ("gpu-1", "gpu-2"):
