@@ -85,7 +85,7 @@ class Preloader(Service):
         try:
             waiting = self.waiting()
             queued = {key: sum(frontends.values()) for key, frontends in waiting.items()}
-            demand, where = self._demand(waiting)
+            demand, where = self._demand(waiting, queued)
             self.placement.demand.sample(self.clock.seconds(), demand)
             if len(self.running_preloads) >= self.max_concurrent or not where:
                 return
@@ -98,11 +98,12 @@ class Preloader(Service):
             log.failure("preloading failed")
 
     def _demand(
-        self, waiting: Mapping[str, Mapping[str, int]]
+        self, waiting: Mapping[str, Mapping[str, int]], queued: Mapping[str, int]
     ) -> tuple[dict[str, int], dict[str, set[str]]]:
-        """Per model key: requests in flight and waiting, and the ``ModelAware`` frontends they
-        came through (where it waits, and those listing a backend serving it)."""
-        demand = {key: sum(frontends.values()) for key, frontends in waiting.items()}
+        """Per model key: requests in flight and waiting (``queued``: those waiting, summed),
+        and the ``ModelAware`` frontends they came through (where it waits, and those listing
+        a backend serving it)."""
+        demand = dict(queued)
         where = {key: set(frontends) for key, frontends in waiting.items()}
         serving: dict[str, list[str]] = {}
         for frontend in self.registry.catalog.frontends.values():
