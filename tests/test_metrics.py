@@ -67,7 +67,13 @@ async def add_backends(daemon: Daemon, ports: list[int], **fields: Any) -> list[
 @pytest_twisted.ensureDeferred
 async def test_metrics_after_traffic(daemon: Daemon, simulators: Any) -> None:
     sims = [await simulators(config=SimConfig(tokens_per_second=500)) for _ in range(2)]
-    await add_backends(daemon, [s.port for s in sims])
+    for sim in sims:  # warm on both: round robin runs over warm copies once it knows which
+        response = await treq.post(
+            f"http://127.0.0.1:{sim.port}/api/generate", json={"model": "llama3"}, persistent=False
+        )
+        assert (await response.json())["done_reason"] == "load"
+    names = await add_backends(daemon, [s.port for s in sims])
+    await until(lambda: all(daemon.inventory.is_loaded(n, "llama3") for n in names))
     dead = {"Identifier": "dead", "Hostname": "127.0.0.1", "Port": 1}  # in no frontend
     assert (await Http.to(daemon).put("/v1.0/backends", dead)).status == 201
     client = Http.to(daemon, token=None)
